@@ -1,0 +1,1 @@
+"""fastseg.engine."""

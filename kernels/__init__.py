@@ -1,0 +1,16 @@
+"""fastseg.kernels: fused Triton ops with plain PyTorch references (installed from the top-level `kernels/` folder).
+
+Every op follows the contract of DESIGN.md: `<op>_ref` (the oracle, the CPU path and the export graph), Triton
+kernels, checked launchers, a `torch.library.custom_op("fastseg::<op>")` registration, and a functional entry with
+`impl="auto" | "triton" | "torch"`. This package imports nothing else from fastseg.
+"""
+
+from ._utils import HAS_TRITON, IMPLS, interpreter_enabled
+
+# Kernel families: each adds its public names here (one import line per family) and its ops' decompositions to
+# DECOMPOSITIONS, which fastseg.export uses to lower the custom ops to standard ONNX operators.
+DECOMPOSITIONS: dict = {}
+# --- families ---
+# --- end families ---
+
+__all__ = ["HAS_TRITON", "IMPLS", "interpreter_enabled", "DECOMPOSITIONS"]

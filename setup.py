@@ -1,0 +1,49 @@
+"""fastseg: fused-kernel semantic segmentation (GSS, ECENet, PADing, SemPLeS, S4MIM) with export and benchmarks."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastseg" / "version.py").read_text()).group(1)
+
+# `kernels/` is installed as `fastseg.kernels`: a top-level `kernels` would clash with an existing PyPI distribution.
+SUBPACKAGES = ["layers", "models", "data", "engine", "metrics", "export", "bench"]
+
+setup(
+    name="fastseg",
+    version=VERSION,
+    description=__doc__,
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else __doc__,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastseg", "fastseg.kernels"] + [f"fastseg.{name}" for name in SUBPACKAGES],
+    package_dir={"fastseg": "fastseg", "fastseg.kernels": "kernels"},
+    package_data={"fastseg.export": ["*.txt"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "tqdm",
+        # Triton runs the fused kernels on CUDA and, with TRITON_INTERPRET=1, on the CPU in tests.
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "faiss-cpu"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "torchmetrics>=1.0",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            "onnxscript>=0.1",
+            "matplotlib",
+            "faiss-cpu",
+        ],
+    },
+    entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},
+)
