@@ -1,0 +1,171 @@
+"""Model registry in timm's style: `register_model`, `list_models`, `create_model`, and `PretrainedCfg`.
+
+Architecture hyper-parameters live in the registered entrypoints (plain Python functions), never in string-typed
+config graphs. Weights are only ever loaded from local files: nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+__all__ = ["PretrainedCfg", "register_model", "list_models", "create_model", "is_model", "default_palette"]
+
+
+def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """Distinct colours for ``num_classes`` classes (golden-ratio hue walk), used where a dataset gives none."""
+    import colorsys
+
+    colours = []
+    for k in range(num_classes):
+        hue = (k * 0.618033988749895) % 1.0
+        sat, val = (0.65, 0.95) if k % 2 == 0 else (0.9, 0.7)
+        r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return tuple(colours)
+
+
+@dataclasses.dataclass
+class PretrainedCfg:
+    """What a model needs to be used and deployed: classes, colours, normalisation, input geometry.
+
+    It travels with the model (``model.pretrained_cfg``), into checkpoints' metadata and into the export sidecar.
+
+    Attributes:
+        num_classes: number of output classes K.
+        class_names: K names (used for tables and, by zero-shot methods, for text embeddings).
+        palette: K RGB colours for visualisation.
+        mean, std: per-channel normalisation of [0, 1] RGB inputs.
+        ignore_index: label id that counts nowhere (boundary band, unlabelled pixels).
+        input_size: (C, H, W) the model is trained at.
+        output_stride: logits are at 1/output_stride of the input.
+        divisible_by: inputs are padded internally to a multiple of this; export sizes must be multiples of it.
+        dataset: dataset the classes come from.
+        file: local weights file for ``pretrained=True`` (never downloaded).
+        metrics: reported metrics (e.g. ``{"mIoU": 0.71}``) with the command that measured them in the README.
+    """
+
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    palette: tuple[tuple[int, int, int], ...] = ()
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    ignore_index: int = 255
+    input_size: tuple[int, int, int] = (3, 64, 64)
+    output_stride: int = 4
+    divisible_by: int = 32
+    dataset: str = "shapes"
+    file: str | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not self.class_names:
+            self.class_names = tuple(f"class_{k}" for k in range(self.num_classes))
+        if not self.palette:
+            self.palette = default_palette(self.num_classes)
+        if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:
+            raise ValueError(
+                f"PretrainedCfg: {len(self.class_names)} class names and {len(self.palette)} palette colours given "
+                f"for num_classes={self.num_classes}"
+            )
+        self.class_names = tuple(self.class_names)
+        self.palette = tuple(tuple(int(c) for c in rgb) for rgb in self.palette)  # type: ignore[misc]
+        if 0 <= self.ignore_index < self.num_classes:
+            raise ValueError(f"ignore_index {self.ignore_index} is a class id; it must lie outside [0, {self.num_classes})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainedCfg:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("class_names", "mean", "std", "input_size"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        if "palette" in kwargs:
+            kwargs["palette"] = tuple(tuple(c) for c in kwargs["palette"])
+        return cls(**kwargs)
+
+
+_MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register a model entrypoint under its function name."""
+    name = fn.__name__
+    if name in _MODEL_ENTRYPOINTS:
+        raise ValueError(f"model {name!r} is registered twice")
+    _MODEL_ENTRYPOINTS[name] = fn
+    return fn
+
+
+def _ensure_models_imported() -> None:
+    import fastseg.models  # noqa: F401  (registers every method on import)
+
+
+def list_models(pattern: str | Sequence[str] = "", exclude: str | Sequence[str] = ()) -> list[str]:
+    """Registered model names matching shell-style ``pattern`` (e.g. ``"ecenet*"``), sorted."""
+    _ensure_models_imported()
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    excludes = [exclude] if isinstance(exclude, str) else list(exclude)
+    names = sorted(_MODEL_ENTRYPOINTS)
+    if any(patterns):
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns if p)]
+    return [n for n in names if not any(fnmatch.fnmatch(n, e) for e in excludes)]
+
+
+def is_model(name: str) -> bool:
+    _ensure_models_imported()
+    return name in _MODEL_ENTRYPOINTS
+
+
+def create_model(
+    model_name: str,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model, timm-style.
+
+    Args:
+        model_name: a name from `list_models()`.
+        num_classes: number of classes; defaults to the built-in shapes world's.
+        pretrained: load the weights file named by the model's ``pretrained_cfg.file`` (a local path; nothing is
+            downloaded). Raises ``FileNotFoundError`` when there is none.
+        checkpoint_path: a local weights file (.safetensors, or .pt/.pth read with ``weights_only=True``) to load
+            after building; its keys and shapes must fit the model exactly.
+        **kwargs: architecture options of the entrypoint (e.g. ``backbone_checkpoint=...``, ``impl="torch"``).
+    """
+    _ensure_models_imported()
+    if model_name not in _MODEL_ENTRYPOINTS:
+        close = difflib.get_close_matches(model_name, _MODEL_ENTRYPOINTS, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {model_name!r}.{hint} See fastseg.list_models() for all names.")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = _MODEL_ENTRYPOINTS[model_name](**kwargs)
+    model.model_name = model_name
+    if pretrained or checkpoint_path is not None:
+        from .checkpoint import load_weights
+    if pretrained:
+        file = getattr(getattr(model, "pretrained_cfg", None), "file", None)
+        if not file:
+            raise FileNotFoundError(
+                f"{model_name} has no local pretrained weights file: fastseg never downloads weights. Train one "
+                f"(`fastseg train {model_name}`) and pass checkpoint_path=..., or set pretrained_cfg.file."
+            )
+        load_weights(model, Path(file))
+    if checkpoint_path is not None:
+        load_weights(model, Path(checkpoint_path))
+    return model
