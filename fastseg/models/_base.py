@@ -71,6 +71,8 @@ class SegmentationModel(nn.Module):
     """Base class: subclasses implement `forward_logits` on padded inputs and may override `loss`."""
 
     pretrained_cfg: PretrainedCfg
+    # Models whose hot paths run fastseg's fused ops accept ``impl="auto" | "triton" | "torch"`` and set this.
+    has_fused_ops: bool = False
 
     @property
     def num_classes(self) -> int:

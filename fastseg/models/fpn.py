@@ -41,13 +41,11 @@ class FPNSegmenter(SegmentationModel):
         head_channels: int = 64,
         dropout: float = 0.1,
         backbone_checkpoint: str | os.PathLike | None = None,
-        **cfg_overrides,
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(backbone, checkpoint=backbone_checkpoint)
         self.pretrained_cfg = resolve_cfg(
-            num_classes, output_stride=self.backbone.reductions[0], divisible_by=self.backbone.divisible_by,
-            **cfg_overrides,
+            num_classes, output_stride=self.backbone.reductions[0], divisible_by=self.backbone.divisible_by
         )
         self.laterals = nn.ModuleList(nn.Conv2d(c, fpn_channels, 1) for c in self.backbone.channels)
         self.smooth = nn.ModuleList(

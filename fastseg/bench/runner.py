@@ -1,0 +1,274 @@
+"""`fastseg bench`: run kernel cases and model throughput on the local device, print a table, save JSON and a plot.
+
+Kernel rows: every registered `KernelCase` x provider (fastseg Triton, reference, torch.compile, peers).
+Model rows: every selected model x provider:
+
+* ``eager``: the model with ``impl="torch"`` (plain PyTorch reference ops everywhere);
+* ``fused``: ``impl="auto"``; fastseg's Triton kernels on CUDA (skipped on a CPU, where it equals ``eager``);
+* ``compile``: ``torch.compile`` of the eager model;
+* ``onnxruntime``: the model exported to ONNX and run by ONNX Runtime (when `fastseg.export` is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .core import KernelCase, ProviderUnavailable, kernel_cases, measure
+from .env import environment_info
+from .roofline import peak_for, roofline_fraction
+
+__all__ = ["BenchRow", "run_kernels", "run_models", "format_table", "save_json", "save_plot", "MODEL_PROVIDERS"]
+
+MODEL_PROVIDERS = ("eager", "fused", "compile", "onnxruntime")
+
+
+@dataclasses.dataclass
+class BenchRow:
+    kind: str  # "kernel" | "model"
+    name: str  # op-mode or model name
+    provider: str
+    shape: str
+    dtype: str
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    gbps: float | None = None
+    tflops: float | None = None
+    roofline: float | None = None  # fraction of the device's roofline bound
+    speedup: float | None = None  # over the reference provider of the same case
+    images_per_s: float | None = None
+    note: str = ""  # why a provider did not run, or a caveat
+
+    @property
+    def ok(self) -> bool:
+        return self.median_ms is not None
+
+
+def _timed_row(base: BenchRow, fn: Callable[[], Any], device: torch.device, rounds: int) -> BenchRow:
+    timing = measure(fn, device, warmup=2, rounds=rounds)
+    base.median_ms, base.p20_ms, base.p80_ms = timing.median * 1e3, timing.p20 * 1e3, timing.p80 * 1e3
+    return base
+
+
+def run_kernels(
+    device: torch.device,
+    families: Sequence[str] | None = None,
+    quick: bool = True,
+    rounds: int = 10,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Time every (case, provider) of the selected kernel families on ``device``."""
+    peak = peak_for(device)
+    rows: list[BenchRow] = []
+    cases: list[KernelCase] = kernel_cases(device, families, quick=quick)
+    jobs = [(case, provider) for case in cases for provider in case.providers]
+    inputs_cache: dict[str, Any] = {}
+    for case, provider in tqdm(jobs, desc="kernels", disable=not progress, leave=False):
+        row = BenchRow("kernel", f"{case.op}-{case.mode}", provider, case.shape_id, str(case.dtype).replace("torch.", ""))
+        try:
+            if case.name not in inputs_cache:
+                inputs_cache.clear()  # one case's inputs alive at a time
+                inputs_cache[case.name] = case.make_inputs(device, case.dtype)
+            fn = case.providers[provider](inputs_cache[case.name])
+            _timed_row(row, fn, device, rounds)
+        except ProviderUnavailable as why:
+            row.note = str(why)
+        except Exception as err:  # a failing provider must not hide the others' figures
+            row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        if row.ok:
+            seconds = row.median_ms / 1e3
+            row.gbps = case.min_bytes / seconds / 1e9 if case.min_bytes else None
+            row.tflops = case.flops / seconds / 1e12 if case.flops else None
+            row.roofline = roofline_fraction(seconds, case.flops, case.min_bytes, peak, case.dtype)
+        rows.append(row)
+    _fill_speedups(rows, {(f"{c.op}-{c.mode}", c.shape_id): c.reference for c in cases})
+    return rows
+
+
+def _fill_speedups(rows: list[BenchRow], references: dict[tuple[str, str], str]) -> None:
+    by_key = {(r.name, r.shape, r.provider): r for r in rows}
+    for row in rows:
+        ref = by_key.get((row.name, row.shape, references.get((row.name, row.shape), "")))
+        if row.ok and ref is not None and ref.ok:
+            row.speedup = ref.median_ms / row.median_ms
+
+
+def _build_model(name: str, impl: str | None, num_classes: int | None) -> torch.nn.Module:
+    from ..registry import create_model
+
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if impl is not None:
+        kwargs["impl"] = impl
+    return create_model(name, **kwargs).eval()
+
+
+def _model_provider(
+    name: str, provider: str, device: torch.device, images: torch.Tensor, num_classes: int | None
+) -> Callable[[], Any]:
+    from ..registry import create_model
+
+    probe = create_model(name, **({} if num_classes is None else {"num_classes": num_classes}))
+    fused = getattr(probe, "has_fused_ops", False)
+    del probe
+    if provider == "eager":
+        model = _build_model(name, "torch" if fused else None, num_classes).to(device)
+    elif provider == "fused":
+        if not fused:
+            raise ProviderUnavailable("model has no fused ops (same as eager)")
+        if device.type != "cuda":
+            raise ProviderUnavailable("fused Triton kernels need a CUDA GPU; on CPU the ops run their reference")
+        model = _build_model(name, "auto", num_classes).to(device)
+    elif provider == "compile":
+        model = torch.compile(_build_model(name, "torch" if fused else None, num_classes).to(device))
+    elif provider == "onnxruntime":
+        return _onnxruntime_provider(name, device, images, num_classes)
+    else:
+        raise ValueError(f"unknown model provider {provider!r}; known: {MODEL_PROVIDERS}")
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(images)
+
+    return run
+
+
+def _onnxruntime_provider(
+    name: str, device: torch.device, images: torch.Tensor, num_classes: int | None
+) -> Callable[[], Any]:
+    try:
+        import onnxruntime as ort
+
+        from ..export import export_onnx_session  # provided by fastseg.export
+    except ImportError as err:
+        raise ProviderUnavailable(f"ONNX Runtime provider unavailable: {err}") from None
+    session = export_onnx_session(name, images, num_classes=num_classes, device=device)
+    feed = {session.get_inputs()[0].name: images.detach().cpu().numpy()}
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ProviderUnavailable("onnxruntime has no CUDA execution provider here")
+    return lambda: session.run(None, feed)
+
+
+def run_models(
+    device: torch.device,
+    models: Sequence[str],
+    size: tuple[int, int] = (256, 256),
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+    providers: Sequence[str] = ("eager", "fused", "compile", "onnxruntime"),
+    num_classes: int | None = None,
+    rounds: int = 10,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Images/s and latency of each model x provider at ``size`` and ``batch``."""
+    rows: list[BenchRow] = []
+    images = torch.randn(batch, 3, *size, device=device)
+    shape = f"B{batch}-{size[0]}x{size[1]}"
+    jobs = [(m, p) for m in models for p in providers]
+    for name, provider in tqdm(jobs, desc="models", disable=not progress, leave=False):
+        row = BenchRow("model", name, provider, shape, str(dtype).replace("torch.", ""))
+        try:
+            fn = _model_provider(name, provider, device, images, num_classes)
+            if dtype != torch.float32 and provider != "onnxruntime":
+                inner = fn
+
+                def fn() -> Any:  # noqa: F811 - autocast wrapper around the provider
+                    with torch.autocast(device.type, dtype=dtype):
+                        return inner()
+
+            _timed_row(row, fn, device, rounds)
+            row.images_per_s = batch / (row.median_ms / 1e3)
+        except ProviderUnavailable as why:
+            row.note = str(why)
+        except Exception as err:
+            row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        rows.append(row)
+    _fill_speedups(rows, {(m, shape): "eager" for m in models})
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
+    """A plain-text table with the environment header; skipped providers are listed with their reason."""
+    header = (
+        f"device: {env['device']} ({env['device_type']})  torch {env['torch']}  triton {env.get('triton')}  "
+        f"cuda {env.get('cuda')}  onnxruntime {env.get('onnxruntime')}  fastseg {env['fastseg']} "
+        f"({env.get('fastseg_commit') or 'no git'})"
+    )
+    cols = ["kind", "name", "provider", "shape", "dtype", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s", "% roof",
+            "speed-up", "img/s"]
+    lines = []
+    for r in rows:
+        if not r.ok:
+            continue
+        lines.append([
+            r.kind, r.name, r.provider, r.shape, r.dtype, _fmt(r.median_ms, ".3f"),
+            f"{_fmt(r.p20_ms, '.3f')}-{_fmt(r.p80_ms, '.3f')}", _fmt(r.gbps, ".1f"), _fmt(r.tflops, ".3f"),
+            _fmt(None if r.roofline is None else 100 * r.roofline, ".1f"), _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+            _fmt(r.images_per_s, ".1f"),
+        ])
+    widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
+    out = [header, "", "  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines]
+    skipped = [r for r in rows if not r.ok]
+    if skipped:
+        out += ["", "not run:"]
+        reasons: dict[str, list[str]] = {}
+        for r in skipped:
+            reasons.setdefault(r.note, []).append(f"{r.name}[{r.provider}]")
+        for note, names in reasons.items():
+            listing = ", ".join(sorted(set(names))[:6]) + (f" (+{len(set(names)) - 6} more)" if len(set(names)) > 6 else "")
+            out.append(f"  {note}: {listing}")
+    return "\n".join(out)
+
+
+def save_json(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path, args: dict[str, Any]) -> None:
+    data = {"environment": env, "arguments": args, "rows": [dataclasses.asdict(r) for r in rows]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def save_plot(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path) -> None:
+    """One horizontal bar chart of median times (log scale) with p20-p80 error bars, grouped by case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.ok]
+    if not done:
+        raise ValueError("nothing was measured, so there is nothing to plot")
+    labels = [f"{r.name} {r.shape} [{r.provider}]" for r in done]
+    medians = [r.median_ms for r in done]
+    errors = [[r.median_ms - r.p20_ms for r in done], [r.p80_ms - r.median_ms for r in done]]
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(done) + 1.5))
+    providers = sorted({r.provider for r in done})
+    colours = [f"C{providers.index(r.provider) % 10}" for r in done]
+    ax.barh(range(len(done)), medians, xerr=errors, color=colours)
+    ax.set_yticks(range(len(done)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median time per call (ms, log scale; bars p20-p80)")
+    ax.set_title(f"fastseg bench on {env['device']} - torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = environment_info(device)
+    peak = peak_for(device)
+    if peak is not None:
+        env["peak"] = dataclasses.asdict(peak)
+    return env

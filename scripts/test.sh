@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command for the tests on a fresh machine: sets up .venv, runs the unit suite (CPU; Triton kernels through
+# Triton's interpreter), then executes every benchmark case once in smoke mode. Fails when a test fails or none ran.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source scripts/setup_env.sh
+
+echo "[fastseg] unit tests"
+python -m pytest -q "$@"  # pytest exits 5 when no test ran: set -e turns that into a failure too
+
+echo "[fastseg] benchmark smoke run (every case once at tiny shapes; no timing is meaningful here)"
+FASTSEG_BENCH_SMOKE=1 python -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
