@@ -11,6 +11,10 @@ from ._utils import HAS_TRITON, IMPLS, interpreter_enabled
 # DECOMPOSITIONS, which fastseg.export uses to lower the custom ops to standard ONNX operators.
 DECOMPOSITIONS: dict = {}
 # --- families ---
+from . import vq as _vq
+from .vq import argmax_matmul, argmax_matmul_ref, vq_nearest, vq_nearest_ref  # noqa: E402
+DECOMPOSITIONS.update(_vq.DECOMPOSITIONS)
 # --- end families ---
 
-__all__ = ["HAS_TRITON", "IMPLS", "interpreter_enabled", "DECOMPOSITIONS"]
+__all__ = ["HAS_TRITON", "IMPLS", "interpreter_enabled", "DECOMPOSITIONS",
+           "vq_nearest", "vq_nearest_ref", "argmax_matmul", "argmax_matmul_ref"]
