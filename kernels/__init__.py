@@ -14,7 +14,11 @@ DECOMPOSITIONS: dict = {}
 from . import vq as _vq
 from .vq import argmax_matmul, argmax_matmul_ref, vq_nearest, vq_nearest_ref  # noqa: E402
 DECOMPOSITIONS.update(_vq.DECOMPOSITIONS)
+from . import class_attention as _class_attention  # noqa: E402
+from .class_attention import masked_class_attention, masked_class_attention_ref, pixel_class_attention, pixel_class_attention_ref  # noqa: E402,E501
+DECOMPOSITIONS.update(_class_attention.DECOMPOSITIONS)
 # --- end families ---
 
 __all__ = ["HAS_TRITON", "IMPLS", "interpreter_enabled", "DECOMPOSITIONS",
-           "vq_nearest", "vq_nearest_ref", "argmax_matmul", "argmax_matmul_ref"]
+           "vq_nearest", "vq_nearest_ref", "argmax_matmul", "argmax_matmul_ref",
+           "pixel_class_attention", "pixel_class_attention_ref", "masked_class_attention", "masked_class_attention_ref"]
