@@ -17,8 +17,13 @@ DECOMPOSITIONS.update(_vq.DECOMPOSITIONS)
 from . import class_attention as _class_attention  # noqa: E402
 from .class_attention import masked_class_attention, masked_class_attention_ref, pixel_class_attention, pixel_class_attention_ref  # noqa: E402,E501
 DECOMPOSITIONS.update(_class_attention.DECOMPOSITIONS)
+from . import classwise as _classwise  # noqa: E402
+from .classwise import classwise_masked_recon_loss, classwise_masked_recon_loss_ref, classwise_mean, classwise_patch_mask, classwise_reduce, classwise_reduce_ref  # noqa: E402,E501
+DECOMPOSITIONS.update(_classwise.DECOMPOSITIONS)
 # --- end families ---
 
 __all__ = ["HAS_TRITON", "IMPLS", "interpreter_enabled", "DECOMPOSITIONS",
            "vq_nearest", "vq_nearest_ref", "argmax_matmul", "argmax_matmul_ref",
            "pixel_class_attention", "pixel_class_attention_ref", "masked_class_attention", "masked_class_attention_ref"]
+__all__ += ["classwise_reduce", "classwise_reduce_ref", "classwise_mean", "classwise_masked_recon_loss",
+            "classwise_masked_recon_loss_ref", "classwise_patch_mask"]
