@@ -1,1 +1,36 @@
-"""fastseg.engine."""
+"""fastseg.engine: the training loop, the evaluation loop and torch.distributed helpers."""
+
+from .distributed import (
+    DistInfo,
+    StepBatchSampler,
+    barrier,
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+    step_indices,
+)
+from .evaluate import evaluate, evaluate_confusion
+from .trainer import TrainConfig, TrainResult, default_param_groups, poly_lr_factor, train
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "default_param_groups",
+    "poly_lr_factor",
+    "evaluate",
+    "evaluate_confusion",
+    "DistInfo",
+    "StepBatchSampler",
+    "step_indices",
+    "init_distributed",
+    "cleanup_distributed",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "barrier",
+]

@@ -1,1 +1,5 @@
-"""fastseg.metrics."""
+"""fastseg.metrics: dataset-level segmentation metrics."""
+
+from .confusion import ConfusionMatrix
+
+__all__ = ["ConfusionMatrix"]

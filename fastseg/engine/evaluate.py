@@ -1,0 +1,170 @@
+"""Evaluation loop: a dataset-level confusion matrix over ``model.predict``, reduced across DDP ranks.
+
+Each rank evaluates the strided shard ``rank, rank + world_size, ...`` of the dataset, so every sample is counted
+exactly once, and the ``K x K`` matrices are summed with one ``all_reduce``; the result equals the single-process
+one exactly (integer counts).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..metrics.confusion import ConfusionMatrix
+from .distributed import get_rank, get_world_size, resolve_device
+
+__all__ = ["evaluate", "evaluate_confusion", "model_cfg_value", "batch_to_device", "split_batch"]
+
+
+def model_cfg_value(model: nn.Module, key: str, default: Any = None) -> Any:
+    """Read ``key`` from ``model.pretrained_cfg`` whether it is a dataclass, an object or a dict."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(image, mask)`` from a collated batch: a dict with "image"/"mask" or an ``(image, mask)`` pair."""
+    if isinstance(batch, Mapping):
+        missing = [key for key in ("image", "mask") if key not in batch]
+        if missing:
+            raise ValueError(f"evaluation batches need 'image' and 'mask'; missing {missing}, got keys {list(batch)}")
+        return batch["image"], batch["mask"]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"a batch must be a dict with 'image' and 'mask' or an (image, mask) pair, got {type(batch).__name__}")
+
+
+def batch_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; other values are left as they are."""
+    non_blocking = device.type == "cuda"
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {key: batch_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to_device(value, device) for value in batch)
+    return batch
+
+
+def _resolve_num_classes(model: nn.Module, num_classes: int | None) -> int:
+    if num_classes is None:
+        num_classes = model_cfg_value(model, "num_classes")
+    if num_classes is None:
+        raise ValueError("num_classes is not given and the model has no pretrained_cfg.num_classes")
+    return int(num_classes)
+
+
+@torch.inference_mode()
+def evaluate_confusion(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 8,
+    device: str | torch.device = "auto",
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    amp: str = "none",
+) -> ConfusionMatrix:
+    """Run ``model.predict`` over ``dataset`` and return the (all-reduced) confusion matrix.
+
+    Arguments as in :func:`evaluate`. The model is put in eval mode and restored to its previous mode afterwards.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    num_classes = _resolve_num_classes(model, num_classes)
+    if ignore_index is None:
+        ignore_index = model_cfg_value(model, "ignore_index", 255)
+    rank, world_size = get_rank(), get_world_size()
+    param = next(iter(model.parameters()), None)
+    if device == "auto" and param is not None:
+        target_device = param.device  # "auto" keeps the model where the caller put it
+    else:
+        local_rank = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        target_device = resolve_device(device, local_rank)
+        model.to(target_device)
+
+    shard = Subset(dataset, range(rank, len(dataset), world_size)) if world_size > 1 else dataset
+    # An explicit generator: DataLoader draws its base seed from the global RNG otherwise, which would shift
+    # the training run's dropout / augmentation stream whenever evaluation runs in the middle of it.
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=target_device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),
+    )
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=target_device)
+    was_training = model.training
+    model.eval()
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    try:
+        from tqdm.auto import tqdm
+
+        show = progress and rank == 0 and sys.stderr.isatty()
+        for batch in tqdm(loader, desc="eval", disable=not show, leave=False):
+            images, masks = split_batch(batch)
+            images = images.to(target_device, non_blocking=True)
+            masks = masks.to(target_device, non_blocking=True)
+            if autocast_dtype is not None and target_device.type == "cuda":
+                with torch.autocast("cuda", dtype=autocast_dtype):
+                    pred = model.predict(images)
+            else:
+                pred = model.predict(images)
+            matrix.update(pred, masks)
+    finally:
+        model.train(was_training)
+    return matrix.all_reduce()
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 8,
+    device: str | torch.device = "auto",
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    amp: str = "none",
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Dataset-level mIoU / mAcc / aAcc / fwIoU and per-class IoU / Acc of ``model.predict`` on ``dataset``.
+
+    Under DDP every rank must call this; each evaluates its shard and the matrices are summed, so all ranks get
+    the same numbers.
+
+    Args:
+        model: Follows the fastseg model contract (``predict(images) -> (B, H, W)`` class ids).
+        dataset: Yields dicts with "image" ``(3, H, W)`` and "mask" ``(H, W)`` (or ``(image, mask)`` pairs).
+        batch_size: Images per forward pass.
+        device: ``"auto"`` keeps the model where it is; ``"cpu"``/``"cuda"`` moves it there.
+        num_classes: Defaults to ``model.pretrained_cfg.num_classes``.
+        ignore_index: Defaults to ``model.pretrained_cfg.ignore_index``, else 255.
+        progress: Show a tqdm bar (only on rank 0 and only on a terminal).
+        num_workers: DataLoader workers.
+        amp: ``"none" | "bf16" | "fp16"`` autocast for the forward pass (CUDA only; ignored on CPU).
+        class_names: Names for the ``"table"`` entry; defaults to ``model.pretrained_cfg.class_names``.
+
+    Returns:
+        The :meth:`ConfusionMatrix.compute` dict (``mIoU``, ``mAcc``, ``aAcc``, ``fwIoU``, ``IoU``, ``Acc``,
+        ``num_pixels``) plus ``"table"``, the printable per-class table.
+    """
+    matrix = evaluate_confusion(
+        model, dataset, batch_size, device, num_classes, ignore_index, progress, num_workers, amp
+    )
+    metrics = matrix.compute()
+    names = class_names if class_names is not None else model_cfg_value(model, "class_names")
+    if names is not None and len(names) != matrix.num_classes:
+        names = None
+    metrics["table"] = matrix.table(list(names) if names is not None else None)
+    return metrics
