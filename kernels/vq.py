@@ -574,8 +574,10 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto") -> t
     mode = resolve_impl(impl, z)
     if mode == "torch":
         return vq_nearest_ref(z, codebook)
-    with run_triton_on_cpu(mode == "interpret"):
-        return torch.ops.fastseg.vq_nearest(z, codebook)
+    if mode == "interpret":
+        with run_triton_on_cpu():
+            return torch.ops.fastseg.vq_nearest(z, codebook)
+    return torch.ops.fastseg.vq_nearest(z, codebook)  # no ContextVar.set() here: torch.compile cannot trace it
 
 
 def argmax_matmul(
@@ -600,6 +602,8 @@ def argmax_matmul(
     mode = resolve_impl(impl, x)
     if mode == "torch":
         return argmax_matmul_ref(x, weight, bias)
-    with run_triton_on_cpu(mode == "interpret"):
-        return torch.ops.fastseg.argmax_matmul(x, weight, bias)
+    if mode == "interpret":
+        with run_triton_on_cpu():
+            return torch.ops.fastseg.argmax_matmul(x, weight, bias)
+    return torch.ops.fastseg.argmax_matmul(x, weight, bias)  # no ContextVar.set() here: torch.compile cannot trace it
 
