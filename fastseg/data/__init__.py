@@ -1,1 +1,43 @@
-"""fastseg.data."""
+"""fastseg.data: the built-in shapes world, input validation and visualisation."""
+
+from .shapes import (
+    CLASS_NAMES,
+    IGNORE_INDEX,
+    MEAN,
+    PALETTE,
+    SEEN_CLASSES,
+    STD,
+    STUFF_CLASSES,
+    THING_CLASSES,
+    UNSEEN_CLASSES,
+    ShapesConfig,
+    ShapesDataset,
+    make_palette,
+    pretrained_cfg_fields,
+    unnormalize,
+)
+from .validate import check_sample
+from .visualize import colorize, overlay, render_grid, save_png, to_uint8_image
+
+__all__ = [
+    "CLASS_NAMES",
+    "IGNORE_INDEX",
+    "MEAN",
+    "PALETTE",
+    "SEEN_CLASSES",
+    "STD",
+    "STUFF_CLASSES",
+    "THING_CLASSES",
+    "UNSEEN_CLASSES",
+    "ShapesConfig",
+    "ShapesDataset",
+    "check_sample",
+    "colorize",
+    "make_palette",
+    "overlay",
+    "pretrained_cfg_fields",
+    "render_grid",
+    "save_png",
+    "to_uint8_image",
+    "unnormalize",
+]
