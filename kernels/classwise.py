@@ -142,7 +142,7 @@ def classwise_reduce_ref(features: torch.Tensor, labels: torch.Tensor, masked: t
     batch, channels = features.shape[:2]
     index = _flat_group_index(labels, masked, num_classes)
     bins = batch * 2 * num_classes + 1  # + the dump bin of ignored pixels, dropped below
-    rows = features.to(_acc_dtype(features.dtype)).permute(0, 2, 3, 1).reshape(-1, channels)
+    rows = features.to(_acc_dtype(features.dtype)).permute(0, 2, 3, 1).reshape(index.numel(), channels)
     sums = rows.new_zeros(bins, channels).index_add_(0, index, rows)
     counts = torch.zeros(bins, dtype=torch.int64, device=labels.device).scatter_add_(0, index, torch.ones_like(index))
     return sums[:-1].view(batch, num_classes, 2, channels), counts[:-1].view(batch, num_classes, 2)
@@ -150,7 +150,9 @@ def classwise_reduce_ref(features: torch.Tensor, labels: torch.Tensor, masked: t
 
 def classwise_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Group means ``sums / counts`` of shape ``(..., C)``; absent groups (count 0) are exactly 0 with zero gradient."""
-    return sums / counts.clamp(min=1).to(sums.dtype).unsqueeze(-1)
+    present = (counts > 0).unsqueeze(-1)
+    # where() rather than relying on empty sums being 0: exact zeros and zero gradient for any sums given.
+    return torch.where(present, sums / counts.clamp(min=1).to(sums.dtype).unsqueeze(-1), 0.0)
 
 
 def normalize_patches_ref(target: torch.Tensor, patch_size: int, eps: float = _NORM_EPS) -> torch.Tensor:
@@ -370,6 +372,27 @@ _SPLIT_SUM_BLOCK = 1024
 _TARGET_PROGRAMS = 1024  # enough programs to fill an H100/H200 several times over
 
 
+# Triton's interpreter pays ~1 ms per block operation whatever the block size, so under it (the CPU tests) a few
+# programs with large blocks run much faster than the GPU tiling. Tests flip this to cover the GPU tiling too.
+_GPU_TILING_IN_INTERPRETER = False
+
+
+def _reduce_config(channels: int, groups: int, batch: int) -> tuple[int, int, int]:
+    """``(BLOCK_G, BLOCK_C, target number of programs)`` of the forward reduce."""
+    if interpreter_enabled() and not _GPU_TILING_IN_INTERPRETER:
+        return (min(1024, max(16, triton.next_power_of_2(groups))), min(256, max(16, triton.next_power_of_2(channels))),
+                1)
+    return min(32, max(16, triton.next_power_of_2(groups))), min(64, max(16, triton.next_power_of_2(channels))), \
+        _TARGET_PROGRAMS
+
+
+def _kernel_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """fp64 runs in fp32; bf16 too under the interpreter, whose numpy back end has no bf16 arithmetic."""
+    if tensor.dtype == torch.float64 or (tensor.dtype == torch.bfloat16 and interpreter_enabled()):
+        return tensor.float()
+    return tensor
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for fp16 / bf16 inputs: one-hot x half is exact, accumulation is fp32
@@ -381,18 +404,18 @@ def _classwise_reduce_triton(features: torch.Tensor, labels: torch.Tensor, maske
     batch, channels, height, width = features.shape
     hw, groups = height * width, 2 * num_classes
     out_dtype = _acc_dtype(features.dtype)
-    if features.numel() == 0:
+    if batch * hw == 0:
         return (features.new_zeros((batch, num_classes, 2, channels), dtype=out_dtype),
                 labels.new_zeros((batch, num_classes, 2), dtype=torch.int64))
-    feats = features.float() if features.dtype == torch.float64 else features
-    feats = feats.reshape(batch, channels, hw)  # a view for contiguous and channels_last inputs
+    if channels == 0:  # nothing to sum, but the counts are still wanted
+        return classwise_reduce_ref(features, labels, masked, num_classes)
+    feats = _kernel_dtype(features).reshape(batch, channels, hw)  # a view for contiguous and channels_last inputs
     labels2 = labels.reshape(batch, hw)
     masked2 = masked.reshape(batch, hw).view(torch.uint8)
-    block_c = min(64, max(16, triton.next_power_of_2(channels)))
-    block_g = min(32, max(16, triton.next_power_of_2(groups)))
+    block_g, block_c, target_programs = _reduce_config(channels, groups, batch)
     num_gblocks, num_cblocks = triton.cdiv(groups, block_g), triton.cdiv(channels, block_c)
     tiles = triton.cdiv(hw, _REDUCE_BLOCK_N)
-    splits = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, batch * num_gblocks * num_cblocks)))
+    splits = max(1, min(tiles, triton.cdiv(target_programs, batch * num_gblocks * num_cblocks)))
     pix_per_split = triton.cdiv(tiles, splits) * _REDUCE_BLOCK_N
     splits = triton.cdiv(hw, pix_per_split)
     dev = features.device
@@ -436,9 +459,10 @@ def _classwise_reduce_backward_ref(grad_sums, labels, masked, channels, dtype):
 def _classwise_reduce_backward_triton(grad_sums, labels, masked, channels, dtype):
     batch, height, width = labels.shape
     hw, num_classes = height * width, grad_sums.shape[1]
-    out = torch.empty((batch, channels, height, width), dtype=dtype, device=labels.device)
-    if out.numel() == 0:
-        return out
+    grad = torch.empty((batch, channels, height, width), dtype=dtype, device=labels.device)
+    if grad.numel() == 0:
+        return grad
+    out = grad if _kernel_dtype(grad) is grad else torch.empty_like(grad, dtype=torch.float32)
     gsum = grad_sums.float().contiguous()
     labels2, masked2 = labels.reshape(batch, hw), masked.reshape(batch, hw).view(torch.uint8)
     block_c = min(64, max(16, triton.next_power_of_2(channels)))
@@ -448,7 +472,7 @@ def _classwise_reduce_backward_triton(grad_sums, labels, masked, channels, dtype
         labels2.stride(0), labels2.stride(1), masked2.stride(0), masked2.stride(1),
         BLOCK_N=_REDUCE_BLOCK_N, BLOCK_C=block_c, num_warps=4,
     )
-    return out
+    return grad.copy_(out) if out is not grad else grad
 
 
 def _recon_tile(normalize_target: bool, patch_size: int) -> int:
@@ -470,8 +494,7 @@ def _recon_loss_triton(pred, target, labels, masked, num_classes, normalize_targ
     if pred.numel() == 0:
         counts = torch.zeros((batch, num_classes), dtype=torch.int64, device=dev)
         return counts.to(acc), torch.zeros((), dtype=acc, device=dev), counts
-    pred32 = pred.float() if pred.dtype == torch.float64 else pred
-    target32 = target.float() if target.dtype == torch.float64 else target
+    pred32, target32 = _kernel_dtype(pred), _kernel_dtype(target)
     masked_u8 = masked.view(torch.uint8)
     tile = _recon_tile(normalize_target, patch_size)
     cols = triton.cdiv(width, tile)
@@ -524,9 +547,8 @@ def _recon_loss_backward_triton(weight, pred, target, labels, masked, normalize_
     grad = torch.empty((batch, channels, height, width), dtype=pred.dtype, device=pred.device)
     if grad.numel() == 0:
         return grad
-    pred32 = pred.float() if pred.dtype == torch.float64 else pred
-    target32 = target.float() if target.dtype == torch.float64 else target
-    out = grad if grad.dtype != torch.float64 else torch.empty_like(grad, dtype=torch.float32)
+    pred32, target32 = _kernel_dtype(pred), _kernel_dtype(target)
+    out = grad if _kernel_dtype(grad) is grad else torch.empty_like(grad, dtype=torch.float32)
     masked_u8 = masked.view(torch.uint8)
     tile = _recon_tile(normalize_target, patch_size)
     cols = triton.cdiv(width, tile)
