@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
-        num_workers=args.workers,
+        num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
     )
     train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none", help="autocast (CUDA only)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--train-length", type=int, default=10**6, help="size of the (procedural) training set")
