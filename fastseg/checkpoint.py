@@ -22,8 +22,9 @@ import os
 import pickle
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -32,15 +33,15 @@ from .version import __version__
 
 __all__ = [
     "CheckpointError",
-    "UnsafeCheckpointError",
     "LoadResult",
+    "UnsafeCheckpointError",
     "atomic_write",
-    "save_weights",
     "load_state_dict",
+    "load_training_state",
     "load_weights",
     "read_metadata",
     "save_training_state",
-    "load_training_state",
+    "save_weights",
 ]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -256,7 +257,7 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
 
         try:
             state = load_file(str(path), device=str(map_location))
-        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends; re-raised with the file name
+        except Exception as exc:
             raise CheckpointError(f"cannot read safetensors file '{path}': corrupt or truncated ({exc})") from exc
         return dict(state)
     return _unwrap_state_dict(_safe_torch_load(path, map_location), path)
@@ -287,7 +288,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CheckpointError(f"cannot read safetensors header of '{path}': corrupt or truncated ({exc})") from exc
 
 

@@ -15,26 +15,26 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
-    "init_distributed",
+    "StepBatchSampler",
+    "barrier",
     "cleanup_distributed",
-    "is_distributed",
+    "epoch_permutation",
     "get_rank",
     "get_world_size",
+    "init_distributed",
+    "is_distributed",
     "is_main_process",
-    "barrier",
     "resolve_device",
-    "epoch_permutation",
-    "step_indices",
-    "StepBatchSampler",
     "shard_range",
+    "step_indices",
 ]
 
 

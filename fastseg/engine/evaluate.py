@@ -8,7 +8,8 @@ one exactly (integer counts).
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..metrics.confusion import ConfusionMatrix
 from .distributed import get_rank, get_world_size, resolve_device
 
-__all__ = ["evaluate", "evaluate_confusion", "model_cfg_value", "batch_to_device", "split_batch"]
+__all__ = ["batch_to_device", "evaluate", "evaluate_confusion", "model_cfg_value", "split_batch"]
 
 
 def model_cfg_value(model: nn.Module, key: str, default: Any = None) -> Any:

@@ -28,9 +28,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ from .distributed import (
 )
 from .evaluate import batch_to_device, evaluate, model_cfg_value
 
-__all__ = ["TrainConfig", "TrainResult", "train", "default_param_groups", "poly_lr_factor"]
+__all__ = ["TrainConfig", "TrainResult", "default_param_groups", "poly_lr_factor", "train"]
 
 LossFn = Callable[[nn.Module, dict[str, Any]], Mapping[str, torch.Tensor]]
 ParamGroupsFn = Callable[[nn.Module, "TrainConfig"], Iterable[dict[str, Any]]]
@@ -148,7 +149,8 @@ class TrainResult:
 
     Attributes:
         history: One dict per step run by this call: ``step`` (1-based count of completed steps), ``loss``, the
-            other scalar loss components, ``lr`` (first param group). Rank-local values under DDP.
+            other scalar loss components, ``lr`` (first param group) and ``grad_norm`` where it was computed
+            (every step with ``grad_clip``, else on logging steps). Rank-local values under DDP.
         final_metrics: Evaluation of the final weights on ``val_set`` (``None`` without one).
         best_metrics: The evaluation with the highest mIoU seen by this run (including resumed best).
         start_step / end_step: Steps already done when this call began / when it returned.
@@ -606,6 +608,8 @@ def train(
             window_steps += 1
 
             record = {"step": step, "loss": loss_value, "lr": lr}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
             for key, value in out.items():
                 if key != "loss" and isinstance(value, torch.Tensor) and value.numel() == 1:
                     record[key] = float(value.detach())
@@ -619,7 +623,7 @@ def train(
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / max(1, window_steps)
-                log = dict(record, grad_norm=grad_norm, step_time_s=step_time,
+                log = dict(record, step_time_s=step_time,
                            samples_per_s=cfg.batch_size * info.world_size / step_time if step_time > 0 else None)
                 if use_scaler:
                     log["loss_scale"] = scaler.get_scale()

@@ -20,7 +20,7 @@ This equals ``torchmetrics.classification.MulticlassJaccardIndex(num_classes, ig
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -120,7 +120,7 @@ class ConfusionMatrix:
         self.matrix += torch.bincount(target * K + pred, minlength=K * K).reshape(K, K)
 
     # ----------------------------------------------------------------------------------------------------------
-    def all_reduce(self) -> "ConfusionMatrix":
+    def all_reduce(self) -> ConfusionMatrix:
         """Sum the matrix over all ``torch.distributed`` processes (a no-op without an initialised group).
 
         NCCL only reduces CUDA tensors, so the matrix is moved to the current CUDA device for the reduction
@@ -137,7 +137,7 @@ class ConfusionMatrix:
         self.matrix = matrix.to(self.matrix.device)
         return self
 
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another matrix of the same size (e.g. from another worker) into this one."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge confusion matrices of {other.num_classes} and {self.num_classes} classes")
@@ -198,7 +198,7 @@ class ConfusionMatrix:
         width = max(5, *(len(str(n)) for n in class_names))
         lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}", "-" * (width + 18)]
         for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
-            lines.append(f"{str(name):<{width}}  {pct(iou):>7}  {pct(acc):>7}")
+            lines.append(f"{name!s:<{width}}  {pct(iou):>7}  {pct(acc):>7}")
         lines.append("-" * (width + 18))
         lines.append(
             f"mIoU {pct(metrics['mIoU'])}  mAcc {pct(metrics['mAcc'])}  aAcc {pct(metrics['aAcc'])}  "
