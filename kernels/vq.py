@@ -25,8 +25,8 @@ Two ops, both used by GSS (palette inverse, tokenizer quantisation, token head):
     NaN / inf policy (the reference, the Triton kernel and the ONNX graph agree):
       * a row of z containing NaN or +-inf gets ``index = 0`` and ``sqdist`` = its exact distance to code 0
         (NaN or inf);
-      * a code containing NaN / inf never wins for a finite row while a finite code exists (its score is NaN or
-        +inf, and NaN scores are treated as +inf); if no candidate has a finite score the row gets ``index = 0``.
+      * a code containing NaN / inf never wins for a finite row while a finite code exists (its score is set to
+        +inf, and any NaN score is treated as +inf); if no candidate has a finite score the row gets ``index = 0``.
 
     Backward (``sqdist`` only; the index is not differentiable): with ``r_n = z_n - e_index[n]`` and upstream
     gradient ``g_n``: ``grad_z[n] = 2 g_n r_n`` and ``grad_codebook = index_add_k(-2 g_n r_n)`` (fp32 atomics on GPU,
@@ -123,11 +123,21 @@ def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isnan((x.float() * 0.0).sum(-1))
 
 
-def _centre(codebook_f32: torch.Tensor) -> torch.Tensor:
-    """Mean of the finite codes: the translation that keeps the expanded distance form from cancelling."""
-    finite = ~_nonfinite_rows(codebook_f32)
-    total = torch.where(finite[:, None], codebook_f32, torch.zeros_like(codebook_f32)).sum(0)
-    return total / finite.sum().clamp(min=1).to(torch.float32)
+def _prepare_codes(codebook: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Centre, centred codes (in the dot's operand dtype) and their fp32 squared norms.
+
+    The centre is the mean of the finite codes: the translation that keeps the expanded distance form from cancelling.
+    A non-finite code becomes a zero row with norm +inf, so its score is +inf for every finite row: it never wins, and
+    no NaN score is ever produced by a code (the chunked reference needs no NaN pass for it).
+    """
+    codes = codebook.float()
+    bad = _nonfinite_rows(codes)
+    zeros = torch.zeros_like(codes)
+    centre = torch.where(bad[:, None], zeros, codes).sum(0) / (~bad).sum().clamp(min=1).to(torch.float32)
+    codes_c = torch.where(bad[:, None], zeros, codes - centre).to(dtype)
+    code_sq = torch.where(bad, torch.full_like(centre[:1].expand(codes.shape[0]), float("inf")),
+                          codes_c.float().pow(2).sum(1))  # fmt: skip
+    return centre, codes_c, code_sq
 
 
 def _exact_sqdist(z: torch.Tensor, codebook: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -150,27 +160,25 @@ def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
     _check_vq_inputs(z, codebook)
     n, k = z.shape[0], codebook.shape[0]
     with torch.no_grad():
-        codes = codebook.detach().float()
-        centre = _centre(codes)
-        codes_c = codes - centre
-        code_sq = (codes_c * codes_c).sum(1)
+        centre, codes_c, code_sq = _prepare_codes(codebook.detach())
         index = torch.empty(n, dtype=torch.int64, device=z.device)
         step = _chunk_rows(k)
         for start in range(0, n, step):
             rows = z[start : start + step].detach().float() - centre
             scores = torch.addmm(code_sq, rows, codes_c.t(), alpha=-2.0)  # ||e||^2 - 2 z.e
-            scores.masked_fill_(torch.isnan(scores), float("inf"))  # a NaN code never wins
-            torch.argmin(scores, dim=1, out=index[start : start + step])
-        index.masked_fill_(_nonfinite_rows(z), 0)
+            best, chunk_index = torch.min(scores, dim=1)  # first minimum on ties, like argmin
+            if bool(torch.isnan(best).any()):  # only from non-finite rows or overflow: NaN never wins
+                scores.masked_fill_(torch.isnan(scores), float("inf"))
+                chunk_index = torch.argmin(scores, dim=1)
+            index[start : start + step] = chunk_index
+        if n and not bool(torch.isfinite(z.detach().float().sum())):  # one cheap reduction in the common case
+            index.masked_fill_(_nonfinite_rows(z.detach()), 0)
     return index, _exact_sqdist(z, codebook, index)
 
 
 def _vq_nearest_decomposition(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference without the Python chunk loop: traceable by torch.export, standard ONNX ops only."""
-    codes = codebook.float()
-    centre = _centre(codes)
-    codes_c = codes - centre
-    code_sq = (codes_c * codes_c).sum(1)
+    centre, codes_c, code_sq = _prepare_codes(codebook)
     scores = code_sq[None, :] - 2.0 * ((z.float() - centre) @ codes_c.t())
     scores = torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")), scores)
     index = torch.argmin(scores, dim=1)
@@ -411,10 +419,9 @@ def _vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.T
         return index, sqdist
     interpret = interpreter_enabled() and not z.is_cuda
     dot_fp32 = z.dtype == torch.float32 or interpret
-    codes = codebook.float()
-    centre = _centre(codes).contiguous()
-    codes_c = (codes - centre).to(torch.float32 if dot_fp32 else z.dtype).contiguous()
-    code_sq = codes_c.float().pow(2).sum(1).contiguous()  # norms of the operands the dot really sees
+    # code_sq holds the norms of the operands the dot really sees (rounded to bf16 / fp16 on the GPU fast path)
+    centre, codes_c, code_sq = _prepare_codes(codebook, torch.float32 if dot_fp32 else z.dtype)
+    centre, codes_c, code_sq = centre.contiguous(), codes_c.contiguous(), code_sq.contiguous()
     cfg = _tile_config(d, z.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _vq_nearest_fwd_kernel[grid](
