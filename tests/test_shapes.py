@@ -33,11 +33,11 @@ KEYS = ("image", "mask", "instances", "instance_classes", "image_labels", "label
 
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
         else:
-            assert a[key] == b[key], key
+            assert value == b[key], key
 
 
 def reference_band(instances: torch.Tensor, width: int) -> torch.Tensor:

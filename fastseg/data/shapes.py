@@ -34,30 +34,31 @@ import colorsys
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "ShapesConfig",
-    "ShapesDataset",
     "CLASS_NAMES",
+    "IGNORE_INDEX",
+    "MEAN",
+    "PALETTE",
+    "SEEN_CLASSES",
+    "STD",
     "STUFF_CLASSES",
     "THING_CLASSES",
-    "SEEN_CLASSES",
     "UNSEEN_CLASSES",
-    "PALETTE",
-    "MEAN",
-    "STD",
-    "IGNORE_INDEX",
-    "unnormalize",
-    "pretrained_cfg_fields",
-    "make_palette",
+    "ShapesConfig",
+    "ShapesDataset",
     "benchmark_generation",
+    "make_palette",
+    "pretrained_cfg_fields",
+    "unnormalize",
 ]
 
 # Every texture and shape the renderer knows. A config picks a subset (in any order) as its class list.
@@ -103,7 +104,7 @@ def make_palette(num_classes: int) -> np.ndarray:
     while len(colours) < num_classes:
         hue = (hue + 0.618033988749895) % 1.0
         value = 0.95 if len(colours) % 2 else 0.7
-        colours.append(tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue, 0.75, value)))
+        colours.append(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.75, value)))
     return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
 
 
@@ -248,9 +249,7 @@ UNSEEN_CLASSES: tuple[int, ...] = _DEFAULT.unseen_ids
 PALETTE: np.ndarray = _DEFAULT.palette
 
 
-def unnormalize(
-    image: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
-) -> torch.Tensor:
+def unnormalize(image: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
     """Undo the dataset normalisation: (..., 3, H, W) normalised -> the same shape, float in [0, 1]."""
     if image.ndim < 3 or image.shape[-3] != len(mean):
         raise ValueError(f"expected (..., {len(mean)}, H, W) images, got shape {tuple(image.shape)}")
@@ -295,7 +294,7 @@ def _upsample_matrix(out_size: int, grid: int) -> np.ndarray:
     return mat
 
 
-def _lowfreq(rng: "_Draws", h: int, w: int, grid: int) -> np.ndarray:
+def _lowfreq(rng: _Draws, h: int, w: int, grid: int) -> np.ndarray:
     """Smooth noise: a grid x grid standard normal field upsampled bilinearly to (h, w)."""
     return _upsample_matrix(h, grid) @ rng.normal(grid, grid) @ _upsample_matrix_t(w, grid)
 
@@ -347,7 +346,7 @@ class _Draws:
     microseconds, and a sample makes ~100 of them); noise fields are slices of the fixed noise bank.
     """
 
-    __slots__ = ("_rng", "_u", "_i")
+    __slots__ = ("_i", "_rng", "_u")
 
     def __init__(self, rng: np.random.Generator, n: int = 160) -> None:
         self._rng = rng
@@ -598,8 +597,7 @@ class ShapesDataset(Dataset):
         self._inv_std = (1.0 / np.asarray(STD, np.float32)).reshape(3, 1, 1)
         # Thing hue centres: evenly spaced over the known shapes so a class keeps its colours across configs.
         self._hue_centre = {
-            tid: KNOWN_THINGS.index(name) / len(KNOWN_THINGS)
-            for tid, name in zip(cfg.thing_ids, cfg.thing_classes)
+            tid: KNOWN_THINGS.index(name) / len(KNOWN_THINGS) for tid, name in zip(cfg.thing_ids, cfg.thing_classes)
         }
         excluded = set(cfg.unseen_ids) if unseen == "exclude" else set()
         self._stuff_pool = [s for s in cfg.stuff_ids if s not in excluded]
@@ -695,7 +693,9 @@ class ShapesDataset(Dataset):
         img, mask, instances, inst_classes = self._render(self.rng_for(index))
         image = (img - self._mean) * self._inv_std
         # Classes present in the mask; ignore pixels are counted in an extra bin and dropped.
-        counts = np.bincount(np.where(mask == self.ignore_index, self.num_classes, mask).ravel(), minlength=self.num_classes + 1)
+        counts = np.bincount(
+            np.where(mask == self.ignore_index, self.num_classes, mask).ravel(), minlength=self.num_classes + 1
+        )
         labels = (counts[: self.num_classes] > 0).astype(np.float32)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
@@ -744,7 +744,9 @@ class ShapesDataset(Dataset):
 
         # Things, painted back to front; later ones occlude earlier ones.
         instances = np.zeros((h, w), np.int64)
-        n_things = int(cfg.min_instances + rng.integers(cfg.max_instances - cfg.min_instances + 1)) if self._thing_pool else 0
+        n_things = (
+            int(cfg.min_instances + rng.integers(cfg.max_instances - cfg.min_instances + 1)) if self._thing_pool else 0
+        )
         classes: list[int] = []
         centres: list[tuple[float, float, float]] = []
         side = float(min(h, w))

@@ -21,7 +21,7 @@ def _to_numpy(x: Any, what: str) -> np.ndarray:
         return x.detach().cpu().numpy()
     try:
         return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the argument named
+    except Exception as exc:
         raise ValueError(f"{what} is not array-like ({type(x).__name__}): {exc}") from exc
 
 

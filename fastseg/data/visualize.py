@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +146,9 @@ def save_png(array: np.ndarray | torch.Tensor, path: str | os.PathLike) -> Path:
 def _legend(class_names: Sequence[str], palette: np.ndarray, width: int, unseen: set[int]) -> np.ndarray:
     """A strip of colour swatches with class names (unseen classes marked with '*'), wrapped to `width`."""
     font = ImageFont.load_default()
-    entries = [(f"{name}{'*' if i in unseen else ''}", tuple(int(c) for c in palette[i])) for i, name in enumerate(class_names)]
+    entries = [
+        (f"{name}{'*' if i in unseen else ''}", tuple(int(c) for c in palette[i])) for i, name in enumerate(class_names)
+    ]
     entries.append(("ignore", IGNORE_COLOR))
     cell_w, cell_h = 96, 16
     per_row = max(1, width // cell_w)
