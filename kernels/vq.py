@@ -173,6 +173,14 @@ def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
             index[start : start + step] = chunk_index
         if n and not bool(torch.isfinite(z.detach().float().sum())):  # one cheap reduction in the common case
             index.masked_fill_(_nonfinite_rows(z.detach()), 0)
+        if not (torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)):
+            # Inference: the exact distances chunk by chunk too, in place (bounded temporaries).
+            sqdist = torch.empty(n, dtype=torch.float32, device=z.device)
+            codes = codebook.detach().float()
+            for start in range(0, n, step):
+                diff = z[start : start + step].detach().float() - codes.index_select(0, index[start : start + step])
+                torch.sum(diff.mul_(diff), dim=1, out=sqdist[start : start + step])
+            return index, sqdist
     return index, _exact_sqdist(z, codebook, index)
 
 
