@@ -159,6 +159,7 @@ def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
     """
     _check_vq_inputs(z, codebook)
     n, k = z.shape[0], codebook.shape[0]
+    needs_grad = torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
     with torch.no_grad():
         centre, codes_c, code_sq = _prepare_codes(codebook.detach())
         index = torch.empty(n, dtype=torch.int64, device=z.device)
@@ -173,7 +174,7 @@ def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
             index[start : start + step] = chunk_index
         if n and not bool(torch.isfinite(z.detach().float().sum())):  # one cheap reduction in the common case
             index.masked_fill_(_nonfinite_rows(z.detach()), 0)
-        if not (torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)):
+        if not needs_grad:
             # Inference: the exact distances chunk by chunk too, in place (bounded temporaries).
             sqdist = torch.empty(n, dtype=torch.float32, device=z.device)
             codes = codebook.detach().float()
