@@ -25,10 +25,9 @@ __all__ = ["SegmentationModel", "check_images", "check_masks", "resolve_cfg"]
 
 def resolve_cfg(num_classes: int | None, **overrides: Any) -> PretrainedCfg:
     """A `PretrainedCfg` for the built-in shapes world (its class names and palette when K matches), with overrides."""
-    from ..data.shapes import ShapesConfig
+    from ..data.shapes import pretrained_cfg_fields
 
-    world = ShapesConfig()
-    fields = world.pretrained_cfg_fields()
+    fields = pretrained_cfg_fields()
     if num_classes is not None and num_classes != fields["num_classes"]:
         fields = {"num_classes": num_classes, "mean": fields["mean"], "std": fields["std"],
                   "ignore_index": fields["ignore_index"], "input_size": fields["input_size"]}
