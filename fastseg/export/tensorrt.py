@@ -223,18 +223,19 @@ def build_engine(
     for flag in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     triplets = _profile_triplets(profiles)
+    first_profile = None
     for lo, opt, hi in triplets:
         profile = builder.create_optimization_profile()
         profile.set_shape(input_name, lo, opt, hi)
         config.add_optimization_profile(profile)
-    if plan.calibrate:
+        first_profile = first_profile or profile
+    if plan.calibrate:  # TensorRT <= 10 only (build_plan refuses INT8 calibration from 11 on)
         from ._calibrator import make_calibrator
 
         opt_shape = triplets[0][1] if triplets else tuple(network.get_input(0).shape)
         config.int8_calibrator = make_calibrator(trt, opt_shape, calibration_batches, calibration_cache)
-        if triplets:
-            config.set_calibration_profile(config.get_optimization_profile(0) if hasattr(
-                config, "get_optimization_profile") else profile)
+        if first_profile is not None:
+            config.set_calibration_profile(first_profile)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

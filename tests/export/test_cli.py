@@ -1,0 +1,66 @@
+"""`fastseg export` and `fastseg verify` end to end on fpn_resnet18 (uint8 in-graph argmax, non-square size)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastseg.cli import main
+from fastseg.export import read_sidecar
+
+pytestmark = pytest.mark.export
+
+
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "seg.onnx"
+    capture = pytest.MonkeyPatch()
+    import io
+    import sys
+
+    buffer = io.StringIO()
+    capture.setattr(sys, "stdout", buffer)
+    try:
+        code = main(["export", "fpn_resnet18", "--format", "onnx", "--imgsz", "64,96", "--argmax",
+                     "--labels-dtype", "uint8", "--out", str(out)])
+    finally:
+        capture.undo()
+    return out, code, buffer.getvalue()
+
+
+def test_cli_export_prints_paths_and_trtexec(cli_export):
+    out, code, printed = cli_export
+    assert code == 0, printed
+    assert f"artefact: {out}" in printed and f"sidecar:  {out}.json" in printed
+    assert f"trtexec --onnx={out} --saveEngine={out.with_suffix('.engine')}" in printed
+    data = read_sidecar(out)
+    assert data["outputs"][0]["dtype"] == "uint8" and data["outputs"][0]["shape"] == [1, 64, 96]
+
+
+def test_cli_verify_passes(cli_export, capsys, tmp_path):
+    out, _, _ = cli_export
+    report = tmp_path / "report.json"
+    assert main(["verify", str(out), "--images", "4", "--random", "1", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "argmax agreement  100.000 %" in printed and "PASS" in printed
+    assert '"passed": true' in report.read_text()
+
+
+def test_cli_verify_fails_past_thresholds(cli_export, capsys):
+    """An impossible threshold (agreement > 100 %) must give exit status 1."""
+    out, _, _ = cli_export
+    assert main(["verify", str(out), "--images", "2", "--random", "0", "--min-agreement", "1.01"]) == 1
+    assert "FAIL: argmax agreement" in capsys.readouterr().out
+
+
+def test_cli_export_refuses_overwrite(cli_export, capsys):
+    out, _, _ = cli_export
+    before = out.read_bytes()
+    assert main(["export", "fpn_resnet18", "--imgsz", "64,96", "--out", str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_cli_bad_size_and_format(capsys):
+    assert main(["export", "fpn_resnet18", "--imgsz", "100,64", "--out", "/nonexistent/x.onnx"]) == 2
+    assert "nearest valid height: 96 or 128" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "fpn_resnet18", "--format", "tflite"])
