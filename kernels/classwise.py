@@ -137,12 +137,33 @@ def _flat_group_index(labels: torch.Tensor, masked: torch.Tensor, num_classes: i
 
 
 def classwise_reduce_ref(features: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, num_classes: int,
-                         ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `classwise_reduce` built on ``index_add_``: ``(sums (B, K, 2, C), counts (B, K, 2))``."""
-    batch, channels = features.shape[:2]
+                         ignore_index: int = 255, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `classwise_reduce`: ``(sums (B, K, 2, C), counts (B, K, 2))``.
+
+    ``method="scatter_add"`` scatters the channels-first features into ``(B, C, 2K + 1)`` (no transposed copy; the
+    faster one on CPUs, the default there); ``"index_add"`` adds pixel rows into ``(B * 2K + 1, C)`` (the default on
+    CUDA, where ``index_add_`` stays available under ``torch.use_deterministic_algorithms``). The extra bin collects
+    the ignored pixels and is dropped.
+    """
+    method = method or ("index_add" if features.is_cuda else "scatter_add")
+    batch, channels, height, width = features.shape
+    groups = 2 * num_classes
+    acc = _acc_dtype(features.dtype)
+    if method == "scatter_add":
+        valid = (labels >= 0) & (labels < num_classes)  # ignore_index lies outside [0, K) by contract
+        group = torch.where(valid, labels.long() * 2 + masked.long(), groups).view(batch, 1, height * width)
+        feats = features.to(acc).reshape(batch, channels, height * width)
+        sums = feats.new_zeros(batch, channels, groups + 1)
+        sums = sums.scatter_add(2, group.expand(batch, channels, height * width), feats)
+        counts = torch.zeros(batch, groups + 1, dtype=torch.int64, device=labels.device)
+        counts = counts.scatter_add_(1, group[:, 0], torch.ones_like(group[:, 0]))
+        sums = sums[..., :groups].reshape(batch, channels, num_classes, 2).permute(0, 2, 3, 1).contiguous()
+        return sums, counts[:, :groups].reshape(batch, num_classes, 2).contiguous()
+    if method != "index_add":
+        raise ValueError(f"classwise_reduce_ref: method must be 'scatter_add' or 'index_add', got {method!r}")
     index = _flat_group_index(labels, masked, num_classes)
-    bins = batch * 2 * num_classes + 1  # + the dump bin of ignored pixels, dropped below
-    rows = features.to(_acc_dtype(features.dtype)).permute(0, 2, 3, 1).reshape(index.numel(), channels)
+    bins = batch * groups + 1
+    rows = features.to(acc).permute(0, 2, 3, 1).reshape(index.numel(), channels)
     sums = rows.new_zeros(bins, channels).index_add_(0, index, rows)
     counts = torch.zeros(bins, dtype=torch.int64, device=labels.device).scatter_add_(0, index, torch.ones_like(index))
     return sums[:-1].view(batch, num_classes, 2, channels), counts[:-1].view(batch, num_classes, 2)

@@ -10,9 +10,11 @@ Shapes (S4MIM, performance_anchors.md 4.3):
 Modes ``fwd`` and ``fwd_bwd`` (forward, then the gradient w.r.t. the features / the prediction).
 
 Providers: ``triton`` (fast mode: atomics), ``triton_deterministic`` (two-pass, no atomics), ``torch`` (the
-``index_add_`` reference), ``scatter_add`` (reduce only: the obvious eager code, ``scatter_add_`` of the
-channels-first features into (B, C, 2K)), ``torch_compile`` (``torch.compile`` of the reference). Triton providers
-skip label validation (one host sync) like the reference does.
+reference as the device runs it: ``index_add_`` of pixel rows on CUDA, channels-first ``scatter_add`` on the CPU),
+and for the reduce both eager forms explicitly: ``scatter_add`` (channels-first ``scatter_add`` into (B, C, 2K + 1))
+and ``index_add`` (``index_add_`` of the transposed pixel rows into (B * 2K + 1, C), the PyG-style code);
+``torch_compile`` (``torch.compile`` of the reference). Triton providers skip label validation (one host sync) like
+the reference does.
 
 ``min_bytes``: fwd = features (or pred + target) read once + labels (8 B) + mask (1 B) per pixel + outputs written
 once; fwd_bwd adds the backward's reads of labels, mask, grad_sums (or pred + target again: the backward recomputes
@@ -68,20 +70,6 @@ def _class_inputs(dev: torch.device, batch: int, height: int, width: int, num_cl
     labels[torch.rand(batch, height, width, device=dev, generator=gen) < 0.05] = IGNORE
     masked = classwise_patch_mask(labels, patch, 0.5, generator=gen, num_classes=num_classes)
     return labels, masked
-
-
-def _scatter_add_reduce(features: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor,
-                        num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The obvious eager code: channels-first ``scatter_add_`` into (B, C, 2K + 1), the last bin for ignored pixels."""
-    batch, channels, height, width = features.shape
-    valid = (labels >= 0) & (labels < num_classes)
-    group = torch.where(valid, labels * 2 + masked.long(), 2 * num_classes).view(batch, 1, -1)
-    feats = features.float().reshape(batch, channels, -1)
-    sums = feats.new_zeros(batch, channels, 2 * num_classes + 1).scatter_add_(2, group.expand(-1, channels, -1), feats)
-    counts = torch.zeros(batch, 2 * num_classes + 1, dtype=torch.int64, device=features.device)
-    counts.scatter_add_(1, group[:, 0], torch.ones_like(group[:, 0]))
-    return (sums[..., :-1].view(batch, channels, num_classes, 2).permute(0, 2, 3, 1),
-            counts[:, :-1].view(batch, num_classes, 2))
 
 
 def _runner(device: torch.device, mode: str, forward: Callable[[dict], torch.Tensor], grad_of: str,
@@ -150,8 +138,10 @@ def _reduce_case(device: torch.device, smoke: bool, mode: str, batch: int, chann
             "triton_deterministic": fused(True),
             "torch": _runner(device, mode, lambda x: classwise_reduce_ref(
                 x["features"], x["labels"], x["masked"], num_classes)[0], "features"),
-            "scatter_add": _runner(device, mode, lambda x: _scatter_add_reduce(
-                x["features"], x["labels"], x["masked"], num_classes)[0], "features"),
+            "scatter_add": _runner(device, mode, lambda x: classwise_reduce_ref(
+                x["features"], x["labels"], x["masked"], num_classes, method="scatter_add")[0], "features"),
+            "index_add": _runner(device, mode, lambda x: classwise_reduce_ref(
+                x["features"], x["labels"], x["masked"], num_classes, method="index_add")[0], "features"),
             "torch_compile": compiled,
         },
         flops=float(pixels * channels),

@@ -87,11 +87,13 @@ def test_reference_matches_independent_oracle(num_classes, channels):
     labels = class_map(2, 11, 13, num_classes)
     masked = torch.rand(2, 11, 13) < 0.4
     features = torch.randn(2, channels, 11, 13)
-    sums, counts = classwise_reduce_ref(features, labels, masked, num_classes)
     want_sums, want_counts = naive_reduce(features, labels, masked, num_classes)
-    assert sums.dtype == torch.float32 and counts.dtype == torch.int64
-    assert torch.equal(counts, want_counts)
-    assert_sums_close(sums, want_sums)
+    for method in ("scatter_add", "index_add"):
+        sums, counts = classwise_reduce_ref(features, labels, masked, num_classes, method=method)
+        assert sums.dtype == torch.float32 and counts.dtype == torch.int64
+        assert sums.shape == (2, num_classes, 2, channels) and sums.is_contiguous()
+        assert torch.equal(counts, want_counts)
+        assert_sums_close(sums, want_sums)
 
 
 @needs_interpreter
@@ -189,7 +191,9 @@ def test_reference_gradcheck():
     labels = class_map(2, 5, 6, 4)
     masked = torch.rand(2, 5, 6) < 0.5
     features = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda f: classwise_reduce_ref(f, labels, masked, 4)[0], (features,))
+    for method in ("scatter_add", "index_add"):
+        assert torch.autograd.gradcheck(lambda f: classwise_reduce_ref(f, labels, masked, 4, method=method)[0],
+                                        (features,))
     assert torch.autograd.gradcheck(lambda f: classwise_reduce(f, labels, masked, 4)[0], (features,))  # custom op
 
 
