@@ -52,18 +52,26 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_same_device, check_tensor, interpreter_enabled, resolve_impl, run_triton_on_cpu, tl, triton
-from ._utils import use_triton
+from ._utils import (
+    check_same_device,
+    check_tensor,
+    interpreter_enabled,
+    resolve_impl,
+    run_triton_on_cpu,
+    tl,
+    triton,
+    use_triton,
+)
 
 __all__ = [
-    "classwise_reduce",
-    "classwise_reduce_ref",
-    "classwise_mean",
+    "DECOMPOSITIONS",
     "classwise_masked_recon_loss",
     "classwise_masked_recon_loss_ref",
+    "classwise_mean",
     "classwise_patch_mask",
+    "classwise_reduce",
+    "classwise_reduce_ref",
     "normalize_patches_ref",
-    "DECOMPOSITIONS",
 ]
 
 # Training-only ops: nothing to lower for ONNX, but the name is part of every family's contract.
@@ -277,7 +285,7 @@ def _split_sum_kernel(part_ptr, out_ptr, S, N, BLOCK: tl.constexpr):
     mask = offs < N
     b = tl.program_id(1).to(tl.int64)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, S):
+    for s in range(S):
         acc += tl.load(part_ptr + (b * S + s) * N + offs, mask=mask, other=0.0)
     tl.store(out_ptr + b * N + offs, acc, mask=mask)
 
@@ -548,7 +556,7 @@ def _recon_loss_triton(pred, target, labels, masked, num_classes, normalize_targ
 
 
 def _recon_loss_backward_ref(weight, pred, target, labels, masked, normalize_target, patch_size):
-    batch, channels = pred.shape[:2]
+    batch = pred.shape[0]
     num_classes = weight.shape[1]
     acc = _acc_dtype(pred.dtype)
     target = target.to(acc)

@@ -21,7 +21,7 @@ from torch import nn
 
 from fastseg.kernels import classwise_masked_recon_loss, classwise_mean, classwise_patch_mask, classwise_reduce
 
-__all__ = ["ClasswiseMaskedInput", "ClasswiseMaskedReconLoss", "ClasswiseFeatureAggregationLoss", "resize_labels"]
+__all__ = ["ClasswiseFeatureAggregationLoss", "ClasswiseMaskedInput", "ClasswiseMaskedReconLoss", "resize_labels"]
 
 _FILLS = ("zero", "mean", "token")
 _DISTANCES = ("cosine", "mse")

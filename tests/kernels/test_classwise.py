@@ -3,11 +3,10 @@ vs plain PyTorch computations written independently here; gradients, determinism
 
 from __future__ import annotations
 
+import fastseg.kernels.classwise as cw
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fastseg.kernels.classwise as cw
 from fastseg.kernels import (
     classwise_masked_recon_loss,
     classwise_masked_recon_loss_ref,
@@ -51,7 +50,7 @@ def naive_reduce(features, labels, masked, num_classes):
 def naive_recon(pred, target, labels, masked, num_classes, normalize, patch):
     """Independent oracle with explicit Python loops over patches and classes (small sizes only)."""
     pred, target = pred.double(), target.double()
-    batch, channels, height, width = pred.shape
+    batch, _, height, width = pred.shape
     if normalize:
         norm = torch.empty_like(target)
         for top in range(0, height, patch):
@@ -192,7 +191,7 @@ def test_reference_gradcheck():
     masked = torch.rand(2, 5, 6) < 0.5
     features = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     for method in ("scatter_add", "index_add"):
-        assert torch.autograd.gradcheck(lambda f: classwise_reduce_ref(f, labels, masked, 4, method=method)[0],
+        assert torch.autograd.gradcheck(lambda f, m=method: classwise_reduce_ref(f, labels, masked, 4, method=m)[0],
                                         (features,))
     assert torch.autograd.gradcheck(lambda f: classwise_reduce(f, labels, masked, 4)[0], (features,))  # custom op
 
@@ -250,6 +249,21 @@ def test_deterministic_none_follows_torch_flag():
     assert cw._resolve_deterministic("op", None, features) is False
     assert cw._resolve_deterministic("op", True, features) is True
     classwise_reduce(features, labels, labels.bool(), 2)  # runs in either mode
+
+
+def test_fast_mode_raises_the_nondeterminism_alert_on_cuda():
+    class CudaLike:  # only is_cuda is consulted; avoids needing a GPU for the alert logic
+        is_cuda = True
+
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            cw._resolve_deterministic("classwise_reduce", False, CudaLike())
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="not deterministic"):
+            assert cw._resolve_deterministic("classwise_reduce", False, CudaLike()) is False
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("bad", [7, -3, 254])
@@ -387,7 +401,7 @@ def test_recon_gradcheck_and_target_gets_no_gradient():
     masked = torch.rand(1, 5, 6) < 0.7
     pred = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     target = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    fn = lambda p: classwise_masked_recon_loss(p, target, labels, masked, 3, normalize_target=True, patch_size=2)[1]  # noqa: E731
+    fn = lambda p: classwise_masked_recon_loss(p, target, labels, masked, 3, normalize_target=True, patch_size=2)[1]
     assert torch.autograd.gradcheck(fn, (pred,))
     fn(pred).backward()
     assert target.grad is None
@@ -437,7 +451,7 @@ def test_patch_mask_respects_class_regions_and_ratio(ratio, patch):
 
 def test_patch_mask_is_reproducible_random_and_handles_edges():
     labels = class_map(2, 16, 16, 4, ignore_frac=0.0)
-    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    gen = lambda seed: torch.Generator().manual_seed(seed)
     first = classwise_patch_mask(labels, 2, 0.5, generator=gen(3))
     assert torch.equal(first, classwise_patch_mask(labels, 2, 0.5, generator=gen(3)))
     assert not torch.equal(first, classwise_patch_mask(labels, 2, 0.5, generator=gen(4)))
