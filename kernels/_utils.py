@@ -112,8 +112,15 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
 
 @contextlib.contextmanager
 def run_triton_on_cpu(enabled: bool = True) -> Iterator[None]:
-    """Within this context the CPU kernels of fastseg ops run their Triton launchers (interpreter mode)."""
-    token = _TRITON_ON_CPU.set(enabled)
+    """Within this context the CPU kernels of fastseg ops run their Triton launchers (interpreter mode).
+
+    With ``enabled=False`` nothing is touched: torch.compile cannot trace a ContextVar mutation, and the normal
+    (``impl="auto"``) path must stay compilable.
+    """
+    if not enabled:
+        yield
+        return
+    token = _TRITON_ON_CPU.set(True)
     try:
         yield
     finally:
