@@ -1,4 +1,5 @@
-"""`fastseg export` and `fastseg verify` end to end on fpn_resnet18 (uint8 in-graph argmax, non-square size)."""
+"""`fastseg export` and `fastseg verify` end to end on fpn_resnet18: a weights file (the deployment path from a
+trained checkpoint), uint8 in-graph argmax, non-square size."""
 
 from __future__ import annotations
 
@@ -11,7 +12,20 @@ pytestmark = pytest.mark.export
 
 
 @pytest.fixture(scope="module")
-def cli_export(tmp_path_factory):
+def checkpoint(tmp_path_factory):
+    """A weights file as training writes it (metadata holds num_classes), with weights unlike the seeded init."""
+    import torch
+
+    import fastseg
+    from fastseg.checkpoint import save_weights
+
+    torch.manual_seed(123)
+    model = fastseg.create_model("fpn_resnet18", num_classes=12)
+    return save_weights(model, tmp_path_factory.mktemp("ckpt") / "model.safetensors", {"num_classes": "12"})
+
+
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory, checkpoint):
     out = tmp_path_factory.mktemp("cli") / "seg.onnx"
     capture = pytest.MonkeyPatch()
     import io
@@ -20,7 +34,7 @@ def cli_export(tmp_path_factory):
     buffer = io.StringIO()
     capture.setattr(sys, "stdout", buffer)
     try:
-        code = main(["export", "fpn_resnet18", "--format", "onnx", "--imgsz", "64,96", "--argmax",
+        code = main(["export", "fpn_resnet18", "--checkpoint", str(checkpoint), "--format", "onnx", "--imgsz", "64,96", "--argmax",
                      "--labels-dtype", "uint8", "--out", str(out)])
     finally:
         capture.undo()
@@ -34,6 +48,8 @@ def test_cli_export_prints_paths_and_trtexec(cli_export):
     assert f"trtexec --onnx={out} --saveEngine={out.with_suffix('.engine')}" in printed
     data = read_sidecar(out)
     assert data["outputs"][0]["dtype"] == "uint8" and data["outputs"][0]["shape"] == [1, 64, 96]
+    assert data["weights"]["checkpoint"].endswith("model.safetensors") and len(data["weights"]["sha256"]) == 64
+    assert data["weights"]["init_seed"] is None
 
 
 def test_cli_verify_passes(cli_export, capsys, tmp_path):
@@ -64,3 +80,41 @@ def test_cli_bad_size_and_format(capsys):
     assert "nearest valid height: 96 or 128" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "fpn_resnet18", "--format", "tflite"])
+
+
+def test_cli_verify_against_other_weights_fails(cli_export, capsys, tmp_path):
+    """verify really compares with the checkpoint: the seeded init weights give different masks -> exit 1."""
+    out, _, _ = cli_export
+    import shutil
+
+    from fastseg.export.sidecar import sidecar_path, write_sidecar
+
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(out, copy)
+    data = read_sidecar(out)
+    data["weights"] = {"checkpoint": None, "sha256": None, "init_seed": 0}
+    write_sidecar(copy, data)
+    assert sidecar_path(copy).is_file()
+    assert main(["verify", str(copy), "--images", "2", "--random", "0"]) == 1
+    assert "FAIL: argmax agreement" in capsys.readouterr().out
+
+
+def test_changed_checkpoint_is_detected(cli_export, checkpoint, tmp_path, capsys):
+    out, _, _ = cli_export
+    import shutil
+
+    from fastseg.export import verify
+
+    moved = tmp_path / "model.safetensors"
+    shutil.copy(checkpoint, moved)
+    data = moved.read_bytes()
+    moved.write_bytes(data[:-4] + bytes(4))  # same size, different weights
+    assert main(["verify", str(out), "--checkpoint", str(checkpoint), "--images", "1", "--random", "0"]) == 0
+    import json
+
+    sidecar = json.loads((out.parent / (out.name + ".json")).read_text())
+    sidecar["weights"]["checkpoint"] = str(moved)
+    (tmp_path / "x.onnx").write_bytes(out.read_bytes())
+    (tmp_path / "x.onnx.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match="changed since the export"):
+        verify(tmp_path / "x.onnx")

@@ -151,3 +151,27 @@ def test_deploy_module_argmax_matches_predict():
         labels = DeployModule(model, argmax=True, labels_dtype=dtype)(x)
         assert labels.dtype == torch_dtype
         np.testing.assert_array_equal(labels.long().numpy(), model.predict(x).numpy())
+
+
+# ------------------------------------------------------------------------------------ bench provider, fp16
+def test_export_onnx_session_for_bench():
+    """`fastseg bench`'s onnxruntime provider: a session over a temporary export at the images' shape."""
+    from fastseg.export import export_onnx_session
+
+    images = torch.randn(1, 3, *STATIC_SIZE)
+    session = export_onnx_session("fpn_resnet18", images, num_classes=5)
+    (out,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    assert out.shape == (1, 5, STATIC_SIZE[0] // 4, STATIC_SIZE[1] // 4)
+    assert session.get_providers()[-1] == "CPUExecutionProvider"
+
+
+@pytest.mark.slow
+def test_half_export_verifies_with_fp16_thresholds(export_dir):
+    path = export("fpn_resnet18", imgsz=STATIC_SIZE, half=True, out=export_dir / "half.onnx")
+    proto = onnx.load(str(path))
+    check_tensorrt_ops(proto)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # I/O stays fp32
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
+    report = verify(path, num_images=8, num_random=1)
+    assert report.precision == "fp16" and report.thresholds.min_cosine == 0.99
+    assert report.passed, report.format()
