@@ -12,7 +12,12 @@ TensorRT's ONNX parser supports (``tensorrt_onnx_operators.txt``, source named i
 
 from .aoti import compile_aoti, load_aoti
 from .api import FORMATS, DeployModule, ShapeSpec, export, resolve_shapes
-from .onnx import TensorRTCompatibilityError, check_tensorrt_ops, export_onnx_session, tensorrt_supported_ops
+from .onnx import (
+    TensorRTCompatibilityError,
+    check_tensorrt_ops,
+    export_onnx_session,
+    tensorrt_supported_ops,
+)
 from .sidecar import read_sidecar, sidecar_path
 from .tensorrt import build_engine, build_plan, require_tensorrt, trtexec_command
 from .verify import THRESHOLDS, Thresholds, VerifyReport, verify

@@ -8,6 +8,7 @@ what was on disk untouched.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -17,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .onnx import DEFAULT_OPSET, MIN_OPSET, export_onnx_file
 from .sidecar import collect_versions, sidecar_path, write_sidecar
 
-__all__ = ["FORMATS", "LABEL_DTYPES", "ShapeSpec", "DeployModule", "export", "resolve_shapes", "build_model"]
+__all__ = ["FORMATS", "LABEL_DTYPES", "DeployModule", "ShapeSpec", "build_model", "export", "resolve_shapes"]
 
 FORMATS = ("onnx", "engine", "aoti")
 _SUFFIX = {"onnx": ".onnx", "engine": ".engine", "aoti": ".pt2"}
@@ -269,7 +270,7 @@ def default_name(model_name: str, spec: ShapeSpec, half: bool, argmax: bool, fmt
 
 def export(
     model_or_name: str | nn.Module,
-    format: str = "onnx",  # noqa: A002 - mirrors `fastseg export --format` and ultralytics' `format=`
+    format: str = "onnx",
     imgsz: int | Sequence[int] = 512,
     batch: int = 1,
     dynamic: bool = False,
@@ -342,7 +343,7 @@ def export(
     elif isinstance(model_or_name, nn.Module):
         model_name = getattr(model_or_name, "model_name", type(model_or_name).__name__)
     else:
-        raise ValueError(f"model_or_name must be a registered name or an nn.Module, got {type(model_or_name).__name__}")
+        raise TypeError(f"model_or_name must be a registered name or an nn.Module, got {type(model_or_name).__name__}")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     if out is not None:  # known paths are checked now; default names need the model's stride (step 3)
@@ -357,7 +358,7 @@ def export(
         model = build_model(model_name, checkpoint, num_classes)
         init_seed = INIT_SEED if checkpoint is None else None
     else:
-        model = model_or_name.eval()
+        model = copy.deepcopy(model_or_name).eval()  # the caller's module keeps its mode, dtype and weights
         if checkpoint is not None:
             from ..checkpoint import load_weights
 
@@ -376,7 +377,7 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
 
     # -- 4. export -------------------------------------------------------------------------------------------------
-    module = DeployModule(model.half() if half else model.float(), argmax, labels_dtype, half).eval()
+    module = DeployModule(model.half() if half else model, argmax, labels_dtype, half).eval()
     example, dynamic_shapes = _dynamic_shapes(spec, cfg.divisible_by)
     output_name = "labels" if argmax else "logits"
     sidecar: dict[str, Any] = {

@@ -27,10 +27,10 @@ __all__ = [
     "DEFAULT_OPSET",
     "TENSORRT_MAX_OPSET",
     "TensorRTCompatibilityError",
-    "tensorrt_supported_ops",
     "check_tensorrt_ops",
     "export_onnx_file",
     "export_onnx_session",
+    "tensorrt_supported_ops",
 ]
 
 # Opset 17 is the first with LayerNormalization (fp16 LayerNorm overflow otherwise, open-mmlab/mmdeploy#2477); the
@@ -200,7 +200,7 @@ def export_onnx_session(
     model_name: str,
     images: torch.Tensor,
     num_classes: int | None = None,
-    device: torch.device | str = torch.device("cpu"),
+    device: torch.device | str = "cpu",
 ):
     """An ``onnxruntime.InferenceSession`` of ``model_name`` exported (static) at the shape of ``images``.
 

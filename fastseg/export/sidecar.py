@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SIDECAR_SCHEMA", "sidecar_path", "write_sidecar", "read_sidecar", "collect_versions"]
+__all__ = ["SIDECAR_SCHEMA", "collect_versions", "read_sidecar", "sidecar_path", "write_sidecar"]
 
 # Bumped when a field changes meaning; readers refuse a newer major schema than they know.
 SIDECAR_SCHEMA = "fastseg.export/1"
@@ -80,8 +80,9 @@ def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"sidecar {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"sidecar {path} must hold a JSON object, got {type(data).__name__}")
+    if not isinstance(data, dict):  # a bad file, not a bad argument: ValueError like the other checks
+        raise ValueError(  # noqa: TRY004
+f"sidecar {path} must hold a JSON object, got {type(data).__name__}")
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise ValueError(f"sidecar {path} lacks required fields {missing}")

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BuildPlan",
+    "build_engine",
+    "build_plan",
     "require_tensorrt",
     "tensorrt_version",
-    "BuildPlan",
-    "build_plan",
-    "build_engine",
     "trtexec_command",
 ]
 
@@ -144,7 +144,7 @@ def trtexec_command(
         args.append("--stronglyTyped")
     args += [f"--{flag.lower()}" for flag in plan.builder_flags]
     if workspace_gib is not None:
-        args.append(f"--memPoolSize=workspace:{int(round(workspace_gib * 1024))}M")
+        args.append(f"--memPoolSize=workspace:{round(workspace_gib * 1024)}M")
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
@@ -263,8 +263,8 @@ def _gpu_name() -> str | None:
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return f"{props.name} (sm_{props.major}{props.minor})"
-    except Exception:  # noqa: BLE001 - informational only
-        pass
+    except Exception:  # noqa: BLE001 - informational only: a broken CUDA set-up must not fail a finished build
+        return None
     return None
 
 

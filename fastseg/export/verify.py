@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .sidecar import read_sidecar
 
-__all__ = ["Thresholds", "THRESHOLDS", "VerifyReport", "verify", "artefact_runner"]
+__all__ = ["THRESHOLDS", "Thresholds", "VerifyReport", "artefact_runner", "verify"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +88,16 @@ class VerifyReport:
         rel = None if self.max_abs_err is None or not self.logits_scale else self.max_abs_err / self.logits_scale
         lines = [
             f"verify {self.artefact} ({self.backend}, {self.precision}) against PyTorch fp32",
-            f"  inputs            {self.num_images} shapes-world images + {self.num_random} random batches; "
-            f"shapes (B,H,W) {', '.join('x'.join(map(str, s)) for s in self.shapes)}",
-            f"  max abs error     {fmt(self.max_abs_err, '.3e')}  (logits scale {fmt(self.logits_scale, '.3g')}, "
-            f"relative {fmt(rel, '.3e')})",
+            (f"  inputs            {self.num_images} shapes-world images + {self.num_random} random batches; "
+             f"shapes (B,H,W) {', '.join('x'.join(map(str, s)) for s in self.shapes)}"),
+            (f"  max abs error     {fmt(self.max_abs_err, '.3e')}  (logits scale {fmt(self.logits_scale, '.3g')}, "
+             f"relative {fmt(rel, '.3e')})"),
             f"  median abs error  {fmt(self.median_abs_err, '.3e')}",
             f"  cosine (logits)   {fmt(self.cosine, '.7f')}",
             f"  argmax agreement  {100 * self.argmax_agreement:.3f} %",
-            f"  mIoU              torch {fmt(self.miou_torch and 100 * self.miou_torch, '.2f')}  artefact "
-            f"{fmt(self.miou_artefact and 100 * self.miou_artefact, '.2f')}  change "
-            f"{fmt(self.miou_delta_points, '+.3f')} points",
+            (f"  mIoU              torch {fmt(self.miou_torch and 100 * self.miou_torch, '.2f')}  artefact "
+             f"{fmt(self.miou_artefact and 100 * self.miou_artefact, '.2f')}  change "
+             f"{fmt(self.miou_delta_points, '+.3f')} points"),
         ]
         lines.append("  PASS" if self.passed else "  FAIL: " + "; ".join(self.failures))
         return "\n".join(lines)
@@ -187,7 +187,11 @@ def verify(
     path = Path(artefact)
     if not path.is_file():
         raise FileNotFoundError(f"artefact {path} does not exist")
-    sidecar = read_sidecar(path)
+    if fmt_is_engine_without_sidecar(path):
+        # An engine built with the printed trtexec line has no sidecar of its own: use its ONNX file's.
+        sidecar = dict(read_sidecar(path.with_suffix(".onnx")), format="engine")
+    else:
+        sidecar = read_sidecar(path)
     fmt = sidecar["format"]
     precision = sidecar.get("precision", "fp32")
     device = torch.device(device)
@@ -268,6 +272,14 @@ def verify(
     )
     _judge(report)
     return report
+
+
+def fmt_is_engine_without_sidecar(path: Path) -> bool:
+    """A ``.engine`` with no ``.engine.json`` but an ``.onnx.json`` beside it (the trtexec route)."""
+    from .sidecar import sidecar_path
+
+    onnx_sidecar = sidecar_path(path.with_suffix(".onnx"))
+    return path.suffix == ".engine" and not sidecar_path(path).is_file() and onnx_sidecar.is_file()
 
 
 def _judge(report: VerifyReport) -> None:

@@ -111,3 +111,14 @@ def test_sidecar_write_read_round_trip(tmp_path):
     assert back["schema"] == "fastseg.export/1"
     assert back["pretrained_cfg"]["palette"] == [[1, 2, 3]]
     assert read_sidecar(path) == back
+
+
+def test_trtexec_built_engine_uses_the_onnx_sidecar(tmp_path):
+    """An engine built by the printed trtexec line has no sidecar: verify reads its ONNX's and needs TensorRT."""
+    from fastseg.export.verify import fmt_is_engine_without_sidecar
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan")
+    assert not fmt_is_engine_without_sidecar(engine)
+    (tmp_path / "m.onnx.json").write_text("{}")
+    assert fmt_is_engine_without_sidecar(engine)

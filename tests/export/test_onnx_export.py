@@ -11,7 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fastseg.export import check_tensorrt_ops, export, read_sidecar, sidecar_path, verify
+from fastseg.export import (
+    check_tensorrt_ops,
+    export,
+    read_sidecar,
+    sidecar_path,
+    verify,
+)
 from fastseg.export.api import DeployModule, build_model
 
 from .conftest import NONSQUARE_SIZE, STATIC_SIZE, model_params
