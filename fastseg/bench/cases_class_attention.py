@@ -123,7 +123,7 @@ def _pixel_case(device: torch.device, smoke: bool, side: int, mode: str, dtype: 
         providers=_providers(device, smoke, mode, triton_fn, ref_fn, sdpa_fn),
         flops=4.0 * mac if mode == "fwd" else 12.0 * mac,
         min_bytes=float(fwd_bytes if mode == "fwd" else fwd_bytes + bwd_bytes),
-        mode=mode, dtype=dtype, reference="torch", quick=side == 64,
+        mode=mode, dtype=dtype, reference="torch", quick=side == (64 if device.type == "cuda" else 32),
     )
 
 
@@ -165,7 +165,7 @@ def _masked_case(device: torch.device, smoke: bool, side: int, mode: str, dtype:
         providers=_providers(device, smoke, mode, triton_fn, ref_fn, sdpa_fn),
         flops=4.0 * mac if mode == "fwd" else 12.0 * mac,
         min_bytes=float(fwd_bytes if mode == "fwd" else fwd_bytes + bwd_bytes),
-        mode=mode, dtype=dtype, reference="torch", quick=side == 64,
+        mode=mode, dtype=dtype, reference="torch", quick=side == (64 if device.type == "cuda" else 32),
     )
 
 

@@ -135,7 +135,9 @@ def _vq_case(device: torch.device, smoke: bool, name: str, n: int, k: int, d: in
 # ---------------------------------------------------------------------------------------------------- argmax_matmul
 
 
-def _head_case(device: torch.device, smoke: bool, n: int, c: int, k: int, dtype: torch.dtype) -> KernelCase:
+def _head_case(
+    device: torch.device, smoke: bool, n: int, c: int, k: int, dtype: torch.dtype, quick: bool
+) -> KernelCase:
     shape_id = f"token_head-N{n}-C{c}-K{k}-{_dtype_name(dtype)}"
     if smoke:
         n, c, k = 200, 48, 90
@@ -171,7 +173,7 @@ def _head_case(device: torch.device, smoke: bool, n: int, c: int, k: int, dtype:
         },
         flops=2.0 * n * k * c,
         min_bytes=float(elem * (n * c + k * c + k) + n * (8 + 4)),
-        mode="fwd", dtype=dtype, reference="torch", quick=True,
+        mode="fwd", dtype=dtype, reference="torch", quick=quick,
     )  # fmt: skip
 
 
@@ -179,10 +181,11 @@ def _head_case(device: torch.device, smoke: bool, n: int, c: int, k: int, dtype:
 def vq_cases(device: torch.device, smoke: bool) -> list[KernelCase]:
     """GSS shapes at 512x512: bf16 on a GPU (palette in fp32), fp32 on the CPU."""
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = device.type == "cuda"  # the default (quick) CPU run skips the shapes that take seconds per call there
     return [
-        _vq_case(device, smoke, "palette", 1024 * 1024, 150, 3, torch.float32, quick=True),
+        _vq_case(device, smoke, "palette", 1024 * 1024, 150, 3, torch.float32, quick=gpu),
         _vq_case(device, smoke, "tokenizer", 8 * 64 * 64, 1024, 256, low, quick=True),
         _vq_case(device, smoke, "tokenizer", 8 * 64 * 64, 8192, 256, low, quick=False),
         _vq_case(device, smoke, "cpu_target", 65536, 1024, 64, torch.float32, quick=True),
-        _head_case(device, smoke, 128 * 128, 2048, 8192, low),
+        _head_case(device, smoke, 128 * 128, 2048, 8192, low, quick=gpu),
     ]

@@ -198,6 +198,11 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _sig(value: float | None) -> str:
+    """Three significant digits, whatever the magnitude (CPU figures are orders below GPU ones)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
 def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
     """A plain-text table with the environment header; skipped providers are listed with their reason."""
     header = (
@@ -213,8 +218,8 @@ def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
             continue
         lines.append([
             r.kind, r.name, r.provider, r.shape, r.dtype, _fmt(r.median_ms, ".3f"),
-            f"{_fmt(r.p20_ms, '.3f')}-{_fmt(r.p80_ms, '.3f')}", _fmt(r.gbps, ".1f"), _fmt(r.tflops, ".3f"),
-            _fmt(None if r.roofline is None else 100 * r.roofline, ".1f"), _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+            f"{_fmt(r.p20_ms, '.3f')}-{_fmt(r.p80_ms, '.3f')}", _sig(r.gbps), _sig(r.tflops),
+            _sig(None if r.roofline is None else 100 * r.roofline), _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
             _fmt(r.images_per_s, ".1f"),
         ])
     widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
