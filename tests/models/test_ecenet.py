@@ -1,0 +1,317 @@
+"""ECENet specifics: the pooled-mask embedding as a matrix, the diagonal fusion, the losses against hand
+computations, Triton (interpreter) vs reference logits, the ablation switch and the official-checkpoint converter.
+
+The generic contract (forward / backward / odd sizes / predict / bad inputs) runs over every registered ECENet in
+tests/models/test_model_contract.py.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg
+from fastseg.kernels._utils import interpreter_enabled
+from fastseg.models.ecenet import (
+    ECENet,
+    PooledMaskEmbedding,
+    convert_official_state_dict,
+    diversity_loss,
+    mask_loss,
+    pool_length,
+    pool_sizes,
+    pooling_matrix,
+)
+
+K = 5
+
+
+def _tiny(**kwargs) -> ECENet:
+    """A small head on ResNet-18 (C=32, 2 heads) so that interpreter runs stay fast."""
+    kwargs.setdefault("channels", 32)
+    kwargs.setdefault("num_heads", 2)
+    kwargs.setdefault("mlp_ratio", 2)
+    return ECENet("resnet18", num_classes=K, **kwargs)
+
+
+def _batch(b: int = 2, h: int = 64, w: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    mask = torch.randint(0, K, (b, h, w), generator=g)
+    mask[:, :3] = 255
+    return {"image": torch.randn(b, 3, h, w, generator=g), "mask": mask}
+
+
+# --------------------------------------------------------------------------------------- pooled-mask embedding
+@pytest.mark.parametrize("k, expected", [(150, 13), (59, 7), (60, 7), (12, 3), (5, 3), (1, 1), (171, 13)])
+def test_pool_length_follows_the_official_rule(k, expected):
+    assert pool_length(k) == expected
+    assert pool_sizes(k) == (1, 2, 3, 6, expected)
+
+
+def test_linear_input_width_is_l_squared_plus_50():
+    emb = PooledMaskEmbedding(150, 16)
+    assert emb.cls_learner.in_features == 13 * 13 + 50 == 219
+
+
+@pytest.mark.parametrize("size", [(16, 16), (20, 20), (21, 21), (21, 13), (5, 7), (1, 1)])
+def test_pooling_matrix_equals_adaptive_pooling(size):
+    sizes = pool_sizes(150)  # 16 -> 13, 20 -> 6, 21 -> 13: bins that overlap and do not divide
+    x = torch.randn(2, 7, *size, dtype=torch.float64)
+    ref = torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in sizes], -1)
+    mat = pooling_matrix(*size, sizes, dtype=torch.float64)
+    assert mat.shape == (sum(s * s for s in sizes), size[0] * size[1])
+    torch.testing.assert_close(x.flatten(2) @ mat.t(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (21, 13)])
+def test_embedding_matrix_mode_equals_pool_mode(size):
+    emb = PooledMaskEmbedding(150, 24, mode="matrix")
+    ref = PooledMaskEmbedding(150, 24, mode="pool")
+    ref.load_state_dict(emb.state_dict())
+    masks = torch.randn(2, 150, *size)
+    torch.testing.assert_close(emb(masks), ref(masks), rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_mode_is_checked():
+    with pytest.raises(ValueError, match="mode"):
+        PooledMaskEmbedding(5, 8, mode="adaptive")
+
+
+# --------------------------------------------------------------------------------------- final fusion
+def test_diagonal_fusion_equals_the_official_einsum():
+    torch.manual_seed(0)
+    scores = torch.softmax(torch.randn(3, K, K), -1)
+    masks = torch.randn(3, K, 4, 6)
+    official = torch.einsum("bkk,bkhw->bkhw", scores, masks.sigmoid())
+    ours = torch.diagonal(scores, dim1=1, dim2=2)[:, :, None, None] * masks.sigmoid()
+    torch.testing.assert_close(ours, official)
+
+
+def test_logits_are_classifier_plus_diagonal_times_sigmoid_of_summed_masks():
+    torch.manual_seed(0)
+    model = _tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    captured = {}
+    model.conv_seg.register_forward_hook(lambda mod, inp, out: captured.setdefault("cls", out))
+    model.trans.register_forward_hook(lambda mod, inp, out: captured.setdefault("scores", out))
+    with torch.no_grad():
+        out = model.forward_head(x)
+    assert len(out["masks"]) == 4 and all(m.shape == (1, K, 16, 16) for m in out["masks"])
+    diag = torch.softmax(captured["scores"], -1).diagonal(dim1=1, dim2=2)
+    expected = captured["cls"] + diag[:, :, None, None] * torch.stack(out["masks"]).sum(0).sigmoid()
+    torch.testing.assert_close(out["logits"], expected)
+
+
+# --------------------------------------------------------------------------------------- losses by hand
+def test_mask_loss_matches_a_hand_computation():
+    # one image, two classes, three pixels (the third ignored)
+    logits = torch.tensor([[[[2.0, -1.0, 5.0]], [[0.5, 3.0, -5.0]]]])  # (1, 2, 1, 3)
+    target = torch.tensor([[[0, 1, 255]]])
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
+    bce_terms = [-math.log(sig(2.0)), -math.log(1 - sig(-1.0)), -math.log(1 - sig(0.5)), -math.log(sig(3.0))]
+    bce = sum(bce_terms) / 4
+    p0, p1 = (sig(2.0), sig(-1.0)), (sig(0.5), sig(3.0))
+    dice0 = 1 - (2 * p0[0] + 1) / (sum(p0) + 1 + 1)
+    dice1 = 1 - (2 * p1[1] + 1) / (sum(p1) + 1 + 1)
+    got_bce, got_dice = mask_loss(logits, target, 2, 255, bce_weight=5.0, dice_weight=2.0)
+    assert got_bce.item() == pytest.approx(5.0 * bce, rel=1e-6)
+    assert got_dice.item() == pytest.approx(2.0 * (dice0 + dice1) / 2, rel=1e-6)
+
+
+def test_mask_loss_checks_shapes():
+    with pytest.raises(ValueError, match="do not match"):
+        mask_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long), 2)
+
+
+def test_diversity_loss_matches_a_hand_computation():
+    # 2 channels, 2 pixels: channel 0 = [a, 0], channel 1 = [0, b]
+    a, b = 2.0, 1.0
+    feat = torch.tensor([[[[a, 0.0]], [[0.0, b]]]])  # (1, 2, 1, 2)
+    s0 = (math.exp(a) / (math.exp(a) + 1), 1 / (math.exp(a) + 1))
+    s1 = (1 / (1 + math.exp(b)), math.exp(b) / (1 + math.exp(b)))
+    expected = 1 - (max(s0[0], s1[0]) + max(s0[1], s1[1])) / 2
+    assert diversity_loss([feat]).item() == pytest.approx(expected, rel=1e-6)
+    # identical channels are the least diverse: loss 1 - 1/C' at uniform maps
+    assert diversity_loss([torch.zeros(1, 4, 3, 3)]).item() == pytest.approx(1 - 1 / 4, rel=1e-6)
+    # averaged over levels
+    assert diversity_loss([feat, torch.zeros(1, 4, 3, 3)]).item() == pytest.approx((expected + 0.75) / 2, rel=1e-6)
+
+
+def test_model_loss_is_the_weighted_sum_of_its_parts():
+    torch.manual_seed(0)
+    model = _tiny().eval()  # eval: no dropout, BN on running stats, so the pieces can be recomputed
+    batch = _batch()
+    losses = model.loss(batch)
+    assert set(losses) == {"loss", "ce", "mask_bce", "mask_dice", "div"}
+    total = losses["ce"] + losses["mask_bce"] + losses["mask_dice"] + 0.2 * losses["div"]
+    torch.testing.assert_close(losses["loss"].detach(), total)
+    with torch.no_grad():
+        out = model.forward_head(batch["image"])
+        wo_mask = F.interpolate(sum(out["masks"][:3]), size=(64, 64), mode="bilinear", align_corners=False)
+        bce, dice = mask_loss(wo_mask, batch["mask"], K, 255)
+        ce = F.cross_entropy(model.upsample_logits(out["logits"], (64, 64)), batch["mask"], ignore_index=255)
+    torch.testing.assert_close(losses["mask_bce"], bce)
+    torch.testing.assert_close(losses["mask_dice"], dice)
+    torch.testing.assert_close(losses["ce"], ce)
+    torch.testing.assert_close(losses["div"], diversity_loss(out["diverse"]))
+
+
+def test_loss_switches():
+    torch.manual_seed(0)
+    plain = _tiny(mask_loss_weight=0.0, div_loss_weight=0.0).eval().loss(_batch())
+    assert set(plain) == {"loss", "ce"}
+    torch.testing.assert_close(plain["loss"].detach(), plain["ce"])
+    each = _tiny(mask_loss_on="each").train().loss(_batch())
+    each["loss"].backward()
+    with pytest.raises(ValueError, match="mask_loss_on"):
+        _tiny(mask_loss_on="last")
+    with pytest.raises(ValueError, match="impl"):
+        _tiny(impl="cuda")
+
+
+# --------------------------------------------------------------------------------------- Triton vs reference
+@pytest.mark.skipif(not interpreter_enabled() and not torch.cuda.is_available(), reason="needs Triton (interpreter)")
+def test_triton_and_torch_give_the_same_logits_and_gradients(monkeypatch):
+    import fastseg.kernels.class_attention as ops
+
+    calls = {"fwd": 0, "bwd": 0}  # prove that impl="triton" really launched the kernels (3 stages each way)
+    for key, attr in (("fwd", "_pixel_class_attention_fwd_triton"), ("bwd", "_pixel_class_attention_bwd_triton")):
+        original = getattr(ops, attr)
+
+        def counted(*args, _key=key, _fn=original, **kwargs):
+            calls[_key] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(ops, attr, counted)
+    torch.manual_seed(0)
+    model = _tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    batch = {"image": x, "mask": _batch(1)["mask"]}
+    results = {}
+    for impl in ("torch", "triton"):
+        model.set_impl(impl)
+        model.zero_grad()
+        logits = model(x)
+        model.loss(batch)["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("transfer.") and "kv" in n}
+        results[impl] = (logits.detach(), grads)
+    assert calls == {"fwd": 6, "bwd": 3}  # forward(x) and loss(batch) run 3 stages each; one backward
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------- ablation, options
+def test_without_class_embeddings_has_no_ece_path_and_trains():
+    torch.manual_seed(0)
+    model = _tiny(class_embeddings=False)
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert {"learner", "token_emb", "gated_tokens"}.isdisjoint(names) and "class_table" in names
+    out = model.eval().forward_head(torch.randn(1, 3, 64, 64))
+    assert len(out["masks"]) == 3
+    model.train()
+    losses = model.loss(_batch())
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bilinear_instead_of_ghost_upsampling():
+    model = _tiny(ghost_up=False).eval()
+    assert not hasattr(model, "ghost_up_layers")
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, K, 16, 24)
+
+
+def test_registered_models():
+    assert fastseg.list_models("ecenet*") == [
+        "ecenet_resnet101", "ecenet_resnet18", "ecenet_resnet50", "ecenet_swin_base", "ecenet_swin_tiny"
+    ]
+
+
+# --------------------------------------------------------------------------------------- converter
+_OFFICIAL_KEYS = [  # spec B.6 (one example per family), with fastseg's name after stripping ``decode_head.``
+    "layer_slcts.3.primary.0.weight", "layer_slcts.0.primary.1.running_var", "layer_slcts.1.cheap.0.bias",
+    "layer_slcts.2.layer_channel_slct.2.weight", "layer_slcts.0.conv_out.weight", "norms.2.weight",
+    "laterals.3.weight", "learner.0.weight", "learner.1.weight", "token_emb.3.cls_learner.weight",
+    "token_emb.0.cls_learner.bias", "transfer.1.norm_low.weight", "transfer.2.norm_high.bias",
+    "transfer.0.norm_mlp.weight", "transfer.0.cross_attn.q.depthwise_conv.conv.weight",
+    "transfer.2.cross_attn.q.pointwise_conv.conv.bias", "transfer.1.cross_attn.kv.weight",
+    "transfer.0.cross_attn.proj.bias", "transfer.2.mlp.4.weight", "transfer.0.mlp.1.bias",
+    "gated_tokens.2.dynamic_layer.weight", "gated_tokens.0.input_layer.bias", "gated_tokens.1.update_gate.weight",
+    "gated_tokens.0.fc_layer.weight", "gated_tokens.2.norm_in.weight", "gated_tokens.1.norm_out.bias",
+    "gated_tokens.0.fc_norm.weight", "ghost_up_layers.0.layers.0.primary.conv.weight",
+    "ghost_up_layers.2.layers.2.cheap.bn.running_mean", "proj.conv.weight", "proj.bn.weight", "trans.bias",
+    "conv_seg.weight",
+]
+
+
+def test_model_carries_the_official_names():
+    keys = set(_tiny().state_dict())
+    missing = [k for k in _OFFICIAL_KEYS if k not in keys]
+    assert not missing, missing
+
+
+def _official_state_dict(model: ECENet) -> dict[str, torch.Tensor]:
+    """What an official checkpoint looks like: ``decode_head.`` names, conv-shaped channel MLP, mmseg backbone keys."""
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("backbone.") or name.endswith("num_batches_tracked"):
+            continue
+        value = torch.randn(value.shape, generator=g) if value.is_floating_point() else value
+        if name.endswith("running_var"):
+            value = value.abs() + 0.5
+        if "layer_channel_slct" in name:
+            value = value[:, :, None, None]  # stored as 1x1 convs
+        sd["decode_head." + name] = value
+    sd["backbone.patch_embed.projection.weight"] = torch.randn(8, 3, 4, 4)  # mmseg Swin naming: not converted
+    sd["decode_head.proj.bn.num_batches_tracked"] = torch.tensor(10)
+    sd["auxiliary_head.conv_seg.weight"] = torch.randn(K, 8, 1, 1)
+    return sd
+
+
+def test_converter_loads_official_names_and_shapes():
+    torch.manual_seed(0)
+    model = _tiny().eval()
+    official = _official_state_dict(model)
+    # MindSpore naming of one LayerNorm
+    official["decode_head.norms.0.gamma"] = official.pop("decode_head.norms.0.weight")
+    official["decode_head.norms.0.beta"] = official.pop("decode_head.norms.0.bias")
+    converted = convert_official_state_dict(official, model)
+    fresh = _tiny().eval()
+    fresh.load_state_dict(converted, strict=True)
+    torch.testing.assert_close(fresh.norms[0].weight, official["decode_head.norms.0.gamma"])
+    torch.testing.assert_close(
+        fresh.layer_slcts[1].layer_channel_slct[0].weight,
+        official["decode_head.layer_slcts.1.layer_channel_slct.0.weight"].flatten(1),
+    )
+    torch.testing.assert_close(fresh.gated_tokens[2].dynamic_layer.weight, official["decode_head.gated_tokens.2.dynamic_layer.weight"])
+    # backbone weights are the model's own (the official backbone uses mmseg names)
+    torch.testing.assert_close(fresh.backbone.state_dict(), model.backbone.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.isfinite(fresh(x)).all()
+
+
+def test_converter_without_a_model_returns_head_keys():
+    converted = convert_official_state_dict(_official_state_dict(_tiny()))
+    assert all(not k.startswith(("backbone.", "decode_head.", "auxiliary_head.")) for k in converted)
+    assert "proj.bn.num_batches_tracked" not in converted and "trans.weight" in converted
+
+
+def test_converter_names_the_problems():
+    model = _tiny()
+    official = _official_state_dict(model)
+    del official["decode_head.trans.weight"]
+    with pytest.raises(ValueError, match="missing key 'trans.weight'"):
+        convert_official_state_dict(official, model)
+    official = _official_state_dict(model)
+    official["decode_head.conv_seg.weight"] = torch.randn(K + 1, 32, 1, 1)  # a checkpoint for another K
+    with pytest.raises(ValueError, match="conv_seg.weight"):
+        convert_official_state_dict(official, model)
+    official = _official_state_dict(model)
+    official["decode_head.not_a_module.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected key 'not_a_module.weight'"):
+        convert_official_state_dict(official, model)
+    with pytest.raises(ValueError, match="not a tensor"):
+        convert_official_state_dict({"decode_head.x": 3}, model)
