@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .onnx import DEFAULT_OPSET, MIN_OPSET, export_onnx_file
+from .onnx import DEFAULT_OPSET, MIN_OPSET, TENSORRT_MAX_OPSET, export_onnx_file
 from .sidecar import collect_versions, sidecar_path, write_sidecar
 
 __all__ = ["FORMATS", "LABEL_DTYPES", "DeployModule", "ShapeSpec", "build_model", "export", "resolve_shapes"]
@@ -328,6 +328,11 @@ def export(
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: fastseg exports opset >= {MIN_OPSET} (LayerNormalization)")
+    if tensorrt_check and format != "aoti" and opset > TENSORRT_MAX_OPSET:
+        raise ValueError(
+            f"opset {opset} is above {TENSORRT_MAX_OPSET}, the highest TensorRT 10.0's ONNX parser reads; use "
+            f"opset <= {TENSORRT_MAX_OPSET}, or tensorrt_check=False (--no-tensorrt-check) for other runtimes"
+        )
     if int8 and format != "engine":
         raise ValueError("int8 applies to TensorRT engines only (format='engine')")
     if half and format == "aoti":

@@ -66,6 +66,8 @@ def test_other_bad_options(tmp_path):
         export("fpn_resnet18", imgsz=64, argmax=True, labels_dtype="int8", out=tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="opset 13 is too old"):
         export("fpn_resnet18", imgsz=64, opset=13, out=tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="opset 21 is above 20.*--no-tensorrt-check"):
+        export("fpn_resnet18", imgsz=64, opset=21, out=tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="int8 applies to TensorRT engines only"):
         export("fpn_resnet18", imgsz=64, int8=True, out=tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="batch must be >= 1"):
