@@ -103,3 +103,7 @@ def case_extra_info(case, provider: str, device: torch.device) -> dict[str, Any]
         min_bytes=case.min_bytes,
     )
     return info
+
+
+if __name__ == "__main__":  # `python -m fastseg.bench.env` prints this device's results folder name
+    print(device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu")))

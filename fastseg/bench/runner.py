@@ -25,7 +25,9 @@ from .core import KernelCase, ProviderUnavailable, kernel_cases, measure
 from .env import environment_info
 from .roofline import peak_for, roofline_fraction
 
-__all__ = ["BenchRow", "run_kernels", "run_models", "format_table", "save_json", "save_plot", "MODEL_PROVIDERS"]
+__all__ = [
+    "BenchRow", "run_kernels", "run_models", "model_provider", "format_table", "save_json", "save_plot", "MODEL_PROVIDERS",
+]
 
 MODEL_PROVIDERS = ("eager", "fused", "compile", "onnxruntime")
 
@@ -110,9 +112,11 @@ def _build_model(name: str, impl: str | None, num_classes: int | None) -> torch.
     return create_model(name, **kwargs).eval()
 
 
-def _model_provider(
+def model_provider(
     name: str, provider: str, device: torch.device, images: torch.Tensor, num_classes: int | None
 ) -> Callable[[], Any]:
+    """A zero-argument callable running model ``name`` on ``images`` through ``provider``; raises
+    `ProviderUnavailable` with the reason when the provider cannot run here."""
     from ..registry import create_model
 
     probe = create_model(name, **({} if num_classes is None else {"num_classes": num_classes}))
@@ -175,7 +179,7 @@ def run_models(
     for name, provider in tqdm(jobs, desc="models", disable=not progress, leave=False):
         row = BenchRow("model", name, provider, shape, str(dtype).replace("torch.", ""))
         try:
-            fn = _model_provider(name, provider, device, images, num_classes)
+            fn = model_provider(name, provider, device, images, num_classes)
             if dtype != torch.float32 and provider != "onnxruntime":
                 inner = fn
 
