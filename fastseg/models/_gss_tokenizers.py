@@ -204,7 +204,7 @@ class DalleDecoder(nn.Module):
         """(B, n_init, h, w) codes (the input conv's output) -> the 3 mean channels only (B, 3, 8h, 8w)."""
         x = codes
         for name in ("group_1", "group_2", "group_3", "group_4"):
-            x = self.blocks[name](x)
+            x = getattr(self.blocks, name)(x)
         x = F.relu(x)
         conv = self.blocks.output.conv
         w, b = conv.w[:3], conv.b[:3]  # the scale channels 3..5 are never used by GSS: skip half the output conv
@@ -359,7 +359,7 @@ class MaskigeVQVAE(MaskigeTokenizer):
             enc += [nn.ReLU(), nn.Conv2d(width, width, 4, stride=2, padding=1)]
         enc += [_ResBlock(width), _ResBlock(width), nn.ReLU(), nn.Conv2d(width, code_dim, 1)]
         self.enc = nn.Sequential(*enc)
-        self.quantizer = VectorQuantizer(vocab_size, code_dim, beta=0.25, ema=True, dead_code_threshold=0.05)
+        self.quantizer = VectorQuantizer(vocab_size, code_dim, beta=0.25, ema=True, dead_code_threshold=1.0)
         dec: list[nn.Module] = [nn.Conv2d(code_dim, width, 3, padding=1), _ResBlock(width), _ResBlock(width)]
         for _ in range(steps):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]

@@ -88,6 +88,11 @@ def make_maskige_palette(
         raise ValueError(f"make_maskige_palette: need 0 <= low < high <= 255 and jitter >= 0, got {low}, {high}, {jitter}")
     need = num_classes + 1
     for n in range(2, 65):
+        if (high - low) / (n - 1) <= 2 * jitter:  # the jitter would let neighbouring grid colours meet
+            raise ValueError(
+                f"make_maskige_palette: cannot place {need} colours {2 * jitter} apart in RGB; lower jitter "
+                f"({jitter}) or min_chroma ({min_chroma})"
+            )
         levels = torch.linspace(low, high, n)
         grid = torch.cartesian_prod(levels, levels, levels)
         chroma = grid.max(1).values - grid.min(1).values
@@ -593,10 +598,10 @@ def train_maskige_vqvae(
     palette: torch.Tensor,
     masks: Iterable[torch.Tensor],
     steps: int,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     ignore_index: int = 255,
     palette_ce_weight: float = 1.0,
-    temperature: float = 0.01,
+    temperature: float = 0.05,
     log_every: int = 50,
     log: Any = None,
 ) -> list[dict[str, float]]:
@@ -628,8 +633,20 @@ def train_maskige_vqvae(
             it = iter(masks)
             m = next(it)
         target = masks_to_maskige(m, palette, ignore_index)
-        out = tokenizer.quantize(target)
+        z = tokenizer.enc(target * 2 - 1)
+        tokenizer.quantizer.eval()  # EMA / restart updates are applied after the step (see below)
+        out = tokenizer.quantizer(z)
         recon = tokenizer.decode_codes(out.quantized)
+        if step == 0:  # data-dependent codebook init: codes start on encoder outputs, not in a collapsed clump
+            with torch.no_grad():
+                flat0 = z.detach().permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
+                picks = torch.randint(0, flat0.shape[0], (tokenizer.vocab_size,))
+                q = tokenizer.quantizer
+                q.codebook.copy_(flat0[picks])
+                if q.ema:
+                    q.embed_sum.copy_(q.codebook * q.cluster_size[:, None])
+            out = tokenizer.quantizer(z)
+            recon = tokenizer.decode_codes(out.quantized)
         mse = F.mse_loss(recon, target)
         d = ((recon[:, None] - pal[None, :, :, None, None]) ** 2).sum(2)
         ce = F.cross_entropy(-d / temperature, m.long(), ignore_index=ignore_index)
@@ -638,8 +655,17 @@ def train_maskige_vqvae(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        # VectorQuantizer updates its codebook in place during a training forward, which invalidates the tensors
+        # vq_nearest saved for backward; so the quantizer runs in eval mode and its EMA / dead-code update is
+        # applied here, after the backward, on the same assignments.
+        with torch.no_grad():
+            flat = z.detach().permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
+            idx = out.indices.reshape(-1)
+            tokenizer.quantizer.train()
+            tokenizer.quantizer._update(flat, idx, torch.bincount(idx, minlength=tokenizer.vocab_size).float())
+            tokenizer.quantizer.eval()
         if step % log_every == 0 or step == steps - 1:
-            rec = {"step": step, "loss": float(loss), "mse": float(mse), "palette_ce": float(ce),
+            rec = {"step": step, "loss": float(loss.detach()), "mse": float(mse.detach()), "palette_ce": float(ce.detach()),
                    "perplexity": float(out.perplexity), "seconds": time.perf_counter() - start}
             history.append(rec)
             if log is not None:

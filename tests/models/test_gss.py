@@ -1,0 +1,302 @@
+"""GSS: maskige X / X^-1, training targets (spec A.4), tokenizers (DALL-E parity, converter safety), fused vs
+reference inference, stages, export. The model contract itself is covered by test_model_contract.py."""
+
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg
+from fastseg.layers.vq import PaletteInverse
+from fastseg.models._gss_tokenizers import DalleDVAE, MaskigeVQVAE, convert_dalle_pickle, map_pixels, unmap_pixels
+from fastseg.models.gss import (
+    GSSSegmenter,
+    fill_ignore,
+    make_maskige_palette,
+    masks_to_maskige,
+    palette_inverse_ref,
+    palette_min_distance,
+    roundtrip_miou,
+    token_ignore_mask,
+    upsample_labels,
+)
+
+K = 12
+
+
+@pytest.fixture(scope="module")
+def ff():
+    torch.manual_seed(0)
+    return fastseg.create_model("gss_ff_resnet18", num_classes=K).eval()
+
+
+# ---- maskige ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 12, 19, 150])
+def test_palette_rule(k):
+    pal = make_maskige_palette(k)
+    assert pal.shape == (k + 1, 3) and pal.min() >= 0 and pal.max() <= 255
+    assert torch.equal(pal, pal.round())
+    assert torch.equal(pal, make_maskige_palette(k))  # seeded
+    assert not torch.equal(pal, make_maskige_palette(k, seed=1))  # jittered
+    chroma = pal.max(1).values - pal.min(1).values
+    assert chroma.min() >= 48 - 2 * 15  # greys avoided (grid chroma >= 48 before a +-15 jitter per channel)
+    # Min pairwise distance (the GSS quality bound) over all K + 1 rows, ignore colour included.
+    assert palette_min_distance(pal) >= 20, palette_min_distance(pal)
+
+
+def test_palette_bad_input():
+    with pytest.raises(ValueError, match="num_classes"):
+        make_maskige_palette(0)
+    with pytest.raises(ValueError, match="cannot place"):
+        make_maskige_palette(5000)
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto", "triton"])
+def test_maskige_round_trip_exact_on_clean_masks(impl):
+    pal = make_maskige_palette(K)
+    masks = torch.randint(0, K, (2, 9, 13))
+    masks[0, :3, :3] = 255
+    maskige = masks_to_maskige(masks, pal)
+    assert maskige.shape == (2, 3, 9, 13) and 0 <= maskige.min() and maskige.max() <= 1
+    assert torch.equal(maskige[0, :, 0, 0] * 255, pal[K])  # ignore -> the ignore row
+    inv = PaletteInverse(pal[:K], impl=impl)(maskige * 255)
+    clean = masks != 255
+    assert torch.equal(inv[clean], masks[clean])
+    assert int(inv.max()) < K  # the ignore row is never returned
+    assert torch.equal(palette_inverse_ref(maskige * 255, pal[:K]), inv)
+
+
+def test_upsample_labels_and_ignore_rules_hand_checked():
+    masks = torch.tensor([[[0, 1], [255, 2]]])
+    # Scale 1 is the identity; at scale 2 the one-hot bilinear + argmax is the nearest 2x2 block (own weight 9/16).
+    assert torch.equal(upsample_labels(masks, 1, 3), masks)
+    up = upsample_labels(masks, 2, 3)
+    assert torch.equal(up, masks.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    # Ignore pixels take the auxiliary prediction; others keep their label.
+    fill = torch.full_like(masks, 7)
+    assert torch.equal(fill_ignore(masks, fill), torch.tensor([[[0, 1], [7, 2]]]))
+    with pytest.raises(ValueError, match="fill shape"):
+        fill_ignore(masks, fill[:, :1])
+    # A token is ignored only when every pixel of its patch is ignore.
+    labels = torch.full((1, 4, 8), 255)
+    labels[0, 3, 7] = 1  # one valid pixel in the second patch
+    assert token_ignore_mask(labels, 4).tolist() == [[[True, False]]]
+    labels[0, 0, 0] = 0
+    assert token_ignore_mask(labels, 4).tolist() == [[[False, False]]]
+
+
+def test_make_targets_fill_and_token_ignore(ff):
+    masks = torch.randint(0, K, (1, 8, 12))
+    masks[0, :4, :4] = 255  # patch (0, 0) fully ignore -> token ignored
+    masks[0, 4:8, 4] = 255  # patch (1, 1) partly ignore -> token kept, its ignore pixels filled
+    aux = torch.full_like(masks, 3)
+    labels, tokens = ff.make_targets(masks, aux)
+    assert torch.equal(labels, masks)  # scale 1
+    vocab = ff.tokenizer.vocab_size
+    assert tokens.shape == (1, 2, 3)
+    assert int(tokens[0, 0, 0]) == vocab and bool((tokens.flatten()[1:] < vocab).all())
+    filled = torch.where(masks == 255, aux, masks)
+    expected = ff.tokenizer.encode(masks_to_maskige(filled, ff.maskige_palette))
+    assert torch.equal(tokens.flatten()[1:], expected.flatten()[1:])
+
+
+def test_loss_terms_and_weights(ff):
+    ff.train()
+    try:
+        batch = {"image": torch.randn(2, 3, 64, 64), "mask": torch.randint(0, K, (2, 64, 64))}
+        batch["mask"][:, :8] = 255
+        out = ff.loss(batch)
+    finally:
+        ff.eval()
+    assert set(out) >= {"loss", "loss_token", "loss_pixel"}
+    torch.testing.assert_close(out["loss"].detach(), 0.8 * out["loss_token"] + 0.2 * out["loss_pixel"])
+    # Rows 0..7 are ignore: two full token rows (patch 4) drop out of the token CE, which averages over all tokens.
+    assert 0 < float(out["loss_token"]) < 1.2 * torch.log(torch.tensor(float(ff.tokenizer.vocab_size)))
+
+
+# ---- inference --------------------------------------------------------------------------------------------------------
+
+
+def test_forward_is_soft_vote_and_predict_matches_class_map(ff):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        votes = ff(x)
+        stages = ff.stages(x)
+    assert votes.shape == (2, K, 64, 64)
+    torch.testing.assert_close(votes.sum(1), torch.ones(2, 64, 64))
+    assert torch.equal(ff.predict(x), stages["class_map"])
+    assert stages["tokens"].shape == (2, 16, 16) and stages["maskige"].shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_fused_and_reference_inference_identical(impl):
+    torch.manual_seed(0)
+    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl=impl).eval()
+    x = torch.randn(1, 3, 32, 32)  # small: the Triton interpreter is slow
+    with torch.no_grad():
+        fused, ref = model.stages(x, fused=True), model.stages(x, fused=False)
+    assert torch.equal(fused["tokens"], ref["tokens"])
+    assert torch.equal(fused["maskige"], ref["maskige"])  # gather == one-hot + 1x1 conv, bit for bit in fp32
+    assert torch.equal(fused["class_map"], ref["class_map"])
+    assert torch.equal(fused["output"], ref["output"])
+
+
+def test_palette_inverse_scale2_vote_matches_bilinear():
+    # The official vote is a bilinear 2x downsample of the one-hot map; at ratio 2 that is the 2x2 box average.
+    model = GSSSegmenter.__new__(GSSSegmenter)
+    torch.nn.Module.__init__(model)
+    model.maskige_scale = 2
+    model.pretrained_cfg = fastseg.models._base.resolve_cfg(K)
+    cls = torch.randint(0, 3, (2, 16, 20))
+    cls[0, :2, :2] = torch.tensor([[0, 2], [2, 0]])  # a 2-2 tie: the lowest class id wins
+    votes = model.vote(cls)
+    onehot = F.one_hot(cls, K).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(votes, F.interpolate(onehot, scale_factor=0.5, mode="bilinear", align_corners=False))
+    assert int(votes.argmax(1)[0, 0, 0]) == 0
+
+
+def test_ftw_stage_freezing_and_load_prior(ff):
+    torch.manual_seed(1)
+    ftw = fastseg.create_model("gss_ftw_resnet18", num_classes=K)
+    assert ftw.stage == "inverse"
+    trainable = {n.split(".")[0] for n, p in ftw.named_parameters() if p.requires_grad}
+    assert trainable == {"inverse"}
+    ftw.train()
+    assert not ftw.backbone.training and not ftw.head.training and not ftw.tokenizer.training
+    ftw.load_prior(ff)
+    for key, value in ff.state_dict().items():
+        assert torch.equal(ftw.state_dict()[key], value), key
+    ftw.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        st = ftw.stages(x)
+        assert torch.equal(st["tokens"], ff.stages(x)["tokens"])
+        assert torch.equal(ftw(x).argmax(1), st["output"].argmax(1))
+    with pytest.raises(ValueError, match="variant='ftw'"):
+        ff.set_stage("inverse")
+    with pytest.raises(ValueError, match="lacks"):
+        ftw.load_prior({})
+
+
+def test_bad_configuration_errors():
+    with pytest.raises(ValueError, match="downsampling by 8"):
+        fastseg.create_model("gss_ff_resnet18", maskige_scale=2)
+    with pytest.raises(ValueError, match="variant"):
+        GSSSegmenter(variant="xx")
+    tok = MaskigeVQVAE(vocab_size=16, code_dim=4, width=8)
+    with pytest.raises(ValueError, match="multiple"):
+        tok.encode(torch.rand(1, 3, 10, 12))
+    with pytest.raises(ValueError, match="integer"):
+        tok.embed(torch.zeros(1, 2, 2))
+
+
+def test_roundtrip_miou_runs(ff):
+    masks = torch.randint(0, K, (3, 32, 32))
+    res = roundtrip_miou(ff.tokenizer, ff.maskige_palette, [{"mask": m} for m in masks], K, batch_size=2)
+    assert res["images"] == 3 and 0.0 <= res["mIoU"] <= 1.0
+
+
+def test_export_with_decompositions(ff):
+    from fastseg.kernels import DECOMPOSITIONS
+
+    x = torch.randn(1, 3, 64, 64)
+    ep = torch.export.export(ff.eval(), (x,)).run_decompositions(DECOMPOSITIONS)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("fastseg" in t for t in targets), "custom ops must be decomposed"
+    assert not any("one_hot" in t for t in targets)
+    assert any("embedding" in t for t in targets)  # the code gather
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), ff(x))
+
+
+# ---- DALL-E dVAE -------------------------------------------------------------------------------------------------------
+
+
+def _dalle_pickles(tmp_path):
+    dall_e = pytest.importorskip("dall_e", reason="the dall-e package is needed for the parity test")
+    torch.manual_seed(0)
+    enc = dall_e.Encoder(n_hid=64, vocab_size=512, device=torch.device("cpu"))
+    dec = dall_e.Decoder(n_hid=64, vocab_size=512, device=torch.device("cpu"))
+    for p in list(enc.parameters()) + list(dec.parameters()):  # non-zero biases: a stronger check
+        if p.dim() == 1:
+            p.data.normal_(std=0.1)
+    torch.save(enc, tmp_path / "encoder.pkl")
+    torch.save(dec, tmp_path / "decoder.pkl")
+    return enc, dec
+
+
+def test_dalle_parity_with_official_package(tmp_path):
+    enc, dec = _dalle_pickles(tmp_path)
+    ours = DalleDVAE(n_hid=64, vocab_size=512)
+    f_enc = convert_dalle_pickle(tmp_path / "encoder.pkl", tmp_path / "enc.safetensors", trust_pickle=True,
+                                 prefix="encoder.")
+    f_dec = convert_dalle_pickle(tmp_path / "decoder.pkl", tmp_path / "dec.safetensors", trust_pickle=True,
+                                 prefix="decoder.")
+    from safetensors.torch import load_file
+
+    state = {**load_file(f_enc), **load_file(f_dec)}
+    assert set(state) == set(ours.state_dict())
+    ours.load_state_dict(state)
+    from dall_e import map_pixels as their_map, unmap_pixels as their_unmap
+
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(map_pixels(x), their_map(x))
+    with torch.no_grad():
+        logits = enc(their_map(x))
+        torch.testing.assert_close(ours.encoder(map_pixels(x)), logits, rtol=1e-5, atol=1e-5)
+        ids = ours.encode(x)
+        assert torch.equal(ids, logits.argmax(1)) and ids.shape == (2, 4, 4)
+        onehot = F.one_hot(ids, 512).permute(0, 3, 1, 2).float()
+        theirs = their_unmap(torch.sigmoid(dec(onehot)[:, :3].float()))
+        torch.testing.assert_close(ours.decode(ids), theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(unmap_pixels(torch.sigmoid(ours.decoder(onehot)[:, :3])), theirs)
+        assert torch.equal(ours.embed(ids), ours.embed_dense(ids))  # code gather == one-hot + 1x1 conv
+
+
+def test_converter_refuses_untrusted_pickles(tmp_path):
+    _dalle_pickles(tmp_path)
+    with pytest.raises(ValueError, match="trust_pickle"):
+        convert_dalle_pickle(tmp_path / "encoder.pkl", tmp_path / "enc.safetensors")
+    assert not (tmp_path / "enc.safetensors").exists()
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"blocks.input.w": Evil()}))
+    with pytest.raises(ValueError, match="trust_pickle"):
+        convert_dalle_pickle(tmp_path / "evil.pkl", tmp_path / "evil.safetensors")
+    assert not marker.exists(), "the pickle's payload ran"
+    # Plain tensors need no trust; the source is never overwritten; a missing file is named.
+    torch.save({"blocks.input.w": torch.ones(2)}, tmp_path / "plain.pt")
+    out = convert_dalle_pickle(tmp_path / "plain.pt", tmp_path / "plain.safetensors")
+    assert out.exists()
+    with pytest.raises(ValueError, match="overwrite"):
+        convert_dalle_pickle(tmp_path / "plain.pt", tmp_path / "plain.pt")
+    with pytest.raises(FileNotFoundError):
+        convert_dalle_pickle(tmp_path / "nope.pkl", tmp_path / "x.safetensors")
+
+
+def test_dalle_tokenizer_in_gss_geometry():
+    # Paper geometry at test size: tokens at 1/4, maskige at 2x the input, 8x decoder.
+    torch.manual_seed(0)
+    head = dict(channels=16, fused=32, depth=2, heads=4, window=7, hidden=32, pixel_channels=16)
+    model = GSSSegmenter("resnet18", num_classes=5, tokenizer="dalle", maskige_scale=2, head_kwargs=head,
+                         tokenizer_kwargs=dict(n_hid=64, vocab_size=512, n_init=32)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        st = model.stages(x)
+        assert st["tokens"].shape == (1, 8, 8) and st["maskige"].shape == (1, 3, 64, 64)
+        assert model(x).shape == (1, 5, 32, 32)
+        ref = model.stages(x, fused=False)
+    assert torch.equal(st["class_map"], ref["class_map"])
+    model.train()
+    batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 5, (2, 32, 32))}  # BN: batch > 1
+    out = model.loss(batch)
+    assert torch.isfinite(out["loss"])
