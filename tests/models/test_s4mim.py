@@ -1,0 +1,371 @@
+"""S4MIM and its UniMatch base: augmentations, losses against plain PyTorch, class-wise masking, fused vs torch
+training step, and the guarantee that unlabelled masks never reach the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+import fastseg
+from fastseg.data.shapes import ShapesConfig, ShapesDataset
+from fastseg.kernels import classwise_patch_mask
+from fastseg.kernels.classwise import normalize_patches_ref
+from fastseg.models._unimatch import _gaussian_blur, batch_generator, masked_pixel_ce
+from fastseg.models.s4mim import (
+    S4MIM,
+    SemiSupervisedPairs,
+    build_training,
+    cutmix_boxes,
+    per_class_inputs,
+    s4mim_loss,
+    strong_augment,
+)
+
+K = 5
+SMALL = {"aspp_channels": 32, "low_level_channels": 16}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _blocks_labels(b: int = 2, size: int = 32) -> torch.Tensor:
+    """Patch-aligned class blocks (8-pixel patches): quadrants of classes 0..3, one quadrant of image 1 ignored."""
+    lab = torch.zeros(b, size, size, dtype=torch.long)
+    half = size // 2
+    lab[:, :half, half:], lab[:, half:, :half], lab[:, half:, half:] = 1, 2, 3
+    lab[1, half:, half:] = 255
+    return lab
+
+
+def _semi_batch(b_l: int = 1, b_u: int = 1, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = _gen(seed)
+    mask = torch.randint(0, K, (b_l, size, size), generator=g)
+    mask[:, :2] = 255
+    return {"image": torch.randn(b_l, 3, size, size, generator=g), "mask": mask,
+            "image_u": torch.randn(b_u, 3, size, size, generator=g),
+            "image_u_mix": torch.randn(b_u, 3, size, size, generator=g),
+            "aug_seed": torch.arange(b_l, dtype=torch.int64) + 100 * seed}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentations
+# ---------------------------------------------------------------------------------------------------------------
+def test_strong_augment_is_seeded_in_range_and_identity_when_disabled():
+    x = torch.randn(4, 3, 16, 16).clamp(-2, 2)
+    a = strong_augment(x, MEAN, STD, _gen(1))
+    b = strong_augment(x, MEAN, STD, _gen(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, strong_augment(x, MEAN, STD, _gen(2)))
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    rgb = a * s + m
+    assert rgb.min() >= -1e-5 and rgb.max() <= 1 + 1e-5
+    clamped = ((x * s + m).clamp(0, 1) - m) / s
+    same = strong_augment(x, MEAN, STD, _gen(3), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
+    torch.testing.assert_close(same, clamped)
+    grey = strong_augment(x, MEAN, STD, _gen(3), p_jitter=0.0, p_gray=1.0, p_blur=0.0) * s + m
+    torch.testing.assert_close(grey[:, 0], grey[:, 1])
+    torch.testing.assert_close(grey[:, 1], grey[:, 2])
+
+
+def test_gaussian_blur_matches_a_dense_2d_convolution():
+    x = torch.randn(3, 2, 17, 15, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 1.0, 2.0], dtype=torch.float64)
+    out = _gaussian_blur(x, sigma, radius=4)
+    for i in range(3):
+        t = torch.arange(-4, 5, dtype=torch.float64)
+        k1 = torch.exp(-0.5 * (t / sigma[i]) ** 2)
+        k1 = k1 / k1.sum()
+        k2 = (k1[:, None] * k1[None, :]).expand(2, 1, 9, 9)
+        ref = F.conv2d(F.pad(x[i : i + 1], (4, 4, 4, 4), mode="reflect"), k2, groups=2)
+        torch.testing.assert_close(out[i : i + 1], ref)
+
+
+def test_cutmix_boxes_are_rectangles_of_the_requested_area():
+    boxes = cutmix_boxes(64, 40, 40, _gen(0), torch.device("cpu"), p=1.0)
+    assert not cutmix_boxes(8, 40, 40, _gen(0), torch.device("cpu"), p=0.0).any()
+    for box in boxes:
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert int(box.sum()) == h * w  # a filled axis-aligned rectangle
+        assert 1 <= h * w <= 0.4 * 40 * 40 + 1
+
+
+def test_masked_pixel_ce_against_plain_computation():
+    g = _gen(0)
+    logits, target = torch.randn(2, K, 6, 7, generator=g), torch.randint(0, K, (2, 6, 7), generator=g)
+    keep = torch.rand(2, 6, 7, generator=g) > 0.4
+    ref = F.cross_entropy(logits, target, reduction="none")[keep].sum() / target.numel()
+    torch.testing.assert_close(masked_pixel_ce(logits, target, keep), ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UniMatch loss
+# ---------------------------------------------------------------------------------------------------------------
+def test_unimatch_loss_equals_a_plain_recomputation():
+    torch.manual_seed(0)
+    # tau = 0: a threshold would turn rounding-level differences into discrete flips of the kept pixels.
+    model = fastseg.create_model("unimatch_resnet18", num_classes=K, tau=0.0, **SMALL).eval()  # eval: no dropout
+    batch = _semi_batch(b_l=2, b_u=2)
+    out = model.loss(batch)
+
+    g = batch_generator(batch, torch.device("cpu"))
+    u, u_mix, size = batch["image_u"], batch["image_u_mix"], (32, 32)
+    cfg = model.pretrained_cfg
+    strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, g) for _ in range(2)]
+    boxes = [cutmix_boxes(2, 32, 32, g, torch.device("cpu"), p=0.5) for _ in range(2)]
+
+    def full(images):
+        return F.interpolate(model(images), size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        conf_mix, lab_mix = full(u_mix).softmax(1).max(1)
+        conf_u, lab_u = full(u).softmax(1).max(1)
+        sup = F.cross_entropy(full(batch["image"]), batch["mask"], ignore_index=255)
+        unsup = []
+        for view, box in zip(strong, boxes):
+            mixed = torch.where(box[:, None], view[2:], view[:2])
+            target, conf = torch.where(box, lab_mix, lab_u), torch.where(box, conf_mix, conf_u)
+            ce = F.cross_entropy(full(mixed), target, reduction="none")
+            unsup.append((ce * (conf >= 0.0)).sum() / ce.numel())
+        ce_fp = F.cross_entropy(full(u), lab_u, reduction="none")
+        fp = (ce_fp * (conf_u >= 0.0)).sum() / ce_fp.numel()
+    expected = (sup + 0.25 * unsup[0] + 0.25 * unsup[1] + 0.5 * fp) / 2
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["s1"], unsup[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["fp"], fp, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_is_a_function_of_the_batch_seed():
+    torch.manual_seed(0)
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, tau=0.0, **SMALL).eval()
+    batch = _semi_batch()
+    first, second = model.loss(batch)["loss"], model.loss(batch)["loss"]
+    assert torch.equal(first, second)
+    other = dict(batch, aug_seed=batch["aug_seed"] + 1)
+    assert not torch.equal(first, model.loss(other)["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class-wise masking and per-class inputs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_classwise_mask_respects_class_regions_and_ratio(ratio):
+    labels = _blocks_labels(b=2, size=32)  # each class region is 2 x 2 = 4 patches of 8 pixels
+    masked = classwise_patch_mask(labels, 8, ratio, generator=_gen(1), num_classes=K)
+    assert not masked[labels == 255].any()  # ignored regions are never masked
+    for b in range(2):
+        for k in range(4):
+            region = labels[b] == k
+            if not region.any():
+                continue
+            patches = int(masked[b][region].sum()) // 64
+            assert abs(patches - ratio * 4) < 1  # stochastic rounding: within one patch of the ratio
+
+
+def test_per_class_inputs_isolate_each_class():
+    g = _gen(0)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    labels = _blocks_labels()
+    masked = classwise_patch_mask(labels, 8, 0.5, generator=_gen(2), num_classes=K)
+    inputs, labels_n, src, cls = per_class_inputs(images, labels, masked, K, None, _gen(3))
+    expected_pairs = {(b, k) for b in range(2) for k in range(K) if ((labels[b] == k) & masked[b]).any()}
+    assert {(int(b), int(k)) for b, k in zip(src, cls)} == expected_pairs
+    for n in range(inputs.shape[0]):
+        b, k = int(src[n]), int(cls[n])
+        keep = (labels[b] == k) & ~masked[b]
+        torch.testing.assert_close(inputs[n][:, keep], images[b][:, keep])  # visible pixels of class k kept
+        assert (inputs[n][:, ~keep] == 0).all()  # everything else (other classes, masked, ignored) removed
+        assert torch.equal(labels_n[n] == k, labels[b] == k) and ((labels_n[n] == k) | (labels_n[n] == 255)).all()
+    capped = per_class_inputs(images, labels, masked, K, 1, _gen(3))[2]
+    assert torch.equal(torch.bincount(capped, minlength=2), torch.tensor([1, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S4MIM losses against plain PyTorch
+# ---------------------------------------------------------------------------------------------------------------
+def _plain_recon(pred, target, labels, masked, num_classes):
+    errs = []
+    for b in range(pred.shape[0]):
+        for k in range(num_classes):
+            sel = (labels[b] == k) & masked[b]
+            if sel.any():
+                errs.append((pred[b][:, sel] - target[b][:, sel]).square().mean())
+    return torch.stack(errs).mean()
+
+
+def _plain_agg(feats, labels, masked, num_classes):
+    labels = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+    masked = F.interpolate(masked[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].bool()
+    dists = []
+    for b in range(feats.shape[0]):
+        for k in range(num_classes):
+            m, v = (labels[b] == k) & masked[b], (labels[b] == k) & ~masked[b]
+            if m.any() and v.any():
+                mu_m, mu_v = feats[b][:, m].mean(1), feats[b][:, v].mean(1)
+                dists.append(1 - F.cosine_similarity(mu_m, mu_v, dim=0, eps=1e-8))
+    return torch.stack(dists).mean()
+
+
+@pytest.mark.parametrize("mim,mim_input,normalize", [("classwise", "per_class", False), ("classwise", "single", True),
+                                                     ("plain", "single", False)])
+def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
+    torch.manual_seed(0)
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, mim=mim, mim_input=mim_input,
+                                 normalize_target=normalize, impl="torch", **SMALL).eval()
+    images = torch.randn(2, 3, 32, 32, generator=_gen(5))
+    labels = _blocks_labels()
+    labels[0, :3, :5] = 4  # a small extra region that owns no patch
+    terms = model.mim_terms(images, labels, model(images), _gen(7))
+
+    g = _gen(7)
+    if mim == "plain":
+        masked = classwise_patch_mask(torch.zeros_like(labels), 8, 0.5, generator=g, num_classes=1)
+    else:
+        masked = classwise_patch_mask(labels, 8, 0.5, generator=g, num_classes=K)
+    if mim_input == "per_class":
+        inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, K, 3, g)
+        masked_n, targets = masked[src], images[src]
+    else:
+        inputs, labels_n, masked_n, targets = torch.where(masked[:, None], 0.0, images), labels, masked, images
+    with torch.no_grad():
+        logits, feats = model.run(inputs)
+        pred = model.recon_head(feats)
+    if normalize:
+        targets = normalize_patches_ref(targets, 8)
+    recon_labels = torch.zeros_like(labels_n) if mim == "plain" else labels_n
+    torch.testing.assert_close(terms["rec"], _plain_recon(pred, targets, recon_labels, masked_n,
+                                                          1 if mim == "plain" else K), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["agg"], _plain_agg(feats, labels_n, masked_n, K), rtol=1e-4, atol=1e-6)
+    up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    sel = masked_n & (labels_n != 255)
+    ce = F.cross_entropy(up.permute(0, 2, 3, 1)[sel], labels_n[sel])
+    torch.testing.assert_close(terms["sem"], ce, rtol=1e-4, atol=1e-6)
+
+
+def test_label_space_reconstruction_variant_trains_its_decoder():
+    torch.manual_seed(0)
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, semantic_mim="reconstruct", tau=0.0, **SMALL)
+    out = model.loss(_semi_batch())
+    assert torch.isfinite(out["loss"]) and out["sem"] > 0
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.label_decoder.parameters())
+    assert model.backbone.body.conv1.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused kernels vs torch reference in a full training step
+# ---------------------------------------------------------------------------------------------------------------
+def test_training_step_triton_equals_torch():
+    torch.manual_seed(0)
+    kw = dict(num_classes=K, tau=0.0, **SMALL)
+    fused = fastseg.create_model("s4mim_resnet18", impl="triton", deterministic=True, **kw)
+    plain = fastseg.create_model("s4mim_resnet18", impl="torch", **kw)
+    plain.load_state_dict(fused.state_dict())
+    batch = _semi_batch(b_l=1, b_u=1, size=32)
+    results = []
+    for model in (fused, plain):
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(1)  # the same dropout draws in both
+        out = model.loss(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        results.append((out, grads, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (o1, g1, p1), (o2, g2, p2) = results
+    assert o1["rec"] > 0 and o1["agg"] > 0  # the fused ops did real work
+    for key in ("loss", "rec", "agg", "sem"):
+        torch.testing.assert_close(o1[key], o2[key], rtol=1e-4, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-3, atol=1e-5, msg=name)
+    for name in p1:
+        torch.testing.assert_close(p1[name], p2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: pairs, and unlabelled masks never reach the loss
+# ---------------------------------------------------------------------------------------------------------------
+def _corrupt(sample):
+    sample = dict(sample)
+    sample["mask"] = torch.full_like(sample["mask"], 7)
+    return sample
+
+
+def test_unlabelled_masks_never_reach_the_loss():
+    world = ShapesConfig(image_size=32)
+    lab = ShapesDataset("train", length=64, config=world, subset="labelled", labelled_fraction=0.25)
+    unl = ShapesDataset("train", length=64, config=world, subset="unlabelled", labelled_fraction=0.25)
+    bad = ShapesDataset("train", length=64, config=world, subset="unlabelled", labelled_fraction=0.25,
+                        transform=_corrupt)
+    clean, corrupted = SemiSupervisedPairs(lab, unl, length=100), SemiSupervisedPairs(lab, bad, length=100)
+    items = [clean[i] for i in range(2)]
+    assert set(items[0]) == {"image", "mask", "image_u", "image_u_mix", "aug_seed"}
+    assert all(bool(lab[clean.indices(i)[0]]["labelled"]) for i in range(20))
+    torch.manual_seed(0)
+    model = fastseg.create_model("s4mim_resnet18", num_classes=world.num_classes, tau=0.0, **SMALL).eval()
+    a = s4mim_loss(model, default_collate(items))
+    b = s4mim_loss(model, default_collate([corrupted[i] for i in range(2)]))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_pairs_are_deterministic_and_validate():
+    world = ShapesConfig(image_size=32)
+    lab = ShapesDataset("train", length=32, config=world, subset="labelled", labelled_fraction=0.25)
+    unl = ShapesDataset("train", length=32, config=world, subset="unlabelled", labelled_fraction=0.25)
+    pairs = SemiSupervisedPairs(lab, unl, length=50, seed=3)
+    assert pairs.indices(7) == pairs.indices(7) and pairs.indices(7)[1] != pairs.indices(7)[2]
+    assert torch.equal(pairs[7]["image_u"], SemiSupervisedPairs(lab, unl, length=50, seed=3)[7]["image_u"])
+    with pytest.raises(IndexError):
+        pairs[50]
+    with pytest.raises(ValueError, match="labelled=False"):
+        SemiSupervisedPairs(unl, unl)[0]
+
+
+def test_build_training_recipes():
+    model, pairs, loss_fn = build_training("s4mim_resnet18", world=ShapesConfig(image_size=32),
+                                           labelled_fraction=0.125, train_length=64, **SMALL)
+    assert isinstance(model, S4MIM) and isinstance(pairs, SemiSupervisedPairs) and loss_fn is s4mim_loss
+    assert len(pairs.labelled) == 8 and len(pairs.unlabelled) == 56
+    _, labelled, fn = build_training("unimatch_resnet18", labelled_fraction=0.125, train_length=64,
+                                     semi_supervised=False, **SMALL)
+    assert fn is None and len(labelled) == 8 and labelled.subset == "labelled"
+    with pytest.raises(ValueError, match="labelled_fraction"):
+        build_training("s4mim_resnet18", labelled_fraction=1.0, **SMALL)
+    with pytest.raises(ValueError, match="labelled_fraction"):
+        build_training("s4mim_resnet18", labelled_fraction=0.0, **SMALL)
+
+
+def test_engine_trains_on_pairs():
+    from fastseg.engine import TrainConfig, train
+
+    world = ShapesConfig(image_size=32)
+    torch.manual_seed(0)
+    model, pairs, loss_fn = build_training("s4mim_resnet18", world=world, labelled_fraction=0.25, train_length=32,
+                                           pairs_length=16, tau=0.0, **SMALL)
+    cfg = TrainConfig(steps=2, batch_size=2, out_dir=None, progress=False, device="cpu", log_every=1)
+    result = train(model, pairs, cfg, loss_fn=loss_fn)
+    assert len(result.history) == 2 and all("rec" in r and "s1" in r for r in result.history)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"mim": "random"}, "mim"), ({"semantic_mim": "x"}, "semantic_mim"),
+                                          ({"mask_ratio": 0.0}, "mask_ratio"), ({"patch_size": 0}, "patch_size"),
+                                          ({"impl": "cuda"}, "impl"), ({"weights": (1.0, -1.0, 0.0)}, "weights"),
+                                          ({"tau": 1.5}, "tau")])
+def test_bad_options_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastseg.create_model("s4mim_resnet18", num_classes=K, **SMALL, **kwargs)
+
+
+def test_bad_unlabelled_batch_is_a_clear_error():
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, **SMALL)
+    batch = _semi_batch()
+    batch["image_u_mix"] = batch["image_u_mix"][..., :16]
+    with pytest.raises(ValueError, match="image_u_mix"):
+        model.loss(batch)
