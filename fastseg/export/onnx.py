@@ -14,6 +14,7 @@ Recipe (checked on this kind of machine, see DESIGN.md "Export"):
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -154,7 +156,7 @@ def export_onnx_file(
     if not MIN_OPSET <= opset:
         raise ValueError(f"opset {opset} is too old: fastseg exports opset >= {MIN_OPSET} (LayerNormalization)")
     path = Path(path)
-    with torch.no_grad():
+    with torch.no_grad(), math_attention():
         ep = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
     ep = ep.run_decompositions(DECOMPOSITIONS)
     program = torch.onnx.export(
@@ -174,6 +176,44 @@ def export_onnx_file(
     finally:
         tmp.unlink(missing_ok=True)
     return counts
+
+
+def _math_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (inference) as plain MatMul / Softmax, with contiguous outputs."""
+    if dropout_p:
+        raise ValueError("export traces eval-mode models: attention dropout must be 0")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query * scale) @ key.transpose(-2, -1)
+    if is_causal:
+        n, m = scores.shape[-2:]
+        causal = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1) @ value
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Trace ``F.scaled_dot_product_attention`` as explicit MatMul / Softmax while exporting to ONNX.
+
+    Why: SDPA's fake (meta) output on CPU is laid out (B, N, H, D), so a model's ``out.transpose(1, 2).reshape(..)``
+    is recorded as a ``view``; the ONNX exporter later re-traces SDPA through its contiguous math decomposition and
+    that ``view`` fails ("Cannot view a tensor with shape ..."; seen with GSS's Swin blocks on torch 2.14). Plain
+    ops have the same strides in every trace, and ONNX computes attention with MatMul / Softmax anyway.
+    """
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _math_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _op_counts(proto: Any) -> dict[str, int]:

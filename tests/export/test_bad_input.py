@@ -124,3 +124,22 @@ def test_trtexec_built_engine_uses_the_onnx_sidecar(tmp_path):
     assert not fmt_is_engine_without_sidecar(engine)
     (tmp_path / "m.onnx.json").write_text("{}")
     assert fmt_is_engine_without_sidecar(engine)
+
+
+def test_math_attention_matches_sdpa():
+    """The export-time attention (plain MatMul / Softmax) equals F.scaled_dot_product_attention."""
+    import torch
+    import torch.nn.functional as F
+
+    from fastseg.export.onnx import _math_sdpa, math_attention
+
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    bias = torch.randn(1, 3, 7, 7)
+    boolean = torch.rand(2, 1, 7, 7) > 0.3
+    boolean[..., 0] = True  # no fully masked row
+    for kwargs in ({}, {"attn_mask": bias}, {"attn_mask": boolean}, {"is_causal": True}, {"scale": 0.1}):
+        torch.testing.assert_close(_math_sdpa(q, k, v, **kwargs), F.scaled_dot_product_attention(q, k, v, **kwargs))
+    original = F.scaled_dot_product_attention
+    with math_attention():
+        assert F.scaled_dot_product_attention is _math_sdpa
+    assert F.scaled_dot_product_attention is original
