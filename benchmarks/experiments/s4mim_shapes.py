@@ -10,7 +10,7 @@ downloaded):
 
 Runs go sequentially, seed-major (every variant of seed 0, then of seed 1, ...), and the JSON is rewritten after every
 run so an interrupted sweep keeps what finished; ``--max-minutes`` stops starting new runs once the sweep has used that
-much wall-clock time. Each run fixes the data (world seed 0: the same labelled subset for all) and varies the
+much wall-clock time; ``--resume`` continues a sweep in the same JSON, skipping the runs it holds. Each run fixes the data (world seed 0: the same labelled subset for all) and varies the
 initialisation, the data order and the augmentation draws with the run seed.
 
 Usage (what produced ``benchmarks/results/experiments/s4mim_shapes.json``)::
@@ -96,16 +96,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=30.0, help="start no new run after this much wall-clock")
     p.add_argument("--out", default="benchmarks/results/experiments/s4mim_shapes.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out and skip their (variant, seed); record this command too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     world = ShapesConfig()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python " + " ".join(sys.argv), "args": vars(args), "torch": torch.__version__,
+    command = "python " + " ".join(sys.argv)
+    report = {"command": command, "args": vars(args), "torch": torch.__version__,
               "machine": platform.machine(), "device": "cpu", "runs": [], "summary": {}, "complete": False}
+    if args.resume and out.exists():
+        previous = json.loads(out.read_text())
+        report["runs"] = previous["runs"]
+        report["commands"] = previous.get("commands", [previous["command"]]) + [command]
+        report["earlier_sweep_wall_s"] = previous.get("earlier_sweep_wall_s", 0) + previous.get("sweep_wall_s", 0)
+    done = {(r["variant"], r["seed"]) for r in report["runs"]}
     sweep_start = time.perf_counter()
     for seed in args.seeds:
         for variant in args.variants:
+            if (variant, seed) in done:
+                continue
             used = (time.perf_counter() - sweep_start) / 60
             if used > args.max_minutes:
                 report["stopped_early"] = f"wall-clock budget of {args.max_minutes} min used ({used:.1f} min)"

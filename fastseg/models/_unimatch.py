@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 
 from ._base import SegmentationModel, resolve_cfg
@@ -371,7 +371,7 @@ class DeepLabV3PlusSemi(SegmentationModel):
         c1, c4, (h, w) = self.encode_padded(torch.cat([images, u]))
         logits, _ = self.decode(c1, c4)
         logits = logits[..., :h, :w]
-        drop = nn.functional.dropout2d
+        drop = F.dropout2d
         logits_fp, _ = self.decode(drop(c1[n_l:], self.fp_dropout, self.training),
                                    drop(c4[n_l:], self.fp_dropout, self.training))
         logits_fp = logits_fp[..., :h, :w]

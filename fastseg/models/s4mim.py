@@ -45,13 +45,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from fastseg.kernels import classwise_patch_mask
+
 from ..layers.classwise import ClasswiseFeatureAggregationLoss, ClasswiseMaskedReconLoss
 from ..registry import register_model
-from ._unimatch import DeepLabV3PlusSemi, SemiSupervisedPairs, batch_generator, cutmix_boxes, strong_augment
+from ._unimatch import (
+    DeepLabV3PlusSemi,
+    SemiSupervisedPairs,
+    batch_generator,
+    cutmix_boxes,
+    strong_augment,
+)
 
 __all__ = [
     "S4MIM",
@@ -373,7 +380,7 @@ def build_training(model_name: str, world: Any = None, labelled_fraction: float 
     if not semi:
         return model, labelled, None
     if not isinstance(model, DeepLabV3PlusSemi):
-        raise ValueError(f"{model_name} has no semi-supervised loss; use a unimatch_* or s4mim_* model")
+        raise ValueError(f"{model_name} has no semi-supervised loss; use a unimatch_* or s4mim_* model")  # noqa: TRY004
     if labelled_fraction >= 1.0:
         raise ValueError("semi-supervised training needs unlabelled images: labelled_fraction must be < 1")
     unlabelled = ShapesDataset("train", length=train_length, config=world, seed=seed, subset="unlabelled",

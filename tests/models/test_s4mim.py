@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fastseg.kernels import classwise_patch_mask
+from fastseg.kernels.classwise import normalize_patches_ref
 from torch.utils.data import default_collate
 
 import fastseg
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
-from fastseg.kernels import classwise_patch_mask
-from fastseg.kernels.classwise import normalize_patches_ref
 from fastseg.models._unimatch import _gaussian_blur, batch_generator, masked_pixel_ce
 from fastseg.models.s4mim import (
     S4MIM,
