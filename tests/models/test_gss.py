@@ -194,6 +194,23 @@ def test_bad_configuration_errors():
         tok.embed(torch.zeros(1, 2, 2))
 
 
+class _IdentityTokenizer(torch.nn.Module):
+    def encode(self, maskige):
+        return maskige
+
+    def decode(self, ids):
+        return ids
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_roundtrip_miou_of_a_lossless_tokenizer_is_one(scale):
+    masks = torch.randint(0, K, (3, 16, 16))
+    masks[:, :2] = 255
+    pal = make_maskige_palette(K)
+    res = roundtrip_miou(_IdentityTokenizer(), pal, [{"mask": m} for m in masks], K, maskige_scale=scale, batch_size=2)
+    assert res["images"] == 3 and res["mIoU"] == pytest.approx(1.0)
+
+
 def test_roundtrip_miou_runs(ff):
     masks = torch.randint(0, K, (3, 32, 32))
     res = roundtrip_miou(ff.tokenizer, ff.maskige_palette, [{"mask": m} for m in masks], K, batch_size=2)
@@ -300,3 +317,22 @@ def test_dalle_tokenizer_in_gss_geometry():
     batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 5, (2, 32, 32))}  # BN: batch > 1
     out = model.loss(batch)
     assert torch.isfinite(out["loss"])
+
+
+def test_cli_commands(tmp_path, capsys):
+    import argparse
+
+    from fastseg.gss_cli import add_gss_commands
+
+    parser = argparse.ArgumentParser()
+    add_gss_commands(parser.add_subparsers(dest="command"))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "m.pkl")
+    args = parser.parse_args(["gss", "convert-dalle", str(tmp_path / "m.pkl"), str(tmp_path / "o.safetensors")])
+    with pytest.raises(ValueError, match="trust_pickle"):
+        args.func(args)
+    args = parser.parse_args(["gss", "roundtrip", "gss_ff_resnet18", "--length", "2", "--json", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    assert "round-trip upper bound" in capsys.readouterr().out and (tmp_path / "r.json").exists()
+    args = parser.parse_args(["gss", "roundtrip", "fpn_resnet18", "--length", "2"])
+    with pytest.raises(ValueError, match="not a GSS model"):
+        args.func(args)
