@@ -69,7 +69,7 @@ def cmd_fit_tokenizer(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     model = _model(args, world.num_classes)
     if not isinstance(model.tokenizer, MaskigeVQVAE):
-        raise ValueError(f"{args.model} uses a frozen pretrained tokenizer; only the small VQ-VAE is fitted here")
+        raise ValueError(f"{args.model} uses a frozen pretrained tokenizer; only the small VQ-VAE is fitted here")  # noqa: TRY004 (a bad argument, reported as the CLI does)
     torch.manual_seed(args.seed)
     data = ShapesDataset("train", length=args.steps * args.batch_size, config=world, seed=args.seed + 7)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size,

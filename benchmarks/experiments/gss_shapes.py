@@ -78,10 +78,10 @@ def stage_times(model, size: int, repeats: int) -> dict:
     rows = {}
     for path, fused in (("reference", False), ("fused", True)):
         t_backbone, feats = _time(lambda: model.backbone(x), repeats)
-        t_head, feat = _time(lambda: model.head.features(feats), repeats)
-        t_tok, ids = _time(lambda: model.token_ids(feat, fused), repeats)
-        t_dec, maskige = _time(lambda: model.decode_maskige(ids, fused), repeats)
-        t_inv, cls = _time(lambda: model.maskige_to_classes(maskige, fused), repeats)
+        t_head, feat = _time(lambda f=feats: model.head.features(f), repeats)
+        t_tok, ids = _time(lambda f=feat, p=fused: model.token_ids(f, p), repeats)
+        t_dec, maskige = _time(lambda i=ids, p=fused: model.decode_maskige(i, p), repeats)
+        t_inv, cls = _time(lambda m=maskige, p=fused: model.maskige_to_classes(m, p), repeats)
         rows[path] = {"backbone_ms": round(t_backbone, 1), "head_ms": round(t_head, 1),
                       "token_argmax_ms": round(t_tok, 1), "decoder_ms": round(t_dec, 1),
                       "palette_inverse_ms": round(t_inv, 1),

@@ -39,14 +39,21 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..layers.vq import VectorQuantizer
 
 __all__ = [
-    "MaskigeTokenizer", "DalleDVAE", "DalleEncoder", "DalleDecoder", "MaskigeVQVAE", "convert_dalle_pickle",
-    "map_pixels", "unmap_pixels", "LOGIT_LAPLACE_EPS",
+    "LOGIT_LAPLACE_EPS",
+    "DalleDVAE",
+    "DalleDecoder",
+    "DalleEncoder",
+    "MaskigeTokenizer",
+    "MaskigeVQVAE",
+    "convert_dalle_pickle",
+    "map_pixels",
+    "unmap_pixels",
 ]
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -312,7 +319,7 @@ def convert_dalle_pickle(
     elif isinstance(obj, dict):
         state = obj.get("state_dict", obj)
     else:
-        raise ValueError(f"{src} holds a {type(obj).__name__}, neither a module nor a state dict")
+        raise ValueError(f"{src} holds a {type(obj).__name__}, neither a module nor a state dict")  # noqa: TRY004
     tensors = {prefix + k: v.detach().float().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError(f"{src} holds no tensors")

@@ -45,20 +45,38 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..layers.vq import ArgmaxTokenHead, PaletteInverse
 from ..registry import register_model
 from ._base import SegmentationModel, resolve_cfg
-from ._gss_tokenizers import DalleDVAE, MaskigeTokenizer, MaskigeVQVAE, convert_dalle_pickle
+from ._gss_tokenizers import (
+    DalleDVAE,
+    MaskigeTokenizer,
+    MaskigeVQVAE,
+    convert_dalle_pickle,
+)
 from .backbones import create_backbone
 
 __all__ = [
-    "GSSSegmenter", "GSSPriorHead", "GSSInverseHead", "WindowAttentionBlock", "make_maskige_palette",
-    "palette_min_distance", "masks_to_maskige", "palette_inverse_ref", "upsample_labels", "fill_ignore",
-    "token_ignore_mask", "train_maskige_vqvae", "roundtrip_miou", "convert_dalle_pickle", "DalleDVAE",
-    "MaskigeVQVAE", "MaskigeTokenizer",
+    "DalleDVAE",
+    "GSSInverseHead",
+    "GSSPriorHead",
+    "GSSSegmenter",
+    "MaskigeTokenizer",
+    "MaskigeVQVAE",
+    "WindowAttentionBlock",
+    "convert_dalle_pickle",
+    "fill_ignore",
+    "make_maskige_palette",
+    "masks_to_maskige",
+    "palette_inverse_ref",
+    "palette_min_distance",
+    "roundtrip_miou",
+    "token_ignore_mask",
+    "train_maskige_vqvae",
+    "upsample_labels",
 ]
 
 
@@ -506,7 +524,7 @@ class GSSSegmenter(SegmentationModel):
     def stages(self, images: torch.Tensor, fused: bool = True) -> dict[str, torch.Tensor]:
         """Every inference step on padded-size ``images`` (eval mode): features, token ids, maskige, class map,
         output. Used by tests (fused vs reference) and the stage benchmark."""
-        feats, x = self.head_features(images)
+        _feats, x = self.head_features(images)
         ids = self.token_ids(x, fused)
         maskige = self.decode_maskige(ids, fused)
         out: dict[str, torch.Tensor] = {"features": x, "tokens": ids, "maskige": maskige}
@@ -739,9 +757,9 @@ def roundtrip_miou(
 
 # Small CPU configuration: the GSS head scaled down (128 / 256 / 8 heads / window 8 / 512 hidden) over a small
 # maskige VQ-VAE (vocab 512, code 32, downsampling 4, maskige at the input resolution).
-_SMALL_HEAD = dict(channels=128, fused=256, depth=2, heads=8, window=8, hidden=512, pixel_channels=128)
-_SMALL_INVERSE = dict(channels=64, depth=2, heads=4, window=8)
-_SMALL_TOKENIZER = dict(vocab_size=512, code_dim=32, width=64, downsample=4)
+_SMALL_HEAD = {"channels": 128, "fused": 256, "depth": 2, "heads": 8, "window": 8, "hidden": 512, "pixel_channels": 128}
+_SMALL_INVERSE = {"channels": 64, "depth": 2, "heads": 4, "window": 8}
+_SMALL_TOKENIZER = {"vocab_size": 512, "code_dim": 32, "width": 64, "downsample": 4}
 
 
 def _small(variant: str, **kwargs: Any) -> GSSSegmenter:
@@ -757,9 +775,9 @@ def _paper(backbone: str, variant: str, depth: int, inverse_depth: int = 2, **kw
     # Paper geometry: DALL-E dVAE (8192 x 128-d codes, downsampling 8), maskige at 2x the input; head of spec A.2.
     kwargs.setdefault("tokenizer", "dalle")
     kwargs.setdefault("maskige_scale", 2)
-    kwargs.setdefault("head_kwargs", dict(channels=384, fused=512, depth=depth, heads=16, window=7, hidden=2048,
-                                          pixel_channels=384))
-    kwargs.setdefault("inverse_kwargs", dict(channels=128, depth=inverse_depth, heads=4, window=7))
+    kwargs.setdefault("head_kwargs", {"channels": 384, "fused": 512, "depth": depth, "heads": 16, "window": 7, "hidden": 2048,
+                                          "pixel_channels": 384})
+    kwargs.setdefault("inverse_kwargs", {"channels": 128, "depth": inverse_depth, "heads": 4, "window": 7})
     return GSSSegmenter(backbone=backbone, variant=variant, **kwargs)
 
 

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 import fastseg
 from fastseg.layers.vq import PaletteInverse
-from fastseg.models._gss_tokenizers import DalleDVAE, MaskigeVQVAE, convert_dalle_pickle, map_pixels, unmap_pixels
+from fastseg.models._gss_tokenizers import (
+    DalleDVAE,
+    MaskigeVQVAE,
+    convert_dalle_pickle,
+    map_pixels,
+    unmap_pixels,
+)
 from fastseg.models.gss import (
     GSSSegmenter,
     fill_ignore,
@@ -258,7 +264,8 @@ def test_dalle_parity_with_official_package(tmp_path):
     state = {**load_file(f_enc), **load_file(f_dec)}
     assert set(state) == set(ours.state_dict())
     ours.load_state_dict(state)
-    from dall_e import map_pixels as their_map, unmap_pixels as their_unmap
+    from dall_e import map_pixels as their_map
+    from dall_e import unmap_pixels as their_unmap
 
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(map_pixels(x), their_map(x))
@@ -303,9 +310,9 @@ def test_converter_refuses_untrusted_pickles(tmp_path):
 def test_dalle_tokenizer_in_gss_geometry():
     # Paper geometry at test size: tokens at 1/4, maskige at 2x the input, 8x decoder.
     torch.manual_seed(0)
-    head = dict(channels=16, fused=32, depth=2, heads=4, window=7, hidden=32, pixel_channels=16)
+    head = {"channels": 16, "fused": 32, "depth": 2, "heads": 4, "window": 7, "hidden": 32, "pixel_channels": 16}
     model = GSSSegmenter("resnet18", num_classes=5, tokenizer="dalle", maskige_scale=2, head_kwargs=head,
-                         tokenizer_kwargs=dict(n_hid=64, vocab_size=512, n_init=32)).eval()
+                         tokenizer_kwargs={"n_hid": 64, "vocab_size": 512, "n_init": 32}).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         st = model.stages(x)
