@@ -11,21 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .export.cli import add_export_commands, parse_size
+
 __all__ = ["main", "build_parser"]
-
-
-def _size(text: str) -> tuple[int, int]:
-    """``"64"`` -> (64, 64); ``"64,96"`` or ``"64x96"`` -> (64, 96) as (H, W)."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be H or H,W (integers), got {text!r}") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"size must be H or H,W with positive integers, got {text!r}")
-    return values[0], values[1]
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -206,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     def world_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--image-size", type=_size, default=(64, 64), metavar="H[,W]", help="shapes-world image size")
+        p.add_argument("--image-size", type=parse_size, default=(64, 64), metavar="H[,W]", help="shapes-world image size")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model option (repeatable)")
 
@@ -265,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="default",
                    help="model name patterns, comma-separated ('default': a small set; 'none' to skip)")
     p.add_argument("--providers", default="eager,fused,compile,onnxruntime", help="model providers")
-    p.add_argument("--size", type=_size, default=(256, 256), metavar="H[,W]", help="model input size")
+    p.add_argument("--size", type=parse_size, default=(256, 256), metavar="H[,W]", help="model input size")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision (autocast)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per case (after warm-up)")
@@ -275,12 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")
     p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "fpn_mit_b0"])
 
-    try:  # export / verify live in fastseg.export (added by the export layer when present)
-        from .export.cli import add_export_commands
-    except ImportError:
-        pass
-    else:
-        add_export_commands(sub)
+    add_export_commands(sub)  # export, verify
     return parser
 
 
@@ -289,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"fastseg {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-__all__ = ["add_export_commands", "cmd_export", "cmd_verify"]
+__all__ = ["add_export_commands", "cmd_export", "cmd_verify", "parse_ints", "parse_size"]
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def parse_ints(text: str) -> tuple[int, ...]:
     """``"64"`` -> (64, 64); ``"64,96"`` / ``"64x96"`` -> (64, 96); ``"1,64,96"`` -> (1, 64, 96)."""
     try:
         values = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
@@ -23,10 +22,10 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _size(text: str) -> tuple[int, int]:
-    values = _ints(text)
+def parse_size(text: str) -> tuple[int, int]:
+    values = parse_ints(text)
     if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"--imgsz takes H,W (or one int), got {text!r}")
+        raise argparse.ArgumentTypeError(f"a size is H,W (or one int), got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -34,11 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .api import export
     from .sidecar import read_sidecar, sidecar_path
 
-    try:
-        path = _export_from_args(args, export)
-    except (FileExistsError, ImportError) as err:  # the main parser reports ValueError / FileNotFoundError itself
-        print(f"fastseg export: error: {err}", file=sys.stderr)
-        return 2
+    path = _export_from_args(args, export)  # fastseg.cli.main reports the errors a user can cause
     sidecar = read_sidecar(path)
     print(f"artefact: {path}")
     print(f"sidecar:  {sidecar_path(path)}")
@@ -98,13 +93,13 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="registered model name (fastseg list)")
     p.add_argument("--checkpoint", help="weights file (.safetensors or .pt/.pth)")
     p.add_argument("--format", choices=["onnx", "engine", "aoti"], default="onnx")
-    p.add_argument("--imgsz", type=_size, default=(512, 512), metavar="H,W",
+    p.add_argument("--imgsz", type=parse_size, default=(512, 512), metavar="H,W",
                    help="input size (the opt shape); a multiple of the model's stride")
     p.add_argument("--batch", type=int, default=1, help="batch size (largest batch when --dynamic)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial size (min..max)")
-    p.add_argument("--min", type=_ints, metavar="[B,]H,W", help="smallest input of a dynamic export")
-    p.add_argument("--opt", type=_ints, metavar="[B,]H,W", help="input TensorRT tunes for (default: batch, imgsz)")
-    p.add_argument("--max", type=_ints, metavar="[B,]H,W", help="largest input of a dynamic export")
+    p.add_argument("--min", type=parse_ints, metavar="[B,]H,W", help="smallest input of a dynamic export")
+    p.add_argument("--opt", type=parse_ints, metavar="[B,]H,W", help="input TensorRT tunes for (default: batch, imgsz)")
+    p.add_argument("--max", type=parse_ints, metavar="[B,]H,W", help="largest input of a dynamic export")
     p.add_argument("--half", action="store_true", help="fp16 weights and compute (I/O stays fp32)")
     p.add_argument("--int8", action="store_true", help="TensorRT INT8 (TensorRT <= 10 calibrates on shapes images)")
     p.add_argument("--argmax", action="store_true", help="output class ids at input size instead of logits")
