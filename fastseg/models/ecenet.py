@@ -34,9 +34,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layers.class_attention import ChannelLayerNorm, ECENetTransferBlock
 from ..registry import register_model
@@ -46,15 +45,15 @@ from .backbones import create_backbone
 __all__ = [
     "ECENet",
     "FeatureReconstruction",
+    "GhostUpsample",
     "PooledMaskEmbedding",
     "TokenUpdater",
-    "GhostUpsample",
+    "convert_official_state_dict",
+    "diversity_loss",
+    "mask_loss",
     "pool_length",
     "pool_sizes",
     "pooling_matrix",
-    "mask_loss",
-    "diversity_loss",
-    "convert_official_state_dict",
 ]
 
 
@@ -502,8 +501,8 @@ def convert_official_state_dict(
     """
     converted: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            raise ValueError(f"convert_official_state_dict: {key!r} is a {type(value).__name__}, not a tensor")
+        if not isinstance(value, Tensor):  # ValueError, as for every bad input in fastseg
+            raise ValueError(f"convert_official_state_dict: {key!r} is a {type(value).__name__}, not a tensor")  # noqa: TRY004
         if key.endswith("num_batches_tracked") or not key.startswith("decode_head."):
             continue
         name = key[len("decode_head."):]
