@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--tokenizer-steps", type=int, default=450)
     parser.add_argument("--tokenizer-batch", type=int, default=16)
     parser.add_argument("--tokenizer-lr", type=float, default=3e-3)
+    parser.add_argument("--more-steps", type=int, default=150)
+    parser.add_argument("--more-lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--ftw-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -114,7 +116,8 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     world = ShapesConfig(image_size=64)
     report = json.loads(OUT.read_text()) if OUT.exists() and "tokenizer" not in args.phases else {}
-    report.update({"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+    report.setdefault("commands", []).append("python " + " ".join(sys.argv))
+    report.update({ "torch": torch.__version__,
                    "machine": f"{platform.machine()} CPU, {args.threads} thread(s), shared with other jobs",
                    "world": "shapes 64x64, 12 classes"})
     report.setdefault("results", {})
@@ -148,6 +151,30 @@ def main() -> None:
             "tokens_used_of": [int(model.tokenizer.quantizer.cluster_size.gt(0.05).sum()), model.tokenizer.vocab_size],
         }
         print("roundtrip mIoU", rt["mIoU"], flush=True)
+        _write(report)
+
+    if "tokenizer_more" in args.phases:  # continue the phase-1 fit (same data stream, fresh seed, lower lr)
+        torch.manual_seed(1)
+        model = fastseg.create_model("gss_ff_resnet18", num_classes=world.num_classes,
+                                     tokenizer_checkpoint=str(tok_file))
+        data = ShapesDataset("train", length=args.more_steps * args.tokenizer_batch, config=world, seed=8)
+        loader = torch.utils.data.DataLoader(data, batch_size=args.tokenizer_batch, shuffle=False,
+                                             collate_fn=lambda items: torch.stack([it["mask"] for it in items]))
+        start = time.perf_counter()
+        history = train_maskige_vqvae(model.tokenizer, model.maskige_palette, loader, steps=args.more_steps,
+                                      lr=args.more_lr, log_every=50, init_codebook=False,
+                                      log=lambda r: print("tokenizer+", r, flush=True))
+        wall = time.perf_counter() - start
+        save_weights(model.tokenizer, tok_file)
+        val = ShapesDataset("val", length=args.val_length, config=world, seed=0)
+        rt = roundtrip_miou(model.tokenizer, model.maskige_palette, (val[i] for i in range(len(val))),
+                            world.num_classes, maskige_scale=model.maskige_scale)
+        report["results"]["tokenizer_continued"] = {
+            "roundtrip_mIoU": float(rt["mIoU"]), "roundtrip_IoU": [float(v) for v in rt["IoU"]],
+            "extra_steps": args.more_steps, "batch_size": args.tokenizer_batch, "lr": args.more_lr,
+            "train_wall_s": round(wall, 1), "history": history,
+        }
+        print("roundtrip mIoU after continuing", rt["mIoU"], flush=True)
         _write(report)
 
     if "gss_ff" in args.phases:

@@ -622,6 +622,7 @@ def train_maskige_vqvae(
     temperature: float = 0.05,
     log_every: int = 50,
     log: Any = None,
+    init_codebook: bool = True,
 ) -> list[dict[str, float]]:
     """Fit a `MaskigeVQVAE` on maskiges of ``masks`` (an iterable of (B, H, W) class-id batches, cycled).
 
@@ -630,6 +631,7 @@ def train_maskige_vqvae(
     (a maskige-aware term that aims the tokenizer at the round trip rather than at RGB fidelity; our addition).
     Ignore pixels are dropped from the palette term and rendered in the ignore colour.
 
+    ``init_codebook`` puts the codes on encoder outputs of the first batch (pass False to continue a fit).
     Returns the logged history. The tokenizer is left frozen (``requires_grad=False``) and in eval mode.
     """
     if steps < 1:
@@ -655,7 +657,7 @@ def train_maskige_vqvae(
         tokenizer.quantizer.eval()  # EMA / restart updates are applied after the step (see below)
         out = tokenizer.quantizer(z)
         recon = tokenizer.decode_codes(out.quantized)
-        if step == 0:  # data-dependent codebook init: codes start on encoder outputs, not in a collapsed clump
+        if step == 0 and init_codebook:  # data-dependent codebook init: codes start on encoder outputs, not in a collapsed clump
             with torch.no_grad():
                 flat0 = z.detach().permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
                 picks = torch.randint(0, flat0.shape[0], (tokenizer.vocab_size,))
