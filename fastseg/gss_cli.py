@@ -92,7 +92,9 @@ def cmd_convert_dalle(args: argparse.Namespace) -> int:
 
 def add_gss_commands(subparsers) -> None:
     """Add ``fastseg gss {roundtrip,fit-tokenizer,convert-dalle}`` to the ``fastseg`` sub-command parser."""
-    from .export.cli import parse_size as _size  # the one size parser of the fastseg CLI
+    from .export.cli import (
+        parse_size as _size,  # the one size parser of the fastseg CLI
+    )
 
     gss = subparsers.add_parser("gss", help="GSS stages: tokenizer round trip, tokenizer fitting, DALL-E conversion")
     sub = gss.add_subparsers(dest="gss_command", required=True, metavar="GSS_COMMAND")
