@@ -343,3 +343,34 @@ def test_cli_commands(tmp_path, capsys):
     args = parser.parse_args(["gss", "roundtrip", "fpn_resnet18", "--length", "2"])
     with pytest.raises(ValueError, match="not a GSS model"):
         args.func(args)
+
+
+@pytest.mark.gpu
+def test_dalle_mixed_precision_matches_official_on_cuda(tmp_path):
+    # The official conv wrapper runs fp16 on CUDA except the decoder's input and the encoder's output convs.
+    enc, dec = _dalle_pickles(tmp_path)
+    ours = DalleDVAE(n_hid=64, vocab_size=512)
+    ours.encoder.load_state_dict(enc.state_dict())
+    ours.decoder.load_state_dict(dec.state_dict())
+    enc, dec, ours = enc.cuda(), dec.cuda(), ours.cuda()
+    from dall_e import map_pixels as their_map, unmap_pixels as their_unmap
+
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        logits = enc(their_map(x)).float()
+        torch.testing.assert_close(ours.encoder(map_pixels(x)), logits, rtol=2e-3, atol=2e-3)
+        ids = logits.argmax(1)
+        onehot = F.one_hot(ids, 512).permute(0, 3, 1, 2).float()
+        theirs = their_unmap(torch.sigmoid(dec(onehot)[:, :3].float()))
+        torch.testing.assert_close(ours.decode(ids), theirs, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_fused_and_reference_inference_identical_on_cuda():
+    torch.manual_seed(0)
+    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl="triton").cuda().eval()
+    x = torch.randn(2, 3, 128, 128, device="cuda")
+    with torch.no_grad():
+        fused, ref = model.stages(x, fused=True), model.stages(x, fused=False)
+    assert torch.equal(fused["tokens"], ref["tokens"])
+    assert torch.equal(fused["class_map"], ref["class_map"])
