@@ -353,7 +353,8 @@ def test_dalle_mixed_precision_matches_official_on_cuda(tmp_path):
     ours.encoder.load_state_dict(enc.state_dict())
     ours.decoder.load_state_dict(dec.state_dict())
     enc, dec, ours = enc.cuda(), dec.cuda(), ours.cuda()
-    from dall_e import map_pixels as their_map, unmap_pixels as their_unmap
+    from dall_e import map_pixels as their_map
+    from dall_e import unmap_pixels as their_unmap
 
     x = torch.rand(2, 3, 64, 64, device="cuda")
     with torch.no_grad():
