@@ -71,6 +71,15 @@ def summarise(runs: list[dict]) -> dict:
                 "mIoU_min": min(vals), "mIoU_max": max(vals),
                 "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs if r["variant"] == variant),
             }
+    by_seed = {(r["variant"], r["seed"]): r["mIoU"] for r in runs}
+    for variant in ("ecenet_resnet18", "ecenet_resnet18_no_class_embeddings"):
+        diffs = [by_seed[(variant, s)] - by_seed[("fpn_resnet18", s)]
+                 for (v, s) in by_seed if v == variant and ("fpn_resnet18", s) in by_seed]
+        if diffs:  # same seed = same training images and data order: a paired comparison
+            out[f"{variant}_minus_fpn_paired"] = {
+                "n": len(diffs), "mean": statistics.fmean(diffs),
+                "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            }
     return out
 
 
@@ -88,6 +97,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a shared 2-core box)")
     parser.add_argument("--out", default="benchmarks/results/experiments/ecenet_vs_fpn.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out (same steps / batch) and run only the missing ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     world = ShapesConfig(image_size=args.image_size)
@@ -99,22 +110,37 @@ def main() -> None:
         "what": "val mIoU on the shapes world, ResNet-18 from scratch, same data / steps / optimiser per seed",
         "command": "python benchmarks/experiments/ecenet_vs_fpn.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if v is not None
-        ),
+            for k, v in vars(args).items() if v is not None and not isinstance(v, bool)
+        ) + (" --resume" if args.resume else ""),
         "config": {**vars(args), "optimizer": "adamw", "schedule": "linear warm-up then poly 0.9",
                    "num_classes": world.num_classes, "train_length": args.steps * args.batch_size},
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "device": "cpu", "threads": args.threads},
         "runs": [], "summary": {},
     }
+    if args.resume and out.exists():
+        previous = json.loads(out.read_text())
+        keep = ("steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "val_length", "image_size")
+        if any(previous["config"].get(k) != getattr(args, k) for k in keep):
+            raise ValueError(f"--resume: {out} was made with other settings ({ {k: previous['config'].get(k) for k in keep} })")
+        record["runs"] = previous["runs"]
+        record["commands"] = previous.get("commands", [previous["command"]]) + [record["command"]]
+    done = {(r["variant"], r["seed"]) for r in record["runs"]}
     for variant, seed in jobs:
+        if (variant, seed) in done:
+            continue
         run = run_one(variant, seed, args, world)
         record["runs"].append(run)
         record["summary"] = summarise(record["runs"])
         out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{variant:40s} seed {seed}: mIoU {run['mIoU']:.4f}  ({run['wall_s']:.0f} s)", flush=True)
+    record["summary"] = summarise(record["runs"])
+    out.write_text(json.dumps(record, indent=2) + "\n")
     for variant, s in record["summary"].items():
-        print(f"{variant:40s} n={s['n']} mIoU {100 * s['mIoU_mean']:.2f} +- {100 * s['mIoU_std']:.2f}")
+        if "mIoU_mean" in s:
+            print(f"{variant:40s} n={s['n']} mIoU {100 * s['mIoU_mean']:.2f} +- {100 * s['mIoU_std']:.2f}")
+        else:
+            print(f"{variant:40s} n={s['n']} mIoU difference {100 * s['mean']:+.2f} +- {100 * s['std']:.2f}")
 
 
 if __name__ == "__main__":
