@@ -99,8 +99,12 @@ class VectorQuantizer(nn.Module):
         moved = z.movedim(self.channel_dim, -1)
         flat = moved.reshape(-1, self.dim)
         codebook = self.codebook.to(flat.dtype)
-        # One search; codebook detached so sqdist's gradient reaches only z: that is the commitment loss.
-        indices, sqdist = vq_nearest(flat, codebook.detach(), impl=self.impl)
+        updates = self.training and flat.shape[0] > 0 and (self.ema or self.dead_code_threshold > 0)
+        # One search; codebook detached so sqdist's gradient reaches only z: that is the commitment loss. When this
+        # call updates the codebook in place (EMA, restarts), the search gets a copy: its backward needs the codes
+        # as they were.
+        searched = codebook.detach().clone() if updates else codebook.detach()
+        indices, sqdist = vq_nearest(flat, searched, impl=self.impl)
         codes = F.embedding(indices, codebook)  # differentiable gather: the codebook loss flows through it
         commitment = sqdist.mean() / self.dim if flat.shape[0] else sqdist.sum()
         if self.ema:
@@ -109,7 +113,7 @@ class VectorQuantizer(nn.Module):
             codebook_loss = F.mse_loss(codes.float(), flat.detach().float()) if flat.shape[0] else commitment * 0
         counts = torch.bincount(indices, minlength=self.num_codes).to(torch.float32)
         if self.training and flat.shape[0]:
-            self._update(flat.detach(), indices, counts)
+            self._update(flat.detach(), indices, counts)  # also tracks usage when no codebook change is asked
         # Straight-through estimator: the forward value is the code, the gradient w.r.t. z is the identity.
         straight_through = torch.is_grad_enabled() and flat.requires_grad
         quantized = flat + (codes - flat).detach() if straight_through else codes

@@ -126,3 +126,17 @@ def test_argmax_token_head(impl):
         head(torch.randn(2, 11, 5, 3))
     no_bias = ArgmaxTokenHead(12, 70, bias=False, impl=impl).eval()
     assert torch.equal(no_bias(x), no_bias.conv(x).argmax(1))
+
+
+@pytest.mark.parametrize("ema, dead_code_threshold", [(True, 0.0), (False, 0.5), (True, 0.5)])
+def test_codebook_updates_in_training_keep_backward_working(ema, dead_code_threshold):
+    # The EMA update and the dead-code restart write the codebook in place during forward; the search's backward
+    # must still see the codes it searched (regression: "modified by an inplace operation").
+    vq = VectorQuantizer(16, 4, ema=ema, dead_code_threshold=dead_code_threshold).train()
+    vq.cluster_size.zero_()  # every code starts unused, so a restart (when enabled) must fire
+    before = vq.codebook.detach().clone()
+    z = torch.randn(2, 4, 5, 5, requires_grad=True)
+    out = vq(z)
+    (out.quantized.square().sum() + out.loss).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert not torch.equal(vq.codebook.detach(), before)  # the update did happen
