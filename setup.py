@@ -43,6 +43,9 @@ setup(
             "onnxscript>=0.1",
             "matplotlib",
             "faiss-cpu",
+            # GSS's DALL-E dVAE is checked against the official package (its metadata omits attrs).
+            "dall-e",
+            "attrs",
         ],
     },
     entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},

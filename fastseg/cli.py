@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .export.cli import add_export_commands, parse_size
+from .gss_cli import add_gss_commands
 
 __all__ = ["main", "build_parser"]
 
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "fpn_mit_b0"])
 
     add_export_commands(sub)  # export, verify
+    add_gss_commands(sub)  # gss roundtrip | fit-tokenizer | convert-dalle
     return parser
 
 
