@@ -66,7 +66,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .registry import create_model
 
     world = _world(args)
-    model = create_model(args.model, num_classes=world.num_classes, **_model_kwargs(args.model_arg))
+    loss_fn = None
+    if args.labelled_fraction < 1.0:
+        # Semi-supervised recipe (UniMatch / S4MIM: labelled + unlabelled pairs and their loss); any other model
+        # trains supervised on the labelled subset alone.
+        from .models.s4mim import build_training
+
+        model, train_set, loss_fn = build_training(
+            args.model, world=world, labelled_fraction=args.labelled_fraction, seed=args.seed,
+            train_length=args.train_length, **_model_kwargs(args.model_arg),
+        )
+    else:
+        model = create_model(args.model, num_classes=world.num_classes, **_model_kwargs(args.model_arg))
+        train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}")
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -74,9 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
         num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
     )
-    train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
-    result = train(model, train_set, cfg, val_set=val_set, resume=args.resume)
+    result = train(model, train_set, cfg, val_set=val_set, resume=args.resume, loss_fn=loss_fn)
     metrics = getattr(result, "final_metrics", None) or {}
     if metrics:
         print(f"val mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
@@ -214,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--train-length", type=int, default=10**6, help="size of the (procedural) training set")
     p.add_argument("--val-length", type=int, default=256)
+    p.add_argument("--labelled-fraction", type=float, default=1.0,
+                   help="labelled share of the training split (< 1: semi-supervised recipe for unimatch_* / s4mim_*)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default runs/MODEL)")
