@@ -6,7 +6,11 @@ Smoke: FASTSEG_BENCH_SMOKE=1 pytest benchmarks/ --benchmark-disable   (every cas
 
 import os
 
-import torch
+if os.environ.get("FASTSEG_BENCH_SMOKE") == "1":
+    # Smoke runs are correctness runs: avoid OpenMP spin-waiting, which crawls beside any other process (tests/conftest.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("FASTSEG_BENCH_SMOKE") == "1":
     # Smoke runs on CPU exercise the Triton providers through the interpreter; timed runs on CPU skip them.
