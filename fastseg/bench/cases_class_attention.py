@@ -23,8 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastseg.bench.core import KernelCase, ProviderUnavailable, register_kernel_cases
-from fastseg.kernels import interpreter_enabled
+from fastseg.bench.core import KernelCase, register_kernel_cases, require_compile, require_triton
 from fastseg.kernels.class_attention import (
     masked_class_attention,
     masked_class_attention_ref,
@@ -34,16 +33,6 @@ from fastseg.kernels.class_attention import (
 
 FAMILY = "class_attention"
 SIDES = (32, 64, 128)  # feature-map sides at 512x512 input: strides 16, 8, 4
-
-
-def _triton_ok(device: torch.device, smoke: bool) -> None:
-    if device.type != "cuda" and not (smoke and interpreter_enabled()):
-        raise ProviderUnavailable("Triton providers need a CUDA GPU (or TRITON_INTERPRET=1 in smoke mode)")
-
-
-def _compile_ok(device: torch.device, smoke: bool) -> None:
-    if device.type != "cuda" and smoke:
-        raise ProviderUnavailable("torch.compile skipped in CPU smoke runs (compilation dominates; run without smoke)")
 
 
 def _runner(forward: Callable[[], Any], inputs: dict, mode: str) -> Callable[[], Any]:
@@ -66,11 +55,11 @@ def _providers(
     device: torch.device, smoke: bool, mode: str, triton_fn: Callable, ref_fn: Callable, sdpa_fn: Callable
 ) -> dict[str, Callable[[dict], Callable[[], Any]]]:
     def triton_provider(inputs: dict) -> Callable[[], Any]:
-        _triton_ok(device, smoke)
+        require_triton(device, smoke)
         return _runner(lambda: triton_fn(inputs), inputs, mode)
 
     def compile_provider(inputs: dict) -> Callable[[], Any]:
-        _compile_ok(device, smoke)
+        require_compile(device, smoke)
         compiled = torch.compile(ref_fn, dynamic=False)
         return _runner(lambda: compiled(inputs), inputs, mode)
 

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastseg.bench.core import KernelCase, ProviderUnavailable, register_kernel_cases
-from fastseg.kernels import interpreter_enabled
+from fastseg.bench.core import KernelCase, dtype_name, register_kernel_cases, require_compile, require_triton
 from fastseg.kernels._utils import run_triton_on_cpu
 from fastseg.kernels.classwise import (
     classwise_masked_recon_loss,
@@ -45,20 +44,6 @@ from fastseg.kernels.classwise import (
 
 FAMILY = "classwise"
 IGNORE = 255
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _triton_ok(device: torch.device, smoke: bool) -> None:
-    if device.type != "cuda" and not (smoke and interpreter_enabled()):
-        raise ProviderUnavailable("Triton providers need a CUDA GPU (or TRITON_INTERPRET=1 in smoke mode)")
-
-
-def _compile_ok(device: torch.device, smoke: bool) -> None:
-    if device.type != "cuda" and smoke:
-        raise ProviderUnavailable("torch.compile skipped in CPU smoke runs (compilation dominates; run without smoke)")
 
 
 def _class_inputs(dev: torch.device, batch: int, height: int, width: int, num_classes: int,
@@ -98,7 +83,7 @@ def _runner(device: torch.device, mode: str, forward: Callable[[dict], torch.Ten
 
 def _reduce_case(device: torch.device, smoke: bool, mode: str, batch: int, channels: int, size: int,
                  num_classes: int, dtype: torch.dtype) -> KernelCase:
-    shape_id = f"B{batch}-C{channels}-{size}x{size}-K{num_classes}-{_dtype_name(dtype)}"
+    shape_id = f"B{batch}-C{channels}-{size}x{size}-K{num_classes}-{dtype_name(dtype)}"
     if smoke:
         batch, channels, size = 2, 20, 13
     patch = max(1, size // 32)
@@ -114,13 +99,13 @@ def _reduce_case(device: torch.device, smoke: bool, mode: str, batch: int, chann
             impl="triton", validate=False)[0], "features", interpret=True)
 
         def factory(inputs: dict) -> Callable[[], Any]:
-            _triton_ok(device, smoke)
+            require_triton(device, smoke)
             return run(inputs)
 
         return factory
 
     def compiled(inputs: dict) -> Callable[[], Any]:
-        _compile_ok(device, smoke)
+        require_compile(device, smoke)
         fn = torch.compile(classwise_reduce_ref, dynamic=False)
         return _runner(device, mode, lambda x: fn(x["features"], x["labels"], x["masked"], num_classes)[0],
                        "features")(inputs)
@@ -174,13 +159,13 @@ def _recon_case(device: torch.device, smoke: bool, mode: str, batch: int, size: 
                                          validate=False), "pred", interpret=True)
 
         def factory(inputs: dict) -> Callable[[], Any]:
-            _triton_ok(device, smoke)
+            require_triton(device, smoke)
             return run(inputs)
 
         return factory
 
     def compiled(inputs: dict) -> Callable[[], Any]:
-        _compile_ok(device, smoke)
+        require_compile(device, smoke)
         return _runner(device, mode, loss(torch.compile(classwise_masked_recon_loss_ref, dynamic=False)),
                        "pred")(inputs)
 

@@ -25,8 +25,14 @@ from typing import Any
 
 import torch
 
-from fastseg.bench.core import KernelCase, ProviderUnavailable, register_kernel_cases
-from fastseg.kernels import interpreter_enabled
+from fastseg.bench.core import (
+    KernelCase,
+    ProviderUnavailable,
+    dtype_name,
+    register_kernel_cases,
+    require_compile,
+    require_triton,
+)
 from fastseg.kernels.vq import (
     _argmax_matmul_decomposition,
     _vq_nearest_decomposition,
@@ -37,20 +43,6 @@ from fastseg.kernels.vq import (
 )
 
 FAMILY = "vq"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _triton_ok(device: torch.device, smoke: bool) -> None:
-    if device.type != "cuda" and not (smoke and interpreter_enabled()):
-        raise ProviderUnavailable("Triton providers need a CUDA GPU (or TRITON_INTERPRET=1 in smoke mode)")
-
-
-def _compile_ok(device: torch.device, smoke: bool) -> None:
-    if device.type != "cuda" and smoke:
-        raise ProviderUnavailable("torch.compile skipped in CPU smoke runs (compilation dominates; run without smoke)")
 
 
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -95,7 +87,7 @@ def _faiss_provider(device: torch.device) -> Callable[[dict], Callable[[], Any]]
 
 def _vq_case(device: torch.device, smoke: bool, name: str, n: int, k: int, d: int, dtype: torch.dtype,
              quick: bool) -> KernelCase:  # fmt: skip
-    shape_id = f"{name}-N{n}-K{k}-D{d}-{_dtype_name(dtype)}"
+    shape_id = f"{name}-N{n}-K{k}-D{d}-{dtype_name(dtype)}"
     if smoke:
         n, k, d = 300, min(k, 70), min(d, 40)
 
@@ -107,11 +99,11 @@ def _vq_case(device: torch.device, smoke: bool, name: str, n: int, k: int, d: in
         }
 
     def triton_provider(x: dict) -> Callable[[], Any]:
-        _triton_ok(device, smoke)
+        require_triton(device, smoke)
         return _no_grad(lambda: vq_nearest(x["z"], x["codebook"], impl="triton"))
 
     def compile_provider(x: dict) -> Callable[[], Any]:
-        _compile_ok(device, smoke)
+        require_compile(device, smoke)
         compiled = torch.compile(_vq_nearest_decomposition, dynamic=False)
         return _no_grad(lambda: compiled(x["z"], x["codebook"]))
 
@@ -138,7 +130,7 @@ def _vq_case(device: torch.device, smoke: bool, name: str, n: int, k: int, d: in
 def _head_case(
     device: torch.device, smoke: bool, n: int, c: int, k: int, dtype: torch.dtype, quick: bool
 ) -> KernelCase:
-    shape_id = f"token_head-N{n}-C{c}-K{k}-{_dtype_name(dtype)}"
+    shape_id = f"token_head-N{n}-C{c}-K{k}-{dtype_name(dtype)}"
     if smoke:
         n, c, k = 200, 48, 90
 
@@ -150,11 +142,11 @@ def _head_case(
         }
 
     def triton_provider(x: dict) -> Callable[[], Any]:
-        _triton_ok(device, smoke)
+        require_triton(device, smoke)
         return _no_grad(lambda: argmax_matmul(x["x"], x["weight"], x["bias"], impl="triton"))
 
     def compile_provider(x: dict) -> Callable[[], Any]:
-        _compile_ok(device, smoke)
+        require_compile(device, smoke)
         compiled = torch.compile(_argmax_matmul_decomposition, dynamic=False)
         return _no_grad(lambda: compiled(x["x"], x["weight"], x["bias"]))
 

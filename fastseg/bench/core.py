@@ -20,6 +20,9 @@ import torch
 
 __all__ = [
     "ProviderUnavailable",
+    "require_triton",
+    "require_compile",
+    "dtype_name",
     "KernelCase",
     "Timing",
     "register_kernel_cases",
@@ -32,6 +35,24 @@ __all__ = [
 
 class ProviderUnavailable(RuntimeError):
     """Raised by a provider's factory when it cannot run here; the message is the reason shown to the user."""
+
+
+def require_triton(device: torch.device, smoke: bool) -> None:
+    """Triton providers run on CUDA, or through the interpreter in smoke runs; anything else is unavailable."""
+    from fastseg.kernels import interpreter_enabled
+
+    if device.type != "cuda" and not (smoke and interpreter_enabled()):
+        raise ProviderUnavailable("Triton providers need a CUDA GPU (or TRITON_INTERPRET=1 in smoke mode)")
+
+
+def require_compile(device: torch.device, smoke: bool) -> None:
+    """torch.compile providers are skipped in CPU smoke runs, where compilation would dominate the run."""
+    if device.type != "cuda" and smoke:
+        raise ProviderUnavailable("torch.compile skipped in CPU smoke runs (compilation dominates; run without smoke)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @dataclasses.dataclass
