@@ -31,14 +31,27 @@ def _config(out_dir, batch_size: int) -> TrainConfig:
                        out_dir=str(out_dir), seed=11, device="cpu", progress=False)
 
 
+def _import_engine_test_helpers():
+    # The stand-in model and data live beside the engine tests. Spawned ranks re-import this file but not its
+    # folder on sys.path (pytest's importlib mode), so name the folder explicitly.
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import test_engine
+
+    return test_engine
+
+
 def _data():
-    from test_engine import ColourWorld  # the stand-in model and data live beside the engine tests
+    ColourWorld = _import_engine_test_helpers().ColourWorld
 
     return ColourWorld(length=10, augment=False), ColourWorld(length=7, seed=1, augment=False)
 
 
 def _model():
-    from test_engine import TinySeg
+    TinySeg = _import_engine_test_helpers().TinySeg
 
     torch.manual_seed(0)
     # No dropout and no BatchNorm: per-rank batch statistics would legitimately differ from one big batch.
