@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write rows and environment as JSON")
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")
-    p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "fpn_mit_b0"])
+    p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "ecenet_resnet18"])
 
     add_export_commands(sub)  # export, verify
     add_gss_commands(sub)  # gss roundtrip | fit-tokenizer | convert-dalle

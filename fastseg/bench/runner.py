@@ -262,8 +262,11 @@ def save_plot(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path) -
     errors = [[r.median_ms - r.p20_ms for r in done], [r.p80_ms - r.median_ms for r in done]]
     fig, ax = plt.subplots(figsize=(11, 0.28 * len(done) + 1.5))
     providers = sorted({r.provider for r in done})
-    colours = [f"C{providers.index(r.provider) % 10}" for r in done]
-    ax.barh(range(len(done)), medians, xerr=errors, color=colours)
+    palette = plt.get_cmap("tab20").colors
+    colour_of = {p: palette[i % len(palette)] for i, p in enumerate(providers)}
+    ax.barh(range(len(done)), medians, xerr=errors, color=[colour_of[r.provider] for r in done])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour_of[p]) for p in providers]
+    ax.legend(handles, providers, fontsize=7, loc="lower right", title="provider", title_fontsize=7)
     ax.set_yticks(range(len(done)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
