@@ -5,25 +5,45 @@ kernels, checked launchers, a `torch.library.custom_op("fastseg::<op>")` registr
 `impl="auto" | "triton" | "torch"`. This package imports nothing else from fastseg.
 """
 
+from . import class_attention, classwise, vq
 from ._utils import HAS_TRITON, IMPLS, interpreter_enabled
+from .class_attention import (
+    masked_class_attention,
+    masked_class_attention_ref,
+    pixel_class_attention,
+    pixel_class_attention_ref,
+)
+from .classwise import (
+    classwise_masked_recon_loss,
+    classwise_masked_recon_loss_ref,
+    classwise_mean,
+    classwise_patch_mask,
+    classwise_reduce,
+    classwise_reduce_ref,
+)
+from .vq import argmax_matmul, argmax_matmul_ref, vq_nearest, vq_nearest_ref
 
-# Kernel families: each adds its public names here (one import line per family) and its ops' decompositions to
-# DECOMPOSITIONS, which fastseg.export uses to lower the custom ops to standard ONNX operators.
-DECOMPOSITIONS: dict = {}
-# --- families ---
-from . import vq as _vq
-from .vq import argmax_matmul, argmax_matmul_ref, vq_nearest, vq_nearest_ref  # noqa: E402
-DECOMPOSITIONS.update(_vq.DECOMPOSITIONS)
-from . import class_attention as _class_attention  # noqa: E402
-from .class_attention import masked_class_attention, masked_class_attention_ref, pixel_class_attention, pixel_class_attention_ref  # noqa: E402,E501
-DECOMPOSITIONS.update(_class_attention.DECOMPOSITIONS)
-from . import classwise as _classwise  # noqa: E402
-from .classwise import classwise_masked_recon_loss, classwise_masked_recon_loss_ref, classwise_mean, classwise_patch_mask, classwise_reduce, classwise_reduce_ref  # noqa: E402,E501
-DECOMPOSITIONS.update(_classwise.DECOMPOSITIONS)
-# --- end families ---
+# Each family's forward ops -> their reference decompositions; fastseg.export lowers the custom ops with these so
+# that ONNX files hold standard operators only. (classwise holds training ops: it exports none.)
+DECOMPOSITIONS: dict = {**vq.DECOMPOSITIONS, **class_attention.DECOMPOSITIONS, **classwise.DECOMPOSITIONS}
 
-__all__ = ["HAS_TRITON", "IMPLS", "interpreter_enabled", "DECOMPOSITIONS",
-           "vq_nearest", "vq_nearest_ref", "argmax_matmul", "argmax_matmul_ref",
-           "pixel_class_attention", "pixel_class_attention_ref", "masked_class_attention", "masked_class_attention_ref"]
-__all__ += ["classwise_reduce", "classwise_reduce_ref", "classwise_mean", "classwise_masked_recon_loss",
-            "classwise_masked_recon_loss_ref", "classwise_patch_mask"]
+__all__ = [
+    "HAS_TRITON",
+    "IMPLS",
+    "interpreter_enabled",
+    "DECOMPOSITIONS",
+    "vq_nearest",
+    "vq_nearest_ref",
+    "argmax_matmul",
+    "argmax_matmul_ref",
+    "pixel_class_attention",
+    "pixel_class_attention_ref",
+    "masked_class_attention",
+    "masked_class_attention_ref",
+    "classwise_reduce",
+    "classwise_reduce_ref",
+    "classwise_mean",
+    "classwise_masked_recon_loss",
+    "classwise_masked_recon_loss_ref",
+    "classwise_patch_mask",
+]
