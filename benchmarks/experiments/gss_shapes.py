@@ -157,7 +157,10 @@ def main() -> None:
         torch.manual_seed(1)
         model = fastseg.create_model("gss_ff_resnet18", num_classes=world.num_classes,
                                      tokenizer_checkpoint=str(tok_file))
-        data = ShapesDataset("train", length=args.more_steps * args.tokenizer_batch, config=world, seed=8)
+        done_before = len(report["results"].get("tokenizer_continued_runs", [])) or int(
+            "tokenizer_continued" in report["results"])
+        # fresh images for every continuation: seeds 8, 9, ...
+        data = ShapesDataset("train", length=args.more_steps * args.tokenizer_batch, config=world, seed=8 + done_before)
         loader = torch.utils.data.DataLoader(data, batch_size=args.tokenizer_batch, shuffle=False,
                                              collate_fn=lambda items: torch.stack([it["mask"] for it in items]))
         start = time.perf_counter()
@@ -169,11 +172,17 @@ def main() -> None:
         val = ShapesDataset("val", length=args.val_length, config=world, seed=0)
         rt = roundtrip_miou(model.tokenizer, model.maskige_palette, (val[i] for i in range(len(val))),
                             world.num_classes, maskige_scale=model.maskige_scale)
-        report["results"]["tokenizer_continued"] = {
+        # Each continuation is appended, so the JSON always tells the tokenizer's whole training.
+        runs = report["results"].setdefault("tokenizer_continued_runs", [])
+        if not runs and "tokenizer_continued" in report["results"]:  # written by the one-entry format before
+            runs.append(report["results"].pop("tokenizer_continued"))
+        runs.append({
             "roundtrip_mIoU": float(rt["mIoU"]), "roundtrip_IoU": [float(v) for v in rt["IoU"]],
             "extra_steps": args.more_steps, "batch_size": args.tokenizer_batch, "lr": args.more_lr,
-            "train_wall_s": round(wall, 1), "history": history,
-        }
+            "train_wall_s": round(wall, 1), "threads": args.threads, "history": history,
+        })
+        report["results"]["tokenizer_total_steps"] = report["results"]["tokenizer"]["steps"] + sum(
+            r["extra_steps"] for r in runs)
         print("roundtrip mIoU after continuing", rt["mIoU"], flush=True)
         _write(report)
 
