@@ -160,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench.core import kernel_families
-    from .bench.runner import environment, format_table, run_kernels, run_models, save_json, save_plot
+    from .bench.runner import environment, format_table, run_kernels, run_models, run_stages, save_json, save_plot
     from .registry import list_models
 
     device = _device(args.device)
@@ -180,6 +180,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         providers = args.providers.split(",")
         rows += run_models(device, models, size=args.size, batch=args.batch, dtype=dtype, providers=providers,
                            rounds=args.rounds)
+        if args.stages:
+            rows += run_stages(device, models, size=args.size, batch=args.batch, rounds=args.rounds)
     print(format_table(rows, env))
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision (autocast)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per case (after warm-up)")
     p.add_argument("--full", action="store_true", help="all kernel shapes, not only the quick set")
+    p.add_argument("--stages", action="store_true",
+                   help="also time each inference stage, reference vs fused (models with stages, e.g. gss_*)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write rows and environment as JSON")
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")

@@ -103,3 +103,18 @@ def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
     eager = [r for r in data["rows"] if r["provider"] == "eager"][0]
     assert eager["median_ms"] > 0 and eager["images_per_s"] > 0
     assert out_png.stat().st_size > 1000
+
+
+def test_stage_breakdown_reference_and_fused():
+    from fastseg.bench.runner import run_stages
+
+    rows = run_stages(torch.device("cpu"), ["gss_ff_resnet18", "fpn_mit_b0"], size=(64, 64), rounds=2,
+                      progress=False)
+    stages = [r for r in rows if r.name.startswith("gss_ff_resnet18/")]
+    expected = ["backbone", "head", "token_argmax", "decoder", "palette_inverse"]
+    for provider in ("reference", "fused"):
+        timed = [r.name.split("/")[1] for r in stages if r.provider == provider and r.ok]
+        assert timed == expected, (provider, timed)
+    assert all(r.speedup is not None for r in stages)
+    (fpn,) = [r for r in rows if r.name == "fpn_mit_b0"]
+    assert not fpn.ok and "benchmark_stages" in fpn.note

@@ -26,7 +26,7 @@ from .env import environment_info
 from .roofline import peak_for, roofline_fraction
 
 __all__ = [
-    "BenchRow", "run_kernels", "run_models", "model_provider", "format_table", "save_json", "save_plot", "MODEL_PROVIDERS",
+    "BenchRow", "run_kernels", "run_models", "run_stages", "model_provider", "format_table", "save_json", "save_plot", "MODEL_PROVIDERS",
 ]
 
 MODEL_PROVIDERS = ("eager", "fused", "compile", "onnxruntime")
@@ -195,6 +195,38 @@ def run_models(
             row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
         rows.append(row)
     _fill_speedups(rows, {(m, shape): "eager" for m in models})
+    return rows
+
+
+def run_stages(
+    device: torch.device,
+    models: Sequence[str],
+    size: tuple[int, int] = (512, 512),
+    batch: int = 1,
+    num_classes: int | None = None,
+    rounds: int = 10,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Per-stage latency of models that define ``benchmark_stages(fused)`` (GSS: backbone, head, token argmax,
+    decoder, palette inverse), on the reference path and on the fused path."""
+    from ..registry import create_model
+
+    rows: list[BenchRow] = []
+    images = torch.randn(batch, 3, *size, device=device)
+    shape = f"B{batch}-{size[0]}x{size[1]}"
+    for name in tqdm(models, desc="stages", disable=not progress, leave=False):
+        model = create_model(name, **({} if num_classes is None else {"num_classes": num_classes})).eval().to(device)
+        if not hasattr(model, "benchmark_stages"):
+            rows.append(BenchRow("stage", name, "-", shape, "float32", note="model defines no benchmark_stages"))
+            continue
+        for provider, fused in (("reference", False), ("fused", True)):
+            x: Any = images
+            with torch.inference_mode():
+                for stage, step in model.benchmark_stages(fused):
+                    row = BenchRow("stage", f"{name}/{stage}", provider, shape, "float32")
+                    rows.append(_timed_row(row, lambda step=step, x=x: step(x), device, rounds))
+                    x = step(x)
+    _fill_speedups(rows, {(r.name, shape): "reference" for r in rows})
     return rows
 
 

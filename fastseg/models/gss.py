@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -520,6 +520,17 @@ class GSSSegmenter(SegmentationModel):
         onehot = (class_map[:, None] == classes[None, :, None, None]).float()
         s = self.maskige_scale
         return F.avg_pool2d(onehot, s, s) if s > 1 else onehot
+
+    def benchmark_stages(self, fused: bool = True) -> list[tuple[str, Callable[[Any], Any]]]:
+        """The GSS-FF inference pipeline as named steps, each fed the previous step's output (for
+        ``fastseg bench --stages``): backbone, head, token argmax, decoder, palette inverse."""
+        return [
+            ("backbone", self.backbone),
+            ("head", self.head.features),
+            ("token_argmax", lambda features: self.token_ids(features, fused)),
+            ("decoder", lambda ids: self.decode_maskige(ids, fused)),
+            ("palette_inverse", lambda maskige: self.maskige_to_classes(maskige, fused)),
+        ]
 
     def stages(self, images: torch.Tensor, fused: bool = True) -> dict[str, torch.Tensor]:
         """Every inference step on padded-size ``images`` (eval mode): features, token ids, maskige, class map,
