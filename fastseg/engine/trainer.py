@@ -524,6 +524,17 @@ def train(
             _append_jsonl(metrics_file, record)
         return metrics
 
+    def keep_if_best(metrics: dict[str, Any], step: int) -> bool:
+        """Remember an evaluation that beats the best mIoU so far and write its weights (rank 0); True if it did."""
+        nonlocal best_miou
+        if not metrics["mIoU"] > best_miou:
+            return False
+        best_miou = metrics["mIoU"]
+        result.best_metrics = metrics
+        if is_main and out_dir is not None:
+            result.best_weights = ckpt.save_weights(model, out_dir / BEST_WEIGHTS, _weights_metadata(model, step))
+        return True
+
     def save_last(step: int) -> None:
         rng = _gather_rng_states(info)  # collective: every rank takes part
         if is_main and out_dir is not None:
@@ -634,15 +645,9 @@ def train(
             bar.update(1)
 
             if val_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics = run_eval(step)
                 last_evaluated = step
-                if metrics["mIoU"] > best_miou:
-                    best_miou = metrics["mIoU"]
-                    result.best_metrics = metrics
-                    if is_main and out_dir is not None:
-                        result.best_weights = ckpt.save_weights(model, out_dir / BEST_WEIGHTS,
-                                                                _weights_metadata(model, step))
-                    barrier()
+                if keep_if_best(run_eval(step), step):
+                    barrier()  # the metrics are all-reduced, so every rank takes this branch together
                 model.train()
             if cfg.save_every and step % cfg.save_every == 0 and step < end_step:
                 save_last(step)
@@ -656,14 +661,8 @@ def train(
         save_last(step)
     if step >= cfg.steps:
         if val_set is not None and last_evaluated != step:
-            metrics = run_eval(step)
-            result.final_metrics = metrics
-            if metrics["mIoU"] > best_miou:
-                best_miou = metrics["mIoU"]
-                result.best_metrics = metrics
-                if is_main and out_dir is not None:
-                    result.best_weights = ckpt.save_weights(model, out_dir / BEST_WEIGHTS,
-                                                            _weights_metadata(model, step))
+            result.final_metrics = run_eval(step)
+            keep_if_best(result.final_metrics, step)
         if is_main and out_dir is not None:
             result.final_weights = ckpt.save_weights(model, out_dir / FINAL_WEIGHTS, _weights_metadata(model, step))
             _append_jsonl(metrics_file, {"event": "end", "step": step, "best_val_mIoU": best_miou
