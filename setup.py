@@ -46,6 +46,8 @@ setup(
             # GSS's DALL-E dVAE is checked against the official package (its metadata omits attrs).
             "dall-e",
             "attrs",
+            # PADing's clip:CHECKPOINT class embeddings (text tower built offline, weights from a local file).
+            "open_clip_torch",
         ],
     },
     entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},

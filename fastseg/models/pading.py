@@ -1,0 +1,372 @@
+"""PADing (He et al., "Primitive Generation and Semantic-related Alignment for Universal Zero-Shot Segmentation",
+CVPR 2023): zero-shot semantic / instance / panoptic segmentation on a frozen seen-only Mask2Former.
+
+Stage 1 trains Mask2Former on seen classes only. Stage 2 (this file's modules, the loop in
+`fastseg.engine.recipes.pading`) freezes the whole segmenter and trains, from the class embeddings of every class
+(`fastseg.models.class_embeddings`):
+
+* ``projection``: ``Linear(d_s, 256)``, class embedding s_c -> a_c in the query space;
+* `PrimitiveGenerator`: 400 learned primitives (``nn.Embedding``, N(0, 1)) and 3 post-norm transformer decoder layers
+  with sequence length 1 (the classes are the batch), 8 heads, FFN 1024, ReLU; inside every layer Gaussian noise
+  N(0, I) is added after the cross-attention residual and before the second LayerNorm, in train *and* eval mode; a
+  final LayerNorm. The keys / values of the primitives are computed once per call and shared by all classes
+  (spec C.4: never repeated per class). Self-attention over one token is exactly ``out_proj(v_proj(x))`` (with
+  ``nn.MultiheadAttention``'s dropout on the single attention weight, i.e. per (class, head));
+* disentanglement: E_r, E_u = ``Linear, Linear, LeakyReLU(0.2), Dropout``; D = ``Linear(512, 256), LeakyReLU,
+  Dropout, Linear, LeakyReLU, Dropout``; relation R(x, a) = sigmoid(w_2 . ReLU(W_1 [x; a] + b_1) + b_2);
+* ``new_fc``: ``Linear(256, K + 1)``, initialised from the segmenter's class head, the only module used at inference.
+
+Losses (spec C.6, exactly): multi-bandwidth MMD ``sqrt(sum_sigma s^T K_sigma s)``, ``k_sigma = exp(-d^2 / (2 sigma))``,
+sigma in {2, 5, 10, 20, 40, 80}; generator classification ``0.001 CE(new_fc(f))``; reconstruction L1; unrelated part
+pushed to noise with KL_T; relation CE on sigmoid scores used as logits (as the official code does); semantic-related
+alignment ``KL_T(S(A, A) || S(r, r))`` (T = 0.1, normalised by numel, gradients into both sides); total
+``L_G = L_MMD + L_cls + lambda_s (w1 (L_align + L_unrel) + w2 L_rel + w3 L_rec)``. The classifier step: weighted CE of
+``new_fc`` on all real query embeddings (unmatched = no-object, weight 0.1) plus ``num_choose`` detached fake unseen
+features (weight ``class_eco``).
+
+Choices where the official code is tied to COCO and the shapes world needs a parameter (documented, not invented):
+``cls_logits`` replaces the hard-coded ``[:, :156]`` slice ("all": the panoptic / instance no-op; "seen": the
+semantic task's seen-logits-only meaning); the seen relation is scored against the projected embeddings of *all*
+classes, as with CLIP embeddings in the official panoptic / semantic configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "GMMNGenerator",
+    "PADingHead",
+    "PrimitiveGenerator",
+    "PrimitiveGeneratorLayer",
+    "RelationModule",
+    "cosine_similarity_matrix",
+    "mmd_loss",
+    "similarity_kl",
+]
+
+MMD_SIGMAS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+def mmd_loss(fake: torch.Tensor, real: torch.Tensor, sigmas: Sequence[float] = MMD_SIGMAS) -> torch.Tensor:
+    """Multi-bandwidth MMD of GMMN: ``sqrt(sum_sigma [mean k(f, f) + mean k(e, e) - 2 mean k(f, e)])``.
+
+    ``k_sigma(x, y) = exp(-||x - y||^2 / (2 sigma))`` (sigma divides the *squared* distance). The half squared
+    distances are formed once, in fp32, and reused by every bandwidth. The sum is clamped at 1e-12 before the square
+    root: it is >= 0 mathematically, and the clamp keeps the gradient finite where fake and real coincide.
+    """
+    if fake.dim() != 2 or real.dim() != 2 or fake.shape[1] != real.shape[1]:
+        raise ValueError(f"mmd_loss expects (M, D) and (N, D) features, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    if fake.shape[0] == 0 or real.shape[0] == 0:
+        raise ValueError("mmd_loss needs at least one fake and one real feature")
+    x = torch.cat([fake, real]).float()
+    sq = (x * x).sum(1, keepdim=True)
+    neg_half_d2 = x @ x.t() - 0.5 * sq - 0.5 * sq.t()  # -d^2 / 2
+    weights = torch.cat([x.new_full((fake.shape[0],), 1.0 / fake.shape[0]),
+                         x.new_full((real.shape[0],), -1.0 / real.shape[0])])
+    outer = weights[:, None] * weights[None, :]
+    total = sum((outer * torch.exp(neg_half_d2 / sigma)).sum() for sigma in sigmas)
+    return torch.sqrt(total.clamp_min(1e-12))
+
+
+def cosine_similarity_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """S(X, Y): rows L2-normalised, ``X Y^T`` (an empty side gives an empty matrix, as the official code does)."""
+    return F.normalize(x, p=2, dim=1) @ F.normalize(y, p=2, dim=1).t()
+
+
+def similarity_kl(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """``KL_T(target || pred)``: row softmaxes at temperature T, summed, divided by ``pred.numel()``.
+
+    Gradients flow into both arguments (the official ``kl_loss(prediction, targets)`` with ``log_target=True``).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"similarity_kl: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.numel() == 0:
+        return pred.sum() * 0.0
+    log_p = F.log_softmax(pred / temperature, dim=1)
+    log_t = F.log_softmax(target / temperature, dim=1)
+    return F.kl_div(log_p, log_t, reduction="sum", log_target=True) / pred.numel()
+
+
+# --------------------------------------------------------------------------------------------------------- generator
+class PrimitiveGeneratorLayer(nn.Module):
+    """One post-norm decoder layer with sequence length 1 over the primitives (spec C.4, steps 1-4).
+
+    The attention parameters live in ``nn.MultiheadAttention`` modules (same initialisation and state-dict names as
+    the official layer); the forward is written out so that the primitives' keys / values are computed once per
+    call (`primitive_kv`) and broadcast over the N classes instead of being repeated N times.
+    """
+
+    def __init__(self, dim: int = 256, heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1,
+                 noise: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.noise, self.p = dim, heads, noise, dropout
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, self.training)
+
+    def primitive_kv(self, primitives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the P primitives, (heads, P, d_h) each: one GEMM each per call, shared by all classes."""
+        d = self.dim
+        w, b = self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
+        k = F.linear(primitives, w[d : 2 * d], b[d : 2 * d])
+        v = F.linear(primitives, w[2 * d :], b[2 * d :])
+        shape = (primitives.shape[0], self.heads, d // self.heads)
+        return k.view(shape).transpose(0, 1), v.view(shape).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, dim) one token per class; kv from `primitive_kv`; noise: (N, dim) or None to draw N(0, I)."""
+        n, d, h = x.shape[0], self.dim, self.heads
+        dh = d // h
+        # 1. Self-attention over a single token: the softmax weight is 1, so the output is out_proj(v_proj(x)); the
+        # attention dropout of nn.MultiheadAttention then drops that weight per (token, head).
+        sa = self.self_attn
+        v_self = F.linear(x, sa.in_proj_weight[2 * d :], sa.in_proj_bias[2 * d :]).view(n, h, dh)
+        if self.training and self.p > 0:
+            v_self = v_self * F.dropout(v_self.new_ones(n, h, 1), self.p, True)
+        x = self.norm1(x + self._drop(sa.out_proj(v_self.reshape(n, d))))
+        # 2. Cross-attention to the primitives with the shared keys / values.
+        ca = self.cross_attn
+        keys, values = kv
+        q = F.linear(x, ca.in_proj_weight[:d], ca.in_proj_bias[:d]).view(n, h, dh).transpose(0, 1)  # (h, N, dh)
+        attn = torch.softmax((q / math.sqrt(dh)) @ keys.transpose(1, 2), dim=-1)  # (h, N, P)
+        attn = F.dropout(attn, self.p, self.training)
+        out = (attn @ values).transpose(0, 1).reshape(n, d)
+        x = x + self._drop(ca.out_proj(out))
+        # 3. Noise injection before the second LayerNorm, also in eval mode (MODEL.MASK_FORMER.NOISE = True).
+        if self.noise:
+            x = x + (torch.randn_like(x) if noise is None else noise)
+        x = self.norm2(x)
+        # 4. FFN (dropout after the activation and on the residual branch, as the official layer).
+        return self.norm3(x + self._drop(self.linear2(self._drop(F.relu(self.linear1(x))))))
+
+
+class PrimitiveGenerator(nn.Module):
+    """Projected class embeddings (N, dim) -> synthetic query embeddings (N, dim) assembled from the primitives."""
+
+    def __init__(self, dim: int = 256, num_primitives: int = 400, num_layers: int = 3, heads: int = 8,
+                 ffn_dim: int = 1024, dropout: float = 0.1, noise: bool = True) -> None:
+        super().__init__()
+        if num_primitives < 1 or num_layers < 1:
+            raise ValueError(f"need num_primitives >= 1 and num_layers >= 1, got {num_primitives}, {num_layers}")
+        self.primitives = nn.Embedding(num_primitives, dim)  # N(0, 1) init, as nn.Embedding does
+        layer = PrimitiveGeneratorLayer(dim, heads, ffn_dim, dropout, noise)
+        # The official decoder deep-copies one layer, so all layers start from the same weights; so do we.
+        self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, a: torch.Tensor, noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        if a.dim() != 2:
+            raise ValueError(f"generator input must be (N, dim), got {tuple(a.shape)}")
+        if noise is not None and len(noise) != len(self.layers):
+            raise ValueError(f"need one noise tensor per layer ({len(self.layers)}), got {len(noise)}")
+        x = a
+        prim = self.primitives.weight
+        for i, layer in enumerate(self.layers):
+            x = layer(x, layer.primitive_kv(prim), None if noise is None else noise[i])
+        return self.norm(x)
+
+
+class GMMNGenerator(nn.Module):
+    """Ablation: the classic GMMN feature generator (no primitives), noise concatenated to the input.
+
+    ``Linear(dim + noise_dim, hidden), LeakyReLU(0.2), Dropout(0.4), Linear(hidden, dim)`` with Xavier weights and
+    0.01 biases, the structure of ``GMMNnetwork`` in the official repository (dead code there, the baseline here).
+    """
+
+    def __init__(self, dim: int = 256, noise_dim: int | None = None, hidden: int = 256, dropout: float = 0.4) -> None:
+        super().__init__()
+        self.noise_dim = dim if noise_dim is None else noise_dim
+        self.net = nn.Sequential(nn.Linear(dim + self.noise_dim, hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+                                 nn.Linear(hidden, dim))
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.constant_(m.bias, 0.01)
+
+    def forward(self, a: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        z = torch.randn(a.shape[0], self.noise_dim, device=a.device, dtype=a.dtype) if noise is None else noise
+        return self.net(torch.cat([a, z], 1))
+
+
+# ------------------------------------------------------------------------------------------------ structure modules
+def _encoder(dim: int, p: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, dim), nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Dropout(p))
+
+
+def _decoder(dim: int, p: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2 * dim, dim), nn.LeakyReLU(0.2), nn.Dropout(p), nn.Linear(dim, dim),
+                         nn.LeakyReLU(0.2), nn.Dropout(p))
+
+
+class RelationModule(nn.Module):
+    """R(x, a) = sigmoid(fc2(ReLU(fc1([x; a])))) for every (feature, class) pair -> (N, C) scores in (0, 1).
+
+    ``fc1`` is applied split, ``W_1 [x; a] = W_1x x + W_1a a``: two small GEMMs and a broadcast add instead of the
+    (N * C, 2 dim) concatenation (spec C.11, 4); the parameters are the official ``fc1`` / ``fc2``.
+    """
+
+    def __init__(self, dim: int = 256, embed_dim: int | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.fc1 = nn.Linear(dim + (dim if embed_dim is None else embed_dim), dim)
+        self.fc2 = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        wx, wa = self.fc1.weight[:, : self.dim], self.fc1.weight[:, self.dim :]
+        hidden = F.relu((x @ wx.t())[:, None, :] + F.linear(a, wa, self.fc1.bias)[None, :, :])  # (N, C, dim)
+        return torch.sigmoid(self.fc2(hidden).squeeze(-1))
+
+
+# ------------------------------------------------------------------------------------------------------- the head
+class PADingHead(nn.Module):
+    """Everything stage 2 trains: projection, generator, E_r / E_u / D / R (Adam side) and ``new_fc`` (SGD side).
+
+    Args:
+        class_embeddings: (K, d_s) embeddings of all classes in class-id order (a buffer, saved with the model).
+        seen_ids / unseen_ids: the split (disjoint, both non-empty, covering 0..K-1).
+        dim: query-embedding width of the segmenter (256 in Mask2Former).
+        generator: "primitives" (PADing) or "gmmn" (the ablation without primitives).
+        cls_logits: "all" (panoptic / instance: the official ``[:, :156]`` slice is a no-op there) or "seen" (the
+            semantic task: seen logits only).
+        structure_weight: lambda_s; weights: (w1, w2, w3).
+    """
+
+    def __init__(self, class_embeddings: torch.Tensor, seen_ids: Sequence[int], unseen_ids: Sequence[int],
+                 dim: int = 256, num_primitives: int = 400, num_layers: int = 3, heads: int = 8, ffn_dim: int = 1024,
+                 trans_dropout: float = 0.1, ed_dropout: float = 0.1, noise: bool = True,
+                 generator: str = "primitives", structure_weight: float = 1e-4,
+                 weights: tuple[float, float, float] = (1.0, 1.0, 0.5), cls_weight: float = 1e-3,
+                 cls_logits: str = "all", temperature: float = 0.1, sigmas: Sequence[float] = MMD_SIGMAS,
+                 class_eco: float = 5.0, num_choose: int = 5, no_object_weight: float = 0.1) -> None:
+        super().__init__()
+        if class_embeddings.dim() != 2:
+            raise ValueError(f"class_embeddings must be (K, d_s), got {tuple(class_embeddings.shape)}")
+        k = class_embeddings.shape[0]
+        seen, unseen = [int(i) for i in seen_ids], [int(i) for i in unseen_ids]
+        if not unseen:
+            raise ValueError("the seen / unseen split has no unseen class: zero-shot stage 2 needs at least one")
+        if not seen:
+            raise ValueError("the seen / unseen split has no seen class: the segmenter must be trained on some")
+        if set(seen) & set(unseen) or sorted(seen + unseen) != list(range(k)):
+            raise ValueError(f"seen {seen} and unseen {unseen} must partition the {k} class ids 0..{k - 1}")
+        if generator not in ("primitives", "gmmn"):
+            raise ValueError(f"generator must be 'primitives' or 'gmmn', got {generator!r}")
+        if cls_logits not in ("all", "seen"):
+            raise ValueError(f"cls_logits must be 'all' or 'seen', got {cls_logits!r}")
+        if num_choose < 1:
+            raise ValueError(f"num_choose must be >= 1, got {num_choose}")
+        self.num_classes, self.dim = k, dim
+        self.register_buffer("class_embeddings", class_embeddings.detach().float().clone())
+        self.register_buffer("seen_ids", torch.tensor(seen, dtype=torch.long), persistent=False)
+        self.register_buffer("unseen_ids", torch.tensor(unseen, dtype=torch.long), persistent=False)
+        self.projection = nn.Linear(class_embeddings.shape[1], dim)
+        self.generator_kind = generator
+        self.generator = (PrimitiveGenerator(dim, num_primitives, num_layers, heads, ffn_dim, trans_dropout, noise)
+                          if generator == "primitives" else GMMNGenerator(dim))
+        self.encoder_related = _encoder(dim, ed_dropout)
+        self.encoder_unrelated = _encoder(dim, ed_dropout)
+        self.decoder = _decoder(dim, ed_dropout)
+        self.relation = RelationModule(dim)
+        self.new_fc = nn.Linear(dim, k + 1)
+        self.structure_weight, self.weights, self.cls_weight = structure_weight, tuple(weights), cls_weight
+        self.cls_logits, self.temperature, self.sigmas = cls_logits, temperature, tuple(sigmas)
+        self.class_eco, self.num_choose, self.no_object_weight = class_eco, num_choose, no_object_weight
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """What the Adam step trains: every stage-2 parameter except ``new_fc``."""
+        return [p for n, p in self.named_parameters() if not n.startswith("new_fc.")]
+
+    def classifier_class_weights(self) -> torch.Tensor:
+        """(K + 1,) CE weights of the classifier step: 1 seen, ``class_eco`` unseen, ``no_object_weight`` no-object."""
+        w = torch.ones(self.num_classes + 1, device=self.new_fc.weight.device)
+        w[self.unseen_ids] = self.class_eco
+        w[-1] = self.no_object_weight
+        return w
+
+    def generate(self, a: torch.Tensor) -> torch.Tensor:
+        return self.generator(a)
+
+    # -- step G ------------------------------------------------------------------------------------------------
+    def generator_losses(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All generator-side losses for M matched real query embeddings ``real`` (M, dim) with class ``labels``.
+
+        One fake feature per matched GT (same class), one per unseen class; the two sets go through the generator
+        in one call, so the primitives' keys / values are computed once for the step.
+        """
+        if real.dim() != 2 or real.shape[1] != self.dim or labels.shape != real.shape[:1]:
+            raise ValueError(f"expected real (M, {self.dim}) and labels (M,), got {tuple(real.shape)}, "
+                             f"{tuple(labels.shape)}")
+        if real.shape[0] == 0:
+            raise ValueError("generator_losses needs at least one matched real query embedding")
+        a_all = self.projection(self.class_embeddings)  # (K, dim), with gradient (the alignment target trains it)
+        a_seen, a_unseen = a_all[labels], a_all[self.unseen_ids]
+        fake = self.generate(torch.cat([a_seen, a_unseen]))
+        fake_seen, fake_unseen = fake[: len(labels)], fake[len(labels) :]
+        out = {"mmd": mmd_loss(fake_seen, real, self.sigmas), "cls": self.cls_loss(fake_seen, labels)}
+        out.update(self.structure_losses(fake_seen, fake_unseen, a_all, labels))
+        out["loss"] = out["mmd"] + out["cls"] + self.structure_weight * out["structure"]
+        return out
+
+    def cls_loss(self, fake_seen: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.new_fc(fake_seen)
+        if self.cls_logits == "seen":
+            position = torch.full((self.num_classes,), -1, dtype=torch.long, device=labels.device)
+            position[self.seen_ids] = torch.arange(len(self.seen_ids), device=labels.device)
+            logits, labels = logits[:, self.seen_ids], position[labels]
+        return self.cls_weight * F.cross_entropy(logits, labels)
+
+    def structure_losses(self, fake_seen: torch.Tensor, fake_unseen: torch.Tensor, a_all: torch.Tensor,
+                         labels: torch.Tensor, noise_seen: torch.Tensor | None = None,
+                         noise_unseen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Disentanglement, relation and alignment on *generated* features only (spec C.6, 3-6)."""
+        a_seen, a_unseen = a_all[labels], a_all[self.unseen_ids]
+        r_s, u_s = self.encoder_related(fake_seen), self.encoder_unrelated(fake_seen)
+        r_u, u_u = self.encoder_related(fake_unseen), self.encoder_unrelated(fake_unseen)
+        z_s = torch.randn_like(u_s) if noise_seen is None else noise_seen
+        z_u = torch.randn_like(u_u) if noise_unseen is None else noise_unseen
+        t = self.temperature
+        rec = 0.5 * (F.l1_loss(self.decoder(torch.cat([r_s, u_s], 1)), fake_seen)
+                     + F.l1_loss(self.decoder(torch.cat([r_u, u_u], 1)), fake_unseen))
+        unrelated = 0.5 * 0.5 * (similarity_kl(u_s, z_s, t) + similarity_kl(u_u, z_u, t))
+        unseen_target = torch.arange(len(self.unseen_ids), device=labels.device)
+        relation = 0.2 * 0.5 * (F.cross_entropy(self.relation(r_s, a_all), labels)
+                                + F.cross_entropy(self.relation(r_u, a_unseen), unseen_target))
+        sim = cosine_similarity_matrix
+        align = (similarity_kl(sim(r_s, r_s), sim(a_seen, a_seen), t)
+                 + similarity_kl(sim(r_u, r_u), sim(a_unseen, a_unseen), t)
+                 + similarity_kl(sim(r_s, r_u), sim(a_seen, a_unseen), t)) / 3.0
+        w1, w2, w3 = self.weights
+        structure = w1 * (align + unrelated) + w2 * relation + w3 * rec
+        return {"align": align, "unrelated": unrelated, "relation": relation, "rec": rec, "structure": structure}
+
+    # -- step D ------------------------------------------------------------------------------------------------
+    def classifier_loss(self, queries: torch.Tensor, query_labels: torch.Tensor,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Weighted CE of ``new_fc`` on all real query embeddings (N, dim) with labels in 0..K (K = no-object)
+        plus ``num_choose`` fake unseen features (detached: only ``new_fc`` learns here)."""
+        if queries.dim() != 2 or queries.shape[1] != self.dim or query_labels.shape != queries.shape[:1]:
+            raise ValueError(f"expected queries (N, {self.dim}) and labels (N,), got {tuple(queries.shape)}, "
+                             f"{tuple(query_labels.shape)}")
+        pick = torch.randperm(len(self.unseen_ids), generator=generator)[: self.num_choose].to(self.unseen_ids.device)
+        with torch.no_grad():
+            fake = self.generate(self.projection(self.class_embeddings[self.unseen_ids[pick]]))
+        inputs = torch.cat([queries.detach(), fake])
+        labels = torch.cat([query_labels, self.unseen_ids[pick]])
+        ce = F.cross_entropy(self.new_fc(inputs), labels, weight=self.classifier_class_weights())
+        return {"loss": ce, "classifier_ce": ce.detach()}
