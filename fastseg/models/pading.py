@@ -33,22 +33,30 @@ classes, as with CLIP embeddings in the official panoptic / semantic configs.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._base import SegmentationModel
+
 __all__ = [
     "GMMNGenerator",
+    "PADing",
     "PADingHead",
     "PrimitiveGenerator",
     "PrimitiveGeneratorLayer",
     "RelationModule",
+    "TASK_DEFAULTS",
+    "check_stage1_metadata",
     "cosine_similarity_matrix",
     "mmd_loss",
     "similarity_kl",
+    "stage1_protocol",
 ]
 
 MMD_SIGMAS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -370,3 +378,179 @@ class PADingHead(nn.Module):
         labels = torch.cat([query_labels, self.unseen_ids[pick]])
         ce = F.cross_entropy(self.new_fc(inputs), labels, weight=self.classifier_class_weights())
         return {"loss": ce, "classifier_ce": ce.detach()}
+
+
+# ------------------------------------------------------------------------------------------------------ the model
+# Per-task stage-2 settings of the official configs (spec C.2 / C.7): (CLASS_ECO, NUM_CHOOSE, lambda_s, DROP_OUT_ED,
+# TRANS_DROP_RATE, generator-classification logits). NUM_CHOOSE "all" for semantic (17 >= 15 unseen).
+TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "panoptic": dict(class_eco=5.0, num_choose=5, structure_weight=1e-4, ed_dropout=0.1, trans_dropout=0.1,
+                     cls_logits="all"),
+    "instance": dict(class_eco=2.0, num_choose=5, structure_weight=1e-3, ed_dropout=0.1, trans_dropout=0.1,
+                     cls_logits="all"),
+    "semantic": dict(class_eco=5.0, num_choose=10**9, structure_weight=1e-3, ed_dropout=0.2, trans_dropout=0.3,
+                     cls_logits="seen"),
+}
+
+
+class PADing(SegmentationModel):
+    """A frozen seen-only Mask2Former whose class head is PADing's ``new_fc`` (spec C.8), plus the stage-2 modules.
+
+    Args:
+        segmenter: a `Mask2Former` (stage 1, trained on seen classes only; see `load_stage1`).
+        class_embeddings: (K, d_s) embeddings of all K classes (`fastseg.models.class_embeddings`).
+        seen_ids / unseen_ids: the zero-shot split.
+        task: "panoptic" | "instance" | "semantic": picks the official stage-2 settings (`TASK_DEFAULTS`), which
+            ``head_kwargs`` may override (e.g. ``structure_weight=0`` or ``generator="gmmn"`` for the ablations).
+        embeddings_source: how the embeddings were made (recorded in the checkpoint metadata).
+
+    Inference (``model(images)``, ``predict(images, task=...)``, ``forward_raw``) is the segmenter's own, with
+    ``new_fc`` in place of its class head: semantic ``sum_q softmax(new_fc(e_q))[:K] sigmoid(m_q)``, panoptic and
+    instance post-processing unchanged. The generator is never used at inference.
+    """
+
+    def __init__(self, segmenter: nn.Module, class_embeddings: torch.Tensor, seen_ids: Sequence[int],
+                 unseen_ids: Sequence[int], task: str = "panoptic", embeddings_source: str = "attributes",
+                 **head_kwargs: object) -> None:
+        super().__init__()
+        if task not in TASK_DEFAULTS:
+            raise ValueError(f"task must be one of {sorted(TASK_DEFAULTS)}, got {task!r}")
+        for attr in ("forward_queries", "replace_class_head", "freeze_segmenter", "targets", "criterion"):
+            if not hasattr(segmenter, attr):
+                raise ValueError(f"PADing needs a Mask2Former segmenter; {type(segmenter).__name__} has no {attr!r}")
+        k = segmenter.num_classes
+        if class_embeddings.shape[0] != k:
+            raise ValueError(f"{class_embeddings.shape[0]} class embeddings for a segmenter with {k} classes")
+        self.task, self.embeddings_source = task, embeddings_source
+        dim = segmenter.class_head.in_features
+        opts = {**TASK_DEFAULTS[task], **head_kwargs}
+        opts["num_choose"] = min(int(opts["num_choose"]), len(list(unseen_ids)) or 1)  # type: ignore[call-overload]
+        self.head = PADingHead(class_embeddings, seen_ids, unseen_ids, dim=dim, **opts)  # type: ignore[arg-type]
+        self.segmenter = segmenter
+        # Matching in stage 2 uses the frozen stage-1 class head (the official matcher reads the pretrained
+        # class_embed, new_fc is a separate module); new_fc starts from it and then replaces it for inference.
+        self.stage1_class_head = copy.deepcopy(segmenter.class_head)
+        self.stage1_class_head.requires_grad_(False)
+        self.head.new_fc.load_state_dict(segmenter.class_head.state_dict())
+        segmenter.replace_class_head(self.head.new_fc)
+        segmenter.freeze_segmenter()
+        self.pretrained_cfg = segmenter.pretrained_cfg
+
+    @property
+    def seen_classes(self) -> list[int]:
+        return self.head.seen_ids.tolist()
+
+    @property
+    def unseen_classes(self) -> list[int]:
+        return self.head.unseen_ids.tolist()
+
+    def train(self, mode: bool = True) -> PADing:
+        """Stage 2 trains only the head: the frozen segmenter stays in eval mode (no BatchNorm statistics move)."""
+        super().train(mode)
+        self.segmenter.eval()
+        return self
+
+    def reset_classifier_from_stage1(self) -> None:
+        """``new_fc`` <- the stage-1 class head (the official weight conversion, spec C.7)."""
+        self.head.new_fc.load_state_dict(self.stage1_class_head.state_dict())
+
+    # -- inference: the segmenter with new_fc ------------------------------------------------------------------
+    def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.segmenter.forward_logits(images)
+
+    def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.segmenter.forward_raw(images)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, task: str = "semantic"):  # type: ignore[override]
+        return self.segmenter.predict(images, task=task)
+
+    # -- stage 2 -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def matched_queries(self, batch: dict[str, torch.Tensor],
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen forward + Hungarian matching: query embeddings (B, Q, C) (the normalised final decoder output,
+        ``pred_embed``) and ``all_classes`` (B, Q): the matched GT class, or K (no-object) for unmatched queries."""
+        seg = self.segmenter
+        targets = seg.targets(batch)
+        images, _, _ = seg._padded(batch["image"])
+        out = seg.forward_queries(images)
+        embed = out["query_embeddings"][-1]
+        logits = self.stage1_class_head(embed)
+        indices = seg.criterion.matcher(logits, out["pred_masks"], targets, generator=generator)
+        all_classes = torch.full(embed.shape[:2], self.num_classes, dtype=torch.long, device=embed.device)
+        for b, (rows, cols) in enumerate(indices):
+            all_classes[b, rows.to(embed.device)] = targets[b].labels[cols.to(embed.device)]
+        return embed, all_classes
+
+    def generator_step_losses(self, embed: torch.Tensor, all_classes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Step G's losses from `matched_queries` (M matched real embeddings vs M fake seen + all fake unseen)."""
+        matched = all_classes != self.num_classes
+        if not bool(matched.any()):
+            raise ValueError("no query matched a ground-truth segment in this batch: the generator step needs one")
+        return self.head.generator_losses(embed[matched], all_classes[matched])
+
+    def classifier_step_loss(self, embed: torch.Tensor, all_classes: torch.Tensor,
+                             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Step D's loss: ``new_fc`` on all B * Q real queries plus ``num_choose`` fake unseen features."""
+        return self.head.classifier_loss(embed.flatten(0, 1), all_classes.flatten(), generator)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Both stage-2 objectives summed, for code that drives one optimiser (the model contract). The faithful
+        procedure, two optimisers and two steps per iteration, is `fastseg.engine.recipes.pading.train_stage2`."""
+        self.check_batch(batch)
+        embed, all_classes = self.matched_queries(batch)
+        cls = self.classifier_step_loss(embed, all_classes)
+        if bool((all_classes != self.num_classes).any()):
+            gen = self.generator_step_losses(embed, all_classes)
+        else:  # nothing matched: no generator signal in this batch
+            gen = {"loss": sum(p.sum() for p in self.head.generator_parameters()) * 0.0}
+        out = {k: v.detach() for k, v in gen.items() if k != "loss"}
+        out.update(generator_loss=gen["loss"].detach(), classifier_loss=cls["loss"].detach())
+        out["loss"] = gen["loss"] + cls["loss"]
+        return out
+
+    def load_stage1(self, path: str | os.PathLike) -> None:
+        """Load a seen-only Mask2Former checkpoint into the segmenter (see `check_stage1_metadata`), then
+        initialise ``new_fc`` and the frozen matching head from its class head."""
+        from ..checkpoint import load_state_dict, read_metadata
+
+        check_stage1_metadata(read_metadata(path), path, self.unseen_classes, self.num_classes)
+        state = load_state_dict(path)
+        head_keys = {k for k in state if k.startswith("predictor.class_embed.")}
+        seg_state = self.segmenter.state_dict()
+        missing = [k for k in seg_state if k not in state]
+        unexpected = [k for k in state if k not in seg_state]
+        bad = [k for k in seg_state if k in state and state[k].shape != seg_state[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(f"stage-1 checkpoint {path} does not fit the segmenter of {type(self).__name__}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {bad[:3]}")
+        self.segmenter.load_state_dict(state)
+        self.stage1_class_head.load_state_dict({k.removeprefix("predictor.class_embed."): state[k] for k in head_keys})
+        self.reset_classifier_from_stage1()
+
+
+STAGE1_PROTOCOL_KEY = "zero_shot_protocol"
+
+
+def stage1_protocol(task: str, unseen_ids: Sequence[int]) -> dict[str, str]:
+    """Checkpoint metadata that marks a seen-only stage-1 Mask2Former (read back by `check_stage1_metadata`)."""
+    return {STAGE1_PROTOCOL_KEY: json.dumps({"seen_only": task, "unseen_classes": sorted(int(i) for i in unseen_ids)})}
+
+
+def check_stage1_metadata(metadata: dict[str, str], path: object, unseen_ids: Sequence[int], num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``metadata`` says: a Mask2Former trained seen-only on exactly ``unseen_ids``."""
+    arch = metadata.get("architecture", "")
+    if arch and not arch.startswith("mask2former"):
+        raise ValueError(f"stage-2 PADing needs a seen-only Mask2Former checkpoint; {path} is a {arch!r} checkpoint")
+    raw = metadata.get(STAGE1_PROTOCOL_KEY)
+    if raw is None:
+        raise ValueError(
+            f"{path} is not a seen-only Mask2Former checkpoint (no {STAGE1_PROTOCOL_KEY!r} in its metadata): train "
+            "stage 1 with `fastseg train mask2former_<backbone> --seen-only` so unseen classes never reach it")
+    protocol = json.loads(raw)
+    if sorted(protocol.get("unseen_classes", [])) != sorted(int(i) for i in unseen_ids):
+        raise ValueError(f"{path} was trained seen-only with unseen classes {protocol.get('unseen_classes')}, but "
+                         f"this PADing model's unseen classes are {sorted(int(i) for i in unseen_ids)}")
+    if "num_classes" in metadata and int(metadata["num_classes"]) != num_classes:
+        raise ValueError(f"{path} has {metadata['num_classes']} classes, this PADing model {num_classes}")
