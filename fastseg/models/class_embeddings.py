@@ -19,6 +19,9 @@
   model name, default ``ViT-B-16`` as in PADing, or a path to a JSON model config) loaded from a local weights file,
   with PADing's 8-template prompt ensemble: names are split on ``", "``, every (part, template) text is encoded and
   L2-normalised, the texts are averaged and the mean is re-normalised (spec C.3). Nothing is downloaded.
+* ``"random:D"``: a placeholder, N(0, I) per class seeded by a hash of its name, L2-normalised. It carries no
+  semantics (zero-shot transfer cannot work with it); it lets a PADing model be built for classes nobody has
+  described yet (generic model tests, smoke runs).
 
 Every provider checks that it covers every requested class and that all rows have one width; ``expected_dim`` makes
 the width a checked contract (the checkpoint of a model built on one provider cannot silently take another's).
@@ -35,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["PADING_TEMPLATES", "attribute_embeddings", "class_embeddings", "clip_text_embeddings", "file_embeddings"]
+__all__ = ["PADING_TEMPLATES", "attribute_embeddings", "class_embeddings", "clip_text_embeddings", "file_embeddings",
+           "random_embeddings"]
 
 # PADing's prompt ensemble (IMAGENET_TEMPLATES_SELECT of its third_party/imagenet_templates), spec C.3.
 PADING_TEMPLATES: tuple[str, ...] = (
@@ -63,6 +67,8 @@ def class_embeddings(source: str, class_names: Sequence[str], expected_dim: int 
         table = attribute_embeddings(names)
     elif source.startswith("file:"):
         table = file_embeddings(source[5:], names)
+    elif source.startswith("random:"):
+        table = random_embeddings(source[7:], names)
     elif source.startswith("clip:"):
         spec = source[5:]
         arch, _, path = spec.rpartition("@")
@@ -243,6 +249,25 @@ def attribute_embeddings(class_names: Sequence[str]) -> torch.Tensor:
             f"attributes for {missing}. Bring your own table with 'file:PATH' or a text model with 'clip:CHECKPOINT'."
         )
     return torch.from_numpy(np.stack([table[n] for n in class_names]))
+
+
+# ---------------------------------------------------------------------------------------------------------- random
+def random_embeddings(width: str | int, class_names: Sequence[str]) -> torch.Tensor:
+    """``random:D`` placeholder rows: N(0, I_D) seeded by the SHA-256 of each name, L2-normalised."""
+    import hashlib
+
+    try:
+        d = int(width)
+    except ValueError:
+        raise ValueError(f"random class embeddings need a width, e.g. 'random:64', got {width!r}") from None
+    if d < 1:
+        raise ValueError(f"random class embeddings need a width >= 1, got {d}")
+    rows = []
+    for name in class_names:
+        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+        row = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+        rows.append(row / row.norm())
+    return torch.stack(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------- file

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import register_model
 from ._base import SegmentationModel
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
     "check_stage1_metadata",
     "cosine_similarity_matrix",
     "mmd_loss",
+    "pading_resnet18",
+    "pading_resnet50",
     "similarity_kl",
     "stage1_protocol",
 ]
@@ -554,3 +557,68 @@ def check_stage1_metadata(metadata: dict[str, str], path: object, unseen_ids: Se
                          f"this PADing model's unseen classes are {sorted(int(i) for i in unseen_ids)}")
     if "num_classes" in metadata and int(metadata["num_classes"]) != num_classes:
         raise ValueError(f"{path} has {metadata['num_classes']} classes, this PADing model {num_classes}")
+
+
+# ------------------------------------------------------------------------------------------------- registered models
+def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Sequence[str] | None = None,
+            unseen_classes: Sequence[int | str] | None = None, embeddings: str | None = None, task: str = "panoptic",
+            segmenter_kwargs: dict[str, object] | None = None, **head_kwargs: object) -> PADing:
+    """PADing on ``segmenter_name`` for the shapes world's zero-shot split (`zero_shot_config`: unseen snow,
+    ellipse, diamond) with ``"attributes"`` embeddings by default; for another class count, ``class_names``,
+    ``unseen_classes`` (default: the last class) and ``embeddings`` say what the classes are."""
+    import warnings
+
+    from ..data.shapes import pretrained_cfg_fields, zero_shot_config
+    from ..registry import PretrainedCfg, create_model
+    from .class_embeddings import class_embeddings as make_embeddings
+
+    world = zero_shot_config()
+    seg_kwargs = dict(segmenter_kwargs or {})
+    if task == "semantic":
+        seg_kwargs.setdefault("train_task", "semantic")
+    if num_classes is None or (num_classes == world.num_classes and class_names is None):
+        fields: dict[str, object] | None = pretrained_cfg_fields(world)
+        names = list(world.class_names)
+        default_unseen: list[int] = list(world.unseen_ids)
+        source = embeddings or "attributes"
+    else:
+        fields = None
+        names = list(class_names) if class_names is not None else [f"class_{k}" for k in range(num_classes)]
+        if len(names) != num_classes:
+            raise ValueError(f"{len(names)} class names for num_classes={num_classes}")
+        default_unseen = [num_classes - 1]
+        if embeddings is None:
+            warnings.warn("PADing built for classes without a description: 'random:64' placeholder embeddings carry "
+                          "no semantics; pass embeddings='file:PATH' or 'clip:CHECKPOINT' for zero-shot transfer",
+                          stacklevel=3)
+        source = embeddings or "random:64"
+    unseen = default_unseen if unseen_classes is None else [
+        names.index(u) if isinstance(u, str) and u in names else u for u in unseen_classes]
+    bad = [u for u in unseen if not isinstance(u, int) or not 0 <= u < len(names)]
+    if bad:
+        raise ValueError(f"unseen_classes {bad} are neither class names nor ids of {names}")
+    seen = [k for k in range(len(names)) if k not in unseen]
+    segmenter = create_model(segmenter_name, num_classes=len(names), **seg_kwargs)
+    if fields is not None:  # the zero-shot world's names, palette, stuff / thing split
+        cfg = segmenter.pretrained_cfg.to_dict()
+        cfg.update({k: v for k, v in fields.items() if k in cfg})
+        segmenter.pretrained_cfg = PretrainedCfg.from_dict(cfg)
+    else:
+        cfg = segmenter.pretrained_cfg.to_dict()
+        cfg["class_names"] = tuple(names)
+        segmenter.pretrained_cfg = PretrainedCfg.from_dict(cfg)
+    model = PADing(segmenter, make_embeddings(source, names), seen, unseen, task=task, embeddings_source=source,
+                   **head_kwargs)
+    return model
+
+
+@register_model
+def pading_resnet18(**kwargs: object) -> PADing:
+    """PADing on `mask2former_resnet18` (CPU-sized: 16 queries, width 64), 400 primitives, 3 generator layers."""
+    return _pading("mask2former_resnet18", **kwargs)  # type: ignore[arg-type]
+
+
+@register_model
+def pading_resnet50(**kwargs: object) -> PADing:
+    """PADing on `mask2former_resnet50` (CPU-sized head)."""
+    return _pading("mask2former_resnet50", **kwargs)  # type: ignore[arg-type]

@@ -121,3 +121,12 @@ def test_clip_provider_bad_inputs(tiny_clip, tmp_path):
     wider.write_text(json.dumps({**TINY_CLIP, "text_cfg": {**TINY_CLIP["text_cfg"], "width": 64}}))
     with pytest.raises(ValueError, match="does not fit"):
         class_embeddings(f"clip:{wider}@{d / 'tiny.safetensors'}", ["circle"])
+
+
+def test_random_placeholder_is_deterministic_per_name():
+    a = class_embeddings("random:8", ["x", "y"])
+    b = class_embeddings("random:8", ["y", "x"])
+    torch.testing.assert_close(a, b[[1, 0]])
+    assert a.shape == (2, 8) and not torch.allclose(a[0], a[1])
+    with pytest.raises(ValueError, match="width"):
+        class_embeddings("random:abc", ["x"])

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,16 @@ from ...models.pading import PADing, stage1_protocol
 from ..distributed import StepBatchSampler
 from ..evaluate import batch_to_device
 
-__all__ = ["Stage2Config", "Stage2Result", "mark_seen_only", "seen_only_dataset", "train_stage2"]
+__all__ = [
+    "Stage2Config",
+    "Stage2Result",
+    "evaluate_zero_shot",
+    "format_zero_shot",
+    "harmonic_mean",
+    "mark_seen_only",
+    "seen_only_dataset",
+    "train_stage2",
+]
 
 TASKS = ("panoptic", "instance", "semantic")
 
@@ -190,3 +200,90 @@ def train_stage2(model: PADing, dataset: Dataset, cfg: Stage2Config,
                 "num_classes": str(model.num_classes), **(metadata or {})}
         result.weights = ckpt.save_weights(model, out_dir / "model.safetensors", meta)
     return result
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+def harmonic_mean(seen: float, unseen: float) -> float:
+    """``2 s u / (s + u)`` (the GZS protocol's h; NaN when either side is NaN, 0 when both are 0)."""
+    if math.isnan(seen) or math.isnan(unseen):
+        return math.nan
+    return 0.0 if seen + unseen == 0 else 2 * seen * unseen / (seen + unseen)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def _instance_targets(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for inst, classes in zip(batch["instances"], batch["instance_classes"]):
+        ids = [i for i in torch.unique(inst).tolist() if i > 0]
+        masks = torch.stack([inst == i for i in ids]) if ids else inst.new_zeros((0, *inst.shape), dtype=torch.bool)
+        out.append({"masks": masks, "labels": torch.tensor([int(classes[i - 1]) for i in ids], dtype=torch.long)})
+    return out
+
+
+@torch.no_grad()
+def evaluate_zero_shot(model: PADing, dataset: Dataset, tasks: Sequence[str] = TASKS, batch_size: int = 16,
+                       device: str = "cpu") -> dict[str, Any]:
+    """mIoU, PQ / SQ / RQ and mask AP50 (GZSI: thing classes only), each over seen, unseen and their harmonic mean.
+
+    The dataset must keep unseen classes (``unseen="keep"``) and carry ``instances`` / ``instance_classes``.
+    """
+    from ...data.shapes import panoptic_map
+    from ...metrics import ConfusionMatrix, InstanceAP, PanopticQuality
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown evaluation task(s) {unknown}; choose from {TASKS}")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("the evaluation set is empty")
+    model.to(torch.device(device)).eval()
+    cfg = model.pretrained_cfg
+    k, seen, unseen = model.num_classes, model.seen_classes, model.unseen_classes
+    stuff = [c for c in cfg.stuff_classes if c < k]
+    things = [c for c in range(k) if c not in stuff]
+    confusion = ConfusionMatrix(k, cfg.ignore_index)
+    pq = PanopticQuality(things, stuff, cfg.label_divisor)
+    ap = InstanceAP(things, cfg.class_names)
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        images = batch["image"].to(device)
+        if "semantic" in tasks:
+            confusion.update(model.predict(images, task="semantic").cpu(), batch["mask"])
+        if "panoptic" in tasks:
+            gt = panoptic_map(batch["mask"], batch["instances"], cfg.ignore_index, cfg.label_divisor)
+            pq.update(model.predict(images, task="panoptic").cpu(), gt)
+        if "instance" in tasks:
+            preds = [{key: v.cpu() for key, v in p.items()} for p in model.predict(images, task="instance")]
+            ap.update(preds, _instance_targets(batch))
+    out: dict[str, Any] = {"seen_classes": seen, "unseen_classes": unseen}
+    if "semantic" in tasks:
+        iou = [float(v) for v in confusion.compute()["IoU"]]
+        s, u = _nanmean([iou[c] for c in seen]), _nanmean([iou[c] for c in unseen])
+        out["semantic"] = {"mIoU": _nanmean(iou), "mIoU_seen": s, "mIoU_unseen": u, "mIoU_harmonic": harmonic_mean(s, u),
+                           "IoU": iou}
+    if "panoptic" in tasks:
+        res = pq.compute({"seen": seen, "unseen": unseen})
+        pan: dict[str, Any] = {"PQ": res["PQ"], "SQ": res["SQ"], "RQ": res["RQ"]}
+        for m in ("PQ", "SQ", "RQ"):
+            pan[f"{m}_seen"], pan[f"{m}_unseen"] = res["seen"][m], res["unseen"][m]  # type: ignore[index]
+            pan[f"{m}_harmonic"] = harmonic_mean(pan[f"{m}_seen"], pan[f"{m}_unseen"])
+        out["panoptic"] = pan
+    if "instance" in tasks:
+        res = ap.compute({"seen": [c for c in seen if c in things], "unseen": [c for c in unseen if c in things]})
+        s, u = res["seen"]["AP50"], res["unseen"]["AP50"]
+        out["instance"] = {"AP50": res["AP50"], "AP50_seen": s, "AP50_unseen": u, "AP50_harmonic": harmonic_mean(s, u)}
+    return out
+
+
+def format_zero_shot(metrics: dict[str, Any]) -> str:
+    """The seen / unseen / harmonic table `fastseg eval` prints for PADing (percent)."""
+    rows = [("metric", "seen", "unseen", "harmonic")]
+    for task, names in (("semantic", ("mIoU",)), ("panoptic", ("PQ", "SQ", "RQ")), ("instance", ("AP50",))):
+        for name in names if task in metrics else ():
+            m = metrics[task]
+            rows.append((f"{name} ({task})", *(f"{100 * m[f'{name}_{s}']:.1f}" for s in ("seen", "unseen", "harmonic"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
