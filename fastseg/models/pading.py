@@ -568,11 +568,13 @@ def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Se
     ``unseen_classes`` (default: the last class) and ``embeddings`` say what the classes are."""
     import warnings
 
-    from ..data.shapes import pretrained_cfg_fields, zero_shot_config
+    from ..data.shapes import ShapesConfig, pretrained_cfg_fields, zero_shot_config
     from ..registry import PretrainedCfg, create_model
     from .class_embeddings import class_embeddings as make_embeddings
 
-    world = zero_shot_config()
+    # The zero-shot world (13 classes) by default; the default world (12 classes, unseen ellipse and diamond) when
+    # that class count is asked for.
+    world = zero_shot_config() if num_classes != ShapesConfig().num_classes else ShapesConfig()
     seg_kwargs = dict(segmenter_kwargs or {})
     if task == "semantic":
         seg_kwargs.setdefault("train_task", "semantic")
