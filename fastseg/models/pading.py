@@ -53,6 +53,7 @@ __all__ = [
     "PrimitiveGeneratorLayer",
     "RelationModule",
     "TASK_DEFAULTS",
+    "apply_cfg_fields",
     "check_stage1_metadata",
     "cosine_similarity_matrix",
     "mmd_loss",
@@ -563,6 +564,16 @@ def check_stage1_metadata(metadata: dict[str, str], path: object, unseen_ids: Se
 
 
 # ------------------------------------------------------------------------------------------------- registered models
+def apply_cfg_fields(model: nn.Module, fields: dict[str, object]) -> None:
+    """Overwrite ``model.pretrained_cfg`` fields (e.g. a world's names, palette and stuff / thing split from
+    `fastseg.data.shapes.pretrained_cfg_fields`); unknown keys are ignored."""
+    from ..registry import PretrainedCfg
+
+    cfg = model.pretrained_cfg.to_dict()
+    cfg.update({k: v for k, v in fields.items() if k in cfg})
+    model.pretrained_cfg = PretrainedCfg.from_dict(cfg)
+
+
 def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Sequence[str] | None = None,
             unseen_classes: Sequence[int | str] | None = None, embeddings: str | None = None, task: str = "panoptic",
             segmenter_kwargs: dict[str, object] | None = None, **head_kwargs: object) -> PADing:
@@ -572,7 +583,7 @@ def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Se
     import warnings
 
     from ..data.shapes import ShapesConfig, pretrained_cfg_fields, zero_shot_config
-    from ..registry import PretrainedCfg, create_model
+    from ..registry import create_model
     from .class_embeddings import class_embeddings as make_embeddings
 
     # The zero-shot world (13 classes) by default; the default world (12 classes, unseen ellipse and diamond) when
@@ -604,14 +615,7 @@ def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Se
         raise ValueError(f"unseen_classes {bad} are neither class names nor ids of {names}")
     seen = [k for k in range(len(names)) if k not in unseen]
     segmenter = create_model(segmenter_name, num_classes=len(names), **seg_kwargs)
-    if fields is not None:  # the zero-shot world's names, palette, stuff / thing split
-        cfg = segmenter.pretrained_cfg.to_dict()
-        cfg.update({k: v for k, v in fields.items() if k in cfg})
-        segmenter.pretrained_cfg = PretrainedCfg.from_dict(cfg)
-    else:
-        cfg = segmenter.pretrained_cfg.to_dict()
-        cfg["class_names"] = tuple(names)
-        segmenter.pretrained_cfg = PretrainedCfg.from_dict(cfg)
+    apply_cfg_fields(segmenter, fields if fields is not None else {"class_names": tuple(names)})
     model = PADing(segmenter, make_embeddings(source, names), seen, unseen, task=task, embeddings_source=source,
                    **head_kwargs)
     return model

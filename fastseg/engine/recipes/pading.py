@@ -40,6 +40,7 @@ __all__ = [
     "harmonic_mean",
     "mark_seen_only",
     "seen_only_dataset",
+    "seen_only_segmenter",
     "train_stage2",
 ]
 
@@ -61,6 +62,26 @@ def check_split(seen: Sequence[int], unseen: Sequence[int]) -> None:
         raise ValueError("the seen / unseen split has no unseen class: set ShapesConfig(unseen_classes=...)")
     if not seen:
         raise ValueError("the seen / unseen split has no seen class: every class is unseen, nothing can be trained")
+
+
+def seen_only_segmenter(model_name: str, world: ShapesConfig, task: str, **kwargs: Any) -> nn.Module:
+    """A fresh Mask2Former for stage 1 on ``world`` (its class names, palette and stuff / thing split), marked
+    seen-only so that its checkpoints can start stage 2."""
+    from ...data.shapes import pretrained_cfg_fields
+    from ...models.pading import apply_cfg_fields
+    from ...registry import create_model
+
+    if not model_name.startswith("mask2former"):
+        raise ValueError(f"--seen-only trains PADing's stage 1, a Mask2Former; got {model_name!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_split(world.seen_ids, world.unseen_ids)
+    if task == "semantic":
+        kwargs.setdefault("train_task", "semantic")
+    model = create_model(model_name, num_classes=world.num_classes, **kwargs)
+    apply_cfg_fields(model, pretrained_cfg_fields(world))
+    mark_seen_only(model, task, world.unseen_ids)
+    return model
 
 
 def mark_seen_only(model: nn.Module, task: str, unseen_ids: Sequence[int]) -> None:
