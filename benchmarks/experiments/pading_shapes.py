@@ -104,6 +104,34 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+LABELS = {
+    "seen_only": "seen-only Mask2Former classifier (no stage 2)",
+    "pading": "PADing (primitive generator + structure losses)",
+    "gmmn": "GMMN generator (MLP, noise concatenated; no primitives)",
+    "no_structure": "PADing without structure losses (lambda_s = 0)",
+}
+
+
+def _cell(stats: dict | None) -> str:
+    if not stats:
+        return "n/a"
+    per = " / ".join("nan" if math.isnan(v) else f"{100 * v:.1f}" for v in stats["per_seed"])
+    std = "" if math.isnan(stats["std"]) else f" ± {100 * stats['std']:.1f}"
+    return f"{100 * stats['mean']:.1f}{std} ({per})"
+
+
+def render_table(report: dict) -> str:
+    """The README table: per variant, unseen and harmonic mIoU, PQ and AP50 in percent, mean ± std (per seed)."""
+    summary = report["summary"]
+    cols = [("mIoU", "unseen"), ("mIoU", "harmonic"), ("PQ", "seen"), ("PQ", "unseen"), ("PQ", "harmonic"),
+            ("AP50", "unseen"), ("AP50", "harmonic")]
+    lines = ["| variant | " + " | ".join(f"{m} {s}" for m, s in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for variant, label in LABELS.items():
+        if variant in summary:
+            lines.append(f"| {label} | " + " | ".join(_cell(summary[variant].get(f"{m}_{s}")) for m, s in cols) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -121,7 +149,11 @@ def main() -> None:
     p.add_argument("--work-dir", default="runs/pading_shapes")
     p.add_argument("--out", default="benchmarks/results/experiments/pading_shapes.json")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     args = p.parse_args()
+    if args.table:
+        print(render_table(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(args.threads)
     world = zero_shot_config()
     out = Path(args.out)
