@@ -260,6 +260,8 @@ class PADingHead(nn.Module):
         cls_logits: "all" (panoptic / instance: the official ``[:, :156]`` slice is a no-op there) or "seen" (the
             semantic task: seen logits only).
         structure_weight: lambda_s; weights: (w1, w2, w3).
+        class_eco / num_choose / no_object_weight: the classifier step's unseen weight, fake unseen samples per step
+            (capped at the number of unseen classes; None = all of them) and no-object weight.
     """
 
     def __init__(self, class_embeddings: torch.Tensor, seen_ids: Sequence[int], unseen_ids: Sequence[int],
@@ -268,7 +270,7 @@ class PADingHead(nn.Module):
                  generator: str = "primitives", structure_weight: float = 1e-4,
                  weights: tuple[float, float, float] = (1.0, 1.0, 0.5), cls_weight: float = 1e-3,
                  cls_logits: str = "all", temperature: float = 0.1, sigmas: Sequence[float] = MMD_SIGMAS,
-                 class_eco: float = 5.0, num_choose: int = 5, no_object_weight: float = 0.1) -> None:
+                 class_eco: float = 5.0, num_choose: int | None = 5, no_object_weight: float = 0.1) -> None:
         super().__init__()
         if class_embeddings.dim() != 2:
             raise ValueError(f"class_embeddings must be (K, d_s), got {tuple(class_embeddings.shape)}")
@@ -284,8 +286,9 @@ class PADingHead(nn.Module):
             raise ValueError(f"generator must be 'primitives' or 'gmmn', got {generator!r}")
         if cls_logits not in ("all", "seen"):
             raise ValueError(f"cls_logits must be 'all' or 'seen', got {cls_logits!r}")
+        num_choose = len(unseen) if num_choose is None else min(int(num_choose), len(unseen))
         if num_choose < 1:
-            raise ValueError(f"num_choose must be >= 1, got {num_choose}")
+            raise ValueError(f"num_choose must be >= 1 (or None for every unseen class), got {num_choose}")
         self.num_classes, self.dim = k, dim
         self.register_buffer("class_embeddings", class_embeddings.detach().float().clone())
         self.register_buffer("seen_ids", torch.tensor(seen, dtype=torch.long), persistent=False)
@@ -389,13 +392,13 @@ class PADingHead(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ the model
 # Per-task stage-2 settings of the official configs (spec C.2 / C.7): (CLASS_ECO, NUM_CHOOSE, lambda_s, DROP_OUT_ED,
-# TRANS_DROP_RATE, generator-classification logits). NUM_CHOOSE "all" for semantic (17 >= 15 unseen).
+# TRANS_DROP_RATE, generator-classification logits). NUM_CHOOSE None = every unseen class (semantic: 17 >= 15 unseen).
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
     "panoptic": dict(class_eco=5.0, num_choose=5, structure_weight=1e-4, ed_dropout=0.1, trans_dropout=0.1,
                      cls_logits="all"),
     "instance": dict(class_eco=2.0, num_choose=5, structure_weight=1e-3, ed_dropout=0.1, trans_dropout=0.1,
                      cls_logits="all"),
-    "semantic": dict(class_eco=5.0, num_choose=10**9, structure_weight=1e-3, ed_dropout=0.2, trans_dropout=0.3,
+    "semantic": dict(class_eco=5.0, num_choose=None, structure_weight=1e-3, ed_dropout=0.2, trans_dropout=0.3,
                      cls_logits="seen"),
 }
 
@@ -431,7 +434,6 @@ class PADing(SegmentationModel):
         self.task, self.embeddings_source = task, embeddings_source
         dim = segmenter.class_head.in_features
         opts = {**TASK_DEFAULTS[task], **head_kwargs}
-        opts["num_choose"] = min(int(opts["num_choose"]), len(list(unseen_ids)) or 1)  # type: ignore[call-overload]
         self.head = PADingHead(class_embeddings, seen_ids, unseen_ids, dim=dim, **opts)  # type: ignore[arg-type]
         self.segmenter = segmenter
         # Matching in stage 2 uses the frozen stage-1 class head (the official matcher reads the pretrained
