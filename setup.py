@@ -8,7 +8,9 @@ ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastseg" / "version.py").read_text()).group(1)
 
 # `kernels/` is installed as `fastseg.kernels`: a top-level `kernels` would clash with an existing PyPI distribution.
-SUBPACKAGES = ["layers", "models", "data", "engine", "metrics", "export", "bench"]
+SUBPACKAGES = [
+    "layers", "models", "data", "engine", "engine.recipes", "metrics", "export", "bench", "bench.cases", "cli",
+]
 
 setup(
     name="fastseg",

@@ -230,7 +230,7 @@ def build_engine(
         config.add_optimization_profile(profile)
         first_profile = first_profile or profile
     if plan.calibrate:  # TensorRT <= 10 only (build_plan refuses INT8 calibration from 11 on)
-        from ._calibrator import make_calibrator
+        from .calibrator import make_calibrator
 
         opt_shape = triplets[0][1] if triplets else tuple(network.get_input(0).shape)
         config.int8_calibrator = make_calibrator(trt, opt_shape, calibration_batches, calibration_cache)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastseg
 from fastseg.layers.vq import PaletteInverse
-from fastseg.models._gss_tokenizers import (
+from fastseg.models.gss_tokenizers import (
     DalleDVAE,
     MaskigeVQVAE,
     convert_dalle_pickle,
@@ -24,10 +24,10 @@ from fastseg.models.gss import (
     masks_to_maskige,
     palette_inverse_ref,
     palette_min_distance,
-    roundtrip_miou,
     token_ignore_mask,
     upsample_labels,
 )
+from fastseg.engine.recipes.gss import roundtrip_miou
 
 K = 12
 
@@ -329,7 +329,7 @@ def test_dalle_tokenizer_in_gss_geometry():
 def test_cli_commands(tmp_path, capsys):
     import argparse
 
-    from fastseg.gss_cli import add_gss_commands
+    from fastseg.cli.gss import add_gss_commands
 
     parser = argparse.ArgumentParser()
     add_gss_commands(parser.add_subparsers(dest="command"))
