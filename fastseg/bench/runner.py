@@ -209,7 +209,7 @@ def run_models(
             if dtype != torch.float32 and provider != "onnxruntime":
                 inner = fn
 
-                def fn() -> Any:  # noqa: F811 - autocast wrapper around the provider
+                def fn(inner: Callable[[], Any] = inner) -> Any:  # noqa: F811 - autocast wrapper around the provider
                     with torch.autocast(device.type, dtype=dtype):
                         return inner()
 

@@ -744,7 +744,7 @@ class ShapesDataset(Dataset):
         side = float(min(h, w))
         centre_y, sub_y = _pixel_coords(h)
         centre_x, sub_x = _pixel_coords(w)
-        for k in range(n_things):
+        for _ in range(n_things):
             cls = self._pick_thing(rng, main)
             name = names[cls]
             r = rng.uniform(*cfg.scale_range) * side * (1.1 if name == "triangle" else 1.0)

@@ -52,13 +52,13 @@ from ..layers.swin import SwinStack
 from ..layers.vq import ArgmaxTokenHead, PaletteInverse
 from ..registry import register_model
 from ._base import SegmentationModel, pad_to_multiple, resize, resolve_cfg
+from .backbones import create_backbone
 from .gss_tokenizers import (
     DalleDVAE,
     MaskigeTokenizer,
     MaskigeVQVAE,
     convert_dalle_pickle,
 )
-from .backbones import create_backbone
 
 __all__ = [
     "DalleDVAE",

@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import fastseg
+from fastseg.engine.recipes.gss import roundtrip_miou
 from fastseg.layers.vq import PaletteInverse
-from fastseg.models.gss_tokenizers import (
-    DalleDVAE,
-    MaskigeVQVAE,
-    convert_dalle_pickle,
-    map_pixels,
-    unmap_pixels,
-)
 from fastseg.models.gss import (
     GSSSegmenter,
     fill_ignore,
@@ -27,7 +21,13 @@ from fastseg.models.gss import (
     token_ignore_mask,
     upsample_labels,
 )
-from fastseg.engine.recipes.gss import roundtrip_miou
+from fastseg.models.gss_tokenizers import (
+    DalleDVAE,
+    MaskigeVQVAE,
+    convert_dalle_pickle,
+    map_pixels,
+    unmap_pixels,
+)
 
 K = 12
 
