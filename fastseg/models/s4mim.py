@@ -8,7 +8,7 @@ the visible part of the same class are pulled together; (3) MIM ideas are applie
 means pixel reconstruction. **Everything else here is our interpretation** (spec E.4), exposed as options so that the
 paper's choices can be dropped in:
 
-* base framework: UniMatch on DeepLabV3+ (`fastseg.models._unimatch`; probable, unconfirmed);
+* base framework: UniMatch on DeepLabV3+ (`fastseg.models.unimatch`; probable, unconfirmed);
 * class map: ground truth on labelled images, the weak-view pseudo-label on unlabelled ones with pixels below ``tau``
   ignored (they define no class and are never masked alone);
 * masking (``patch_size``, ``mask_ratio``): `fastseg.kernels.classwise_patch_mask` masks a random ``mask_ratio`` of the
