@@ -623,13 +623,18 @@ def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Se
     return model
 
 
-@register_model
+_SHAPES_DIFFERS = ("built on the CPU-sized Mask2Former (16 queries, width 64, 3 decoder layers; paper: 100, 256, 9) "
+                   "for the 64 x 64 shapes world; class embeddings from the world's geometry and appearance "
+                   "('attributes'; paper: CLIP ViT-B/16 text, word2vec for instance segmentation)")
+
+
+@register_model(tag="shapes_small", differs_from_paper="ResNet-18 backbone (paper: ResNet-50); " + _SHAPES_DIFFERS)
 def pading_resnet18(**kwargs: object) -> PADing:
     """PADing on `mask2former_resnet18` (CPU-sized: 16 queries, width 64), 400 primitives, 3 generator layers."""
     return _pading("mask2former_resnet18", **kwargs)  # type: ignore[arg-type]
 
 
-@register_model
+@register_model(tag="shapes_small", differs_from_paper=_SHAPES_DIFFERS)
 def pading_resnet50(**kwargs: object) -> PADing:
     """PADing on `mask2former_resnet50` (CPU-sized head)."""
     return _pading("mask2former_resnet50", **kwargs)  # type: ignore[arg-type]

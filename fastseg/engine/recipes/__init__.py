@@ -1,1 +1,4 @@
-"""Multi-stage training procedures that do not fit the one-loss, one-optimiser loop of `fastseg.engine.trainer`."""
+"""Multi-stage training procedures that drive the models' documented stage calls: the semi-supervised recipe
+(`semi`: UniMatch / S4MIM), GSS's tokenizer fitting and round trip (`gss`) and PADing's seen-only stage 1, stage 2
+(two optimiser steps per iteration) and zero-shot evaluation (`pading`). Later: SemPLeS runs.
+"""

@@ -1,4 +1,4 @@
-"""PADing's steps of ``fastseg train`` / ``fastseg eval`` (dispatched from `fastseg.cli`):
+"""PADing's steps of ``fastseg train`` / ``fastseg eval`` (dispatched from `fastseg.cli.train`):
 
 * ``fastseg train mask2former_<backbone> --seen-only [--task panoptic|semantic]``: stage 1, the seen-only
   Mask2Former (panoptic: images with an unseen class are never drawn; semantic: unseen pixels ignored); its
@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+
+from .common import model_kwargs, parse_device
 
 __all__ = ["add_pading_train_args", "cmd_eval_pading", "cmd_train_pading", "cmd_train_seen_only", "is_pading"]
 
@@ -33,32 +34,21 @@ def add_pading_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _world(args: argparse.Namespace):
-    from .data.shapes import ShapesConfig, zero_shot_config
+    from ..data.shapes import ShapesConfig, zero_shot_config
 
     if getattr(args, "world", "default") == "zero-shot":
         return zero_shot_config(image_size=args.image_size)
     return ShapesConfig(image_size=args.image_size)
 
 
-def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in getattr(args, "model_arg", None) or []:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def cmd_train_seen_only(args: argparse.Namespace) -> int:
-    from .data.shapes import ShapesDataset
-    from .engine import TrainConfig, train
-    from .engine.recipes.pading import seen_only_dataset, seen_only_segmenter
+    from ..data.shapes import ShapesDataset
+    from ..engine import TrainConfig, train
+    from ..engine.recipes.pading import seen_only_dataset, seen_only_segmenter
 
     world = _world(args)
     task = getattr(args, "task", None) or "panoptic"
-    model = seen_only_segmenter(args.model, world, task, **_model_kwargs(args))
+    model = seen_only_segmenter(args.model, world, task, **model_kwargs(args.model_arg))
     model.model_name = args.model
     train_set = seen_only_dataset(world, task, length=args.train_length, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}_seen_only")
@@ -81,16 +71,16 @@ def cmd_train_seen_only(args: argparse.Namespace) -> int:
 
 
 def _pading_model(args: argparse.Namespace, world, checkpoint: str | None = None):
-    from .registry import create_model
+    from ..registry import create_model
 
-    kwargs = _model_kwargs(args)
+    kwargs = model_kwargs(args.model_arg)
     if getattr(args, "task", None):
         kwargs.setdefault("task", args.task)
     return create_model(args.model, num_classes=world.num_classes, checkpoint_path=checkpoint, **kwargs)
 
 
 def cmd_train_pading(args: argparse.Namespace) -> int:
-    from .engine.recipes.pading import Stage2Config, seen_only_dataset, train_stage2
+    from ..engine.recipes.pading import Stage2Config, seen_only_dataset, train_stage2
 
     if not args.stage1:
         raise ValueError(f"{args.model} is PADing's stage 2: give the seen-only Mask2Former with --stage1 CKPT "
@@ -103,7 +93,7 @@ def cmd_train_pading(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or f"runs/{args.model}")
     cfg = Stage2Config(steps=args.steps, batch_size=args.batch_size, generator_lr=args.lr,
                        classifier_lr=args.classifier_lr, warmup_steps=min(args.warmup_steps, args.steps), seed=args.seed,
-                       device="cuda" if args.device == "cuda" else "cpu", out_dir=str(out_dir),
+                       device=str(parse_device(args.device)), out_dir=str(out_dir),
                        num_workers=args.workers)
     data = seen_only_dataset(world, "semantic" if model.task == "semantic" else "panoptic", length=args.train_length,
                              seed=args.seed)
@@ -116,15 +106,15 @@ def cmd_train_pading(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_pading(args: argparse.Namespace) -> int:
-    from .data.shapes import ShapesDataset
-    from .engine.recipes.pading import TASKS, evaluate_zero_shot, format_zero_shot
+    from ..data.shapes import ShapesDataset
+    from ..engine.recipes.pading import TASKS, evaluate_zero_shot, format_zero_shot
 
     world = _world(args)
     model = _pading_model(args, world, args.checkpoint)
     tasks = [t for t in (args.task or ",".join(TASKS)).split(",") if t]
     dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
-    device = "cuda" if args.device == "cuda" else "cpu"
-    metrics = evaluate_zero_shot(model, dataset, tasks=tasks, batch_size=args.batch_size, device=device)
+    metrics = evaluate_zero_shot(model, dataset, tasks=tasks, batch_size=args.batch_size,
+                                 device=str(parse_device(args.device)))
     names = model.pretrained_cfg.class_names
     print(f"zero-shot split: seen {[names[c] for c in model.seen_classes]}, unseen {[names[c] for c in model.unseen_classes]}")
     print(format_zero_shot(metrics))
