@@ -34,13 +34,9 @@ import torch.nn.functional as F
 
 from fastseg.bench.core import KernelCase, dtype_name, register_kernel_cases, require_compile, require_triton
 from fastseg.kernels._utils import run_triton_on_cpu
-from fastseg.kernels.classwise import (
-    classwise_masked_recon_loss,
-    classwise_masked_recon_loss_ref,
-    classwise_patch_mask,
-    classwise_reduce,
-    classwise_reduce_ref,
-)
+from fastseg.kernels.classwise_recon_loss import classwise_masked_recon_loss, classwise_masked_recon_loss_ref
+from fastseg.kernels.classwise_reduce import classwise_reduce, classwise_reduce_ref
+from fastseg.layers.masking import classwise_patch_mask
 
 FAMILY = "classwise"
 IGNORE = 255

@@ -33,14 +33,8 @@ from fastseg.bench.core import (
     require_compile,
     require_triton,
 )
-from fastseg.kernels.vq import (
-    _argmax_matmul_decomposition,
-    _vq_nearest_decomposition,
-    argmax_matmul,
-    argmax_matmul_ref,
-    vq_nearest,
-    vq_nearest_ref,
-)
+from fastseg.kernels.argmax_matmul import _argmax_matmul_decomposition, argmax_matmul, argmax_matmul_ref
+from fastseg.kernels.vq_nearest import _vq_nearest_decomposition, vq_nearest, vq_nearest_ref
 
 FAMILY = "vq"
 

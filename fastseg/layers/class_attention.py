@@ -1,4 +1,5 @@
-"""Attention layers between class embeddings and pixels, over `fastseg.kernels.class_attention`.
+"""Attention layers between class embeddings and pixels, over `fastseg.kernels.pixel_class_attention` and
+`fastseg.kernels.masked_class_attention`.
 
 * `ECENetSemanticsAttention` / `ECENetTransferBlock`: ECENet's pixel->class cross-attention (spec gss_ecenet.md
   B.3.2). Pixels are queries, the K class embeddings keys / values; softmax over classes of the *negated* logits;
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastseg.kernels.class_attention import masked_class_attention, pixel_class_attention
+from fastseg.kernels import masked_class_attention, pixel_class_attention
 
 __all__ = [
     "ChannelLayerNorm",

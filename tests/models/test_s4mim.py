@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastseg.kernels import classwise_patch_mask
-from fastseg.kernels.classwise import normalize_patches_ref
+from fastseg.kernels.classwise_recon_loss import normalize_patches_ref
+from fastseg.layers.masking import classwise_patch_mask
 from torch.utils.data import default_collate
 
 import fastseg
