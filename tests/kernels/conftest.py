@@ -38,8 +38,6 @@ def triton_target() -> tuple[torch.device | None, str]:
 
 
 TRITON_DEVICE, TRITON_SKIP_REASON = triton_target()
-# For module-level marks (parametrize lists) where a fixture cannot be used.
-needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason=TRITON_SKIP_REASON or "Triton available")
 
 
 @pytest.fixture(autouse=True)
