@@ -251,9 +251,7 @@ def target_programs(device: torch.device) -> int:
     return 4
 
 
-def num_splits(
-    n: int, block_n: int, other_programs: int, target: int, splits: int | None = None
-) -> tuple[int, int]:
+def num_splits(n: int, block_n: int, other_programs: int, target: int, splits: int | None = None) -> tuple[int, int]:
     """Split an axis of ``n`` elements over programs, in chunks that are multiples of ``block_n``, so that
     ``other_programs * splits`` reaches ``target`` programs (``splits`` forces the count, as tests do).
 
@@ -284,7 +282,9 @@ def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"{op}: k and v must have the same shape (B, h, L, d), got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"{op}: k and v must have the same shape (B, h, L, d), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"{op}: q (B, h, *, d) and k / v (B, h, *, d) must agree on batch, heads and head dim, got q "
@@ -312,20 +312,28 @@ def kernel_fits(op: str, impl: str, mode: str, problems: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_groups(op: str, labels: torch.Tensor, masked: torch.Tensor, spatial: tuple[int, ...],
-                 num_classes: int, ignore_index: int) -> None:
+def check_groups(
+    op: str, labels: torch.Tensor, masked: torch.Tensor, spatial: tuple[int, ...], num_classes: int, ignore_index: int
+) -> None:
     """Check labels / masked (B, H, W), num_classes and an ignore_index that names no class."""
     check_tensor("labels", labels, ndim=3, dtypes=LABEL_DTYPES, op=op)
     check_tensor("masked", masked, ndim=3, dtypes=(torch.bool,), op=op)
     if tuple(labels.shape) != spatial or tuple(masked.shape) != spatial:
-        raise ValueError(f"{op}: labels {tuple(labels.shape)} and masked {tuple(masked.shape)} must both have shape "
-                         f"(B, H, W) = {spatial}")
-    if (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-            or not 1 <= num_classes <= MAX_CLASSWISE_CLASSES):
+        raise ValueError(
+            f"{op}: labels {tuple(labels.shape)} and masked {tuple(masked.shape)} must both have shape "
+            f"(B, H, W) = {spatial}"
+        )
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or not 1 <= num_classes <= MAX_CLASSWISE_CLASSES
+    ):
         raise ValueError(f"{op}: num_classes must be an int in [1, {MAX_CLASSWISE_CLASSES}], got {num_classes!r}")
     if not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
-        raise ValueError(f"{op}: ignore_index must be an int outside [0, num_classes={num_classes}) so that it names "
-                         f"no class, got {ignore_index!r}")
+        raise ValueError(
+            f"{op}: ignore_index must be an int outside [0, num_classes={num_classes}) so that it names "
+            f"no class, got {ignore_index!r}"
+        )
 
 
 def check_label_values(op: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -335,8 +343,10 @@ def check_label_values(op: str, labels: torch.Tensor, num_classes: int, ignore_i
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         value = int(labels[bad][0])
-        raise ValueError(f"{op}: labels contain the value {value}, outside [0, num_classes={num_classes}) and not "
-                         f"ignore_index={ignore_index}")
+        raise ValueError(
+            f"{op}: labels contain the value {value}, outside [0, num_classes={num_classes}) and not "
+            f"ignore_index={ignore_index}"
+        )
 
 
 def resolve_deterministic(op: str, deterministic: bool | None, tensor: torch.Tensor) -> bool:
@@ -346,8 +356,10 @@ def resolve_deterministic(op: str, deterministic: bool | None, tensor: torch.Ten
         return torch.are_deterministic_algorithms_enabled()
     if not deterministic and tensor.is_cuda and torch.are_deterministic_algorithms_enabled():
         # Our Triton atomics are invisible to PyTorch's own alert machinery, so raise the same alert by hand.
-        message = (f"{op} with deterministic=False uses atomic adds and is not deterministic; pass deterministic=True "
-                   f"or None while torch.use_deterministic_algorithms(True) is on")
+        message = (
+            f"{op} with deterministic=False uses atomic adds and is not deterministic; pass deterministic=True "
+            f"or None while torch.use_deterministic_algorithms(True) is on"
+        )
         if torch.is_deterministic_algorithms_warn_only_enabled():
             warnings.warn(message, stacklevel=3)
         else:
@@ -371,7 +383,8 @@ def kernel_dtype(tensor: torch.Tensor) -> torch.Tensor:
 def split_sum_kernel(
     part_ptr,  # (B, S, N) fp32 per-split partials, contiguous
     out_ptr,  # (B, N) fp32, contiguous
-    S, N,
+    S,
+    N,
     BLOCK: tl.constexpr,
 ):
     """out[b, i] = sum_s part[b, s, i], s in increasing order (the deterministic second pass)."""

@@ -87,10 +87,16 @@ def normalize_patches_ref(target: torch.Tensor, patch_size: int, eps: float = _N
     return out.view(batch, channels, rows * patch_size, cols * patch_size)[:, :, :height, :width]
 
 
-def classwise_masked_recon_loss_ref(pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
-                                    masked: torch.Tensor, num_classes: int, ignore_index: int = 255,
-                                    normalize_target: bool = False, patch_size: int = 16
-                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def classwise_masked_recon_loss_ref(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    normalize_target: bool = False,
+    patch_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of `classwise_masked_recon_loss` (``index_add_``): ``(per_class (B, K), total ())``."""
     per_class, total, _ = _recon_loss_ref(pred, target, labels, masked, num_classes, normalize_target, patch_size)
     return per_class, total
@@ -135,6 +141,8 @@ def _recon_loss_backward_ref(weight, pred, target, labels, masked, normalize_tar
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
+# The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
+# fmt: off
 @triton.jit
 def _recon_patch(
     pred_ptr,  # (B, C, H, W) any strides
@@ -377,14 +385,23 @@ def _recon_loss_backward(ctx, grad_per_class, grad_total, grad_counts):
 _recon_loss_op.register_autograd(_recon_loss_backward, setup_context=_recon_loss_setup_context)
 
 
+# fmt: on
 # ----------------------------------------------------------------------------------------------------------------
 # Functional entry
 # ----------------------------------------------------------------------------------------------------------------
-def classwise_masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
-                                masked: torch.Tensor, num_classes: int, ignore_index: int = 255,
-                                normalize_target: bool = False, patch_size: int = 16,
-                                deterministic: bool | None = None, impl: str = "auto", validate: bool = True
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+def classwise_masked_recon_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    normalize_target: bool = False,
+    patch_size: int = 16,
+    deterministic: bool | None = None,
+    impl: str = "auto",
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-wise masked reconstruction loss: MSE over the masked pixels of each (image, class) group.
 
     ``per_class[b, k]`` is the mean over the masked pixels of class k in image b and over the C channels of
@@ -423,13 +440,17 @@ def classwise_masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, labels
     target = target.detach()
     mode = resolve_impl(impl, pred)
     if mode == "torch":
-        return classwise_masked_recon_loss_ref(pred, target, labels, masked, num_classes, ignore_index,
-                                               normalize_target, patch_size)
+        return classwise_masked_recon_loss_ref(
+            pred, target, labels, masked, num_classes, ignore_index, normalize_target, patch_size
+        )
     if impl == "triton" and not _triton_supported(channels, normalize_target, patch_size):
-        raise ValueError(f"{op}: the Triton kernel takes at most {_MAX_CHANNELS} channels and patches of at "
-                         f"most {_MAX_PATCH} pixels, got C={channels}, patch_size={patch_size}; use impl='auto' "
-                         f"or 'torch'")
+        raise ValueError(
+            f"{op}: the Triton kernel takes at most {_MAX_CHANNELS} channels and patches of at "
+            f"most {_MAX_PATCH} pixels, got C={channels}, patch_size={patch_size}; use impl='auto' "
+            f"or 'torch'"
+        )
     with run_triton_on_cpu(mode == "interpret"):
         per_class, total, _ = torch.ops.fastseg.classwise_masked_recon_loss(
-            pred, target, labels, masked, num_classes, ignore_index, normalize_target, patch_size, det)
+            pred, target, labels, masked, num_classes, ignore_index, normalize_target, patch_size, det
+        )
     return per_class, total

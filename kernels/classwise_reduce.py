@@ -84,8 +84,14 @@ def _flat_group_index(labels: torch.Tensor, masked: torch.Tensor, num_classes: i
     return torch.where(valid, index, batch * 2 * num_classes).reshape(-1)
 
 
-def classwise_reduce_ref(features: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, num_classes: int,
-                         ignore_index: int = 255, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def classwise_reduce_ref(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    method: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of `classwise_reduce`: ``(sums (B, K, 2, C), counts (B, K, 2))``.
 
     ``method="scatter_add"`` scatters the channels-first features into ``(B, C, 2K + 1)`` (no transposed copy; the
@@ -136,6 +142,8 @@ def _classwise_reduce_backward_ref(grad_sums, labels, masked, channels, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
+# The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
+# fmt: off
 @triton.jit
 def _classwise_reduce_fwd_kernel(
     feat_ptr,  # (B, C, HW) any strides (in the kernel dtype)
@@ -344,12 +352,20 @@ def _classwise_reduce_backward(ctx, grad_sums, grad_counts):
 _classwise_reduce_op.register_autograd(_classwise_reduce_backward, setup_context=_classwise_reduce_setup_context)
 
 
+# fmt: on
 # ----------------------------------------------------------------------------------------------------------------
 # Functional entry
 # ----------------------------------------------------------------------------------------------------------------
-def classwise_reduce(features: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255, deterministic: bool | None = None, impl: str = "auto",
-                     validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def classwise_reduce(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    deterministic: bool | None = None,
+    impl: str = "auto",
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(image, class, visible/masked) feature sums and pixel counts, reading the features once.
 
     Args:

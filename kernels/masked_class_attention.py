@@ -32,8 +32,6 @@ arithmetic (CPU tests use fp32 / fp16). Where a limit is exceeded, ``impl="auto"
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -68,7 +66,7 @@ def _attend_mask(mask: Tensor) -> Tensor:
 
 
 def _masked_class_attention_ref_lse(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
     logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, h, Q, N) in fp32 for the softmax
     if mask is not None:
@@ -87,15 +85,22 @@ def masked_class_attention_ref(
 
 
 def _masked_class_attention_decomposition(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
     out, lse = _masked_class_attention_ref_lse(q, k, v, mask, scale)
     return out.contiguous(), lse.contiguous()
 
 
 def _masked_class_attention_bwd_ref(
-    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-    out: Tensor, lse: Tensor, scale: float,
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The analytic backward of the module docstring, fp32 inside (the CPU kernel of the backward op)."""
     qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
@@ -116,6 +121,8 @@ def _masked_class_attention_bwd_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
+# The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
+# fmt: off
 @triton.jit
 def _masked_class_attention_fwd_kernel(
     q_ptr,  # (B, H, NQ, D) any strides
@@ -337,7 +344,7 @@ def _blocks(num_q: int, d: int) -> tuple[int, int, int]:
     return block_q, block_n, block_d
 
 
-def _mask_args(mask: Optional[Tensor], q: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+def _mask_args(mask: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     if mask is None:
         return q, q, (0, 0, 0)  # dummy pointers, never read (HAS_MASK=False)
     row_any = mask.any(dim=-1).to(torch.uint8).contiguous()
@@ -346,7 +353,7 @@ def _mask_args(mask: Optional[Tensor], q: Tensor) -> tuple[Tensor, Tensor, tuple
 
 
 def _masked_class_attention_fwd_triton(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, splits: int | None = None
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, splits: int | None = None
 ) -> tuple[Tensor, Tensor]:
     bsz, heads, num_q, d = q.shape
     n = k.shape[2]
@@ -381,7 +388,7 @@ def _masked_class_attention_fwd_triton(
 
 
 def _masked_class_attention_bwd_triton(
-    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+    grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     out: Tensor, lse: Tensor, scale: float, splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, heads, num_q, d = q.shape
@@ -416,12 +423,13 @@ def _masked_class_attention_bwd_triton(
     return dq, dk, dv
 
 
+# fmt: on
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library registration (CPU kernel: reference, or Triton under run_triton_on_cpu(); CUDA kernel: Triton)
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastseg::masked_class_attention", mutates_args=())
 def _masked_class_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
     if use_triton(q):
         return _masked_class_attention_fwd_triton(q, k, v, mask, scale)
@@ -435,8 +443,15 @@ def _(q, k, v, mask, scale):
 
 @torch.library.custom_op("fastseg::masked_class_attention_backward", mutates_args=())
 def _masked_class_attention_backward_op(
-    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-    out: Tensor, lse: Tensor, scale: float,
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton(q):
         return _masked_class_attention_bwd_triton(grad_out, grad_lse, q, k, v, mask, out, lse, scale)

@@ -35,8 +35,6 @@ arithmetic (CPU tests use fp32 / fp16). Where a limit is exceeded, ``impl="auto"
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -88,7 +86,7 @@ def _pixel_class_attention_decomposition(
 
 
 def _pixel_class_attention_bwd_ref(
-    grad_out: Tensor, grad_mean: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, scale: float, negate: bool
+    grad_out: Tensor, grad_mean: Tensor | None, q: Tensor, k: Tensor, v: Tensor, scale: float, negate: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The analytic backward of the module docstring, fp32 inside (the CPU kernel of the backward op)."""
     qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
@@ -107,6 +105,8 @@ def _pixel_class_attention_bwd_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
+# The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
+# fmt: off
 @triton.jit
 def _pixel_class_attention_fwd_kernel(
     q_ptr,  # (B, H, N, D) any strides
@@ -316,7 +316,7 @@ def _pixel_class_attention_fwd_triton(
 
 
 def _pixel_class_attention_bwd_triton(
-    grad_out: Tensor, grad_mean: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, scale: float, negate: bool,
+    grad_out: Tensor, grad_mean: Tensor | None, q: Tensor, k: Tensor, v: Tensor, scale: float, negate: bool,
     splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, heads, n, d = q.shape
@@ -352,6 +352,7 @@ def _pixel_class_attention_bwd_triton(
     return dq, dk, dv
 
 
+# fmt: on
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library registration (CPU kernel: reference, or Triton under run_triton_on_cpu(); CUDA kernel: Triton)
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,7 +373,7 @@ def _(q, k, v, scale, negate, return_logits_mean):
 
 @torch.library.custom_op("fastseg::pixel_class_attention_backward", mutates_args=())
 def _pixel_class_attention_backward_op(
-    grad_out: Tensor, grad_mean: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, scale: float, negate: bool
+    grad_out: Tensor, grad_mean: Tensor | None, q: Tensor, k: Tensor, v: Tensor, scale: float, negate: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton(q):
         return _pixel_class_attention_bwd_triton(grad_out, grad_mean, q, k, v, scale, negate)
@@ -415,8 +416,13 @@ DECOMPOSITIONS = {torch.ops.fastseg.pixel_class_attention.default: _pixel_class_
 # Functional entry
 # ----------------------------------------------------------------------------------------------------------------
 def pixel_class_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, negate: bool = False,
-    return_logits_mean: bool = False, impl: str = "auto",
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float | None = None,
+    negate: bool = False,
+    return_logits_mean: bool = False,
+    impl: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Pixel -> class attention (ECENet's semantics attention): pixels query K class embeddings.
 

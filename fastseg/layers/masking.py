@@ -14,9 +14,14 @@ from fastseg.kernels._utils import LABEL_DTYPES, check_label_values, check_tenso
 __all__ = ["classwise_patch_mask"]
 
 
-def classwise_patch_mask(labels: torch.Tensor, patch_size: int, ratio: float,
-                         generator: torch.Generator | None = None, ignore_index: int = 255,
-                         num_classes: int | None = None) -> torch.Tensor:
+def classwise_patch_mask(
+    labels: torch.Tensor,
+    patch_size: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    ignore_index: int = 255,
+    num_classes: int | None = None,
+) -> torch.Tensor:
     """Mask a random ``ratio`` of the patches of every class region of every image (plain PyTorch, vectorised).
 
     The image is cut into ``patch_size`` patches anchored at the top-left corner (edge patches partial). Each patch
@@ -55,16 +60,20 @@ def classwise_patch_mask(labels: torch.Tensor, patch_size: int, ratio: float,
     if num_classes is None:
         labelled = lab[lab != ignore_index]
         if labelled.numel() and int(labelled.min()) < 0:
-            raise ValueError(f"{op}: labels contain the value {int(labelled.min())}, negative and not "
-                             f"ignore_index={ignore_index}")
+            raise ValueError(
+                f"{op}: labels contain the value {int(labelled.min())}, negative and not ignore_index={ignore_index}"
+            )
         num_classes = int(labelled.max()) + 1 if labelled.numel() else 1
     else:
         check_label_values(op, labels, num_classes, ignore_index)
     rows, cols = -(-height // patch_size), -(-width // patch_size)
     num_patches = batch * rows * cols
     valid = (lab >= 0) & (lab < num_classes) & (lab != ignore_index)
-    padded = F.pad(torch.where(valid, lab, num_classes), (0, cols * patch_size - width, 0, rows * patch_size - height),
-                   value=num_classes)
+    padded = F.pad(
+        torch.where(valid, lab, num_classes),
+        (0, cols * patch_size - width, 0, rows * patch_size - height),
+        value=num_classes,
+    )
     per_patch = padded.view(batch, rows, patch_size, cols, patch_size).permute(0, 1, 3, 2, 4)
     per_patch = per_patch.reshape(num_patches, patch_size * patch_size)
     hist = torch.zeros((num_patches, num_classes + 1), dtype=torch.int32, device=dev)

@@ -33,8 +33,10 @@ def triton_target() -> tuple[torch.device | None, str]:
         return torch.device("cuda"), ""
     if not HAS_TRITON:
         return None, "Triton is not installed (`import triton` failed)"
-    return None, ("no CUDA device and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before fastseg is "
-                  "imported; tests/conftest.py does it on CPU-only hosts)")
+    return None, (
+        "no CUDA device and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before fastseg is "
+        "imported; tests/conftest.py does it on CPU-only hosts)"
+    )
 
 
 TRITON_DEVICE, TRITON_SKIP_REASON = triton_target()
@@ -92,8 +94,9 @@ def flash_rule(fast: torch.Tensor, low: torch.Tensor, ref: torch.Tensor, factor:
 IGNORE = 255
 
 
-def class_map(batch: int, height: int, width: int, num_classes: int, ignore_frac: float = 0.2,
-              absent: bool = True, device="cpu") -> torch.Tensor:
+def class_map(
+    batch: int, height: int, width: int, num_classes: int, ignore_frac: float = 0.2, absent: bool = True, device="cpu"
+) -> torch.Tensor:
     """Blocky random class maps (regions, like real segmentation) with ignore pixels; image 0 uses only a few
     classes so that most classes are absent from it."""
     coarse = torch.randint(0, num_classes, (batch, 1, (height + 3) // 4, (width + 3) // 4)).float()

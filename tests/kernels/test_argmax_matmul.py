@@ -92,8 +92,11 @@ def test_argmax_matmul_is_inference_only():
 @pytest.mark.parametrize("impl", ["auto", "triton"], ids=["reference", "triton"])
 def test_opcheck(impl, device):
     with triton_backward_context(device, impl == "triton"):
-        x, weight, bias = torch.randn(33, 20, device=device), torch.randn(50, 20, device=device), torch.randn(
-            50, device=device)
+        x, weight, bias = (
+            torch.randn(33, 20, device=device),
+            torch.randn(50, 20, device=device),
+            torch.randn(50, device=device),
+        )
         torch.library.opcheck(torch.ops.fastseg.argmax_matmul.default, (x, weight, bias))
         torch.library.opcheck(torch.ops.fastseg.argmax_matmul.default, (x.t().contiguous().t(), weight, None))
         torch.library.opcheck(torch.ops.fastseg.argmax_matmul.default, (torch.randn(0, 20, device=device), weight,

@@ -20,12 +20,13 @@ def naive_recon(pred, target, labels, masked, num_classes, normalize, patch):
         norm = torch.empty_like(target)
         for top in range(0, height, patch):
             for left in range(0, width, patch):
-                block = target[:, :, top:top + patch, left:left + patch]
+                block = target[:, :, top : top + patch, left : left + patch]
                 flat = block.reshape(batch, -1)
                 mean = flat.mean(1)
                 var = flat.var(1, unbiased=True) if flat.shape[1] > 1 else torch.zeros_like(mean)
-                norm[:, :, top:top + patch, left:left + patch] = (block - mean.view(-1, 1, 1, 1)) / torch.sqrt(
-                    var.view(-1, 1, 1, 1) + 1e-6)
+                norm[:, :, top : top + patch, left : left + patch] = (block - mean.view(-1, 1, 1, 1)) / torch.sqrt(
+                    var.view(-1, 1, 1, 1) + 1e-6
+                )
         target = norm
     per_class = torch.zeros(batch, num_classes, dtype=torch.float64)
     present = 0
@@ -52,8 +53,9 @@ def test_reference_matches_independent_oracle(case):
     pred, target = torch.randn(batch, channels, height, width), torch.rand(batch, channels, height, width)
     labels = class_map(batch, height, width, num_classes)
     masked = torch.rand(batch, height, width) < 0.6
-    per_class, total = classwise_masked_recon_loss_ref(pred, target, labels, masked, num_classes,
-                                                       normalize_target=normalize, patch_size=patch)
+    per_class, total = classwise_masked_recon_loss_ref(
+        pred, target, labels, masked, num_classes, normalize_target=normalize, patch_size=patch
+    )
     want_pc, want_total = naive_recon(pred, target, labels, masked, num_classes, normalize, patch)
     torch.testing.assert_close(per_class.double(), want_pc, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(total.double(), want_total, atol=1e-5, rtol=1e-5)
@@ -71,13 +73,21 @@ def test_triton_loss_and_gradient(case, deterministic, triton_device):
     masked = torch.rand(batch, height, width, device=dev) < 0.6
     class_weights = torch.rand(batch, num_classes, device=dev)
     with triton_backward_context(dev):
-        per_class, total = classwise_masked_recon_loss(pred, target, labels, masked, num_classes,
-                                                       normalize_target=normalize, patch_size=patch,
-                                                       deterministic=deterministic, impl="triton")
-        grad, = torch.autograd.grad(total + (per_class * class_weights).sum(), pred)
+        per_class, total = classwise_masked_recon_loss(
+            pred,
+            target,
+            labels,
+            masked,
+            num_classes,
+            normalize_target=normalize,
+            patch_size=patch,
+            deterministic=deterministic,
+            impl="triton",
+        )
+        (grad,) = torch.autograd.grad(total + (per_class * class_weights).sum(), pred)
     pred64 = pred.detach().double().cpu().requires_grad_()
     want_pc, want_total = naive_recon(pred64, target, labels, masked, num_classes, normalize, patch)
-    want_grad, = torch.autograd.grad(want_total + (want_pc * class_weights.double().cpu()).sum(), pred64)
+    (want_grad,) = torch.autograd.grad(want_total + (want_pc * class_weights.double().cpu()).sum(), pred64)
     assert_nonzero(want_grad)
     torch.testing.assert_close(per_class.double().cpu(), want_pc, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(total.double().cpu(), want_total, atol=1e-5, rtol=1e-5)
@@ -101,8 +111,9 @@ def test_loss_without_masked_pixels_is_zero_with_zero_grad(impl, device):
 
 @pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
-@pytest.mark.parametrize("where", ["pred_selected", "pred_unmasked", "pred_ignored", "target_selected",
-                                   "target_unmasked"])
+@pytest.mark.parametrize(
+    "where", ["pred_selected", "pred_unmasked", "pred_ignored", "target_selected", "target_unmasked"]
+)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_triton_nan_inf_follow_the_reference(where, normalize, triton_device):
     """The documented policy, gradients included: a non-finite value at a masked, labelled pixel poisons its group
@@ -125,7 +136,7 @@ def test_triton_nan_inf_follow_the_reference(where, normalize, triton_device):
         with triton_backward_context(dev, impl == "triton"):
             per_class, total = classwise_masked_recon_loss(leaf, target, labels, masked, 4, normalize_target=normalize,
                                                            patch_size=4, impl=impl)  # fmt: skip
-            grad, = torch.autograd.grad(total, leaf)
+            (grad,) = torch.autograd.grad(total, leaf)
         results.append((per_class, total, grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
@@ -192,10 +203,14 @@ def test_opcheck(impl, device):
     target = torch.randn(2, 3, 6, 7, device=device)
     with triton_backward_context(device, impl == "triton"):
         for det, norm in ((False, True), (True, False)):
-            torch.library.opcheck(torch.ops.fastseg.classwise_masked_recon_loss.default,
-                                  (pred, target, labels, masked, 4, IGNORE, norm, 4, det))
-        torch.library.opcheck(torch.ops.fastseg.classwise_masked_recon_loss_backward.default,
-                              (torch.randn(2, 4, device=device), pred.detach(), target, labels, masked, True, 4))
+            torch.library.opcheck(
+                torch.ops.fastseg.classwise_masked_recon_loss.default,
+                (pred, target, labels, masked, 4, IGNORE, norm, 4, det),
+            )
+        torch.library.opcheck(
+            torch.ops.fastseg.classwise_masked_recon_loss_backward.default,
+            (torch.randn(2, 4, device=device), pred.detach(), target, labels, masked, True, 4),
+        )
 
 
 @pytest.mark.gpu
@@ -205,12 +220,14 @@ def test_gpu_recon_loss():
     pred = torch.randn(4, 3, 128, 128, device="cuda", requires_grad=True)
     target = torch.rand(4, 3, 128, 128, device="cuda")
     for det in (False, True):
-        per_class, total = classwise_masked_recon_loss(pred, target, labels, masked, 21, normalize_target=True,
-                                                       deterministic=det)
-        want_pc, want_total = classwise_masked_recon_loss_ref(pred.double(), target.double(), labels, masked, 21,
-                                                              normalize_target=True)
+        per_class, total = classwise_masked_recon_loss(
+            pred, target, labels, masked, 21, normalize_target=True, deterministic=det
+        )
+        want_pc, want_total = classwise_masked_recon_loss_ref(
+            pred.double(), target.double(), labels, masked, 21, normalize_target=True
+        )
         torch.testing.assert_close(per_class.double(), want_pc.detach(), atol=1e-4, rtol=1e-4)
-        grad, = torch.autograd.grad(total, pred)
-        want_grad, = torch.autograd.grad(want_total, pred)
+        (grad,) = torch.autograd.grad(total, pred)
+        (want_grad,) = torch.autograd.grad(want_total, pred)
         assert_nonzero(want_grad)
         torch.testing.assert_close(grad, want_grad.float(), atol=1e-7, rtol=1e-4)

@@ -62,8 +62,7 @@ def test_reference_matches_independent_oracle(num_classes, channels):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_triton_matches_reference(num_classes, channels, deterministic, triton_device):
     features, labels, masked = _inputs(triton_device, 2, channels, 11, 13, num_classes)
-    sums, counts = classwise_reduce(features, labels, masked, num_classes, deterministic=deterministic,
-                                    impl="triton")
+    sums, counts = classwise_reduce(features, labels, masked, num_classes, deterministic=deterministic, impl="triton")
     want_sums, want_counts = classwise_reduce_ref(features, labels, masked, num_classes)
     assert torch.equal(counts, want_counts)
     assert_sums_close(sums, want_sums)
@@ -79,8 +78,7 @@ def test_triton_gpu_tiling(monkeypatch, deterministic, shape, triton_device):
     monkeypatch.setattr(reduce_mod, "_GPU_TILING_IN_INTERPRETER", True)
     batch, channels, height, width, num_classes = shape
     features, labels, masked = _inputs(triton_device, batch, channels, height, width, num_classes, masked_frac=0.5)
-    sums, counts = classwise_reduce(features, labels, masked, num_classes, deterministic=deterministic,
-                                    impl="triton")
+    sums, counts = classwise_reduce(features, labels, masked, num_classes, deterministic=deterministic, impl="triton")
     want_sums, want_counts = classwise_reduce_ref(features, labels, masked, num_classes)
     assert torch.equal(counts, want_counts)
     assert_sums_close(sums, want_sums)
@@ -89,13 +87,21 @@ def test_triton_gpu_tiling(monkeypatch, deterministic, shape, triton_device):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", ["all_ignored", "single_pixel", "empty_batch", "empty_image", "zero_channels"])
 def test_triton_edge_cases(case, triton_device):
-    shapes = {"all_ignored": (2, 8, 5, 7), "single_pixel": (1, 3, 1, 1), "empty_batch": (0, 4, 5, 5),
-              "empty_image": (2, 4, 0, 5), "zero_channels": (2, 0, 3, 3)}
+    shapes = {
+        "all_ignored": (2, 8, 5, 7),
+        "single_pixel": (1, 3, 1, 1),
+        "empty_batch": (0, 4, 5, 5),
+        "empty_image": (2, 4, 0, 5),
+        "zero_channels": (2, 0, 3, 3),
+    }
     batch, channels, height, width = shapes[case]
     dev = triton_device
     features = torch.randn(batch, channels, height, width, device=dev, requires_grad=True)
-    labels = torch.full((batch, height, width), IGNORE, device=dev) if case == "all_ignored" else \
-        torch.randint(0, 3, (batch, height, width), device=dev)
+    labels = (
+        torch.full((batch, height, width), IGNORE, device=dev)
+        if case == "all_ignored"
+        else torch.randint(0, 3, (batch, height, width), device=dev)
+    )
     masked = torch.ones(batch, height, width, dtype=torch.bool, device=dev)
     with triton_backward_context(dev):
         sums, counts = classwise_reduce(features, labels, masked, 3, impl="triton")
@@ -128,9 +134,11 @@ def test_triton_dtypes(dtype, label_dtype, triton_device):
 def test_triton_strided_inputs(layout, triton_device):
     dev = triton_device
     base = torch.randn(2, 16, 10, 12, device=dev)
-    features = {"channels_last": base.to(memory_format=torch.channels_last),
-                "sliced": torch.randn(2, 20, 12, 14, device=dev)[:, 2:18, 1:11, 2:],
-                "expanded": torch.randn(2, 16, 1, 12, device=dev).expand(2, 16, 10, 12)}[layout]
+    features = {
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "sliced": torch.randn(2, 20, 12, 14, device=dev)[:, 2:18, 1:11, 2:],
+        "expanded": torch.randn(2, 16, 1, 12, device=dev).expand(2, 16, 10, 12),
+    }[layout]
     labels = class_map(2, 10, 12, 5, device=dev).transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous
     masked = torch.rand(2, 12, 10, device=dev).transpose(1, 2) < 0.5
     sums, counts = classwise_reduce(features, labels, masked, 5, impl="triton")
@@ -177,8 +185,9 @@ def test_reference_gradcheck():
     masked = torch.rand(2, 5, 6) < 0.5
     features = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     for method in ("scatter_add", "index_add"):
-        assert torch.autograd.gradcheck(lambda f, m=method: classwise_reduce_ref(f, labels, masked, 4, method=m)[0],
-                                        (features,))
+        assert torch.autograd.gradcheck(
+            lambda f, m=method: classwise_reduce_ref(f, labels, masked, 4, method=m)[0], (features,)
+        )
     assert torch.autograd.gradcheck(lambda f: classwise_reduce(f, labels, masked, 4)[0], (features,))  # custom op
 
 
@@ -191,9 +200,9 @@ def test_triton_backward_matches_reference(deterministic, triton_device):
     with triton_backward_context(triton_device):
         sums, counts = classwise_reduce(features, labels, masked, 19, deterministic=deterministic, impl="triton")
         means = classwise_mean(sums, counts)
-        grad, = torch.autograd.grad((means * weights).sum(), features)
+        (grad,) = torch.autograd.grad((means * weights).sum(), features)
     ref_sums, ref_counts = classwise_reduce_ref(features, labels, masked, 19)
-    ref_grad, = torch.autograd.grad((classwise_mean(ref_sums, ref_counts) * weights).sum(), features)
+    (ref_grad,) = torch.autograd.grad((classwise_mean(ref_sums, ref_counts) * weights).sum(), features)
     assert_nonzero(ref_grad)
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
     assert torch.equal(grad[:, :, labels[0] == IGNORE][0], torch.zeros_like(grad[:, :, labels[0] == IGNORE][0]))
@@ -290,8 +299,10 @@ def test_opcheck(impl, device):
     with triton_backward_context(device, impl == "triton"):
         for det, feats in ((False, features), (True, permuted)):
             torch.library.opcheck(torch.ops.fastseg.classwise_reduce.default, (feats, labels, masked, 4, IGNORE, det))
-        torch.library.opcheck(torch.ops.fastseg.classwise_reduce_backward.default,
-                              (torch.randn(2, 4, 2, 5, device=device), labels, masked, 5, torch.float32))
+        torch.library.opcheck(
+            torch.ops.fastseg.classwise_reduce_backward.default,
+            (torch.randn(2, 4, 2, 5, device=device), labels, masked, 5, torch.float32),
+        )
 
 
 @pytest.mark.gpu
@@ -307,9 +318,10 @@ def test_gpu_reduce_and_backward(dtype):
         assert torch.equal(counts, want_counts)
         scale = want_sums.abs().amax().item()
         assert (sums.double() - want_sums).abs().max().item() <= 1e-5 * scale + 1e-4
-        grad, = torch.autograd.grad((sums * weights).sum(), features)
-        ref_grad, = torch.autograd.grad((classwise_reduce_ref(features, labels, masked, 150)[0] * weights).sum(),
-                                        features)
+        (grad,) = torch.autograd.grad((sums * weights).sum(), features)
+        (ref_grad,) = torch.autograd.grad(
+            (classwise_reduce_ref(features, labels, masked, 150)[0] * weights).sum(), features
+        )
         assert_nonzero(ref_grad)
         assert torch.equal(grad, ref_grad)  # a gather: exact
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastseg.kernels import classwise_masked_recon_loss
 from fastseg.kernels._utils import interpreter_enabled, run_triton_on_cpu
-
 from fastseg.layers.classwise import (
     ClasswiseFeatureAggregationLoss,
     ClasswiseMaskedInput,

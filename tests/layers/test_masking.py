@@ -29,7 +29,7 @@ def patch_owners(labels, patch, num_classes):
     for b in range(batch):
         for r in range(rows):
             for c in range(cols):
-                block = labels[b, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch].flatten()
+                block = labels[b, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch].flatten()
                 block = block[block != IGNORE]
                 if block.numel():
                     owners[b, r, c] = torch.bincount(block, minlength=num_classes).argmax()

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from fastseg.kernels._utils import interpreter_enabled
 
 import fastseg
+from fastseg.kernels._utils import interpreter_enabled
 from fastseg.models.ecenet import (
     ECENet,
     PooledMaskEmbedding,

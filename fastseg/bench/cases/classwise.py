@@ -33,9 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.bench.core import KernelCase, dtype_name, register_kernel_cases, require_compile, require_triton
+from fastseg.kernels import (
+    classwise_masked_recon_loss,
+    classwise_masked_recon_loss_ref,
+    classwise_reduce,
+    classwise_reduce_ref,
+)
 from fastseg.kernels._utils import run_triton_on_cpu
-from fastseg.kernels.classwise_recon_loss import classwise_masked_recon_loss, classwise_masked_recon_loss_ref
-from fastseg.kernels.classwise_reduce import classwise_reduce, classwise_reduce_ref
 from fastseg.layers.masking import classwise_patch_mask
 
 FAMILY = "classwise"

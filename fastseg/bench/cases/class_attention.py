@@ -24,8 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.bench.core import KernelCase, register_kernel_cases, require_compile, require_triton
-from fastseg.kernels.masked_class_attention import masked_class_attention, masked_class_attention_ref
-from fastseg.kernels.pixel_class_attention import pixel_class_attention, pixel_class_attention_ref
+from fastseg.kernels import (
+    masked_class_attention,
+    masked_class_attention_ref,
+    pixel_class_attention,
+    pixel_class_attention_ref,
+)
 
 FAMILY = "class_attention"
 SIDES = (32, 64, 128)  # feature-map sides at 512x512 input: strides 16, 8, 4
