@@ -15,10 +15,10 @@ Per-patch normalisation: the image is cut into ``patch_size x patch_size`` patch
 labels), ``t = (target - mean) / sqrt(var + eps)`` with the unbiased variance (``n - 1`` in the denominator, at least
 1) and ``eps = 1e-6``, as in MAE (``target.var(-1)`` of the patchified image). The target never receives a gradient.
 
-Kernels. ``_recon_loss_fwd_kernel`` / ``_recon_loss_bwd_kernel``: one program per (patch, image) holds the whole
-patch (all channels) in registers, normalises the target, and reduces squared errors per class with a one-hot over
-the few class ids present in the patch (atomics in fast mode, per-patch partials summed in a fixed order by
-`_utils.split_sum` in deterministic mode).
+Kernels. ``_classwise_recon_loss_fwd_kernel`` / ``_classwise_recon_loss_bwd_kernel``: one program per (patch,
+image) holds the whole patch (all channels) in registers, normalises the target, and reduces squared errors per
+class with a one-hot over the few class ids present in the patch (atomics in fast mode, per-patch partials summed in
+a fixed order by `_utils.split_sum` in deterministic mode).
 
 NaN / inf policy (the reference and the Triton kernel agree, gradients included): a non-finite ``pred`` or ``target``
 value at a masked, labelled pixel makes its group's ``per_class`` entry and ``total`` non-finite, and its own gradient
@@ -144,7 +144,7 @@ def _recon_loss_backward_ref(weight, pred, target, labels, masked, normalize_tar
 # The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
 # fmt: off
 @triton.jit
-def _recon_patch(
+def _load_patch(
     pred_ptr,  # (B, C, H, W) any strides
     target_ptr,  # (B, C, H, W) any strides
     labels_ptr,  # (B, H, W) integer labels, any strides
@@ -181,8 +181,8 @@ def _recon_patch(
 
 
 @triton.jit
-def _recon_loss_fwd_kernel(
-    pred_ptr, target_ptr, labels_ptr, masked_ptr,  # as in _recon_patch
+def _classwise_recon_loss_fwd_kernel(
+    pred_ptr, target_ptr, labels_ptr, masked_ptr,  # as in _load_patch
     err_ptr,  # fp32 out: (B, K) zero-initialised (fast) or (B, PATCHES, K) zero-initialised partials (deterministic)
     cnt_ptr,  # int32 out, same layout as err_ptr
     C, H, W, num_classes, patches_w, eps,
@@ -196,7 +196,7 @@ def _recon_loss_fwd_kernel(
 ):
     patch = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    x, t, k, m2 = _recon_patch(
+    x, t, k, m2 = _load_patch(
         pred_ptr, target_ptr, labels_ptr, masked_ptr, b, patch, patches_w, C, H, W, num_classes, eps,
         stride_predb, stride_predc, stride_predh, stride_predw,
         stride_targetb, stride_targetc, stride_targeth, stride_targetw,
@@ -224,9 +224,9 @@ def _recon_loss_fwd_kernel(
 
 
 @triton.jit
-def _recon_loss_bwd_kernel(
+def _classwise_recon_loss_bwd_kernel(
     weight_ptr,  # (B, K) fp32 contiguous: d loss / d err of each group
-    pred_ptr, target_ptr, labels_ptr, masked_ptr,  # as in _recon_patch
+    pred_ptr, target_ptr, labels_ptr, masked_ptr,  # as in _load_patch
     grad_ptr,  # (B, C, H, W) contiguous out
     C, H, W, num_classes, patches_w, eps,
     stride_predb, stride_predc, stride_predh, stride_predw,
@@ -237,7 +237,7 @@ def _recon_loss_bwd_kernel(
 ):
     patch = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    x, t, k, m2 = _recon_patch(
+    x, t, k, m2 = _load_patch(
         pred_ptr, target_ptr, labels_ptr, masked_ptr, b, patch, patches_w, C, H, W, num_classes, eps,
         stride_predb, stride_predc, stride_predh, stride_predw,
         stride_targetb, stride_targetc, stride_targeth, stride_targetw,
@@ -291,7 +291,7 @@ def _recon_loss_triton(pred, target, labels, masked, num_classes, normalize_targ
         err = torch.zeros((batch, num_classes), dtype=torch.float32, device=dev)
         cnt = torch.zeros((batch, num_classes), dtype=torch.int32, device=dev)
         err_strides = (num_classes, 0)
-    _recon_loss_fwd_kernel[(num_patches, batch)](
+    _classwise_recon_loss_fwd_kernel[(num_patches, batch)](
         pred32, target32, labels, masked_u8, err, cnt,
         channels, height, width, num_classes, cols, _NORM_EPS, *err_strides,
         *_patch_strides(pred32, target32, labels, masked_u8),
@@ -318,7 +318,7 @@ def _recon_loss_backward_triton(weight, pred, target, labels, masked, normalize_
     masked_u8 = masked.view(torch.uint8)
     tile = _tile(normalize_target, patch_size)
     cols = triton.cdiv(width, tile)
-    _recon_loss_bwd_kernel[(triton.cdiv(height, tile) * cols, batch)](
+    _classwise_recon_loss_bwd_kernel[(triton.cdiv(height, tile) * cols, batch)](
         weight.float().contiguous(), pred32, target32, labels, masked_u8, out,
         channels, height, width, weight.shape[1], cols, _NORM_EPS,
         *_patch_strides(pred32, target32, labels, masked_u8),
