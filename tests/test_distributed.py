@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 
 from fastseg.engine import TrainConfig, cleanup_distributed, evaluate, init_distributed, train
 
+SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/conftest.py)
+
 WORLD_SIZE = 2
 PER_RANK_BATCH = 2
 STEPS = 5
@@ -53,7 +55,7 @@ def _data():
 def _model():
     TinySeg = _import_engine_test_helpers().TinySeg
 
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     # No dropout and no BatchNorm: per-rank batch statistics would legitimately differ from one big batch.
     return TinySeg(dropout=0.0, norm=False)
 
