@@ -107,3 +107,35 @@ class FastsegOpCalls:
 def count_fastseg_ops():
     """``with count_fastseg_ops() as calls: ...`` then assert on ``calls.triton`` / ``calls.reference``."""
     return FastsegOpCalls
+
+
+def _wake_zero_initialised_scales(model: torch.nn.Module) -> list[str]:
+    """Give every all-zero norm scale the value 1 and return their names.
+
+    timm zero-initialises the last norm of each residual branch (``zero_init_last``) and Swin / MiT layer scales may
+    start at zero: at initialisation the branch behind such a scale gets an exactly zero gradient, which hides a
+    parameter that is really disconnected. A gradient check calls this first so that every path can carry gradient.
+    """
+    woken = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        is_norm = isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm))
+        if is_norm and isinstance(weight, torch.nn.Parameter) and not weight.detach().any():
+            with torch.no_grad():
+                weight.fill_(1.0)
+            woken.append(name)
+    return woken
+
+
+def _parameters_without_gradient(model: torch.nn.Module) -> list[str]:
+    """Trainable parameters whose gradient is missing, all zero or not finite (call after ``backward``)."""
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0 or not p.grad.isfinite().all())]
+
+
+@pytest.fixture
+def gradient_check():
+    """``gradient_check.prepare(model)`` before the forward, ``gradient_check.silent(model)`` after ``backward``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(prepare=_wake_zero_initialised_scales, silent=_parameters_without_gradient)
