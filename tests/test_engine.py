@@ -190,7 +190,7 @@ def test_training_learns_logs_and_writes_checkpoints(tmp_path):
     # The final weights reload into a fresh model and give the same metrics.
     fresh = _model(seed=5, dropout=0.0)
     ckpt.load_weights(fresh, run / "model.safetensors")
-    again = evaluate(fresh, val_set, batch_size=3, progress=False)
+    again = evaluate(fresh, val_set, batch_size=cfg.batch_size, progress=False)  # the trainer's batches: same sums
     assert again["mIoU"] == result.final_metrics["mIoU"]
 
 
@@ -345,9 +345,11 @@ def test_evaluate_matches_a_manual_confusion_matrix_and_restores_mode():
     assert model.training
     model.eval()
     manual = ConfusionMatrix(NUM_CLASSES)
-    with torch.no_grad():
-        for sample in data.samples:
-            manual.update(model.predict(sample["image"][None]), sample["mask"][None])
+    with torch.no_grad():  # the same batches of 3 (and the remainder of 1) as evaluate(): the same float sums
+        for start in range(0, len(data.samples), 3):
+            chunk = data.samples[start:start + 3]
+            manual.update(model.predict(torch.stack([s["image"] for s in chunk])),
+                          torch.stack([s["mask"] for s in chunk]))
     want = manual.compute()
     for key in ("mIoU", "mAcc", "aAcc", "fwIoU", "num_pixels"):
         assert metrics[key] == want[key]

@@ -140,17 +140,42 @@ def test_forward_is_soft_vote_and_predict_matches_class_map(ff):
     assert stages["tokens"].shape == (2, 16, 16) and stages["maskige"].shape == (2, 3, 64, 64)
 
 
-@pytest.mark.parametrize("impl", ["auto", "triton"])
-def test_fused_and_reference_inference_identical(impl):
-    torch.manual_seed(SEED)
-    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl=impl).eval()
-    x = torch.randn(1, 3, 32, 32)  # small: the Triton interpreter is slow
+def _near_ties(scores: torch.Tensor, dim: int, largest: bool, tol: float) -> torch.Tensor:
+    """Where the best and second-best of ``scores`` along ``dim`` are within ``tol``: an argmax / argmin there
+    depends on the accumulation order, so two correct implementations may pick either index."""
+    top2 = scores.topk(2, dim=dim, largest=largest).values
+    return (top2.narrow(dim, 0, 1) - top2.narrow(dim, 1, 1)).abs().squeeze(dim) <= tol
+
+
+def _assert_same_choice(fused: torch.Tensor, ref: torch.Tensor, ties: torch.Tensor, what: str) -> None:
+    differ = fused != ref
+    assert not (differ & ~ties).any(), f"{what}: {int((differ & ~ties).sum())} choices differ away from a near-tie"
+
+
+def _check_fused_stages(model, x: torch.Tensor) -> None:
+    """Each fused stage against its reference on the SAME input (so that one near-tie cannot cascade): the token
+    GEMM + argmax (fp32 sums in another order: ties within 1e-4 of the logit scale may go either way), the code
+    gather (one-hot x weights adds exact zeros: identical) and the nearest palette colour (ties likewise)."""
     with torch.no_grad():
-        fused, ref = model.stages(x, fused=True), model.stages(x, fused=False)
-    assert torch.equal(fused["tokens"], ref["tokens"])
-    assert torch.equal(fused["maskige"], ref["maskige"])  # gather == one-hot + 1x1 conv, bit for bit in fp32
-    assert torch.equal(fused["class_map"], ref["class_map"])
-    assert torch.equal(fused["output"], ref["output"])
+        _, feats = model.head_features(x)
+        logits = model.head.token_logits(feats)
+        tokens = model.token_ids(feats, fused=True)
+        ties = _near_ties(logits, 1, largest=True, tol=1e-4 * float(logits.abs().max()))
+        _assert_same_choice(tokens, model.token_ids(feats, fused=False), ties, "token ids")
+        maskige = model.decode_maskige(tokens, fused=True)
+        assert torch.equal(maskige, model.decode_maskige(tokens, fused=False))
+        rgb = maskige * 255.0
+        dist = ((rgb.permute(0, 2, 3, 1)[..., None, :] - model.maskige_palette[: model.num_classes]) ** 2).sum(-1)
+        ties = _near_ties(dist, -1, largest=False, tol=1e-3 * float(dist.max()))
+        classes = model.maskige_to_classes(maskige, fused=True)
+        _assert_same_choice(classes, model.maskige_to_classes(maskige, fused=False), ties, "palette inverse")
+        torch.testing.assert_close(model(x), model.vote(classes))  # forward is the fused pipeline
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_fused_and_reference_inference_agree(impl):
+    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl=impl).eval()
+    _check_fused_stages(model, torch.randn(1, 3, 32, 32))  # small: the Triton interpreter is slow
 
 
 def test_palette_inverse_scale2_vote_matches_bilinear():
@@ -292,7 +317,10 @@ def test_dalle_parity_with_official_package(tmp_path):
         logits = enc(their_map(x))
         torch.testing.assert_close(ours.encoder(map_pixels(x)), logits, rtol=1e-5, atol=1e-5)
         ids = ours.encode(x)
-        assert torch.equal(ids, logits.argmax(1)) and ids.shape == (2, 4, 4)
+        assert ids.shape == (2, 4, 4)
+        ties = _near_ties(logits, 1, largest=True, tol=1e-5 * float(logits.abs().max()))  # two implementations
+        _assert_same_choice(ids, logits.argmax(1), ties, "DALL-E code ids")
+        ids = logits.argmax(1)  # decode the official ids: the decoder comparison below does not hinge on a tie
         onehot = F.one_hot(ids, 512).permute(0, 3, 1, 2).float()
         theirs = their_unmap(torch.sigmoid(dec(onehot)[:, :3].float()))
         torch.testing.assert_close(ours.decode(ids), theirs, rtol=1e-5, atol=1e-5)
@@ -337,8 +365,7 @@ def test_dalle_tokenizer_in_gss_geometry():
         st = model.stages(x)
         assert st["tokens"].shape == (1, 8, 8) and st["maskige"].shape == (1, 3, 64, 64)
         assert model(x).shape == (1, 5, 32, 32)
-        ref = model.stages(x, fused=False)
-    assert torch.equal(st["class_map"], ref["class_map"])
+    _check_fused_stages(model, x)
     model.train()
     batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 5, (2, 32, 32))}  # BN: batch > 1
     out = model.loss(batch)
@@ -386,11 +413,6 @@ def test_dalle_mixed_precision_matches_official_on_cuda(tmp_path):
 
 
 @pytest.mark.gpu
-def test_fused_and_reference_inference_identical_on_cuda():
-    torch.manual_seed(SEED)
+def test_fused_and_reference_inference_agree_on_cuda():
     model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl="triton").cuda().eval()
-    x = torch.randn(2, 3, 128, 128, device="cuda")
-    with torch.no_grad():
-        fused, ref = model.stages(x, fused=True), model.stages(x, fused=False)
-    assert torch.equal(fused["tokens"], ref["tokens"])
-    assert torch.equal(fused["class_map"], ref["class_map"])
+    _check_fused_stages(model, torch.randn(2, 3, 128, 128, device="cuda"))
