@@ -139,3 +139,19 @@ def gradient_check():
     from types import SimpleNamespace
 
     return SimpleNamespace(prepare=_wake_zero_initialised_scales, silent=_parameters_without_gradient)
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where ``impl="triton"`` can run: the GPU when there is one, else the CPU through Triton's interpreter.
+
+    On a CUDA host TRITON_INTERPRET stays unset, so a CPU tensor with ``impl="triton"`` is an error there: tests of the
+    fused path put their tensors on this device. Skips, with the reason, where neither is available.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    from fastseg.kernels._utils import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("impl='triton' needs a CUDA device or Triton's interpreter (TRITON_INTERPRET=1); neither is here")
+    return torch.device("cpu")

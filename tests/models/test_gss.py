@@ -64,9 +64,10 @@ def test_palette_bad_input():
 
 
 @pytest.mark.parametrize("impl", ["torch", "auto", "triton"])
-def test_maskige_round_trip_exact_on_clean_masks(impl):
-    pal = make_maskige_palette(K)
-    masks = torch.randint(0, K, (2, 9, 13))
+def test_maskige_round_trip_exact_on_clean_masks(impl, request):
+    device = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
+    pal = make_maskige_palette(K).to(device)
+    masks = torch.randint(0, K, (2, 9, 13)).to(device)
     masks[0, :3, :3] = 255
     maskige = masks_to_maskige(masks, pal)
     assert maskige.shape == (2, 3, 9, 13) and 0 <= maskige.min() and maskige.max() <= 1
@@ -173,9 +174,10 @@ def _check_fused_stages(model, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("impl", ["auto", "triton"])
-def test_fused_and_reference_inference_agree(impl):
-    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl=impl).eval()
-    _check_fused_stages(model, torch.randn(1, 3, 32, 32))  # small: the Triton interpreter is slow
+def test_fused_and_reference_inference_agree(impl, request):
+    device = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
+    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl=impl).eval().to(device)
+    _check_fused_stages(model, torch.randn(1, 3, 32, 32, device=device))  # small: the Triton interpreter is slow
 
 
 def test_palette_inverse_scale2_vote_matches_bilinear():

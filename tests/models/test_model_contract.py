@@ -24,13 +24,22 @@ SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/
 
 # Full-size backbones: seconds to tens of seconds per forward on 2 CPU cores (the DALL-E GSS decodes at 2x).
 LARGE = ("*resnet50", "*resnet101", "*swin_*", "*mit_b[1-5]")
-# One small model per family runs ONNX export + onnxruntime parity in the default tier (a few seconds each).
+# One small model per family runs torch.compile and ONNX export + onnxruntime parity in the default tier (measured
+# on this loaded 2-core machine: 15-80 s per compile, 30-200 s per export; the rest run under `-m slow`). FPN's
+# ONNX parity runs in the default tier of tests/export/test_onnx_export.py (fpn_resnet18, fpn_mit_b0), not again.
 REPRESENTATIVES = {"ecenet_resnet18", "fpn_resnet18", "gss_ff_resnet18", "s4mim_resnet18", "unimatch_resnet18"}
+ONNX_ELSEWHERE = {"fpn_resnet18"}
 # Semi-supervised methods train on labelled + unlabelled batches: their loss needs the unlabelled images.
 SEMI_SUPERVISED = ("s4mim_*", "unimatch_*")
 # Trainable parameters that legitimately receive no gradient from model.loss(batch), with the reason. Empty: every
 # trainable parameter of every registered model is reached (a new entry needs a reason a reviewer accepts).
 UNUSED_PARAMETERS: dict[str, dict[str, str]] = {}
+# Models whose logits do not depend on the input at initialisation, with the reason: output-level comparisons cannot
+# tell two inputs apart on them (the stage-level checks live in their own test file). Checked to stay true.
+CONSTANT_AT_INIT = {
+    "gss_*": "an untrained maskige tokenizer decodes every token to one colour, so every pixel gets one class "
+             "(tests/models/test_gss.py checks the stages)",
+}
 
 
 def _matches(name: str, patterns) -> bool:
@@ -93,11 +102,11 @@ class TestModelContract:
         agreement = (pred == logits.argmax(1)).float().mean().item()
         assert agreement >= 0.999, f"predict agrees with argmax(logits) on {agreement:.2%} of the pixels"
 
-    def test_odd_size_logits_are_those_of_the_replicate_extended_image(self, model):
+    def test_odd_size_logits_are_those_of_the_replicate_extended_image(self, name, model):
         # The contract (fastseg/models/_base.py): an odd-size image gives the logits of the image extended to the
         # next multiple of divisible_by by repeating its last row and column, cropped to ceil(size / stride). The
-        # extension is built by index clamping here, not by forward's F.pad call; a zero extension must differ,
-        # which shows that the comparison sees the padded content.
+        # extension is built by index clamping here, not by forward's F.pad call; an extension filled with loud noise
+        # must give other logits, which shows that the comparison sees the padded content.
         model.eval()
         h, w = 61, 83
         m, s = model.pretrained_cfg.divisible_by, model.pretrained_cfg.output_stride
@@ -106,13 +115,15 @@ class TestModelContract:
         big_h, big_w = math.ceil(h / m) * m, math.ceil(w / m) * m
         rows, cols = torch.arange(big_h).clamp(max=h - 1), torch.arange(big_w).clamp(max=w - 1)
         extended = x[:, :, rows][:, :, :, cols]
-        zeros = torch.zeros(1, 3, big_h, big_w)
-        zeros[..., :h, :w] = x
+        noisy = 10 * torch.randn(1, 3, big_h, big_w)
+        noisy[..., :h, :w] = x
         crop = (..., slice(0, math.ceil(h / s)), slice(0, math.ceil(w / s)))
         with torch.no_grad():
-            out, ref, zero_ref = model(x), model(extended)[crop], model(zeros)[crop]
+            out, ref, noisy_ref = model(x), model(extended)[crop], model(noisy)[crop]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)  # same maths, possibly other conv algorithms
-        assert not torch.allclose(out, zero_ref, rtol=1e-3, atol=1e-4)
+        sees_padding = not torch.allclose(out, noisy_ref, rtol=1e-3, atol=1e-4)
+        assert sees_padding != _matches(name, CONSTANT_AT_INIT), (
+            "the padded content changes nothing" if not sees_padding else "listed in CONSTANT_AT_INIT but is not")
 
     def test_loss_keys_and_total(self, name, model):
         model.train()
@@ -180,7 +191,7 @@ class TestModelContract:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
     @pytest.mark.export
-    @pytest.mark.parametrize("onnx_name", _params(extra_slow=lambda n: n not in REPRESENTATIVES))
+    @pytest.mark.parametrize("onnx_name", _params(extra_slow=lambda n: n not in REPRESENTATIVES - ONNX_ELSEWHERE))
     def test_onnx_export_matches_onnxruntime(self, onnx_name, tmp_path):
         name, model = onnx_name, _build(onnx_name)
         ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed for the parity check")

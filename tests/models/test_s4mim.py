@@ -287,12 +287,12 @@ def test_label_space_reconstruction_variant_trains_its_decoder(gradient_check):
 # ---------------------------------------------------------------------------------------------------------------
 # Fused kernels vs torch reference in a full training step
 # ---------------------------------------------------------------------------------------------------------------
-def test_training_step_triton_equals_torch(count_fastseg_ops):
+def test_training_step_triton_equals_torch(count_fastseg_ops, triton_device):
     kw = dict(num_classes=K, tau=0.0, **SMALL)
-    fused = fastseg.create_model("s4mim_resnet18", impl="triton", deterministic=True, **kw)
-    plain = fastseg.create_model("s4mim_resnet18", impl="torch", **kw)
+    fused = fastseg.create_model("s4mim_resnet18", impl="triton", deterministic=True, **kw).to(triton_device)
+    plain = fastseg.create_model("s4mim_resnet18", impl="torch", **kw).to(triton_device)
     plain.load_state_dict(fused.state_dict())
-    batch = _semi_batch(b_l=1, b_u=1, size=32)
+    batch = {k: v.to(triton_device) for k, v in _semi_batch(b_l=1, b_u=1, size=32).items()}
     results, calls = [], []
     for model in (fused, plain):
         model.train()
