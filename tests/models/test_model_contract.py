@@ -5,8 +5,9 @@ Forward shape, predict at any (odd) size, the odd-size padding, the loss dict, g
 parameter, a save / load round trip, torch.compile of forward, ONNX export + onnxruntime parity, bad inputs and a
 few optimisation steps lowering the loss.
 
-Tiers: the small variants run everything in the default tier except ONNX parity, which runs for one model per family
-(``REPRESENTATIVES``); the large variants (ResNet-50/101, Swin, the DALL-E GSS) run everything under ``-m slow``.
+Tiers: the small variants run everything in the default tier except torch.compile and ONNX parity, which run there
+for one model per family (``REPRESENTATIVES``, Dynamo + AOTAutograd only); Inductor, the other models' compile and
+ONNX cases and the large variants (ResNet-50/101, Swin, the DALL-E GSS) run under ``-m slow``.
 """
 
 import fnmatch
