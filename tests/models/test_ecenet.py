@@ -5,7 +5,6 @@ The generic contract (forward / backward / odd sizes / predict / bad inputs) run
 tests/models/test_model_contract.py.
 """
 
-import importlib
 import math
 import os
 
@@ -14,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import fastseg
-from fastseg.kernels._utils import interpreter_enabled
 from fastseg.models.ecenet import (
     ECENet,
     PooledMaskEmbedding,
