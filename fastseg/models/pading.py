@@ -443,6 +443,9 @@ class PADing(SegmentationModel):
         self.head.new_fc.load_state_dict(segmenter.class_head.state_dict())
         segmenter.replace_class_head(self.head.new_fc)
         segmenter.freeze_segmenter()
+        # The split and the embedding source travel in the PretrainedCfg (checkpoints, export sidecars).
+        apply_cfg_fields(segmenter, {"seen_classes": tuple(self.seen_classes),
+                                     "unseen_classes": tuple(self.unseen_classes), "class_embeddings": embeddings_source})
         self.pretrained_cfg = segmenter.pretrained_cfg
 
     @property
@@ -482,7 +485,7 @@ class PADing(SegmentationModel):
         ``pred_embed``) and ``all_classes`` (B, Q): the matched GT class, or K (no-object) for unmatched queries."""
         seg = self.segmenter
         targets = seg.targets(batch)
-        images, _, _ = seg._padded(batch["image"])
+        images, _ = seg.pad_input(batch["image"])
         out = seg.forward_queries(images)
         embed = out["query_embeddings"][-1]
         logits = self.stage1_class_head(embed)
