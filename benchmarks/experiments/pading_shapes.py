@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 import fastseg
-from fastseg.data.shapes import ShapesDataset, zero_shot_config
 from fastseg.engine import TrainConfig, train
 from fastseg.engine.recipes.pading import (
     Stage2Config,
@@ -79,6 +78,8 @@ def run_one(variant: str, seed: int, checkpoint: Path, args: argparse.Namespace,
         result = train_stage2(model, seen_only_dataset(world, "panoptic", length=10**6, seed=seed), cfg)
         info = {"last_losses": result.history[-1], "skipped_generator_steps": result.skipped_generator_steps}
     train_s = time.perf_counter() - start
+    from fastseg.data.shapes import ShapesDataset
+
     val = ShapesDataset("val", length=args.val_length, config=world, seed=0)
     metrics = evaluate_zero_shot(model, val, batch_size=16)
     flat = {f"{name}_{side}": metrics[task][f"{name}_{side}"] for task, name in METRICS
@@ -121,14 +122,13 @@ def _cell(stats: dict | None) -> str:
 
 
 def render_table(report: dict) -> str:
-    """The README table: per variant, unseen and harmonic mIoU, PQ and AP50 in percent, mean ± std (per seed)."""
+    """The README table: per variant and metric, seen / unseen / harmonic in percent, mean ± std (per seed)."""
     summary = report["summary"]
-    cols = [("mIoU", "unseen"), ("mIoU", "harmonic"), ("PQ", "seen"), ("PQ", "unseen"), ("PQ", "harmonic"),
-            ("AP50", "unseen"), ("AP50", "harmonic")]
-    lines = ["| variant | " + " | ".join(f"{m} {s}" for m, s in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| variant | metric | seen | unseen | harmonic |", "|---|---|---|---|---|"]
     for variant, label in LABELS.items():
-        if variant in summary:
-            lines.append(f"| {label} | " + " | ".join(_cell(summary[variant].get(f"{m}_{s}")) for m, s in cols) + " |")
+        for metric in ("mIoU", "PQ", "AP50") if variant in summary else ():
+            cells = [_cell(summary[variant].get(f"{metric}_{side}")) for side in ("seen", "unseen", "harmonic")]
+            lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -154,6 +154,8 @@ def main() -> None:
     if args.table:
         print(render_table(json.loads(Path(args.out).read_text())))
         return
+    from fastseg.data.shapes import zero_shot_config
+
     torch.set_num_threads(args.threads)
     world = zero_shot_config()
     out = Path(args.out)
