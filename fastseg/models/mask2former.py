@@ -65,7 +65,8 @@ from ._base import SegmentationModel, check_images, resolve_cfg
 from .backbones import create_backbone
 from .mask2former_criterion import HungarianMatcher, SetCriterion, SegmentTargets, targets_from_batch
 
-__all__ = ["Mask2Former", "MSDeformAttnPixelDecoder", "FPNPixelDecoder", "MaskedTransformerDecoder", "VOID"]
+__all__ = ["Mask2Former", "Mask2FormerRaw", "MSDeformAttnPixelDecoder", "FPNPixelDecoder", "MaskedTransformerDecoder",
+           "VOID"]
 
 VOID = -1  # panoptic id of unassigned pixels in `predict(task="panoptic")`
 
@@ -482,6 +483,20 @@ class Mask2Former(SegmentationModel):
         images, _, _ = self._padded(batch["image"])
         out = self.forward_queries(images)
         return self.criterion(out, targets)
+
+
+class Mask2FormerRaw(nn.Module):
+    """``images -> (class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4))``: the raw outputs as one module, for
+    export (e.g. ``fastseg.export.onnx.export_onnx_file(Mask2FormerRaw(model), x, path,
+    output_names=("class_logits", "mask_logits"))``), where a deployment runs its own post-processing."""
+
+    def __init__(self, model: Mask2Former) -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = model.pretrained_cfg
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.forward_raw(images)
 
 
 def _mask2former(backbone: str, **kwargs: Any) -> Mask2Former:
