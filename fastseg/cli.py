@@ -42,9 +42,24 @@ def _device(name: str):
 
 
 def _world(args: argparse.Namespace):
-    from .data.shapes import ShapesConfig
+    from .data.shapes import ShapesConfig, zero_shot_config
 
+    if getattr(args, "world", "default") == "zero-shot":
+        return zero_shot_config(image_size=args.image_size)
     return ShapesConfig(image_size=args.image_size)
+
+
+def _universal_task_kwargs(model_name: str, task: str | None) -> dict[str, Any]:
+    """Model options for ``--task`` at training time (universal models, e.g. mask2former_*, train on instance
+    segments for "panoptic" and on one segment per class for "semantic"; other models are semantic only)."""
+    if task is None:
+        return {}
+    if model_name.startswith("mask2former"):
+        return {"train_task": task}
+    if task != "semantic":
+        raise ValueError(f"--task {task}: {model_name} is a semantic segmentation model; panoptic and instance "
+                         "tasks need a universal model (mask2former_*)")
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------------------- list
@@ -77,11 +92,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_length=args.train_length, **_model_kwargs(args.model_arg),
         )
     else:
-        model = create_model(args.model, num_classes=world.num_classes, **_model_kwargs(args.model_arg))
+        kwargs = {**_universal_task_kwargs(args.model, args.task), **_model_kwargs(args.model_arg)}
+        model = create_model(args.model, num_classes=world.num_classes, **kwargs)
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}")
+    # A model may name its own default budget (train_defaults); explicit options win.
+    defaults = {"steps": 600, "batch_size": 16, **getattr(model, "train_defaults", {})}
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
     cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        steps=steps, batch_size=batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
         num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
@@ -102,15 +122,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .registry import create_model
 
     world = _world(args)
+    tasks = [t for t in args.task.split(",") if t]
+    unknown = [t for t in tasks if t not in ("semantic", "panoptic", "instance")]
+    if unknown or not tasks:
+        raise ValueError(f"--task takes semantic, panoptic and / or instance (comma-separated), got {args.task!r}")
+    if any(t != "semantic" for t in tasks) and not args.model.startswith("mask2former"):
+        _universal_task_kwargs(args.model, "panoptic")  # raises the clear error
     model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
                          **_model_kwargs(args.model_arg))
     dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=_device(args.device))
-    print(metrics.get("table", ""))
-    print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+    report: dict[str, Any] = {}
+    if "semantic" in tasks:
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=_device(args.device))
+        print(metrics.get("table", ""))
+        print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+        report["semantic"] = {k: v for k, v in metrics.items() if k != "table"}
+    universal = [t for t in tasks if t != "semantic"]
+    if universal:
+        from .engine.evaluate_universal import evaluate_universal
+
+        model.to(_device(args.device))
+        subsets = {"seen": world.seen_ids, "unseen": world.unseen_ids}
+        out = evaluate_universal(model, dataset, universal, batch_size=args.batch_size, subsets=subsets)
+        if "panoptic" in out:
+            pq = out["panoptic"]
+            print(pq.pop("table"))
+            print(f"PQ {100 * pq['PQ']:.2f}  SQ {100 * pq['SQ']:.2f}  RQ {100 * pq['RQ']:.2f}  "
+                  f"(things PQ {100 * pq['things']['PQ']:.2f}, stuff PQ {100 * pq['stuff']['PQ']:.2f}; "
+                  f"seen PQ {100 * pq['seen']['PQ']:.2f}, unseen PQ {100 * pq['unseen']['PQ']:.2f})")
+            report["panoptic"] = pq
+        if "instance" in out:
+            ap = out["instance"]
+            names = world.class_names
+            for c, r in ap["per_class"].items():
+                print(f"{names[c]:<10} AP {100 * r['AP']:6.2f}  AP50 {100 * r['AP50']:6.2f}  AP75 {100 * r['AP75']:6.2f}")
+            print(f"mask AP {100 * ap['AP']:.2f}  AP50 {100 * ap['AP50']:.2f}  AP75 {100 * ap['AP75']:.2f}")
+            report["instance"] = ap
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v for k, v in metrics.items() if k != "table"}, indent=2,
-                                              default=float))
+        Path(args.json).write_text(json.dumps(report if len(report) > 1 or "semantic" not in report
+                                              else report["semantic"], indent=2, default=float))
     return 0
 
 
@@ -123,6 +173,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.visualize import overlay
     from .registry import create_model
 
+    if args.task == "panoptic" and not args.model.startswith("mask2former"):
+        _universal_task_kwargs(args.model, "panoptic")  # raises the clear error
     model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
                          **_model_kwargs(args.model_arg)).eval()
     cfg = model.pretrained_cfg
@@ -137,9 +189,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise SystemExit(f"cannot read image {path}: {err}") from None
         x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
-        pred = model.predict(x[None])[0].numpy()
         target = out_dir / (Path(path).stem + "_pred.png")
-        Image.fromarray(overlay(rgb, pred, np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)).save(target)
+        if args.task == "panoptic":
+            from .data.visualize import overlay_panoptic
+
+            pan = model.predict(x[None], task="panoptic")[0].numpy()
+            image = overlay_panoptic(rgb, pan, np.asarray(cfg.palette, dtype=np.uint8),
+                                     getattr(cfg, "label_divisor", 1000), alpha=args.alpha)
+        else:
+            pred = model.predict(x[None])[0].numpy()
+            image = overlay(rgb, pred, np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)
+        Image.fromarray(image).save(target)
         print(f"{path} -> {target}")
     return 0
 
@@ -150,8 +210,15 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     from .data.visualize import render_grid
 
     dataset = ShapesDataset(args.split, length=max(args.n, 1), config=_world(args), seed=args.seed)
-    render_grid(dataset, n=args.n, columns=args.columns, path=args.out)
-    print(f"wrote {args.out}")
+    if args.format == "grid":
+        render_grid(dataset, n=args.n, columns=args.columns, path=args.out)
+        print(f"wrote {args.out}")
+        return 0
+    from .data.coco import write_coco_instances, write_coco_panoptic
+
+    writer = write_coco_panoptic if args.format == "coco-panoptic" else write_coco_instances
+    path = writer(dataset, args.out, n=args.n, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.n} {args.split} images under {Path(args.out) / 'images' / args.split})")
     return 0
 
 
@@ -211,12 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--image-size", type=parse_size, default=(64, 64), metavar="H[,W]", help="shapes-world image size")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model option (repeatable)")
+        p.add_argument("--world", choices=["default", "zero-shot"], default="default",
+                       help="shapes world: default, or zero-shot (a fifth texture, snow, as unseen stuff)")
 
     p = sub.add_parser("train", help="train a model on the built-in shapes world")
     p.add_argument("model")
     world_args(p)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600, or the model's own)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 16, or the model's own)")
+    p.add_argument("--task", choices=["semantic", "panoptic"], default=None,
+                   help="universal models (mask2former_*): train on instance segments (panoptic, their default) or "
+                        "one segment per class (semantic)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -240,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     world_args(p)
     p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--task", default="semantic",
+                   help="semantic (mIoU), panoptic (PQ / SQ / RQ), instance (mask AP); comma-separated for several")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
@@ -254,11 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--task", choices=["semantic", "panoptic"], default="semantic",
+                   help="panoptic: overlay segments with instance-distinct colours (mask2former_*)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("shapes", help="render a grid of shapes-world images with their masks")
+    p = sub.add_parser("shapes", help="render a grid of shapes-world images, or write a split as COCO files")
     world_args(p)
-    p.add_argument("--out", default="shapes.png")
+    p.add_argument("--format", choices=["grid", "coco-panoptic", "coco-instances"], default="grid",
+                   help="grid: one PNG; coco-panoptic: PNG + JSON under --out; coco-instances: JSON with RLE masks")
+    p.add_argument("--overwrite", action="store_true", help="replace existing COCO JSON files")
+    p.add_argument("--out", default="shapes.png", help="grid PNG path, or the output folder of a COCO format")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--split", choices=["train", "val", "test"], default="train")

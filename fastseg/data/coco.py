@@ -67,7 +67,7 @@ def _image_record(dataset: ShapesDataset, index: int, out_dir: Path) -> dict[str
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True (fastseg shapes --overwrite) to replace it")
 
 
 def write_coco_panoptic(dataset: ShapesDataset, out_dir: str | os.PathLike, n: int | None = None,
