@@ -30,7 +30,7 @@ __all__ = ["evaluate_universal", "instance_targets"]
 
 def instance_targets(batch: dict[str, torch.Tensor], thing_classes: Iterable[int]) -> list[dict[str, torch.Tensor]]:
     """Per image ``masks`` (M, H, W) bool and ``labels`` (M,) of the thing instances of a shapes batch."""
-    things = set(int(c) for c in thing_classes)
+    things = {int(c) for c in thing_classes}
     out = []
     for inst, classes in zip(batch["instances"], batch["instance_classes"]):
         ids = [i for i in torch.unique(inst).tolist() if i > 0]

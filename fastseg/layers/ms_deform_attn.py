@@ -41,7 +41,7 @@ def ms_deform_attn_sample(
     Returns:
         ``(B, Nq, heads * head_dim)``.
     """
-    bsz, num_q, heads, levels, points, _ = sampling_locations.shape
+    bsz, num_q, heads, levels, _, _ = sampling_locations.shape
     if len(values) != levels:
         raise ValueError(f"ms_deform_attn_sample: {len(values)} value maps for {levels} levels")
     grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates

@@ -102,7 +102,7 @@ class PanopticQuality:
             raise ValueError(f"crowd must give one collection of ids per image: {len(crowd)} for {preds.shape[0]}")
         for b in range(preds.shape[0]):
             self._update_image(preds[b].reshape(-1).long().cpu(), targets[b].reshape(-1).long().cpu(),
-                               set(int(c) for c in crowd[b]) if crowd is not None else set(), b)
+                               {int(c) for c in crowd[b]} if crowd is not None else set(), b)
 
     def _update_image(self, pred: torch.Tensor, gt: torch.Tensor, crowd_ids: set[int], image: int) -> None:
         gt_ids, gt_inv, gt_area = torch.unique(gt, return_inverse=True, return_counts=True)

@@ -58,15 +58,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.class_attention import MaskedCrossAttentionLayer, attention_mask_from_logits
+from ..layers.class_attention import (
+    MaskedCrossAttentionLayer,
+    attention_mask_from_logits,
+)
 from ..layers.ms_deform_attn import MSDeformAttn, reference_points
 from ..registry import register_model
 from ._base import SegmentationModel, check_images, resolve_cfg
 from .backbones import create_backbone
-from .mask2former_criterion import HungarianMatcher, SetCriterion, SegmentTargets, targets_from_batch
+from .mask2former_criterion import (
+    HungarianMatcher,
+    SegmentTargets,
+    SetCriterion,
+    targets_from_batch,
+)
 
-__all__ = ["Mask2Former", "Mask2FormerRaw", "MSDeformAttnPixelDecoder", "FPNPixelDecoder", "MaskedTransformerDecoder",
-           "VOID"]
+__all__ = [
+    "VOID",
+    "FPNPixelDecoder",
+    "MSDeformAttnPixelDecoder",
+    "Mask2Former",
+    "Mask2FormerRaw",
+    "MaskedTransformerDecoder",
+]
 
 VOID = -1  # panoptic id of unassigned pixels in `predict(task="panoptic")`
 
@@ -453,7 +467,7 @@ class Mask2Former(SegmentationModel):
         return panoptic
 
     def _instances(self, class_logits: Tensor, mask_logits: Tensor) -> dict[str, Tensor]:
-        num_q, k = class_logits.shape[0], self.num_classes
+        k = self.num_classes
         probs = class_logits.softmax(-1)[:, :k]
         topk = min(self.test_topk, probs.numel())
         scores, flat = probs.flatten().topk(topk, sorted=True)
@@ -504,8 +518,10 @@ def _mask2former(backbone: str, **kwargs: Any) -> Mask2Former:
 
 
 # CPU sizes for the shapes world: a few queries and layers, narrow widths, fewer sampled points.
-_CPU = dict(num_queries=16, hidden_dim=64, mask_dim=64, num_heads=4, ffn_dim=256, dec_layers=3, enc_layers=2,
-            enc_heads=4, enc_points=4, enc_ffn_dim=256, train_num_points=1024)
+_CPU: dict[str, Any] = {
+    "num_queries": 16, "hidden_dim": 64, "mask_dim": 64, "num_heads": 4, "ffn_dim": 256, "dec_layers": 3,
+    "enc_layers": 2, "enc_heads": 4, "enc_points": 4, "enc_ffn_dim": 256, "train_num_points": 1024,
+}
 
 
 def _with_defaults(kwargs: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from fastseg.data.coco import panoptic_from_instances, read_coco_panoptic, write_coco_instances, write_coco_panoptic
-from fastseg.data.shapes import ShapesConfig, ShapesDataset, panoptic_map, zero_shot_config
+from fastseg.data.coco import (
+    panoptic_from_instances,
+    read_coco_panoptic,
+    write_coco_instances,
+    write_coco_panoptic,
+)
+from fastseg.data.shapes import (
+    ShapesConfig,
+    ShapesDataset,
+    panoptic_map,
+    zero_shot_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,11 @@ import math
 
 import torch
 
-from fastseg.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_sample, reference_points
+from fastseg.layers.ms_deform_attn import (
+    MSDeformAttn,
+    ms_deform_attn_sample,
+    reference_points,
+)
 
 
 def _naive(values, locations, weights):

@@ -13,10 +13,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastseg
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
 from fastseg.models.mask2former import VOID, Mask2Former
-from fastseg.models.mask2former_criterion import HungarianMatcher, SegmentTargets, targets_from_batch
+from fastseg.models.mask2former_criterion import (
+    HungarianMatcher,
+    SegmentTargets,
+    targets_from_batch,
+)
 
-TINY = dict(num_queries=6, hidden_dim=32, mask_dim=32, num_heads=2, ffn_dim=64, dec_layers=3, enc_layers=1,
-            enc_heads=2, enc_ffn_dim=64, train_num_points=256)
+TINY = {"num_queries": 6, "hidden_dim": 32, "mask_dim": 32, "num_heads": 2, "ffn_dim": 64, "dec_layers": 3,
+        "enc_layers": 1, "enc_heads": 2, "enc_ffn_dim": 64, "train_num_points": 256}
 
 
 @pytest.fixture(scope="module")
