@@ -49,6 +49,20 @@ def _world(args: argparse.Namespace):
     return ShapesConfig(image_size=args.image_size)
 
 
+def _apply_world(model, world) -> None:
+    """Give the model the world's class names, palette and thing / stuff split (a non-default world, e.g.
+    zero-shot, has other classes than the default the model was built with)."""
+    from .data.shapes import ShapesConfig, pretrained_cfg_fields
+    from .registry import PretrainedCfg
+
+    cfg = getattr(model, "pretrained_cfg", None)
+    if world == ShapesConfig(image_size=world.image_size) or not isinstance(cfg, PretrainedCfg):
+        return
+    fields = {**cfg.to_dict(), **pretrained_cfg_fields(world)}
+    fields["input_size"] = cfg.input_size
+    model.pretrained_cfg = PretrainedCfg.from_dict(fields)
+
+
 def _universal_task_kwargs(model_name: str, task: str | None) -> dict[str, Any]:
     """Model options for ``--task`` at training time (universal models, e.g. mask2former_*, train on instance
     segments for "panoptic" and on one segment per class for "semantic"; other models are semantic only)."""
@@ -94,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         kwargs = {**_universal_task_kwargs(args.model, args.task), **_model_kwargs(args.model_arg)}
         model = create_model(args.model, num_classes=world.num_classes, **kwargs)
+        _apply_world(model, world)
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}")
     # A model may name its own default budget (train_defaults); explicit options win.
@@ -130,6 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _universal_task_kwargs(args.model, "panoptic")  # raises the clear error
     model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
                          **_model_kwargs(args.model_arg))
+    _apply_world(model, world)
     dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
     report: dict[str, Any] = {}
     if "semantic" in tasks:

@@ -59,3 +59,16 @@ def test_shapes_coco_formats(tmp_path, capsys):
 def test_panoptic_task_on_a_semantic_model_is_a_clear_error(capsys):
     assert main(["train", "fpn_resnet18", "--task", "panoptic", "--steps", "1"]) == 2
     assert "panoptic and instance tasks need a universal model" in capsys.readouterr().err
+
+
+def test_zero_shot_world_gives_the_model_its_classes_and_split():
+    import fastseg
+    from fastseg.cli import _apply_world
+    from fastseg.data.shapes import zero_shot_config
+
+    world = zero_shot_config()
+    model = fastseg.create_model("mask2former_resnet18", num_classes=world.num_classes, num_queries=4)
+    _apply_world(model, world)
+    cfg = model.pretrained_cfg
+    assert cfg.class_names == world.class_names and cfg.stuff_classes == world.stuff_ids
+    assert cfg.thing_classes == world.thing_ids and cfg.num_classes == 13
