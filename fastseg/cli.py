@@ -111,12 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _apply_world(model, world)
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}")
-    # A model may name its own default budget (train_defaults); explicit options win.
-    defaults = {"steps": 600, "batch_size": 16, **getattr(model, "train_defaults", {})}
-    steps = args.steps if args.steps is not None else defaults["steps"]
-    batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
     cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
         num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
@@ -300,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on the built-in shapes world")
     p.add_argument("model")
     world_args(p)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600, or the model's own)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 16, or the model's own)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--task", choices=["semantic", "panoptic"], default=None,
                    help="universal models (mask2former_*): train on instance segments (panoptic, their default) or "
                         "one segment per class (semantic)")
