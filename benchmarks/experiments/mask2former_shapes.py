@@ -52,13 +52,13 @@ def _run(cmd: list[str]) -> dict:
 
 
 def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import scipy
     import timm
     import torch
 
     import fastseg
-
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         coco = version("pycocotools")
