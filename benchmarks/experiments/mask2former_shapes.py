@@ -1,6 +1,7 @@
 """Mask2Former on the shapes world at its default CLI budget, and the semantic FPN baseline at the same budget.
 
-Runs the `fastseg` commands themselves (so the recorded commands are exactly what a user types), times them, and
+Runs the `fastseg` commands themselves (so the recorded commands are exactly what a user types; the two trainings
+side by side, each single-threaded), records each one's wall time and CPU seconds, and
 writes ``benchmarks/results/experiments/mask2former_shapes.json`` with the commands, the environment and every
 metric the evaluations print:
 
@@ -23,32 +24,40 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 OUT = Path("benchmarks/results/experiments/mask2former_shapes.json")
 
 
-def _run(cmd: list[str]) -> dict:
+def _start(cmd: list[str]) -> tuple[subprocess.Popen, float, str]:
     print("$ " + shlex.join(cmd), flush=True)
-    start = time.perf_counter()
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - read back in _finish
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc, time.perf_counter(), log.name
+
+
+def _finish(started: tuple[subprocess.Popen, float, str]) -> dict:
+    """Wait for one command; its wall time and its own CPU seconds (user + system, from wait4's rusage: what one
+    free core would need -- wall time on a shared machine is inflated by everything else that runs)."""
+    proc, start, log = started
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = Path(log).read_text()
+    Path(log).unlink()
+    cmd = shlex.join(proc.args)
     if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-4000:]}")
-    print(f"  ({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
-    # CPU seconds (user + system of the command) are what one free core would need; wall time on a shared machine
-    # is inflated by everything else that runs.
-    return {"command": shlex.join(cmd), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "stdout_tail": proc.stdout[-3000:]}
+        raise SystemExit(f"command failed ({proc.returncode}): {cmd}\n{output[-4000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"  done: {cmd} ({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
+    return {"command": cmd, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "stdout_tail": output[-3000:]}
 
 
 def _versions() -> dict:
@@ -106,10 +115,19 @@ def main() -> None:
         out.write_text(json.dumps(record, indent=2, default=float) + "\n")
 
     m2f_dir, m2f_json = runs / "m2f", runs / "m2f_eval.json"
-    train = _run([*fastseg_cmd, "train", "mask2former_resnet18", "--task", "panoptic", "--out", str(m2f_dir)])
-    ev = _run([*fastseg_cmd, "eval", "mask2former_resnet18", "--checkpoint", str(m2f_dir / "model.safetensors"),
-               "--task", "semantic,panoptic,instance", "--json", str(m2f_json)])
+    fpn_dir, fpn_json = runs / "fpn", runs / "fpn_eval.json"
+    # The two trainings run side by side (each single-threaded), then the evaluations.
+    jobs = {"mask2former_resnet18": _start([*fastseg_cmd, "train", "mask2former_resnet18", "--task", "panoptic",
+                                            "--out", str(m2f_dir)])}
+    if not args.skip_fpn:
+        jobs["fpn_resnet18"] = _start([*fastseg_cmd, "train", "fpn_resnet18", "--steps", str(budget["steps"]),
+                                       "--batch-size", str(budget["batch_size"]), "--out", str(fpn_dir)])
+    trained = {name: _finish(job) for name, job in jobs.items()}
+    ev = _finish(_start([*fastseg_cmd, "eval", "mask2former_resnet18", "--checkpoint",
+                         str(m2f_dir / "model.safetensors"), "--task", "semantic,panoptic,instance",
+                         "--json", str(m2f_json)]))
     metrics = json.loads(m2f_json.read_text())
+    train = trained["mask2former_resnet18"]
     record["runs"]["mask2former_resnet18"] = {"train": train, "eval": ev, "metrics": metrics, "summary": {
         "PQ": metrics["panoptic"]["PQ"], "SQ": metrics["panoptic"]["SQ"], "RQ": metrics["panoptic"]["RQ"],
         "PQ_things": metrics["panoptic"]["things"]["PQ"], "PQ_stuff": metrics["panoptic"]["stuff"]["PQ"],
@@ -117,12 +135,10 @@ def main() -> None:
         "mIoU": metrics["semantic"]["mIoU"], "train_wall_s": train["wall_s"], "train_cpu_s": train["cpu_s"]}}
     save()
     if not args.skip_fpn:
-        fpn_dir, fpn_json = runs / "fpn", runs / "fpn_eval.json"
-        train = _run([*fastseg_cmd, "train", "fpn_resnet18", "--steps", str(budget["steps"]), "--batch-size",
-                      str(budget["batch_size"]), "--out", str(fpn_dir)])
-        ev = _run([*fastseg_cmd, "eval", "fpn_resnet18", "--checkpoint", str(fpn_dir / "model.safetensors"),
-                   "--json", str(fpn_json)])
+        ev = _finish(_start([*fastseg_cmd, "eval", "fpn_resnet18", "--checkpoint", str(fpn_dir / "model.safetensors"),
+                             "--json", str(fpn_json)]))
         metrics = json.loads(fpn_json.read_text())
+        train = trained["fpn_resnet18"]
         record["runs"]["fpn_resnet18"] = {"train": train, "eval": ev, "metrics": metrics,
                                           "summary": {"mIoU": metrics["mIoU"], "train_wall_s": train["wall_s"],
                                                       "train_cpu_s": train["cpu_s"]}}
