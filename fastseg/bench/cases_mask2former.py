@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastseg.bench.core import KernelCase, register_kernel_cases, require_triton
 from fastseg.layers.class_attention import MaskedCrossAttentionLayer
-from fastseg.models.mask2former import _FFNLayer, _SelfAttentionLayer
+from fastseg.models.mask2former import FFNLayer, SelfAttentionLayer
 
 FAMILY = "mask2former_layer"
 SIDES = (16, 32, 64)  # 1/32, 1/16, 1/8 of 512
@@ -33,8 +33,8 @@ class _DecoderLayer(torch.nn.Module):
     def __init__(self, dim: int, heads: int, ffn: int) -> None:
         super().__init__()
         self.cross = MaskedCrossAttentionLayer(dim, heads)
-        self.self_attn = _SelfAttentionLayer(dim, heads, 0.0)
-        self.ffn = _FFNLayer(dim, ffn, 0.0)
+        self.self_attn = SelfAttentionLayer(dim, heads, 0.0)
+        self.ffn = FFNLayer(dim, ffn, 0.0)
 
     def forward(self, tgt, memory, mask, pos, query_pos, attention: str):
         if attention == "sdpa":

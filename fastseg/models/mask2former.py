@@ -75,11 +75,13 @@ from .mask2former_criterion import (
 
 __all__ = [
     "VOID",
+    "FFNLayer",
     "FPNPixelDecoder",
     "MSDeformAttnPixelDecoder",
     "Mask2Former",
     "Mask2FormerRaw",
     "MaskedTransformerDecoder",
+    "SelfAttentionLayer",
 ]
 
 VOID = -1  # panoptic id of unassigned pixels in `predict(task="panoptic")`
@@ -183,7 +185,9 @@ class FPNPixelDecoder(nn.Module):
         return self.mask_features(outs[0]), outs[1:][::-1]
 
 
-class _SelfAttentionLayer(nn.Module):
+class SelfAttentionLayer(nn.Module):
+    """Post-norm self-attention among the queries (positions added to queries and keys, not values)."""
+
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
@@ -195,7 +199,9 @@ class _SelfAttentionLayer(nn.Module):
         return self.norm(tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))
 
 
-class _FFNLayer(nn.Module):
+class FFNLayer(nn.Module):
+    """Post-norm feed-forward block: ``norm(x + W2 relu(W1 x))``."""
+
     def __init__(self, dim: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
         self.linear1, self.linear2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
@@ -227,8 +233,8 @@ class MaskedTransformerDecoder(nn.Module):
         self.cross_attention_layers = nn.ModuleList(
             MaskedCrossAttentionLayer(hidden_dim, num_heads, dropout, impl=impl) for _ in range(dec_layers))
         self.self_attention_layers = nn.ModuleList(
-            _SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(dec_layers))
-        self.ffn_layers = nn.ModuleList(_FFNLayer(hidden_dim, ffn_dim, dropout) for _ in range(dec_layers))
+            SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(dec_layers))
+        self.ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, ffn_dim, dropout) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
