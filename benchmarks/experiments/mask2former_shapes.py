@@ -43,21 +43,33 @@ def _start(cmd: list[str]) -> tuple[subprocess.Popen, float, str]:
     return proc, time.perf_counter(), log.name
 
 
+def _finish_all(jobs: dict[str, tuple[subprocess.Popen, float, str]]) -> dict[str, dict]:
+    """Wait for the commands in whatever order they end; per command its wall time and its own CPU seconds (user +
+    system, from wait4's rusage: what one free core would need -- wall time on a shared machine is inflated by
+    everything else that runs)."""
+    by_pid = {job[0].pid: name for name, job in jobs.items()}
+    done: dict[str, dict] = {}
+    while by_pid:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in by_pid:
+            continue
+        name = by_pid.pop(pid)
+        proc, start, log = jobs[name]
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        output = Path(log).read_text()
+        Path(log).unlink()
+        cmd = shlex.join(proc.args)
+        if proc.returncode != 0:
+            raise SystemExit(f"command failed ({proc.returncode}): {cmd}\n{output[-4000:]}")
+        cpu = usage.ru_utime + usage.ru_stime
+        print(f"  done: {cmd} ({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
+        done[name] = {"command": cmd, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "stdout_tail": output[-3000:]}
+    return done
+
+
 def _finish(started: tuple[subprocess.Popen, float, str]) -> dict:
-    """Wait for one command; its wall time and its own CPU seconds (user + system, from wait4's rusage: what one
-    free core would need -- wall time on a shared machine is inflated by everything else that runs)."""
-    proc, start, log = started
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    output = Path(log).read_text()
-    Path(log).unlink()
-    cmd = shlex.join(proc.args)
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {cmd}\n{output[-4000:]}")
-    cpu = usage.ru_utime + usage.ru_stime
-    print(f"  done: {cmd} ({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
-    return {"command": cmd, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "stdout_tail": output[-3000:]}
+    return _finish_all({"job": started})["job"]
 
 
 def _versions() -> dict:
@@ -106,6 +118,7 @@ def main() -> None:
     record: dict = {
         "what": "Mask2Former (ResNet-18, CPU-sized head, from scratch) on the shapes world at its default CLI budget: "
                 "val PQ / SQ / RQ, mask AP, mIoU; the semantic FPN baseline's mIoU at the same steps and batch",
+        "command": shlex.join(["python", *sys.argv]),
         "budget": budget, "versions": _versions(), "machine": _machine(), "runs": {},
     }
     out = Path(args.out)
@@ -122,7 +135,7 @@ def main() -> None:
     if not args.skip_fpn:
         jobs["fpn_resnet18"] = _start([*fastseg_cmd, "train", "fpn_resnet18", "--steps", str(budget["steps"]),
                                        "--batch-size", str(budget["batch_size"]), "--out", str(fpn_dir)])
-    trained = {name: _finish(job) for name, job in jobs.items()}
+    trained = _finish_all(jobs)
     ev = _finish(_start([*fastseg_cmd, "eval", "mask2former_resnet18", "--checkpoint",
                          str(m2f_dir / "model.safetensors"), "--task", "semantic,panoptic,instance",
                          "--json", str(m2f_json)]))
