@@ -64,7 +64,7 @@ from ..layers.class_attention import (
 )
 from ..layers.ms_deform_attn import MSDeformAttn, reference_points
 from ..registry import register_model
-from ._base import SegmentationModel, check_images, resolve_cfg
+from ._base import SegmentationModel, check_images, crop_to, resize, resolve_cfg
 from .backbones import create_backbone
 from .mask2former_criterion import (
     HungarianMatcher,
@@ -397,19 +397,11 @@ class Mask2Former(SegmentationModel):
         return out
 
     # -- the model contract ------------------------------------------------------------------------------------
-    def _padded(self, images: Tensor) -> tuple[Tensor, int, int]:
-        check_images(images)
-        h, w = images.shape[-2:]
-        m = self.pretrained_cfg.divisible_by
-        if h % m or w % m:
-            images = F.pad(images, (0, (-w) % m, 0, (-h) % m), mode="replicate")
-        return images, int(h), int(w)
-
     def forward_raw(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(class logits (B, Q, K+1), mask logits (B, Q, ceil(H/4), ceil(W/4))) for any input size."""
-        padded, h, w = self._padded(images)
+        padded, out_size = self.pad_input(check_images(images))
         out = self.forward_queries(padded)
-        return out["pred_logits"], out["pred_masks"][..., : math.ceil(h / 4), : math.ceil(w / 4)]
+        return out["pred_logits"], crop_to(out["pred_masks"], out_size)
 
     @staticmethod
     def semantic_scores(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
@@ -422,10 +414,10 @@ class Mask2Former(SegmentationModel):
         return self.semantic_scores(out["pred_logits"], out["pred_masks"])
 
     def _full_size_masks(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        padded, h, w = self._padded(images)
+        """Class logits and mask logits upsampled to the padded input, cropped to the input (official order)."""
+        padded, _ = self.pad_input(check_images(images))
         out = self.forward_queries(padded)
-        masks = F.interpolate(out["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        return out["pred_logits"], masks[..., :h, :w]
+        return out["pred_logits"], crop_to(resize(out["pred_masks"], padded.shape[-2:]), images.shape[-2:])
 
     @torch.no_grad()
     def predict(self, images: Tensor, task: str = "semantic") -> Tensor | list[dict[str, Tensor]]:
@@ -500,8 +492,7 @@ class Mask2Former(SegmentationModel):
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Mask2Former's set loss on the final and every auxiliary prediction (`SetCriterion`)."""
         targets = self.targets(batch)
-        images, _, _ = self._padded(batch["image"])
-        out = self.forward_queries(images)
+        out = self.forward_queries(self.pad_input(batch["image"])[0])
         return self.criterion(out, targets)
 
 
@@ -524,29 +515,32 @@ def _mask2former(backbone: str, **kwargs: Any) -> Mask2Former:
 
 
 # CPU sizes for the shapes world: a few queries and layers, narrow widths, fewer sampled points.
+SHAPES_SMALL = "shapes_small"
 _CPU: dict[str, Any] = {
     "num_queries": 16, "hidden_dim": 64, "mask_dim": 64, "num_heads": 4, "ffn_dim": 256, "dec_layers": 3,
     "enc_layers": 2, "enc_heads": 4, "enc_points": 4, "enc_ffn_dim": 256, "train_num_points": 1024,
 }
+_SMALL = ("16 queries, 3 decoder layers, width 64, 4 heads, FFN 256, 2 deformable encoder layers, 1024 sampled "
+          "points per mask (paper: 100, 9, 256, 8, 2048, 6, 12544), for the 64 x 64 shapes world")
 
 
 def _with_defaults(kwargs: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **kwargs}
 
 
-@register_model
+@register_model(tag=SHAPES_SMALL, differs_from_paper=f"{_SMALL}; ResNet-18 is not a backbone of the paper")
 def mask2former_resnet18(**kwargs: Any) -> Mask2Former:
     """Mask2Former on ResNet-18, CPU-sized (16 queries, 3 decoder layers, width 64)."""
     return _mask2former("resnet18", **_with_defaults(kwargs, _CPU))
 
 
-@register_model
+@register_model(tag=SHAPES_SMALL, differs_from_paper=_SMALL)
 def mask2former_resnet50(**kwargs: Any) -> Mask2Former:
     """Mask2Former on ResNet-50, CPU-sized head (see `mask2former_paper_resnet50` for the paper's sizes)."""
     return _mask2former("resnet50", **_with_defaults(kwargs, _CPU))
 
 
-@register_model
+@register_model(tag=SHAPES_SMALL, differs_from_paper=_SMALL)
 def mask2former_swin_tiny(**kwargs: Any) -> Mask2Former:
     """Mask2Former on Swin-T, CPU-sized head (see `mask2former_paper_swin_tiny` for the paper's sizes)."""
     return _mask2former("swin_tiny", **_with_defaults(kwargs, _CPU))
