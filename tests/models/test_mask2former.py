@@ -228,3 +228,17 @@ def test_fpn_pixel_decoder_option_trains(batch):
     loss["loss"].backward()
     assert torch.isfinite(loss["loss"])
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_level_embeddings_get_gradient_once_the_offsets_move(batch):
+    # At initialisation the sampling-offset / attention-weight projections are zero (Deformable DETR's init), so
+    # the encoder's level embeddings get an exactly zero gradient; after one optimizer step they must get one.
+    torch.manual_seed(0)
+    m = fastseg.create_model("mask2former_resnet18", **TINY).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.loss(batch)["loss"].backward()
+    assert not m.pixel_decoder.level_embed.grad.any()
+    opt.step()
+    opt.zero_grad()
+    m.loss(batch)["loss"].backward()
+    assert m.pixel_decoder.level_embed.grad.abs().sum() > 0
