@@ -27,9 +27,11 @@ SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/
 LARGE = ("*resnet50", "*resnet101", "*swin_*", "*mit_b[1-5]")
 # One small model per family runs torch.compile and ONNX export + onnxruntime parity in the default tier (measured
 # on this loaded 2-core machine: 15-80 s per compile, 30-200 s per export; the rest run under `-m slow`). FPN's
-# ONNX parity runs in the default tier of tests/export/test_onnx_export.py (fpn_resnet18, fpn_mit_b0), not again.
-REPRESENTATIVES = {"ecenet_resnet18", "fpn_resnet18", "gss_ff_resnet18", "s4mim_resnet18", "unimatch_resnet18"}
-ONNX_ELSEWHERE = {"fpn_resnet18"}
+# ONNX parity runs in the default tier of tests/export/test_onnx_export.py (fpn_resnet18, fpn_mit_b0,
+# mask2former_resnet18), not again.
+REPRESENTATIVES = {"ecenet_resnet18", "fpn_resnet18", "gss_ff_resnet18", "mask2former_resnet18", "s4mim_resnet18",
+                   "unimatch_resnet18"}
+ONNX_ELSEWHERE = {"fpn_resnet18", "mask2former_resnet18"}
 # Semi-supervised methods train on labelled + unlabelled batches: their loss needs the unlabelled images.
 SEMI_SUPERVISED = ("s4mim_*", "unimatch_*")
 # Trainable parameters that legitimately receive no gradient from model.loss(batch), with the reason (a new entry
