@@ -8,7 +8,6 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastseg
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
@@ -35,35 +34,50 @@ def batch():
     return torch.utils.data.default_collate([ds[0], ds[1]])
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_fused_masked_attention_op_runs_once_per_decoder_layer(model, batch):
-    with _CountOps() as counter:
+def test_fused_masked_attention_op_runs_once_per_decoder_layer(model, batch, count_fastseg_ops):
+    op = "masked_class_attention"
+    with count_fastseg_ops() as calls:
         model(torch.randn(1, 3, 64, 64))
-    assert counter.counts.get("fastseg.masked_class_attention", 0) == TINY["dec_layers"]
+    assert calls.triton[op] + calls.reference[op] == TINY["dec_layers"]
     model.train()
-    with _CountOps() as counter:
-        model.loss(batch)["loss"].backward()
-    model.eval()
-    assert counter.counts.get("fastseg.masked_class_attention", 0) == TINY["dec_layers"]
-    assert counter.counts.get("fastseg.masked_class_attention_backward", 0) == TINY["dec_layers"]
+    try:
+        with count_fastseg_ops() as calls:
+            model.loss(batch)["loss"].backward()
+    finally:
+        model.eval()
+    assert calls.triton[op] + calls.reference[op] == TINY["dec_layers"]
+    assert calls.triton[f"{op}_backward"] + calls.reference[f"{op}_backward"] == TINY["dec_layers"]
     # negative control: the plain reference (impl="torch") does not go through the op
     model.set_impl("torch")
     try:
-        with _CountOps() as counter:
+        with count_fastseg_ops() as calls:
             model(torch.randn(1, 3, 64, 64))
-        assert "fastseg.masked_class_attention" not in counter.counts
+        assert calls.triton[op] + calls.reference[op] == 0
     finally:
         model.set_impl("auto")
+
+
+def test_triton_decoder_equals_torch(count_fastseg_ops, triton_device):
+    # The decoder's masked attention through the Triton kernel (GPU, or the interpreter on the CPU) gives the
+    # reference's logits and gradients, and the calls really take the Triton path.
+    torch.manual_seed(0)
+    m = fastseg.create_model("mask2former_resnet18", **TINY).to(triton_device).train()
+    x = torch.randn(1, 3, 64, 64, device=triton_device)
+    out, grads = {}, {}
+    for impl in ("torch", "triton"):
+        m.set_impl(impl)
+        m.zero_grad()
+        with count_fastseg_ops() as calls:
+            cls, masks = m.forward_raw(x)
+            (cls.square().mean() + masks.sigmoid().mean()).backward()
+        out[impl] = (cls.detach(), masks.detach())
+        grads[impl] = m.predictor.query_feat.weight.grad.clone()
+        if impl == "triton":
+            assert calls.triton["masked_class_attention"] == TINY["dec_layers"]
+            assert calls.triton["masked_class_attention_backward"] == TINY["dec_layers"]
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads["torch"], grads["triton"], rtol=1e-3, atol=1e-5)
 
 
 def test_semantic_output_is_the_mask_class_product(model):
