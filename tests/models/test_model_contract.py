@@ -44,6 +44,12 @@ _ZERO_AT_INIT_LEVEL_EMBED = {
 UNUSED_PARAMETERS: dict[str, dict[str, str]] = {
     name: _ZERO_AT_INIT_LEVEL_EMBED for name in fastseg.list_models("mask2former_*")
 }
+# Models whose predict() is not argmax(resize(logits)), with the reason; for them predict must still agree with the
+# resized logits on most pixels (the two differ along edges only).
+PREDICT_NOT_RESIZED_LOGITS = {
+    "mask2former_*": "official Mask2Former inference resizes the mask logits before the sigmoid (2.4 mIoU points "
+                     "better on the shapes world; see fastseg/models/mask2former.py)",
+}
 # Models whose logits do not depend on the input at initialisation, with the reason: output-level comparisons cannot
 # tell two inputs apart on them (the stage-level checks live in their own test file). Checked to stay true.
 CONSTANT_AT_INIT = {
@@ -101,7 +107,7 @@ class TestModelContract:
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
     @pytest.mark.parametrize("size", [(61, 83), (33, 47), (64, 96)])
-    def test_predict_at_any_size(self, model, size):
+    def test_predict_at_any_size(self, name, model, size):
         model.eval()
         x = torch.randn(2, 3, *size)
         pred = model.predict(x)
@@ -110,7 +116,8 @@ class TestModelContract:
         with torch.no_grad():  # the class ids are those of the logits, resized to the input
             logits = F.interpolate(model(x), size=size, mode="bilinear", align_corners=False)
         agreement = (pred == logits.argmax(1)).float().mean().item()
-        assert agreement >= 0.999, f"predict agrees with argmax(logits) on {agreement:.2%} of the pixels"
+        least = 0.8 if _matches(name, PREDICT_NOT_RESIZED_LOGITS) else 0.999
+        assert agreement >= least, f"predict agrees with argmax(logits) on {agreement:.2%} of the pixels"
 
     def test_odd_size_logits_are_those_of_the_replicate_extended_image(self, name, model):
         # The contract (fastseg/models/_base.py): an odd-size image gives the logits of the image extended to the
