@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import model_kwargs, parse_device
+from .common import model_kwargs, parse_device, shapes_world
 
 __all__ = ["add_pading_train_args", "cmd_eval_pading", "cmd_train_pading", "cmd_train_seen_only", "is_pading"]
 
@@ -33,20 +33,12 @@ def add_pading_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-lr", type=float, default=1e-3, help="pading_*: SGD lr of new_fc (official 1e-3)")
 
 
-def _world(args: argparse.Namespace):
-    from ..data.shapes import ShapesConfig, zero_shot_config
-
-    if getattr(args, "world", "default") == "zero-shot":
-        return zero_shot_config(image_size=args.image_size)
-    return ShapesConfig(image_size=args.image_size)
-
-
 def cmd_train_seen_only(args: argparse.Namespace) -> int:
     from ..data.shapes import ShapesDataset
     from ..engine import TrainConfig, train
     from ..engine.recipes.pading import seen_only_dataset, seen_only_segmenter
 
-    world = _world(args)
+    world = shapes_world(args)
     task = getattr(args, "task", None) or "panoptic"
     model = seen_only_segmenter(args.model, world, task, **model_kwargs(args.model_arg))
     model.model_name = args.model
@@ -87,7 +79,7 @@ def cmd_train_pading(args: argparse.Namespace) -> int:
                          f"(train it with `fastseg train mask2former_<backbone> --seen-only`)")
     if args.resume:
         raise ValueError("--resume is not supported by PADing's stage 2; start it again from --stage1")
-    world = _world(args)
+    world = shapes_world(args)
     model = _pading_model(args, world)
     model.load_stage1(args.stage1)  # every check happens here, before any step
     out_dir = Path(args.out or f"runs/{args.model}")
@@ -109,7 +101,7 @@ def cmd_eval_pading(args: argparse.Namespace) -> int:
     from ..data.shapes import ShapesDataset
     from ..engine.recipes.pading import TASKS, evaluate_zero_shot, format_zero_shot
 
-    world = _world(args)
+    world = shapes_world(args)
     model = _pading_model(args, world, args.checkpoint)
     tasks = [t for t in (args.task or ",".join(TASKS)).split(",") if t]
     dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)

@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_pading(args.model):  # seen / unseen / harmonic mIoU, PQ and AP50
         return cmd_eval_pading(args)
     world = shapes_world(args)
-    tasks = [t for t in args.task.split(",") if t]
+    tasks = [t for t in (args.task or "semantic").split(",") if t]
     unknown = [t for t in tasks if t not in ("semantic", "panoptic", "instance")]
     if unknown or not tasks:
         raise ValueError(f"--task takes semantic, panoptic and / or instance (comma-separated), got {args.task!r}")
@@ -248,8 +248,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     add_world_args(p)
     p.add_argument("--split", choices=["val", "test"], default="val")
-    p.add_argument("--task", default="semantic",
-                   help="semantic (mIoU), panoptic (PQ / SQ / RQ), instance (mask AP); comma-separated for several")
+    p.add_argument("--task", default=None,
+                   help="semantic (mIoU), panoptic (PQ / SQ / RQ), instance (mask AP); comma-separated for several "
+                        "(default: semantic; for pading_* all three, over seen / unseen / harmonic mean)")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")

@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-pytest.importorskip("fastseg.models.mask2former", reason="PADing is built on Mask2Former (issue 15), not merged yet")
-
 import fastseg
 from fastseg.checkpoint import save_weights
 from fastseg.cli import main

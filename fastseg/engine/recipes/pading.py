@@ -239,24 +239,17 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def _instance_targets(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for inst, classes in zip(batch["instances"], batch["instance_classes"]):
-        ids = [i for i in torch.unique(inst).tolist() if i > 0]
-        masks = torch.stack([inst == i for i in ids]) if ids else inst.new_zeros((0, *inst.shape), dtype=torch.bool)
-        out.append({"masks": masks, "labels": torch.tensor([int(classes[i - 1]) for i in ids], dtype=torch.long)})
-    return out
-
-
 @torch.no_grad()
 def evaluate_zero_shot(model: PADing, dataset: Dataset, tasks: Sequence[str] = TASKS, batch_size: int = 16,
                        device: str = "cpu") -> dict[str, Any]:
     """mIoU, PQ / SQ / RQ and mask AP50 (GZSI: thing classes only), each over seen, unseen and their harmonic mean.
 
-    The dataset must keep unseen classes (``unseen="keep"``) and carry ``instances`` / ``instance_classes``.
+    The dataset must keep unseen classes (``unseen="keep"``) and carry ``instances`` / ``instance_classes``. The
+    numbers come from `fastseg.engine.evaluate` (confusion-matrix mIoU) and `evaluate_universal` (PQ, mask AP)
+    restricted to the seen and the unseen classes.
     """
-    from ...data.shapes import panoptic_map
-    from ...metrics import ConfusionMatrix, InstanceAP, PanopticQuality
+    from ..evaluate import evaluate
+    from ..evaluate_universal import evaluate_universal
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -264,40 +257,28 @@ def evaluate_zero_shot(model: PADing, dataset: Dataset, tasks: Sequence[str] = T
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("the evaluation set is empty")
     model.to(torch.device(device)).eval()
-    cfg = model.pretrained_cfg
-    k, seen, unseen = model.num_classes, model.seen_classes, model.unseen_classes
-    stuff = [c for c in cfg.stuff_classes if c < k]
-    things = [c for c in range(k) if c not in stuff]
-    confusion = ConfusionMatrix(k, cfg.ignore_index)
-    pq = PanopticQuality(things, stuff, cfg.label_divisor)
-    ap = InstanceAP(things, cfg.class_names)
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        images = batch["image"].to(device)
-        if "semantic" in tasks:
-            confusion.update(model.predict(images, task="semantic").cpu(), batch["mask"])
-        if "panoptic" in tasks:
-            gt = panoptic_map(batch["mask"], batch["instances"], cfg.ignore_index, cfg.label_divisor)
-            pq.update(model.predict(images, task="panoptic").cpu(), gt)
-        if "instance" in tasks:
-            preds = [{key: v.cpu() for key, v in p.items()} for p in model.predict(images, task="instance")]
-            ap.update(preds, _instance_targets(batch))
+    seen, unseen = model.seen_classes, model.unseen_classes
     out: dict[str, Any] = {"seen_classes": seen, "unseen_classes": unseen}
     if "semantic" in tasks:
-        iou = [float(v) for v in confusion.compute()["IoU"]]
+        iou = [float(v) for v in evaluate(model, dataset, batch_size=batch_size, device=device, progress=False)["IoU"]]
         s, u = _nanmean([iou[c] for c in seen]), _nanmean([iou[c] for c in unseen])
         out["semantic"] = {"mIoU": _nanmean(iou), "mIoU_seen": s, "mIoU_unseen": u, "mIoU_harmonic": harmonic_mean(s, u),
                            "IoU": iou}
-    if "panoptic" in tasks:
-        res = pq.compute({"seen": seen, "unseen": unseen})
-        pan: dict[str, Any] = {"PQ": res["PQ"], "SQ": res["SQ"], "RQ": res["RQ"]}
-        for m in ("PQ", "SQ", "RQ"):
-            pan[f"{m}_seen"], pan[f"{m}_unseen"] = res["seen"][m], res["unseen"][m]  # type: ignore[index]
-            pan[f"{m}_harmonic"] = harmonic_mean(pan[f"{m}_seen"], pan[f"{m}_unseen"])
-        out["panoptic"] = pan
-    if "instance" in tasks:
-        res = ap.compute({"seen": [c for c in seen if c in things], "unseen": [c for c in unseen if c in things]})
-        s, u = res["seen"]["AP50"], res["unseen"]["AP50"]
-        out["instance"] = {"AP50": res["AP50"], "AP50_seen": s, "AP50_unseen": u, "AP50_harmonic": harmonic_mean(s, u)}
+    universal = [t for t in ("panoptic", "instance") if t in tasks]
+    if universal:
+        res = evaluate_universal(model, dataset, universal, batch_size=batch_size,
+                                 subsets={"seen": seen, "unseen": unseen})
+        if "panoptic" in res:
+            pq = res["panoptic"]
+            pan: dict[str, Any] = {"PQ": pq["PQ"], "SQ": pq["SQ"], "RQ": pq["RQ"]}
+            for m in ("PQ", "SQ", "RQ"):
+                pan[f"{m}_seen"], pan[f"{m}_unseen"] = pq["seen"][m], pq["unseen"][m]
+                pan[f"{m}_harmonic"] = harmonic_mean(pan[f"{m}_seen"], pan[f"{m}_unseen"])
+            out["panoptic"] = pan
+        if "instance" in res:
+            ap = res["instance"]
+            s, u = ap["seen"]["AP50"], ap["unseen"]["AP50"]
+            out["instance"] = {"AP50": ap["AP50"], "AP50_seen": s, "AP50_unseen": u, "AP50_harmonic": harmonic_mean(s, u)}
     return out
 
 
