@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-__all__ = ["add_world_args", "model_kwargs", "parse_device", "parse_ints", "parse_size", "shapes_world"]
+__all__ = ["add_world_args", "model_kwargs", "parse_device", "parse_ints", "parse_size", "shapes_world", "train_config"]
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -59,6 +59,18 @@ def shapes_world(args: argparse.Namespace):
     if getattr(args, "world", "default") == "zero-shot":
         return zero_shot_config(image_size=args.image_size)
     return ShapesConfig(image_size=args.image_size)
+
+
+def train_config(args: argparse.Namespace, out_dir):
+    """The `TrainConfig` of ``fastseg train``'s optimisation options."""
+    from ..engine import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+        save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
+        num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
+    )
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import model_kwargs, parse_device, shapes_world
+from .common import model_kwargs, parse_device, shapes_world, train_config
 
 __all__ = ["add_pading_train_args", "cmd_eval_pading", "cmd_train_pading", "cmd_train_seen_only", "is_pading"]
 
@@ -35,7 +35,7 @@ def add_pading_train_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train_seen_only(args: argparse.Namespace) -> int:
     from ..data.shapes import ShapesDataset
-    from ..engine import TrainConfig, train
+    from ..engine import train
     from ..engine.recipes.pading import seen_only_dataset, seen_only_segmenter
 
     world = shapes_world(args)
@@ -44,12 +44,7 @@ def cmd_train_seen_only(args: argparse.Namespace) -> int:
     model.model_name = args.model
     train_set = seen_only_dataset(world, task, length=args.train_length, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}_seen_only")
-    cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
-        num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
-    )
+    cfg = train_config(args, out_dir)
     # Validation on seen classes only, as the model was trained (the zero-shot numbers come from stage 2's eval).
     val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed, unseen="ignore")
     result = train(model, train_set, cfg, val_set=val_set, resume=args.resume)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_world_args, model_kwargs, parse_device, shapes_world
+from .common import add_world_args, model_kwargs, parse_device, shapes_world, train_config
 from .pading import add_pading_train_args, cmd_eval_pading, cmd_train_pading, cmd_train_seen_only, is_pading
 
 __all__ = ["add_train_commands", "cmd_eval", "cmd_list", "cmd_predict", "cmd_shapes", "cmd_train"]
@@ -63,7 +63,7 @@ def _universal_task_kwargs(model_name: str, task: str | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from ..data.shapes import ShapesDataset
-    from ..engine import TrainConfig, train
+    from ..engine import train
     from ..registry import create_model
 
     if args.seen_only or is_pading(args.model):  # PADing's stage 1 / stage 2
@@ -85,12 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _apply_world(model, world)
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}")
-    cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
-        num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
-    )
+    cfg = train_config(args, out_dir)
     val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
     result = train(model, train_set, cfg, val_set=val_set, resume=args.resume, loss_fn=loss_fn)
     metrics = getattr(result, "final_metrics", None) or {}

@@ -49,7 +49,9 @@ def test_harmonic_mean():
     assert math.isnan(harmonic_mean(math.nan, 0.3))
 
 
-def test_readme_claims_table_is_the_rendered_json():
+
+@pytest.mark.parametrize("name,runs", [("pading_shapes", 12), ("pading_shapes_long", 9)])
+def test_readme_claims_tables_are_the_rendered_json(name, runs):
     import importlib.util
     import json
     from pathlib import Path
@@ -58,20 +60,6 @@ def test_readme_claims_table_is_the_rendered_json():
     spec = importlib.util.spec_from_file_location("pading_shapes", root / "benchmarks/experiments/pading_shapes.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    report = json.loads((root / "benchmarks/results/experiments/pading_shapes.json").read_text())
-    assert report["complete"] and {r["seed"] for r in report["runs"]} == {0, 1, 2}
-    assert script.render_table(report) in (root / "README.md").read_text()
-
-
-def test_readme_long_budget_table_is_the_rendered_json():
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("pading_shapes", root / "benchmarks/experiments/pading_shapes.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    report = json.loads((root / "benchmarks/results/experiments/pading_shapes_long.json").read_text())
-    assert report["complete"] and len(report["runs"]) == 9
+    report = json.loads((root / f"benchmarks/results/experiments/{name}.json").read_text())
+    assert report["complete"] and len(report["runs"]) == runs and {r["seed"] for r in report["runs"]} == {0, 1, 2}
     assert script.render_table(report) in (root / "README.md").read_text()
