@@ -1,4 +1,4 @@
-"""fastseg.data: the built-in shapes world, input validation and visualisation."""
+"""fastseg.data: the built-in shapes world, readers of real datasets on disk, transforms, validation, visualisation."""
 
 from .shapes import (
     CLASS_NAMES,
@@ -16,11 +16,14 @@ from .shapes import (
     pretrained_cfg_fields,
     unnormalize,
 )
+from .datasets import build_dataset, list_datasets
+from .transforms import EvalProtocol, TrainPipeline
 from .validate import check_sample
 from .visualize import colorize, overlay, render_grid, save_png, to_uint8_image
 
 __all__ = [
     "CLASS_NAMES",
+    "EvalProtocol",
     "IGNORE_INDEX",
     "MEAN",
     "PALETTE",
@@ -28,11 +31,14 @@ __all__ = [
     "STD",
     "STUFF_CLASSES",
     "THING_CLASSES",
+    "TrainPipeline",
     "UNSEEN_CLASSES",
     "ShapesConfig",
     "ShapesDataset",
+    "build_dataset",
     "check_sample",
     "colorize",
+    "list_datasets",
     "make_palette",
     "overlay",
     "pretrained_cfg_fields",
