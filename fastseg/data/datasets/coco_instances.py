@@ -22,6 +22,7 @@ protocol's 15 classes outside the 48/17 split are not removed here; filter the J
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ def decode_segmentation(segmentation: Any, height: int, width: int, source: str 
                 raise ValueError(f"RLE size {list(rle['size'])} differs from the image's {[height, width]}")
         else:
             raise ValueError(f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}")
-        return mask_utils.decode(rle).astype(bool)
+        with warnings.catch_warnings():  # pycocotools' NumPy-2 copy= DeprecationWarning, not ours to fix
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return mask_utils.decode(rle).astype(bool)
     except (ValueError, TypeError, KeyError, IndexError) as err:
         raise ValueError(f"{source}: cannot decode a COCO segmentation: {err}") from err
 
@@ -140,7 +143,7 @@ class COCOInstancesDataset(FolderDataset):
         h, w = record.extra["height"], record.extra["width"]
         mask = np.full((h, w), self.ignore_index, np.int64)
         instances = np.zeros((h, w), np.int64)
-        order = [k for k in np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable") if not crowd[k]]
+        order = [k for k in np.argsort(-masks.sum(axis=(1, 2)), kind="stable") if not crowd[k]]
         kept_classes = []
         for k in order:
             kept_classes.append(classes[k])

@@ -150,3 +150,23 @@ class COCOPanopticDataset(FolderDataset):
         record = self.record(j)
         segments = [dict(s, isthing=int(s["category"] in self.thing_classes)) for s in record.extra]
         return self._segment_ids(record), segments
+
+    def panoptic_target(self, j: int, label_divisor: int = 1000) -> tuple[np.ndarray, set[int]]:
+        """Sample ``j``'s ground truth as a ``class * label_divisor + instance`` map (void -1; stuff instance 0,
+        thing instances numbered 1.. per class) and the set of its crowd ids: the encoding panoptic-quality metrics
+        (``fastseg.metrics.panoptic``, detectron2) take."""
+        ids, segments = self.segments(j)
+        out = np.full(ids.shape, -1, np.int64)
+        crowd: set[int] = set()
+        per_class: dict[int, int] = {}
+        for seg in segments:
+            instance = 0
+            if seg["isthing"]:
+                instance = per_class[seg["category"]] = per_class.get(seg["category"], 0) + 1
+            if instance >= label_divisor:
+                raise ValueError(f"{self.record(j).label}: more than {label_divisor - 1} segments of one class")
+            code = seg["category"] * label_divisor + instance
+            out[ids == seg["id"]] = code
+            if seg["iscrowd"]:
+                crowd.add(code)
+        return out, crowd
