@@ -97,8 +97,9 @@ def random_crop_box(
         return box
     for _ in range(attempts - 1):
         y0, y1, x0, x1 = box
-        labels = mask[y0:y1, x0:x1].ravel()
-        counts = np.bincount(labels[labels != ignore_index].astype(np.int64))
+        counts = np.bincount(mask[y0:y1, x0:x1].ravel())  # labels are small non-negative ints
+        if ignore_index < counts.size:
+            counts[ignore_index] = 0
         counts = counts[counts > 0]
         if counts.size > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
@@ -206,7 +207,9 @@ class TrainPipeline:
 
 
 def _resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of an integer map (Pillow's 'I' mode keeps 32-bit ids intact)."""
+    """Nearest-neighbour resize of an integer map (8-bit maps as mode 'L', others through 32-bit mode 'I')."""
+    if labels.dtype == np.uint8:
+        return np.asarray(Image.fromarray(labels).resize((width, height), Image.NEAREST))
     resized = Image.fromarray(labels.astype(np.int32)).resize((width, height), Image.NEAREST)
     return np.asarray(resized).astype(labels.dtype, copy=False)
 

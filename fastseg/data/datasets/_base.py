@@ -100,7 +100,7 @@ def _describe_colours(rgb: np.ndarray, palette: np.ndarray | None) -> str:
 
 
 def read_label_png(path: Path, palette: np.ndarray | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A single-channel label map (H, W) as int64: mode L / P (indices, not colours) / I;16 / I.
+    """A single-channel label map (H, W): uint8 for mode L / P (indices, not colours), int64 for I;16 / I.
 
     Raises:
         ValueError: a JPEG (lossy) label, an RGB / RGBA label (the message says whether its colours are the
@@ -127,7 +127,7 @@ def read_label_png(path: Path, palette: np.ndarray | None = None, max_pixels: in
         raise OSError(f"cannot read label {path}: {err}") from err
     if array.ndim != 2:
         raise ValueError(f"{path}: expected a single-channel label map, got an array of shape {array.shape}")
-    return array.astype(np.int64)
+    return array if array.dtype == np.uint8 else array.astype(np.int64)
 
 
 def _as_names(values: Iterable[int | str], class_names: Sequence[str], what: str) -> tuple[int, ...]:
@@ -377,8 +377,8 @@ class FolderDataset(Dataset):
         i = int(self._indices[j])
         raw = self.load_raw(i)
         mask = raw["mask"]
-        present = np.bincount(np.where(mask == self.ignore_index, self.num_classes, mask).ravel(),
-                              minlength=self.num_classes + 1)[: self.num_classes] > 0
+        # Labels are checked to lie in [0, K) or be ignore_index (>= K), so the first K bins are the classes.
+        present = np.bincount(mask.ravel(), minlength=self.num_classes)[: self.num_classes] > 0
         sample = {"image": raw["image"], "mask": mask}
         instance_classes = raw.get("instance_classes")
         if "instances" in raw:
@@ -399,10 +399,11 @@ class FolderDataset(Dataset):
         return out
 
     def _normalise(self, image: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255.0)  # a writable copy
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return x.sub_(mean).div_(std)
+        """(H, W, 3) uint8 or float [0, 255] -> (3, H, W) float32 normalised, in one pass over a writable copy."""
+        x = np.array(image.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W), C-contiguous
+        x -= 255.0 * np.asarray(self.mean, np.float32).reshape(3, 1, 1)
+        x /= 255.0 * np.asarray(self.std, np.float32).reshape(3, 1, 1)
+        return torch.from_numpy(x)
 
     def _renumber(self, instances: np.ndarray, classes: np.ndarray, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Instance ids that survived the crop, renumbered 1..n in their original order; classes padded with -1."""

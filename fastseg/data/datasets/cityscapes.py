@@ -46,7 +46,7 @@ CITYSCAPES_PALETTE: np.ndarray = np.array(
 )  # fmt: skip
 
 # labelId (0..33) -> train id, from the label table of cityscapesscripts (helpers/labels.py); 255 = not evaluated.
-LABEL_ID_TO_TRAIN_ID: np.ndarray = np.full(256, 255, np.int64)
+LABEL_ID_TO_TRAIN_ID: np.ndarray = np.full(256, 255, np.uint8)
 for _label_id, _train_id in {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                              25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}.items():
     LABEL_ID_TO_TRAIN_ID[_label_id] = _train_id

@@ -40,7 +40,7 @@ COCO_STUFF_171_CLASSES: tuple[str, ...] = COCO_THING_CLASSES + COCO_STUFF_CLASSE
 
 # Raw value (category id - 1, 0..181) -> train id 0..170; unused ids and 255 -> 255.
 _USED_IDS = np.asarray(list(COCO_THING_IDS) + list(range(92, 183)))
-RAW_TO_TRAIN_ID: np.ndarray = np.full(256, 255, np.int64)
+RAW_TO_TRAIN_ID: np.ndarray = np.full(256, 255, np.uint8)
 RAW_TO_TRAIN_ID[_USED_IDS - 1] = np.arange(171)
 _RAW_VALID = np.zeros(256, bool)
 _RAW_VALID[_USED_IDS - 1] = True
