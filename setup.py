@@ -8,7 +8,7 @@ ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastseg" / "version.py").read_text()).group(1)
 
 # `kernels/` is installed as `fastseg.kernels`: a top-level `kernels` would clash with an existing PyPI distribution.
-SUBPACKAGES = ["layers", "models", "data", "engine", "metrics", "export", "bench"]
+SUBPACKAGES = ["layers", "models", "data", "data.datasets", "engine", "metrics", "export", "bench"]
 
 setup(
     name="fastseg",
@@ -34,6 +34,8 @@ setup(
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "faiss-cpu"],
+        # Real datasets on disk: SBD's .mat annotations (scipy) and COCO polygons / RLE (pycocotools).
+        "data": ["scipy", "pycocotools"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -46,6 +48,9 @@ setup(
             # GSS's DALL-E dVAE is checked against the official package (its metadata omits attrs).
             "dall-e",
             "attrs",
+            # The dataset readers' fixtures: SBD .mat files and COCO RLE / polygons.
+            "scipy",
+            "pycocotools",
         ],
     },
     entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},

@@ -1,5 +1,6 @@
 """fastseg.data: the built-in shapes world, readers of real datasets on disk, transforms, validation, visualisation."""
 
+from .datasets import build_dataset, list_datasets
 from .shapes import (
     CLASS_NAMES,
     IGNORE_INDEX,
@@ -16,14 +17,12 @@ from .shapes import (
     pretrained_cfg_fields,
     unnormalize,
 )
-from .datasets import build_dataset, list_datasets
 from .transforms import EvalProtocol, TrainPipeline
 from .validate import check_sample
 from .visualize import colorize, overlay, render_grid, save_png, to_uint8_image
 
 __all__ = [
     "CLASS_NAMES",
-    "EvalProtocol",
     "IGNORE_INDEX",
     "MEAN",
     "PALETTE",
@@ -31,10 +30,11 @@ __all__ = [
     "STD",
     "STUFF_CLASSES",
     "THING_CLASSES",
-    "TrainPipeline",
     "UNSEEN_CLASSES",
+    "EvalProtocol",
     "ShapesConfig",
     "ShapesDataset",
+    "TrainPipeline",
     "build_dataset",
     "check_sample",
     "colorize",

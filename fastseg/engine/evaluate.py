@@ -81,7 +81,7 @@ def resolve_protocol(dataset: Dataset, protocol: EvalProtocol | str | None) -> E
     if protocol is None:
         return default
     if not isinstance(protocol, str):
-        raise ValueError(f"protocol must be an EvalProtocol, a mode name or None, got {type(protocol).__name__}")
+        raise ValueError(f"protocol must be an EvalProtocol, a mode name or None, got {type(protocol).__name__}")  # noqa: TRY004
     return (default if default is not None else EvalProtocol()).with_mode(protocol)
 
 

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from fastseg.data import TrainPipeline, build_dataset
-from fastseg.data.transforms import photometric_distortion, random_crop_box, rescale_size
+from fastseg.data.transforms import (
+    photometric_distortion,
+    random_crop_box,
+    rescale_size,
+)
 
 
 def test_rescale_size_follows_mmseg_keep_ratio():

@@ -152,7 +152,8 @@ class FolderDataset(Dataset):
     Args:
         root: the dataset folder (each reader documents its layout and accepts a parent folder that contains it).
         split: ``"train"``, ``"val"`` (and whatever else the reader lists in ``splits``).
-        transform: ``"auto"`` (the dataset's :class:`TrainPipeline` for ``split="train"``, nothing otherwise),
+        transform: ``"auto"`` (the dataset's :class:`TrainPipeline` on training splits or when ``pipeline`` is
+            given, nothing otherwise),
             ``None`` (no augmentation: images at their stored size), a :class:`TrainPipeline`, or any callable
             ``(sample, rng) -> sample`` on NumPy arrays.
         pipeline: field overrides of the default :class:`TrainPipeline` (e.g. ``{"crop_size": (256, 256)}``).
@@ -163,8 +164,8 @@ class FolderDataset(Dataset):
         unseen: zero-shot unseen classes: ``None``, ``"pading"`` (the PADing protocol's list for this dataset) or a
             list of class names / ids.
         unseen_mode: ``"ignore"`` (unseen pixels become ``ignore_index``), ``"exclude"`` (images containing an unseen
-            class are dropped), ``"keep"``; default: the reader's training protocol on ``split="train"``, ``"keep"``
-            on other splits (evaluation covers every class).
+            class are dropped), ``"keep"``; default: the reader's training protocol on training splits, ``"keep"``
+            on the others (evaluation covers every class).
         verify: number of label files fully decoded and checked at construction (``-1``: all of them).
         max_instances: length of ``"instance_classes"`` (panoptic / instance readers); more instances is an error.
         max_pixels: largest image accepted.
@@ -179,6 +180,7 @@ class FolderDataset(Dataset):
     std: tuple[float, float, float] = IMAGENET_STD
     thing_classes: tuple[int, ...] = ()
     splits: tuple[str, ...] = ("train", "val")
+    train_splits: tuple[str, ...] = ("train",)  # splits that get the training pipeline by default
     default_pipeline: TrainPipeline = TrainPipeline()
     eval_protocol: EvalProtocol = EvalProtocol()
     pading_unseen: tuple[str, ...] = ()
@@ -218,7 +220,8 @@ class FolderDataset(Dataset):
 
         # Transform.
         if transform == "auto":
-            transform = self.default_pipeline.with_options(**(pipeline or {})) if split == "train" else None
+            augment = split in self.train_splits or pipeline is not None
+            transform = self.default_pipeline.with_options(**(pipeline or {})) if augment else None
         elif pipeline:
             raise ValueError("pipeline= overrides the default TrainPipeline; it cannot be combined with transform=")
         if transform is not None and not callable(transform):
@@ -235,7 +238,7 @@ class FolderDataset(Dataset):
         self.unseen_classes = _as_names(unseen or (), self.class_names, f"{self.name} unseen=")
         self.seen_classes = tuple(i for i in range(self.num_classes) if i not in set(self.unseen_classes))
         if unseen_mode is None:
-            unseen_mode = self.train_unseen_mode if split == "train" else "keep"
+            unseen_mode = self.train_unseen_mode if split in self.train_splits else "keep"
         if unseen_mode not in ("ignore", "exclude", "keep"):
             raise ValueError(f"unseen_mode must be 'ignore', 'exclude' or 'keep', got {unseen_mode!r}")
         self.unseen_mode = unseen_mode if self.unseen_classes else "keep"

@@ -18,13 +18,18 @@ Protocol (mmseg's ADE20K configs, which GSS and ECENet use): train with a keep-r
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..transforms import EvalProtocol, TrainPipeline
-from ._base import FolderDataset, Record, missing_label_error, read_label_png, require_dir
+from ._base import (
+    FolderDataset,
+    Record,
+    missing_label_error,
+    read_label_png,
+    require_dir,
+)
 
 __all__ = ["ADE20K_CLASSES", "ADE20K_PALETTE", "ADE20KDataset"]
 

@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from ..transforms import EvalProtocol, TrainPipeline
-from ._base import FolderDataset, Record, missing_label_error, read_label_png, require_dir
+from ._base import (
+    FolderDataset,
+    Record,
+    missing_label_error,
+    read_label_png,
+    require_dir,
+)
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "LABEL_ID_TO_TRAIN_ID", "CityscapesDataset"]
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..transforms import EvalProtocol, TrainPipeline
 from ..shapes import make_palette
+from ..transforms import EvalProtocol, TrainPipeline
 from ._base import FolderDataset, Record, missing_label_error, read_label_png
 from ._coco import COCO_STUFF_CLASSES, COCO_THING_CLASSES, COCO_THING_IDS
 

@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from ..transforms import EvalProtocol, TrainPipeline
-from ._base import FolderDataset, Record, missing_label_error, read_label_png, require_dir
+from ._base import (
+    FolderDataset,
+    Record,
+    missing_label_error,
+    read_label_png,
+    require_dir,
+)
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "voc_palette"]
 
@@ -84,6 +90,7 @@ class VOCDataset(FolderDataset):
     class_names = VOC_CLASSES
     palette = voc_palette(21)
     splits = ("train", "val", "trainval", "train_aug")
+    train_splits = ("train", "trainval", "train_aug")
     default_pipeline = TrainPipeline(scale=(2048, 512), crop_size=(512, 512))
     eval_protocol = EvalProtocol(mode="whole", scale=(2048, 512))
     layout = ("VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
