@@ -240,7 +240,7 @@ def test_label_outside_the_class_range(tmp_path, writers):
     raw = np.asarray(Image.open(label)).copy()
     raw[0, 0] = 151
     writers.save_png(label, raw, "L")
-    with pytest.raises(ValueError, match=r"ADE_train_00000001.png: label id 151 is outside the class range.*"
+    with pytest.raises(ValueError, match=r"ADE_train_00000001.png: label 151 .* is outside the class range.*"
                                          r"expected 0 \(other\) or 1..150"):
         build_dataset("ade20k", fixture.root, "train")
     cs = writers.cityscapes(tmp_path / "cs")
@@ -249,9 +249,9 @@ def test_label_outside_the_class_range(tmp_path, writers):
     raw[3, 3] = 40
     writers.save_png(label, raw, "L")
     ds = build_dataset("cityscapes", cs.root, "val", verify=1)  # only the first file is checked up front ...
-    with pytest.raises(ValueError, match=r"lindau_000000_000019_gtFine_labelIds.png: label id 40 .*labelIds 0..33"):
+    with pytest.raises(ValueError, match=r"lindau_000000_000019_gtFine_labelIds.png: label 40 .*labelIds 0..33"):
         ds[1]  # ... every other one when it is read
-    with pytest.raises(ValueError, match="label id 40"):
+    with pytest.raises(ValueError, match="label 40"):
         build_dataset("cityscapes", cs.root, "val", verify=-1)
 
 

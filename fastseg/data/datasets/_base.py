@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..transforms import EvalProtocol, TrainPipeline
+from ..validate import describe_bad_labels
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -153,9 +154,8 @@ class FolderDataset(Dataset):
         root: the dataset folder (each reader documents its layout and accepts a parent folder that contains it).
         split: ``"train"``, ``"val"`` (and whatever else the reader lists in ``splits``).
         transform: ``"auto"`` (the dataset's :class:`TrainPipeline` on training splits or when ``pipeline`` is
-            given, nothing otherwise),
-            ``None`` (no augmentation: images at their stored size), a :class:`TrainPipeline`, or any callable
-            ``(sample, rng) -> sample`` on NumPy arrays.
+            given, nothing otherwise), ``None`` (no augmentation: images at their stored size), a
+            :class:`TrainPipeline`, or any callable ``(sample, rng) -> sample`` on NumPy arrays.
         pipeline: field overrides of the default :class:`TrainPipeline` (e.g. ``{"crop_size": (256, 256)}``).
         labelled_fraction: share of the split that is labelled (semi-supervision); chosen by a permutation seeded
             with ``seed``. Mutually exclusive with ``split_file``.
@@ -304,14 +304,9 @@ class FolderDataset(Dataset):
     # -- shared helpers for readers ------------------------------------------------------------------------------
     def check_label_range(self, labels: np.ndarray, path: Path | str, limit: int, what: str) -> None:
         """Raise ValueError naming ``path`` if ``labels`` holds values outside ``[0, limit)`` and not ignore_index."""
-        bad = ((labels < 0) | (labels >= limit)) & (labels != self.ignore_index)
-        if bad.any():
-            values = np.unique(labels[bad])
-            shown = ", ".join(str(int(v)) for v in values[:6]) + (", ..." if values.size > 6 else "")
-            raise ValueError(
-                f"{path}: label id {int(values[0])} is outside the class range ({int(bad.sum())} pixels; values "
-                f"{shown}); expected {what}"
-            )
+        problem = describe_bad_labels(labels, limit, self.ignore_index)
+        if problem:
+            raise ValueError(f"{path}: {problem} is outside the class range; expected {what}")
 
     def _flags_from_split_file(self, path: Path) -> np.ndarray:
         if not path.is_file():

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..transforms import EvalProtocol, TrainPipeline
+from ..validate import describe_bad_labels
 from ._base import (
     FolderDataset,
     Record,
@@ -106,11 +107,7 @@ class CityscapesDataset(FolderDataset):
         if record.extra == "trainIds":
             self.check_label_range(raw, record.label, 19, "Cityscapes train ids 0..18 or 255")
             return {"mask": raw}
-        bad = (raw < 0) | (raw > 33)
-        if bad.any():
-            values = np.unique(raw[bad])
-            raise ValueError(
-                f"{record.label}: label id {int(values[0])} is outside the class range ({int(bad.sum())} pixels; "
-                f"values {values[:6].tolist()}); expected Cityscapes labelIds 0..33"
-            )
+        problem = describe_bad_labels(raw, 34, None)  # 255 is not a labelId either
+        if problem:
+            raise ValueError(f"{record.label}: {problem} is outside the class range; expected Cityscapes labelIds 0..33")
         return {"mask": LABEL_ID_TO_TRAIN_ID[raw]}
