@@ -11,6 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_data import (
+    add_data_args,
+    add_datasets_command,
+    adopt_dataset_cfg,
+    build_real_training,
+    dataset_fields,
+    is_real,
+    open_dataset,
+)
 from .export.cli import add_export_commands, parse_size
 from .gss_cli import add_gss_commands
 
@@ -62,9 +71,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from .data.shapes import ShapesDataset
-    from .engine import TrainConfig, train
     from .registry import create_model
 
+    if is_real(args):
+        model, train_set, val_set, loss_fn = build_real_training(args, _model_kwargs(args.model_arg))
+        return _run_training(args, model, train_set, val_set, loss_fn)
     world = _world(args)
     loss_fn = None
     if args.labelled_fraction < 1.0:
@@ -79,6 +90,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         model = create_model(args.model, num_classes=world.num_classes, **_model_kwargs(args.model_arg))
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
+    val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
+    return _run_training(args, model, train_set, val_set, loss_fn)
+
+
+def _run_training(args: argparse.Namespace, model, train_set, val_set, loss_fn) -> int:
+    from .engine import TrainConfig, train
+
     out_dir = Path(args.out or f"runs/{args.model}")
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -86,7 +104,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
         num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
     )
-    val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
     result = train(model, train_set, cfg, val_set=val_set, resume=args.resume, loss_fn=loss_fn)
     metrics = getattr(result, "final_metrics", None) or {}
     if metrics:
@@ -101,11 +118,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate
     from .registry import create_model
 
-    world = _world(args)
-    model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
-                         **_model_kwargs(args.model_arg))
-    dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=_device(args.device))
+    if is_real(args):
+        dataset = open_dataset(args, args.split or "val", transform=None)
+        model = create_model(args.model, num_classes=dataset.num_classes, checkpoint_path=args.checkpoint,
+                             **_model_kwargs(args.model_arg))
+        adopt_dataset_cfg(model, dataset.pretrained_cfg_fields())
+        protocol = None if args.mode == "default" else args.mode
+    else:
+        if args.split not in (None, "val", "test"):
+            raise SystemExit(f"--split {args.split}: the shapes world has the splits val and test")
+        if args.mode != "default":
+            raise SystemExit("--mode applies to real datasets (--data NAME); the shapes world is scored whole")
+        world = _world(args)
+        model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
+                             **_model_kwargs(args.model_arg))
+        dataset = ShapesDataset(args.split or "val", length=args.length, config=world, seed=args.seed)
+        protocol = None
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=_device(args.device), protocol=protocol)
     print(metrics.get("table", ""))
     print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
     if args.json:
@@ -121,10 +150,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data.visualize import overlay
+    from .engine.inference import predict_image
     from .registry import create_model
 
-    model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
-                         **_model_kwargs(args.model_arg)).eval()
+    protocol = None
+    if is_real(args):
+        fields = dataset_fields(args)
+        model = create_model(args.model, num_classes=fields["num_classes"], checkpoint_path=args.checkpoint,
+                             **_model_kwargs(args.model_arg))
+        adopt_dataset_cfg(model, fields).eval()
+        from .data.datasets import dataset_class
+
+        protocol = dataset_class(args.data).eval_protocol  # the dataset's test-time resize / sliding window
+    else:
+        model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
+                             **_model_kwargs(args.model_arg)).eval()
     cfg = model.pretrained_cfg
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
@@ -133,11 +173,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in args.images:
         try:
             with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB"))
+                rgb = np.array(img.convert("RGB"))  # writable, for torch.from_numpy
         except (OSError, ValueError) as err:
             raise SystemExit(f"cannot read image {path}: {err}") from None
         x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
-        pred = model.predict(x[None])[0].numpy()
+        pred = (model.predict(x[None]) if protocol is None else predict_image(model, x[None], protocol))[0].numpy()
         target = out_dir / (Path(path).stem + "_pred.png")
         Image.fromarray(overlay(rgb, pred, np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)).save(target)
         print(f"{path} -> {target}")
@@ -160,7 +200,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench.core import kernel_families
-    from .bench.runner import environment, format_table, run_kernels, run_models, run_stages, save_json, save_plot
+    from .bench.runner import (
+        environment,
+        format_table,
+        run_kernels,
+        run_models,
+        run_stages,
+        save_json,
+        save_plot,
+    )
     from .registry import list_models
 
     device = _device(args.device)
@@ -212,9 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model option (repeatable)")
 
-    p = sub.add_parser("train", help="train a model on the built-in shapes world")
+    p = sub.add_parser("train", help="train a model on the built-in shapes world or a dataset on disk (--data)")
     p.add_argument("model")
     world_args(p)
+    add_data_args(p)
+    p.add_argument("--crop", type=parse_size, metavar="H[,W]", help="training crop of --data (default: the dataset's)")
+    p.add_argument("--train-split", default="train", help="training split of --data (e.g. train_aug for VOC)")
+    p.add_argument("--val-split", default="val", help="evaluation split of --data ('none' to skip)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -235,11 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="resume from a run directory or state file ('auto': the output directory)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the shapes world (mIoU, mAcc, aAcc, per-class IoU)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the shapes world or --data (mIoU, mAcc, per-class IoU)")
     p.add_argument("model")
     p.add_argument("--checkpoint", required=True)
     world_args(p)
-    p.add_argument("--split", choices=["val", "test"], default="val")
+    add_data_args(p)
+    p.add_argument("--split", help="split to score (default val)")
+    p.add_argument("--mode", choices=["default", "whole", "slide", "ms_flip"], default="default",
+                   help="--data test protocol: the dataset's own (default), whole image, sliding window, or "
+                        "multi-scale (0.5-1.75) + flip")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
@@ -252,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    add_data_args(p)
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.set_defaults(func=cmd_predict)
@@ -281,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")
     p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "ecenet_resnet18"])
 
+    add_datasets_command(sub)  # datasets [NAME --data-root DIR]
     add_export_commands(sub)  # export, verify
     add_gss_commands(sub)  # gss roundtrip | fit-tokenizer | convert-dalle
     return parser

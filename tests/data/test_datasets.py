@@ -282,6 +282,15 @@ def test_empty_split_and_lossy_or_mismatched_labels(tmp_path, writers):
         ds[1]
 
 
+def test_eval_protocol_override(datasets_on_disk):
+    root = datasets_on_disk["ade20k"].root
+    ds = build_dataset("ade20k", root, "val", eval_protocol={"mode": "slide", "crop_size": 640, "stride": 608})
+    assert ds.eval_protocol.mode == "slide" and ds.eval_protocol.scale == (2048, 512)  # ECENet's ADE20K test
+    assert dataset_class("ade20k").eval_protocol.mode == "whole"  # the class default is untouched
+    with pytest.raises(ValueError, match="larger than crop_size"):
+        build_dataset("ade20k", root, "val", eval_protocol={"mode": "slide", "crop_size": 32, "stride": 64})
+
+
 def test_bad_options_are_refused(datasets_on_disk):
     root = datasets_on_disk["ade20k"].root
     with pytest.raises(ValueError, match="unknown split 'test'"):

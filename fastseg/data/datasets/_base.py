@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,9 @@ class FolderDataset(Dataset):
         max_instances: length of ``"instance_classes"`` (panoptic / instance readers); more instances is an error.
         max_pixels: largest image accepted.
         seed: seeds the labelled permutation.
+        eval_protocol: replaces the reader's test protocol (an :class:`EvalProtocol`), or changes some of its fields
+            (a dict, e.g. ``{"mode": "slide", "crop_size": 640, "stride": 608}`` for ECENet's ADE20K setting or
+            ``{"scale": None}`` to test at the stored size).
     """
 
     name: str = ""
@@ -204,6 +207,7 @@ class FolderDataset(Dataset):
         max_instances: int = 256,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
+        eval_protocol: EvalProtocol | dict[str, Any] | None = None,
     ) -> None:
         if split not in self.splits:
             raise ValueError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
@@ -217,6 +221,12 @@ class FolderDataset(Dataset):
         self.num_classes = len(self.class_names)
         self.stuff_classes = tuple(i for i in range(self.num_classes) if i not in set(self.thing_classes))
         self.palette = np.asarray(self.palette, np.uint8).reshape(-1, 3)
+        if isinstance(eval_protocol, dict):
+            eval_protocol = replace(self.eval_protocol, **eval_protocol)
+        if eval_protocol is not None and not isinstance(eval_protocol, EvalProtocol):
+            raise ValueError(f"eval_protocol must be an EvalProtocol or a dict of its fields, got {eval_protocol!r}")
+        if eval_protocol is not None:
+            self.eval_protocol = eval_protocol
 
         # Transform.
         if transform == "auto":
