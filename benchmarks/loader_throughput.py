@@ -101,6 +101,31 @@ def time_stages(dataset, n: int) -> dict[str, float]:
             "getitem_ms": 1000 * total / n}
 
 
+def time_train_step(model_name: str, dataset, batch_size: int, steps: int) -> dict[str, float]:
+    """Milliseconds per image of a training step (forward, backward, AdamW) of ``model_name`` on loader batches,
+    for the question the loader must answer: does loading keep ahead of training?"""
+    import fastseg
+
+    model = fastseg.create_model(model_name, num_classes=dataset.num_classes).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    batches = [b for _, b in zip(range(steps + 1), loader)]
+
+    def step(batch) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(batch)["loss"].backward()
+        optimizer.step()
+
+    step(batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        step(batch)
+    seconds = time.perf_counter() - start
+    return {"model": model_name, "batch_size": batch_size, "steps": steps,
+            "ms_per_image": 1000 * seconds / (steps * batch_size), "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", default="512,1024", help="H,W of the fixture images")
@@ -111,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=6, help="timed batches per setting")
     parser.add_argument("--workers", default="0,1,2", help="worker counts to time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="fpn_resnet18", help="also time this model's training step ('none': skip)")
+    parser.add_argument("--model-batch-size", type=int, default=2)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/<device>/loader_cityscapes_<H>x<W>.json)")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.image_size.split(","))
@@ -132,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             cpu = f"; {row['cpu_ms_per_image']:.0f} ms CPU / image" if "cpu_ms_per_image" in row else ""
             print(f"workers={workers}: {row['images_per_s']:.1f} images/s ({row['ms_per_image']:.0f} ms / image{cpu})",
                   flush=True)
+        step = None
+        if args.model != "none":
+            step = time_train_step(args.model, dataset, args.model_batch_size, steps=2)
+            print(f"{args.model} training step: {step['ms_per_image']:.0f} ms / image "
+                  f"(batch {args.model_batch_size}, {step['threads']} threads)", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -142,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    "pin_memory": torch.cuda.is_available()},
         "stages_main_process": stages,
         "results": rows,
+        "train_step": step,
         "environment": environment_info(device),
         "cpu_count": os.cpu_count(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
