@@ -80,3 +80,15 @@ def test_cli_data_errors(datasets_on_disk, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="classes from the annotation JSON"):
         main(["predict", "fpn_resnet18", "x.png", "--checkpoint", "x.safetensors", "--data", "coco_panoptic"])
+
+
+def test_semi_supervised_training_on_voc_from_the_cli(datasets_on_disk, tmp_path, capsys):
+    root = str(datasets_on_disk["voc"].root)
+    assert main(["train", "unimatch_resnet18", "--data", "voc", "--data-root", root, "--train-split", "train_aug",
+                 "--labelled-fraction", "0.4", "--crop", "32,32", "--data-arg", 'pipeline={"scale": [96, 64]}',
+                 "--steps", "1", "--batch-size", "2", "--warmup-steps", "0", "--val-split", "none",
+                 "--out", str(tmp_path / "run")]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in log if r.get("step") == 1 and "loss" in r)
+    assert {"sup", "s1", "s2", "fp", "conf_ratio"} <= set(step)  # UniMatch's terms: labelled + unlabelled pairs
+    capsys.readouterr()

@@ -165,6 +165,11 @@ def test_coco_instances_polygons_rle_and_painting_order(datasets_on_disk):
     assert (sample["mask"][torch.from_numpy(want_crowd & ~masks[1])] == 255).all()  # crowd is ignored
     assert (sample["mask"][:4, :4] == 255).all()  # no instance: no background class in the instance task
     assert abs(int(masks[1].sum()) - 64 * 48) <= 64 + 48 + 1  # polygon rasterised to its rectangle
+    zsi = build_dataset("coco_instances", fixture.root, "train", transform=None, unseen="pading")
+    assert len(zsi.unseen_classes) == 17 and "couch" in [zsi.class_names[i] for i in zsi.unseen_classes]
+    assert len(zsi) == 2  # no image holds an unseen class: nothing dropped
+    with pytest.raises(ValueError, match="every image contains an unseen class"):  # both hold a person
+        build_dataset("coco_instances", fixture.root, "train", transform=None, unseen=["person"])
 
 
 def test_labelled_fraction_and_split_file(tmp_path, datasets_on_disk):

@@ -15,9 +15,11 @@ class). :meth:`instance_masks` returns the overlapping per-instance masks (crowd
 
 Images without any annotation are dropped from the training split (``filter_empty``), as detectron2 does.
 
-Zero-shot (the ZSI protocol PADing follows): pass the unseen class names, e.g. the 48/17 split's ``unseen=("bus",
-"dog", ...)``; training images with an unseen instance are dropped (default ``unseen_mode="exclude"``). The ZSI
-protocol's 15 classes outside the 48/17 split are not removed here; filter the JSON for that.
+Zero-shot (the ZSI protocol PADing follows, on COCO 2014: ``year=2014``): ``unseen="pading"`` marks the 17 unseen
+classes of the 48/17 split (bus, dog, cow, elephant, umbrella, tie, skateboard, cup, knife, cake, couch, keyboard, sink,
+scissors, airplane, cat, snowboard); any other list (e.g. the 65/15 split's) can be passed by name. Training images
+with an unseen instance are dropped (default ``unseen_mode="exclude"``). The 48/17 protocol's 15 classes outside the
+split stay in the class list here; filter the JSON to remove them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ from ..transforms import EvalProtocol, TrainPipeline
 from ._base import FolderDataset, Record
 from ._coco import load_json
 
-__all__ = ["COCOInstancesDataset", "decode_segmentation"]
+__all__ = ["PADING_ZSI_UNSEEN", "COCOInstancesDataset", "decode_segmentation"]
+
+PADING_ZSI_UNSEEN: tuple[str, ...] = (
+    "bus", "dog", "cow", "elephant", "umbrella", "tie", "skateboard", "cup", "knife", "cake", "couch", "keyboard",
+    "sink", "scissors", "airplane", "cat", "snowboard",
+)  # fmt: skip
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int, source: str = "") -> np.ndarray:
@@ -73,6 +80,7 @@ class COCOInstancesDataset(FolderDataset):
                                      cat_max_ratio=1.0, photometric=False)
     eval_protocol = EvalProtocol(mode="whole", scale=(1333, 800))
     train_unseen_mode = "exclude"
+    pading_unseen = PADING_ZSI_UNSEEN
     has_instances = True
     layout = "coco/{train2017,val2017}/*.jpg and coco/annotations/instances_{train,val}2017.json"
 
