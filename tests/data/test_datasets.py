@@ -308,3 +308,27 @@ def test_bad_options_are_refused(datasets_on_disk):
         build_dataset("ade20k", root, "train", labelled_fraction=1.5)
     with pytest.raises(ValueError, match="subset is empty"):
         build_dataset("ade20k", root, "train", labelled_fraction=0.0, subset="labelled")
+
+
+def test_corrupt_files_and_limits(tmp_path, writers):
+    """reliability.md's loader cases on a real layout: truncated image, PNG named .jpg, 16-bit label, pixel cap."""
+    fixture = writers.ade20k(tmp_path)
+    base = fixture.root / "ADEChallengeData2016"
+    first = base / "images/training/ADE_train_00000001.jpg"
+    png_bytes = tmp_path / "as.png"
+    Image.open(first).save(png_bytes, format="PNG")
+    first.write_bytes(png_bytes.read_bytes())  # a PNG under a .jpg name decodes by content
+    ds = build_dataset("ade20k", fixture.root, "train", transform=None)
+    assert torch.equal(ds[0]["mask"], torch.from_numpy(fixture["expected"]["train"]["ADE_train_00000001"]))
+    second = base / "images/training/ADE_train_00000002.jpg"
+    second.write_bytes(second.read_bytes()[:300])  # truncated
+    with pytest.raises(OSError, match="cannot read image .*ADE_train_00000002.jpg"):
+        ds[1]
+    with pytest.raises(ValueError, match=r"ADE_train_00000001.jpg: image has 6144 pixels .* more than the limit"):
+        build_dataset("ade20k", fixture.root, "train", max_pixels=1000)
+    label = base / "annotations/training/ADE_train_00000003.png"
+    wide = np.asarray(Image.open(label)).astype(np.uint16)
+    wide[0, 0] = 300  # a 16-bit label: read whole (mmseg's uint8 cast would wrap it to 44), then refused
+    Image.fromarray(wide).save(label)
+    with pytest.raises(ValueError, match="ADE_train_00000003.png: label 300"):
+        ds[2]
