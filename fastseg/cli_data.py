@@ -36,7 +36,8 @@ def add_data_args(parser: argparse.ArgumentParser, *, root_required: bool = Fals
 
     parser.add_argument("--data", default="shapes", choices=["shapes", *list_datasets()],
                         help="dataset: the built-in shapes world (default) or a real dataset read from --data-root")
-    parser.add_argument("--data-root", help="the dataset's folder (its layout: `fastseg datasets`)")
+    parser.add_argument("--data-root", help="the dataset's folder, or one holding it (default: $FASTSEG_DATASETS; "
+                                            "layouts: `fastseg datasets`)")
     parser.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
                         help="reader option, e.g. unseen=pading, label_kind=trainIds, split_file=PATH (repeatable)")
 
@@ -50,14 +51,18 @@ def open_dataset(args: argparse.Namespace, split: str, **options: Any):
     """``build_dataset(args.data, args.data_root, split, **--data-arg, **options)`` with CLI-worded errors."""
     from .data import build_dataset
 
-    if not args.data_root:
-        raise SystemExit(f"--data {args.data} needs --data-root DIR (the folder holding the dataset)")
+    import os
+
+    root = args.data_root or os.environ.get("FASTSEG_DATASETS")
+    if not root:
+        raise SystemExit(f"--data {args.data} needs --data-root DIR (the folder holding the dataset) or "
+                         "FASTSEG_DATASETS set to a folder holding every dataset")
     merged = {**_pairs(args.data_arg, "--data-arg"), **options}
     if options.get("transform", "auto") is None:
         merged.pop("pipeline", None)  # evaluation splits are read as stored
     elif "pipeline" in options:  # --crop on top of a --data-arg pipeline={...}
         merged["pipeline"] = {**(_pairs(args.data_arg, "--data-arg").get("pipeline") or {}), **(options["pipeline"] or {})}
-    return build_dataset(args.data, args.data_root, split, **merged)
+    return build_dataset(args.data, root, split, **merged)
 
 
 def dataset_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +70,9 @@ def dataset_fields(args: argparse.Namespace) -> dict[str, Any]:
     reader's class tables (readers whose classes come from a JSON file need the root)."""
     from .data.datasets import dataset_class
 
-    if args.data_root:
+    import os
+
+    if args.data_root or os.environ.get("FASTSEG_DATASETS"):
         return open_dataset(args, dataset_class(args.data).splits[1], transform=None, verify=0).pretrained_cfg_fields()
     cls = dataset_class(args.data)
     if not cls.class_names:

@@ -287,6 +287,21 @@ def test_empty_split_and_lossy_or_mismatched_labels(tmp_path, writers):
         ds[1]
 
 
+def test_one_root_for_every_dataset(tmp_path, writers, monkeypatch):
+    """$FASTSEG_DATASETS (or root=) may be the folder holding each dataset under its usual name."""
+    writers.ade20k(tmp_path)
+    writers.cityscapes(tmp_path)
+    writers.voc(tmp_path)
+    writers.coco_stuff(tmp_path)
+    writers.coco_panoptic(tmp_path)
+    monkeypatch.setenv("FASTSEG_DATASETS", str(tmp_path))
+    for name in ("ade20k", "cityscapes", "voc", "coco_stuff", "coco_panoptic"):
+        assert len(build_dataset(name, split="val", transform=None)) == 2, name
+    monkeypatch.delenv("FASTSEG_DATASETS")
+    with pytest.raises(ValueError, match="FASTSEG_DATASETS"):
+        build_dataset("ade20k", split="val")
+
+
 def test_eval_protocol_override(datasets_on_disk):
     root = datasets_on_disk["ade20k"].root
     ds = build_dataset("ade20k", root, "val", eval_protocol={"mode": "slide", "crop_size": 640, "stride": 608})

@@ -11,6 +11,7 @@ layout and protocol.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,22 @@ def dataset_class(name: str) -> type[FolderDataset]:
     return _DATASETS[name]
 
 
-def build_dataset(name: str, root: str | Path, split: str = "train", **options: Any) -> FolderDataset:
+def build_dataset(name: str, root: str | Path | None = None, split: str = "train", **options: Any) -> FolderDataset:
     """Open dataset ``name`` at ``root`` (its layout is checked now: missing folders, images without labels, an
     empty split, and the first few label files raise errors naming the file).
 
     Args:
         name: one of :func:`list_datasets`.
-        root: the dataset folder (see each reader's docstring for the tree it expects).
+        root: the dataset folder (see each reader's docstring for the tree it expects), or a folder holding it
+            under its usual name (``ADEChallengeData2016``, ``cityscapes``, ``VOCdevkit``, ``coco_stuff164k``,
+            ``coco``); ``None`` reads ``$FASTSEG_DATASETS``, one root for every dataset.
         split: ``"train"``, ``"val"``, ... (each reader lists its ``splits``).
         **options: see :class:`FolderDataset` (``transform``, ``pipeline``, ``labelled_fraction``, ``split_file``,
             ``subset``, ``unseen``, ``unseen_mode``, ``verify``, ``seed``, ...) and the reader's own options.
     """
+    if root is None:
+        root = os.environ.get("FASTSEG_DATASETS")
+        if not root:
+            raise ValueError(f"build_dataset({name!r}): give root= or set FASTSEG_DATASETS to the folder holding "
+                             "the datasets")
     return dataset_class(name)(root, split, **options)

@@ -87,6 +87,8 @@ class COCOInstancesDataset(FolderDataset):
     def __init__(self, root: Any, split: str = "train", *, year: int = 2017, filter_empty: bool | None = None,
                  **options: Any) -> None:
         root = Path(root).expanduser()
+        if not (root / "annotations").is_dir() and (root / "coco" / "annotations").is_dir():
+            root = root / "coco"  # a parent folder (e.g. $FASTSEG_DATASETS)
         if split not in self.splits:
             raise ValueError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
         if not root.is_dir():

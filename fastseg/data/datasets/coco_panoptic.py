@@ -65,6 +65,8 @@ class COCOPanopticDataset(FolderDataset):
 
     def __init__(self, root: Any, split: str = "train", **options: Any) -> None:
         root = Path(root).expanduser()
+        if not (root / "annotations").is_dir() and (root / "coco" / "annotations").is_dir():
+            root = root / "coco"  # a parent folder (e.g. $FASTSEG_DATASETS)
         if split not in self.splits:
             raise ValueError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
         if not root.is_dir():

@@ -67,6 +67,8 @@ class COCOStuffDataset(FolderDataset):
               "(or raw <id>.png stuff maps)")
 
     def _dirs(self) -> tuple[Path, Path]:
+        if not (self.root / "images").is_dir() and (self.root / "coco_stuff164k").is_dir():
+            self.root = self.root / "coco_stuff164k"  # a parent folder (e.g. $FASTSEG_DATASETS)
         sub = f"{self.split}2017"
         image_dirs = [self.root / "images" / sub, self.root / sub]
         label_dirs = [self.root / "annotations" / sub, self.root / "stuffthingmaps_trainval2017" / sub,
