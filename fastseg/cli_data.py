@@ -49,9 +49,9 @@ def is_real(args: argparse.Namespace) -> bool:
 
 def open_dataset(args: argparse.Namespace, split: str, **options: Any):
     """``build_dataset(args.data, args.data_root, split, **--data-arg, **options)`` with CLI-worded errors."""
-    from .data import build_dataset
-
     import os
+
+    from .data import build_dataset
 
     root = args.data_root or os.environ.get("FASTSEG_DATASETS")
     if not root:
@@ -68,9 +68,9 @@ def open_dataset(args: argparse.Namespace, split: str, **options: Any):
 def dataset_fields(args: argparse.Namespace) -> dict[str, Any]:
     """PretrainedCfg fields of ``--data``: from the dataset on disk when ``--data-root`` is given, else from the
     reader's class tables (readers whose classes come from a JSON file need the root)."""
-    from .data.datasets import dataset_class
-
     import os
+
+    from .data.datasets import dataset_class
 
     if args.data_root or os.environ.get("FASTSEG_DATASETS"):
         return open_dataset(args, dataset_class(args.data).splits[1], transform=None, verify=0).pretrained_cfg_fields()
