@@ -55,9 +55,16 @@ def write_fixture(root: Path, n: int, size: tuple[int, int], seed: int) -> None:
 
 
 def time_loader(dataset, batch_size: int, workers: int, batches: int, seed: int) -> dict[str, float]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     it = iter(loader)
     next(it)  # warm-up: worker start-up and first decode
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -74,8 +81,13 @@ def time_loader(dataset, batch_size: int, workers: int, batches: int, seed: int)
     cpu_seconds = time.process_time() - cpu_start
     del it, loader
     images = batches * batch_size
-    row = {"workers": workers, "batches": batches, "seconds": seconds, "images_per_s": images / seconds,
-           "ms_per_image": 1000 * seconds / images}
+    row = {
+        "workers": workers,
+        "batches": batches,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "ms_per_image": 1000 * seconds / images,
+    }
     if workers == 0:
         # CPU time of this process (all the work when there are no workers): what one uncontended core would take.
         row["cpu_ms_per_image"] = 1000 * cpu_seconds / images
@@ -97,8 +109,11 @@ def time_stages(dataset, n: int) -> dict[str, float]:
         decode += t1 - t0
         total += t2 - t1
     augment = total - decode  # __getitem__ = decode + augment + normalise
-    return {"decode_ms": 1000 * decode / n, "augment_and_normalise_ms": 1000 * augment / n,
-            "getitem_ms": 1000 * total / n}
+    return {
+        "decode_ms": 1000 * decode / n,
+        "augment_and_normalise_ms": 1000 * augment / n,
+        "getitem_ms": 1000 * total / n,
+    }
 
 
 def time_train_step(model_name: str, dataset, batch_size: int, steps: int) -> dict[str, float]:
@@ -108,8 +123,9 @@ def time_train_step(model_name: str, dataset, batch_size: int, steps: int) -> di
 
     model = fastseg.create_model(model_name, num_classes=dataset.num_classes).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+    )
     batches = [b for _, b in zip(range(steps + 1), loader)]
 
     def step(batch) -> None:
@@ -122,8 +138,13 @@ def time_train_step(model_name: str, dataset, batch_size: int, steps: int) -> di
     for batch in batches[1:]:
         step(batch)
     seconds = time.perf_counter() - start
-    return {"model": model_name, "batch_size": batch_size, "steps": steps,
-            "ms_per_image": 1000 * seconds / (steps * batch_size), "threads": torch.get_num_threads()}
+    return {
+        "model": model_name,
+        "batch_size": batch_size,
+        "steps": steps,
+        "ms_per_image": 1000 * seconds / (steps * batch_size),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def render_markdown(record: dict) -> str:
@@ -143,13 +164,17 @@ def render_markdown(record: dict) -> str:
         f"figures are lower bounds."
     )
     if "cpu_ms_per_image" in first:
-        text += (f" The CPU time per image, {first['cpu_ms_per_image']:.0f} ms, is about "
-                 f"{first['images_per_s_per_uncontended_core']:.0f} images / s per free core.")
+        text += (
+            f" The CPU time per image, {first['cpu_ms_per_image']:.0f} ms, is about "
+            f"{first['images_per_s_per_uncontended_core']:.0f} images / s per free core."
+        )
     step = record.get("train_step")
     if step:
-        text += (f" A `{step['model']}` training step on the same CPU takes {step['ms_per_image']:.0f} ms per image "
-                 f"({step['threads']} thread), so one loader process keeps "
-                 f"{step['ms_per_image'] / first['ms_per_image']:.0f}x ahead of it here.")
+        text += (
+            f" A `{step['model']}` training step on the same CPU takes {step['ms_per_image']:.0f} ms per image "
+            f"({step['threads']} thread), so one loader process keeps "
+            f"{step['ms_per_image'] / first['ms_per_image']:.0f}x ahead of it here."
+        )
     return text
 
 
@@ -188,21 +213,34 @@ def main(argv: list[str] | None = None) -> int:
             row = time_loader(dataset, args.batch_size, workers, args.batches, args.seed)
             rows.append(row)
             cpu = f"; {row['cpu_ms_per_image']:.0f} ms CPU / image" if "cpu_ms_per_image" in row else ""
-            print(f"workers={workers}: {row['images_per_s']:.1f} images/s ({row['ms_per_image']:.0f} ms / image{cpu})",
-                  flush=True)
+            print(
+                f"workers={workers}: {row['images_per_s']:.1f} images/s ({row['ms_per_image']:.0f} ms / image{cpu})",
+                flush=True,
+            )
         step = None
         if args.model != "none":
             step = time_train_step(args.model, dataset, args.model_batch_size, steps=2)
-            print(f"{args.model} training step: {step['ms_per_image']:.0f} ms / image "
-                  f"(batch {args.model_batch_size}, {step['threads']} threads)", flush=True)
+            print(
+                f"{args.model} training step: {step['ms_per_image']:.0f} ms / image "
+                f"(batch {args.model_batch_size}, {step['threads']} threads)",
+                flush=True,
+            )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python "
+        + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "what": "fastseg.data cityscapes training loader alone: PNG decode, labelIds->trainIds, random resize "
-                "0.5-2.0, crop with cat_max_ratio 0.75, flip, photometric distortion, normalise, collate",
-        "config": {"image_size": size, "scale": scale, "crop_size": crop, "images": args.images,
-                   "batch_size": args.batch_size, "batches": args.batches, "seed": args.seed,
-                   "pin_memory": torch.cuda.is_available()},
+        "0.5-2.0, crop with cat_max_ratio 0.75, flip, photometric distortion, normalise, collate",
+        "config": {
+            "image_size": size,
+            "scale": scale,
+            "crop_size": crop,
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "batches": args.batches,
+            "seed": args.seed,
+            "pin_memory": torch.cuda.is_available(),
+        },
         "stages_main_process": stages,
         "results": rows,
         "train_step": step,
@@ -211,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "note": "measured on a CPU shared with other jobs (see load_average_1min); figures are lower bounds",
     }
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" / device_slug(device) /
-                                           f"loader_cityscapes_{size[0]}x{size[1]}.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(__file__).parent / "results" / device_slug(device) / f"loader_cityscapes_{size[0]}x{size[1]}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"JSON: {out}")

@@ -290,5 +290,11 @@ class EvalProtocol:
         return replace(self, mode=mode)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "scale": self.scale, "crop_size": self.crop_size, "stride": self.stride,
-                "ratios": list(self.ratios), "flip": self.flip}
+        return {
+            "mode": self.mode,
+            "scale": self.scale,
+            "crop_size": self.crop_size,
+            "stride": self.stride,
+            "ratios": list(self.ratios),
+            "flip": self.flip,
+        }

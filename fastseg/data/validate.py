@@ -100,8 +100,9 @@ def check_sample(
         return
     problem = describe_bad_labels(m, num_classes, ignore_index)
     if problem:
-        raise ValueError(f"{where}mask holds {problem}; valid labels are 0..{num_classes - 1} and ignore_index "
-                         f"{ignore_index}")
+        raise ValueError(
+            f"{where}mask holds {problem}; valid labels are 0..{num_classes - 1} and ignore_index {ignore_index}"
+        )
 
 
 def describe_bad_labels(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> str | None:

@@ -35,8 +35,9 @@ def whole_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return _resize(model(images), tuple(images.shape[-2:])).float()
 
 
-def slide_logits(model: nn.Module, images: torch.Tensor, crop_size: tuple[int, int],
-                 stride: tuple[int, int]) -> torch.Tensor:
+def slide_logits(
+    model: nn.Module, images: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
     """(B, K, H, W) sliding-window logits (see the module docstring)."""
     b, _, h, w = images.shape
     ch, cw = min(crop_size[0], h), min(crop_size[1], w)
@@ -59,8 +60,9 @@ def slide_logits(model: nn.Module, images: torch.Tensor, crop_size: tuple[int, i
 
 
 @torch.no_grad()
-def predict_image(model: nn.Module, images: torch.Tensor, protocol: EvalProtocol,
-                  out_size: tuple[int, int] | None = None) -> torch.Tensor:
+def predict_image(
+    model: nn.Module, images: torch.Tensor, protocol: EvalProtocol, out_size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Class ids (B, H, W) at ``out_size`` (default: the input size) for images (B, 3, H, W) under ``protocol``.
 
     The model must already be in eval mode. A plain protocol (whole image, no resize, one scale, no flip) is exactly

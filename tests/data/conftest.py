@@ -148,8 +148,10 @@ def write_cityscapes(base: Path, seed: int = 0) -> Fixture:
     classes = [0, 2, 10, 13, 18]  # road, building, sky, car, bicycle
     not_evaluated = [0, 1, 4, 9, 14, 29, 30]  # unlabeled, ego vehicle, static, parking, guard rail, caravan, trailer
     expected: dict[str, dict[str, np.ndarray]] = {}
-    layout = {"train": [("aachen", 0, 19), ("aachen", 0, 20), ("bochum", 0, 313)],
-              "val": [("frankfurt", 0, 294), ("lindau", 0, 19)]}
+    layout = {
+        "train": [("aachen", 0, 19), ("aachen", 0, 20), ("bochum", 0, 313)],
+        "val": [("frankfurt", 0, 294), ("lindau", 0, 19)],
+    }
     for split, frames in layout.items():
         expected[split] = {}
         for j, (city, seq, frame) in enumerate(frames):
@@ -164,8 +166,9 @@ def write_cityscapes(base: Path, seed: int = 0) -> Fixture:
             save_png(gt_dir / f"{key}_gtFine_labelIds.png", label_ids, "L")
             save_png(gt_dir / f"{key}_gtFine_instanceIds.png", label_ids, "L")
             save_png(gt_dir / f"{key}_gtFine_color.png", np.zeros((*pm.shape, 3), np.uint8))
-            (gt_dir / f"{key}_gtFine_polygons.json").write_text(json.dumps({"imgHeight": 64, "imgWidth": 128,
-                                                                            "objects": []}))
+            (gt_dir / f"{key}_gtFine_polygons.json").write_text(
+                json.dumps({"imgHeight": 64, "imgWidth": 128, "objects": []})
+            )
             if split == "val" and j == 0:  # converted train ids for one image: preferred over labelIds
                 save_png(gt_dir / f"{key}_gtFine_labelTrainIds.png", gt, "L")
             expected[split][key] = gt
@@ -196,9 +199,16 @@ def write_voc(base: Path, seed: int = 0, sbd: str = "mat") -> Fixture:
 
             cls = base / "VOCdevkit" / "VOCaug" / "dataset" / "cls"
             cls.mkdir(parents=True, exist_ok=True)
-            savemat(cls / f"{key}.mat", {"GTcls": {"Segmentation": pm.astype(np.uint8),
-                                                   "Boundaries": np.zeros((21, 1), object),
-                                                   "CategoriesPresent": np.unique(pm[pm > 0]).astype(np.uint8)}})
+            savemat(
+                cls / f"{key}.mat",
+                {
+                    "GTcls": {
+                        "Segmentation": pm.astype(np.uint8),
+                        "Boundaries": np.zeros((21, 1), object),
+                        "CategoriesPresent": np.unique(pm[pm > 0]).astype(np.uint8),
+                    }
+                },
+            )
         if sbd == "png" and key not in voc_val:
             save_png(voc / "SegmentationClassAug" / f"{key}.png", gt, "L")
     sets = voc / "ImageSets" / "Segmentation"
@@ -211,8 +221,14 @@ def write_voc(base: Path, seed: int = 0, sbd: str = "mat") -> Fixture:
         (dataset / "train.txt").write_text("\n".join(sbd_train) + "\n")
         (dataset / "val.txt").write_text("\n".join(sbd_val) + "\n")
     train_aug = sorted(set(voc_train + sbd_train + sbd_val) - set(voc_val))
-    return Fixture(root=base, classes=classes, num_classes=21, expected=expected, train_aug=train_aug,
-                   splits={"train": voc_train, "val": voc_val})
+    return Fixture(
+        root=base,
+        classes=classes,
+        num_classes=21,
+        expected=expected,
+        train_aug=train_aug,
+        splits={"train": voc_train, "val": voc_val},
+    )
 
 
 def write_coco_stuff(base: Path, seed: int = 0) -> Fixture:
@@ -241,10 +257,16 @@ def write_coco_stuff(base: Path, seed: int = 0) -> Fixture:
 
 
 def panoptic_categories() -> list[dict[str, Any]]:
-    things = [{"id": cid, "name": name, "supercategory": "thing", "isthing": 1, "color": [int(v) for v in col]}
-              for cid, name, col in zip(COCO_THING_IDS, COCO_THING_CLASSES, np.random.default_rng(1).integers(0, 256, (80, 3)))]
-    stuff = [{"id": cid, "name": name, "supercategory": "stuff", "isthing": 0, "color": [int(v) for v in col]}
-             for (cid, name), col in zip(PANOPTIC_STUFF, np.random.default_rng(2).integers(0, 256, (53, 3)))]
+    things = [
+        {"id": cid, "name": name, "supercategory": "thing", "isthing": 1, "color": [int(v) for v in col]}
+        for cid, name, col in zip(
+            COCO_THING_IDS, COCO_THING_CLASSES, np.random.default_rng(1).integers(0, 256, (80, 3))
+        )
+    ]
+    stuff = [
+        {"id": cid, "name": name, "supercategory": "stuff", "isthing": 0, "color": [int(v) for v in col]}
+        for (cid, name), col in zip(PANOPTIC_STUFF, np.random.default_rng(2).integers(0, 256, (53, 3)))
+    ]
     return things + stuff
 
 
@@ -279,8 +301,15 @@ def write_coco_panoptic(base: Path, seed: int = 0) -> Fixture:
             next_id = 3_000_001 + 7919 * n  # ids that use all three colour channels
             for cls in sorted(set(stuffs)):
                 region = sem == cls
-                segments.append({"id": next_id, "category_id": categories[cls]["id"], "iscrowd": 0,
-                                 "area": int(region.sum()), "bbox": [0, 0, w, h]})
+                segments.append(
+                    {
+                        "id": next_id,
+                        "category_id": categories[cls]["id"],
+                        "iscrowd": 0,
+                        "area": int(region.sum()),
+                        "bbox": [0, 0, w, h],
+                    }
+                )
                 ids[region] = next_id
                 next_id += 1
             instance_classes = []
@@ -289,8 +318,15 @@ def write_coco_panoptic(base: Path, seed: int = 0) -> Fixture:
                 box = (slice(y0, y0 + 24), slice(x0, x0 + 32))
                 sem[box] = cls
                 ids[box] = next_id
-                segments.append({"id": next_id, "category_id": categories[cls]["id"], "iscrowd": 0,
-                                 "area": 24 * 32, "bbox": [x0, y0, 32, 24]})
+                segments.append(
+                    {
+                        "id": next_id,
+                        "category_id": categories[cls]["id"],
+                        "iscrowd": 0,
+                        "area": 24 * 32,
+                        "bbox": [x0, y0, 32, 24],
+                    }
+                )
                 instance_classes.append(cls)
                 next_id += 1
             crowd = (slice(48, 56), slice(80, 96))  # a crowd of people in the corner
@@ -304,16 +340,27 @@ def write_coco_panoptic(base: Path, seed: int = 0) -> Fixture:
             file_name = f"{key}.jpg"
             save_jpeg(root / f"{split}2017" / file_name, paint(sem, paint_classes))
             save_png(root / f"panoptic_{split}2017" / f"{key}.png", id2rgb(ids))
-            images.append({"id": image_id, "file_name": file_name, "height": h, "width": w,
-                           "license": 1, "coco_url": "", "date_captured": "", "flickr_url": ""})
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "height": h,
+                    "width": w,
+                    "license": 1,
+                    "coco_url": "",
+                    "date_captured": "",
+                    "flickr_url": "",
+                }
+            )
             annotations.append({"image_id": image_id, "file_name": f"{key}.png", "segments_info": segments})
-            expected[split][key] = {"mask": gt, "ids": ids, "instance_classes": instance_classes,
-                                    "segments": segments}
+            expected[split][key] = {"mask": gt, "ids": ids, "instance_classes": instance_classes, "segments": segments}
         (root / "annotations").mkdir(parents=True, exist_ok=True)
-        (root / "annotations" / f"panoptic_{split}2017.json").write_text(json.dumps(
-            {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}))
-    return Fixture(root=root, classes=paint_classes, num_classes=133, expected=expected,
-                   contiguous=contiguous)
+        (root / "annotations" / f"panoptic_{split}2017.json").write_text(
+            json.dumps(
+                {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+            )
+        )
+    return Fixture(root=root, classes=paint_classes, num_classes=133, expected=expected, contiguous=contiguous)
 
 
 def rle_uncompressed(mask: np.ndarray) -> dict[str, Any]:
@@ -332,7 +379,9 @@ def rle_uncompressed(mask: np.ndarray) -> dict[str, Any]:
 def write_coco_instances(base: Path) -> Fixture:
     """Polygons (rectangles and a triangle) plus a crowd RLE, overlapping so the painting order matters."""
     root = base / "coco"
-    categories = [{"id": cid, "name": name, "supercategory": "x"} for cid, name in zip(COCO_THING_IDS, COCO_THING_CLASSES)]
+    categories = [
+        {"id": cid, "name": name, "supercategory": "x"} for cid, name in zip(COCO_THING_IDS, COCO_THING_CLASSES)
+    ]
     h, w = 64, 96
     expected: dict[str, dict[str, Any]] = {}
     ann_id = 1
@@ -346,23 +395,45 @@ def write_coco_instances(base: Path) -> Fixture:
             if split == "train" and n == 2:  # an image without annotations: dropped from training
                 save_jpeg(root / f"{split}2017" / file_name, np.zeros((h, w, 3), np.uint8))
                 continue
-            big = {"id": ann_id, "image_id": image_id, "category_id": 3, "iscrowd": 0,  # car
-                   "segmentation": [[8.0, 8.0, 72.0, 8.0, 72.0, 56.0, 8.0, 56.0]], "area": 64.0 * 48, "bbox": [8, 8, 64, 48]}
-            small = {"id": ann_id + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,  # person, on the car
-                     "segmentation": [[24.0, 16.0, 40.0, 16.0, 40.0, 40.0, 24.0, 40.0]], "area": 16.0 * 24,
-                     "bbox": [24, 16, 16, 24]}
+            big = {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": 3,
+                "iscrowd": 0,  # car
+                "segmentation": [[8.0, 8.0, 72.0, 8.0, 72.0, 56.0, 8.0, 56.0]],
+                "area": 64.0 * 48,
+                "bbox": [8, 8, 64, 48],
+            }
+            small = {
+                "id": ann_id + 1,
+                "image_id": image_id,
+                "category_id": 1,
+                "iscrowd": 0,  # person, on the car
+                "segmentation": [[24.0, 16.0, 40.0, 16.0, 40.0, 40.0, 24.0, 40.0]],
+                "area": 16.0 * 24,
+                "bbox": [24, 16, 16, 24],
+            }
             crowd_mask = np.zeros((h, w), bool)
             crowd_mask[48:64, 80:96] = True
-            crowd = {"id": ann_id + 2, "image_id": image_id, "category_id": 1, "iscrowd": 1,
-                     "segmentation": rle_uncompressed(crowd_mask), "area": float(crowd_mask.sum()),
-                     "bbox": [80, 48, 16, 16]}
+            crowd = {
+                "id": ann_id + 2,
+                "image_id": image_id,
+                "category_id": 1,
+                "iscrowd": 1,
+                "segmentation": rle_uncompressed(crowd_mask),
+                "area": float(crowd_mask.sum()),
+                "bbox": [80, 48, 16, 16],
+            }
             ann_id += 3
             annotations += [small, big, crowd]  # small first in the JSON: the reader must paint big first
             save_jpeg(root / f"{split}2017" / file_name, np.zeros((h, w, 3), np.uint8))
             expected[split][key] = {"crowd_mask": crowd_mask}
         (root / "annotations").mkdir(parents=True, exist_ok=True)
-        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(
-            {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}))
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(
+                {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+            )
+        )
     return Fixture(root=root, num_classes=80, expected=expected)
 
 

@@ -44,8 +44,12 @@ def test_semantic_labels_are_mapped_exactly(datasets_on_disk, name, split):
 def test_metadata_makes_a_pretrained_cfg(datasets_on_disk, name):
     ds = build_dataset(name, datasets_on_disk[name].root, "val", transform=None)
     fields = ds.pretrained_cfg_fields()
-    cfg = PretrainedCfg(**{k: fields[k] for k in ("num_classes", "class_names", "palette", "mean", "std",
-                                                 "ignore_index", "input_size", "dataset")})
+    cfg = PretrainedCfg(
+        **{
+            k: fields[k]
+            for k in ("num_classes", "class_names", "palette", "mean", "std", "ignore_index", "input_size", "dataset")
+        }
+    )
     assert cfg.num_classes == ds.num_classes == len(ds.class_names) == ds.palette.shape[0]
     assert cfg.ignore_index == 255 and cfg.dataset == name
     assert sorted(fields["stuff_classes"] + fields["thing_classes"]) == list(range(ds.num_classes))
@@ -60,7 +64,9 @@ def test_class_tables_match_the_benchmarks():
     voc = dataset_class("voc")
     assert voc.class_names[0] == "background" and voc.palette[15].tolist() == [192, 128, 128]  # person
     stuff = dataset_class("coco_stuff")
-    assert len(stuff.class_names) == 171 and stuff.class_names[80] == "banner" and stuff.thing_classes == tuple(range(80))
+    assert (
+        len(stuff.class_names) == 171 and stuff.class_names[80] == "banner" and stuff.thing_classes == tuple(range(80))
+    )
 
 
 def test_cityscapes_prefers_train_ids_and_maps_label_ids(datasets_on_disk):
@@ -196,8 +202,9 @@ def test_labelled_fraction_and_split_file(tmp_path, datasets_on_disk):
 
 
 def test_training_pipeline_batches_through_a_dataloader(datasets_on_disk):
-    ds = build_dataset("cityscapes", datasets_on_disk["cityscapes"].root, "train",
-                       pipeline={"scale": (128, 64), "crop_size": (48, 48)})
+    ds = build_dataset(
+        "cityscapes", datasets_on_disk["cityscapes"].root, "train", pipeline={"scale": (128, 64), "crop_size": (48, 48)}
+    )
     loader = DataLoader(ds, batch_size=3, num_workers=1, generator=torch.Generator().manual_seed(0))
     batch = next(iter(loader))
     assert batch["image"].shape == (3, 3, 48, 48) and batch["mask"].shape == (3, 48, 48)
@@ -208,8 +215,13 @@ def test_training_pipeline_batches_through_a_dataloader(datasets_on_disk):
     torch.manual_seed(5)
     b = ds[0]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])  # seeded by torch's RNG
-    pan = build_dataset("coco_panoptic", datasets_on_disk["coco_panoptic"].root, "train",
-                        pipeline={"scale": (96, 64), "crop_size": (32, 32)}, max_instances=8)
+    pan = build_dataset(
+        "coco_panoptic",
+        datasets_on_disk["coco_panoptic"].root,
+        "train",
+        pipeline={"scale": (96, 64), "crop_size": (32, 32)},
+        max_instances=8,
+    )
     batch = next(iter(DataLoader(pan, batch_size=3)))
     assert batch["instances"].shape == (3, 32, 32) and batch["instance_classes"].shape == (3, 8)
     for b in range(3):  # instance ids renumbered 1..n after the crop, one class each
@@ -234,8 +246,11 @@ def test_image_without_label_names_both(tmp_path, writers):
     fixture = writers.cityscapes(tmp_path)
     victim = fixture.root / "cityscapes/gtFine/train/aachen/aachen_000000_000020_gtFine_labelIds.png"
     victim.unlink()
-    with pytest.raises(FileNotFoundError, match=r"aachen_000000_000020_leftImg8bit.png has no label; expected "
-                                                r".*aachen_000000_000020_gtFine_labelIds.png"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"aachen_000000_000020_leftImg8bit.png has no label; expected "
+        r".*aachen_000000_000020_gtFine_labelIds.png",
+    ):
         build_dataset("cityscapes", fixture.root, "train")
 
 
@@ -245,8 +260,11 @@ def test_label_outside_the_class_range(tmp_path, writers):
     raw = np.asarray(Image.open(label)).copy()
     raw[0, 0] = 151
     writers.save_png(label, raw, "L")
-    with pytest.raises(ValueError, match=r"ADE_train_00000001.png: label 151 .* is outside the class range.*"
-                                         r"expected 0 \(other\) or 1..150"):
+    with pytest.raises(
+        ValueError,
+        match=r"ADE_train_00000001.png: label 151 .* is outside the class range.*"
+        r"expected 0 \(other\) or 1..150",
+    ):
         build_dataset("ade20k", fixture.root, "train")
     cs = writers.cityscapes(tmp_path / "cs")
     label = cs.root / "cityscapes/gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png"
@@ -264,8 +282,11 @@ def test_palette_png_saved_as_rgb_is_explained(tmp_path, writers):
     fixture = writers.voc(tmp_path)
     label = fixture.root / "VOCdevkit/VOC2012/SegmentationClass/2007_000032.png"
     Image.open(label).convert("RGB").save(label)  # the mistake: colours instead of indices
-    with pytest.raises(ValueError, match=r"2007_000032.png: label PNG has 3 channels \(mode RGB\); expected a "
-                                         r"single-channel .*this dataset's palette colours"):
+    with pytest.raises(
+        ValueError,
+        match=r"2007_000032.png: label PNG has 3 channels \(mode RGB\); expected a "
+        r"single-channel .*this dataset's palette colours",
+    ):
         build_dataset("voc", fixture.root, "train")
 
 

@@ -9,9 +9,9 @@ import torch
 
 import fastseg
 from fastseg.data import build_dataset
+from fastseg.data.semi import SemiSupervisedPairs
 from fastseg.engine import TrainConfig, train
-from fastseg.models._unimatch import SemiSupervisedPairs
-from fastseg.models.s4mim import s4mim_loss
+from fastseg.engine.recipes.semi import s4mim_loss
 from fastseg.registry import PretrainedCfg
 
 

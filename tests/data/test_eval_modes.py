@@ -21,8 +21,7 @@ MODES = {
     "whole_resized": EvalProtocol(mode="whole", scale=(256, 128)),
     "slide": EvalProtocol(mode="slide", crop_size=(40, 56), stride=(24, 40)),
     "ms_flip": EvalProtocol(mode="whole", ratios=(0.5, 1.0, 2.0), flip=True),
-    "slide_ms_flip": EvalProtocol(mode="slide", crop_size=(40, 56), stride=(24, 40), ratios=(0.5, 1.0, 2.0),
-                                  flip=True),
+    "slide_ms_flip": EvalProtocol(mode="slide", crop_size=(40, 56), stride=(24, 40), ratios=(0.5, 1.0, 2.0), flip=True),
 }
 
 

@@ -38,8 +38,9 @@ def test_crop_rejects_crops_dominated_by_one_class():
     # Without the check most crops are pure background; with it, a dominated crop survives only after 10 draws.
     assert sum(map(dominated, free)) > 35 and sum(map(dominated, checked)) < sum(map(dominated, free)) / 2
     ignored = np.full((100, 100), 255)
-    assert random_crop_box(ignored, (50, 50), rng, cat_max_ratio=0.75)[1] - random_crop_box(
-        ignored, (50, 50), rng)[0] > 0  # all-ignore labels do not loop forever
+    assert (
+        random_crop_box(ignored, (50, 50), rng, cat_max_ratio=0.75)[1] - random_crop_box(ignored, (50, 50), rng)[0] > 0
+    )  # all-ignore labels do not loop forever
 
 
 def test_pipeline_keeps_image_and_labels_aligned(datasets_on_disk, writers):

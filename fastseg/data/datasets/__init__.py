@@ -83,6 +83,7 @@ def build_dataset(name: str, root: str | Path | None = None, split: str = "train
     if root is None:
         root = os.environ.get("FASTSEG_DATASETS")
         if not root:
-            raise ValueError(f"build_dataset({name!r}): give root= or set FASTSEG_DATASETS to the folder holding "
-                             "the datasets")
+            raise ValueError(
+                f"build_dataset({name!r}): give root= or set FASTSEG_DATASETS to the folder holding the datasets"
+            )
     return dataset_class(name)(root, split, **options)

@@ -258,8 +258,9 @@ class FolderDataset(Dataset):
         # Files.
         records = list(self._scan())
         if not records:
-            raise ValueError(f"{self.name} {split}: the split is empty: no image found under {self.root} "
-                             f"(expected {self.layout})")
+            raise ValueError(
+                f"{self.name} {split}: the split is empty: no image found under {self.root} (expected {self.layout})"
+            )
         if self.unseen_mode == "exclude":
             records = [r for r in records if not self._unseen_lut[list(self._classes_of(r))].any()]
             if not records:
@@ -289,8 +290,10 @@ class FolderDataset(Dataset):
         else:
             self._indices = np.flatnonzero(flags if subset == "labelled" else ~flags)
             if self._indices.size == 0:
-                raise ValueError(f"{self.name} {split}: the {subset} subset is empty "
-                                 f"(labelled_fraction={labelled_fraction}, split_file={split_file})")
+                raise ValueError(
+                    f"{self.name} {split}: the {subset} subset is empty "
+                    f"(labelled_fraction={labelled_fraction}, split_file={split_file})"
+                )
         self._labelled = flags
 
         n_verify = len(self._indices) if verify < 0 else min(int(verify), len(self._indices))
@@ -458,8 +461,10 @@ class FolderDataset(Dataset):
         extra = f", subset={self.subset!r}" if self.subset else ""
         if self.unseen_classes:
             extra += f", unseen={len(self.unseen_classes)} ({self.unseen_mode})"
-        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, len={len(self)}, "
-                f"classes={self.num_classes}{extra})")
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, len={len(self)}, "
+            f"classes={self.num_classes}{extra})"
+        )
 
 
 def paired_label(image: Path, image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str) -> Path:
@@ -472,4 +477,3 @@ def paired_label(image: Path, image_dir: Path, label_dir: Path, image_suffix: st
 def missing_label_error(name: str, image: Path, expected: Sequence[Path]) -> FileNotFoundError:
     options = " or ".join(str(p) for p in expected)
     return FileNotFoundError(f"{name}: image {image} has no label; expected {options}")
-

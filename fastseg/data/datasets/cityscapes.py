@@ -54,8 +54,27 @@ CITYSCAPES_PALETTE: np.ndarray = np.array(
 
 # labelId (0..33) -> train id, from the label table of cityscapesscripts (helpers/labels.py); 255 = not evaluated.
 LABEL_ID_TO_TRAIN_ID: np.ndarray = np.full(256, 255, np.uint8)
-for _label_id, _train_id in {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-                             25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}.items():
+for _label_id, _train_id in {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}.items():
     LABEL_ID_TO_TRAIN_ID[_label_id] = _train_id
 
 
@@ -72,7 +91,9 @@ class CityscapesDataset(FolderDataset):
     splits = ("train", "val", "test")
     default_pipeline = TrainPipeline(scale=(2048, 1024), crop_size=(768, 768))
     eval_protocol = EvalProtocol(mode="slide", crop_size=(768, 768), stride=(512, 512))
-    layout = "cityscapes/{leftImg8bit,gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_labelIds}.png"
+    layout = (
+        "cityscapes/{leftImg8bit,gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_labelIds}.png"
+    )
 
     def __init__(self, root: Any, split: str = "train", *, label_kind: str = "auto", **options: Any) -> None:
         if label_kind not in ("auto", "trainIds", "labelIds"):
@@ -109,5 +130,7 @@ class CityscapesDataset(FolderDataset):
             return {"mask": raw}
         problem = describe_bad_labels(raw, 34, None)  # 255 is not a labelId either
         if problem:
-            raise ValueError(f"{record.label}: {problem} is outside the class range; expected Cityscapes labelIds 0..33")
+            raise ValueError(
+                f"{record.label}: {problem} is outside the class range; expected Cityscapes labelIds 0..33"
+            )
         return {"mask": LABEL_ID_TO_TRAIN_ID[raw]}

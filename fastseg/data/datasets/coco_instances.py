@@ -76,16 +76,18 @@ class COCOInstancesDataset(FolderDataset):
     images without annotations (default: on the training split)."""
 
     name = "coco_instances"
-    default_pipeline = TrainPipeline(scale=(1024, 1024), ratio_range=(0.1, 2.0), crop_size=(1024, 1024),
-                                     cat_max_ratio=1.0, photometric=False)
+    default_pipeline = TrainPipeline(
+        scale=(1024, 1024), ratio_range=(0.1, 2.0), crop_size=(1024, 1024), cat_max_ratio=1.0, photometric=False
+    )
     eval_protocol = EvalProtocol(mode="whole", scale=(1333, 800))
     train_unseen_mode = "exclude"
     pading_unseen = PADING_ZSI_UNSEEN
     has_instances = True
     layout = "coco/{train2017,val2017}/*.jpg and coco/annotations/instances_{train,val}2017.json"
 
-    def __init__(self, root: Any, split: str = "train", *, year: int = 2017, filter_empty: bool | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, root: Any, split: str = "train", *, year: int = 2017, filter_empty: bool | None = None, **options: Any
+    ) -> None:
         root = Path(root).expanduser()
         if not (root / "annotations").is_dir() and (root / "coco" / "annotations").is_dir():
             root = root / "coco"  # a parent folder (e.g. $FASTSEG_DATASETS)
@@ -113,8 +115,10 @@ class COCOInstancesDataset(FolderDataset):
                 if key not in ann:
                     raise ValueError(f"{self.json_path}: annotation {ann.get('id')} lacks the field {key!r}")
             if int(ann["category_id"]) not in self.category_to_class:
-                raise ValueError(f"{self.json_path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
-                                 "which is not among the JSON's categories")
+                raise ValueError(
+                    f"{self.json_path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
+                    "which is not among the JSON's categories"
+                )
             self._by_image.setdefault(int(ann["image_id"]), []).append(ann)
         super().__init__(root, split, **options)
 
@@ -126,12 +130,17 @@ class COCOInstancesDataset(FolderDataset):
             image = self.image_dir / info["file_name"]
             if not image.is_file():
                 raise FileNotFoundError(f"{self.name}: image {image} (listed in {self.json_path.name}) is missing")
-            yield Record(image, None, Path(info["file_name"]).stem,
-                         extra={"height": int(info["height"]), "width": int(info["width"]), "annotations": anns})
+            yield Record(
+                image,
+                None,
+                Path(info["file_name"]).stem,
+                extra={"height": int(info["height"]), "width": int(info["width"]), "annotations": anns},
+            )
 
     def _classes_of(self, record: Record) -> np.ndarray:
-        return np.asarray(sorted({self.category_to_class[int(a["category_id"])] for a in record.extra["annotations"]}),
-                          np.int64)
+        return np.asarray(
+            sorted({self.category_to_class[int(a["category_id"])] for a in record.extra["annotations"]}), np.int64
+        )
 
     def instance_masks(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(masks (N, H, W) bool, classes (N,), iscrowd (N,))`` of sample ``j``, in JSON order, overlaps kept."""

@@ -55,8 +55,9 @@ class COCOPanopticDataset(FolderDataset):
     """COCO panoptic segmentation. ``root`` is the COCO folder (``train2017/``, ``annotations/``, ...)."""
 
     name = "coco_panoptic"
-    default_pipeline = TrainPipeline(scale=(1024, 1024), ratio_range=(0.1, 2.0), crop_size=(1024, 1024),
-                                     cat_max_ratio=1.0, photometric=False)
+    default_pipeline = TrainPipeline(
+        scale=(1024, 1024), ratio_range=(0.1, 2.0), crop_size=(1024, 1024), cat_max_ratio=1.0, photometric=False
+    )
     eval_protocol = EvalProtocol(mode="whole", scale=(1333, 800))
     pading_unseen = PADING_ZSP_UNSEEN
     train_unseen_mode = "exclude"
@@ -72,8 +73,11 @@ class COCOPanopticDataset(FolderDataset):
         if not root.is_dir():
             raise FileNotFoundError(f"{self.name}: dataset root {root} does not exist; expected {self.layout}")
         self.json_path = _find([root / "annotations" / f"panoptic_{split}2017.json"], "panoptic JSON", self.layout)
-        self.png_dir = _find([root / f"panoptic_{split}2017", root / "annotations" / f"panoptic_{split}2017"],
-                             "panoptic PNG folder", self.layout)
+        self.png_dir = _find(
+            [root / f"panoptic_{split}2017", root / "annotations" / f"panoptic_{split}2017"],
+            "panoptic PNG folder",
+            self.layout,
+        )
         self.image_dir = _find([root / f"{split}2017", root / "images" / f"{split}2017"], "image folder", self.layout)
         data = load_json(self.json_path, ("images", "annotations", "categories"), "COCO panoptic")
         categories = sorted(data["categories"], key=lambda c: int(c["id"]))
@@ -96,8 +100,10 @@ class COCOPanopticDataset(FolderDataset):
                     raise ValueError(f"{self.json_path}: an annotation lacks the field {key!r}: {str(ann)[:200]}")
             info = self._images.get(int(ann["image_id"]))
             if info is None:
-                raise ValueError(f"{self.json_path}: annotation {ann['file_name']} names image_id {ann['image_id']}, "
-                                 "which is not in 'images'")
+                raise ValueError(
+                    f"{self.json_path}: annotation {ann['file_name']} names image_id {ann['image_id']}, "
+                    "which is not in 'images'"
+                )
             image = self.image_dir / info["file_name"]
             label = self.png_dir / ann["file_name"]
             if not image.is_file():
@@ -108,10 +114,17 @@ class COCOPanopticDataset(FolderDataset):
             for seg in ann["segments_info"]:
                 category = int(seg["category_id"])
                 if category not in self.category_to_class:
-                    raise ValueError(f"{self.json_path}: segment {seg['id']} of {ann['file_name']} has category_id "
-                                     f"{category}, which is not among the JSON's categories")
-                segments.append({"id": int(seg["id"]), "category": self.category_to_class[category],
-                                 "iscrowd": int(seg.get("iscrowd", 0))})
+                    raise ValueError(
+                        f"{self.json_path}: segment {seg['id']} of {ann['file_name']} has category_id "
+                        f"{category}, which is not among the JSON's categories"
+                    )
+                segments.append(
+                    {
+                        "id": int(seg["id"]),
+                        "category": self.category_to_class[category],
+                        "iscrowd": int(seg.get("iscrowd", 0)),
+                    }
+                )
             yield Record(image, label, Path(info["file_name"]).stem, extra=segments)
 
     def _classes_of(self, record: Record) -> np.ndarray:
@@ -121,8 +134,10 @@ class COCOPanopticDataset(FolderDataset):
         try:
             with Image.open(record.label) as img:
                 if img.mode != "RGB":
-                    raise ValueError(f"{record.label}: panoptic PNGs are RGB-encoded segment ids (mode RGB), got mode "
-                                     f"{img.mode}; is this a semantic label map instead?")
+                    raise ValueError(
+                        f"{record.label}: panoptic PNGs are RGB-encoded segment ids (mode RGB), got mode "
+                        f"{img.mode}; is this a semantic label map instead?"
+                    )
                 return rgb2id(np.asarray(img))
         except OSError as err:
             raise OSError(f"cannot read panoptic PNG {record.label}: {err}") from err
@@ -142,8 +157,10 @@ class COCOPanopticDataset(FolderDataset):
                 instances[region] = len(classes)
         unknown = np.setdiff1d(np.unique(ids), np.asarray(sorted(known)))
         if unknown.size:
-            raise ValueError(f"{record.label}: segment id {int(unknown[0])} appears in the PNG but not in the "
-                             f"segments_info of {self.json_path.name}")
+            raise ValueError(
+                f"{record.label}: segment id {int(unknown[0])} appears in the PNG but not in the "
+                f"segments_info of {self.json_path.name}"
+            )
         return {"mask": mask, "instances": instances, "instance_classes": np.asarray(classes, np.int64)}
 
     def segments(self, j: int) -> tuple[np.ndarray, list[dict[str, int]]]:

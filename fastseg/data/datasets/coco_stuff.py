@@ -63,16 +63,21 @@ class COCOStuffDataset(FolderDataset):
     eval_protocol = EvalProtocol(mode="whole", scale=(2048, 512))
     pading_unseen = PADING_ZSS_UNSEEN
     train_unseen_mode = "ignore"
-    layout = ("coco_stuff164k/{images,annotations}/{train2017,val2017}/<id>.jpg and <id>_labelTrainIds.png "
-              "(or raw <id>.png stuff maps)")
+    layout = (
+        "coco_stuff164k/{images,annotations}/{train2017,val2017}/<id>.jpg and <id>_labelTrainIds.png "
+        "(or raw <id>.png stuff maps)"
+    )
 
     def _dirs(self) -> tuple[Path, Path]:
         if not (self.root / "images").is_dir() and (self.root / "coco_stuff164k").is_dir():
             self.root = self.root / "coco_stuff164k"  # a parent folder (e.g. $FASTSEG_DATASETS)
         sub = f"{self.split}2017"
         image_dirs = [self.root / "images" / sub, self.root / sub]
-        label_dirs = [self.root / "annotations" / sub, self.root / "stuffthingmaps_trainval2017" / sub,
-                      self.root / "stuffthingmaps" / sub]
+        label_dirs = [
+            self.root / "annotations" / sub,
+            self.root / "stuffthingmaps_trainval2017" / sub,
+            self.root / "stuffthingmaps" / sub,
+        ]
         image_dir = next((d for d in image_dirs if d.is_dir()), None)
         label_dir = next((d for d in label_dirs if d.is_dir()), None)
         if image_dir is None or label_dir is None:

@@ -70,14 +70,17 @@ def _load_sbd_mat(path: Path) -> np.ndarray:
     try:
         from scipy.io import loadmat
     except ImportError as err:  # pragma: no cover - scipy is in the test / data extras
-        raise ImportError(f"reading SBD's {path.name} needs scipy (pip install scipy), or convert SBD to "
-                          "SegmentationClassAug PNGs first") from err
+        raise ImportError(
+            f"reading SBD's {path.name} needs scipy (pip install scipy), or convert SBD to "
+            "SegmentationClassAug PNGs first"
+        ) from err
     try:
         content = loadmat(str(path), squeeze_me=True, struct_as_record=False)
         return np.asarray(content["GTcls"].Segmentation).astype(np.int64)
     except (KeyError, AttributeError, ValueError, OSError) as err:
-        raise ValueError(f"{path}: not an SBD class annotation (expected a MATLAB struct GTcls with a "
-                         f"'Segmentation' field): {err}") from err
+        raise ValueError(
+            f"{path}: not an SBD class annotation (expected a MATLAB struct GTcls with a 'Segmentation' field): {err}"
+        ) from err
 
 
 class VOCDataset(FolderDataset):
@@ -93,8 +96,10 @@ class VOCDataset(FolderDataset):
     train_splits = ("train", "trainval", "train_aug")
     default_pipeline = TrainPipeline(scale=(2048, 512), crop_size=(512, 512))
     eval_protocol = EvalProtocol(mode="whole", scale=(2048, 512))
-    layout = ("VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
-              "ImageSets/Segmentation/{train,val,trainval}.txt} (+ SegmentationClassAug/ or VOCdevkit/VOCaug/dataset/cls/)")
+    layout = (
+        "VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
+        "ImageSets/Segmentation/{train,val,trainval}.txt} (+ SegmentationClassAug/ or VOCdevkit/VOCaug/dataset/cls/)"
+    )
 
     def __init__(self, root: Any, split: str = "train", *, sbd_root: str | Path | None = None, **options: Any) -> None:
         self.sbd_root = Path(sbd_root).expanduser() if sbd_root is not None else None
@@ -137,8 +142,11 @@ class VOCDataset(FolderDataset):
         val = set(_read_ids(sets / "val.txt")) if (sets / "val.txt").is_file() else set()
         voc_train = _read_ids(sets / "train.txt") if (sets / "train.txt").is_file() else []
         if (sbd / "train.txt").is_file():
-            pool = voc_train + _read_ids(sbd / "train.txt") + (
-                _read_ids(sbd / "val.txt") if (sbd / "val.txt").is_file() else [])
+            pool = (
+                voc_train
+                + _read_ids(sbd / "train.txt")
+                + (_read_ids(sbd / "val.txt") if (sbd / "val.txt").is_file() else [])
+            )
         elif (root / "SegmentationClassAug").is_dir():
             pool = voc_train + sorted(p.stem for p in (root / "SegmentationClassAug").glob("*.png"))
         else:

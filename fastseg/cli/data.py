@@ -10,36 +10,34 @@ tables and exports carry them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
+
+from .common import model_kwargs
 
 __all__ = ["add_data_args", "add_datasets_command", "adopt_dataset_cfg", "dataset_fields", "is_real", "open_dataset"]
 
 
-def _pairs(pairs: list[str] | None, flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def add_data_args(parser: argparse.ArgumentParser, *, root_required: bool = False) -> None:
     """``--data``, ``--data-root``, ``--data-arg`` on a sub-command's parser."""
-    from .data import list_datasets
+    from ..data import list_datasets
 
-    parser.add_argument("--data", default="shapes", choices=["shapes", *list_datasets()],
-                        help="dataset: the built-in shapes world (default) or a real dataset read from --data-root")
-    parser.add_argument("--data-root", help="the dataset's folder, or one holding it (default: $FASTSEG_DATASETS; "
-                                            "layouts: `fastseg datasets`)")
-    parser.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
-                        help="reader option, e.g. unseen=pading, label_kind=trainIds, split_file=PATH (repeatable)")
+    parser.add_argument(
+        "--data",
+        default="shapes",
+        choices=["shapes", *list_datasets()],
+        help="dataset: the built-in shapes world (default) or a real dataset read from --data-root",
+    )
+    parser.add_argument(
+        "--data-root",
+        help="the dataset's folder, or one holding it (default: $FASTSEG_DATASETS; layouts: `fastseg datasets`)",
+    )
+    parser.add_argument(
+        "--data-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="reader option, e.g. unseen=pading, label_kind=trainIds, split_file=PATH (repeatable)",
+    )
 
 
 def is_real(args: argparse.Namespace) -> bool:
@@ -51,17 +49,22 @@ def open_dataset(args: argparse.Namespace, split: str, **options: Any):
     """``build_dataset(args.data, args.data_root, split, **--data-arg, **options)`` with CLI-worded errors."""
     import os
 
-    from .data import build_dataset
+    from ..data import build_dataset
 
     root = args.data_root or os.environ.get("FASTSEG_DATASETS")
     if not root:
-        raise SystemExit(f"--data {args.data} needs --data-root DIR (the folder holding the dataset) or "
-                         "FASTSEG_DATASETS set to a folder holding every dataset")
-    merged = {**_pairs(args.data_arg, "--data-arg"), **options}
+        raise SystemExit(
+            f"--data {args.data} needs --data-root DIR (the folder holding the dataset) or "
+            "FASTSEG_DATASETS set to a folder holding every dataset"
+        )
+    merged = {**model_kwargs(args.data_arg, "--data-arg"), **options}
     if options.get("transform", "auto") is None:
         merged.pop("pipeline", None)  # evaluation splits are read as stored
     elif "pipeline" in options:  # --crop on top of a --data-arg pipeline={...}
-        merged["pipeline"] = {**(_pairs(args.data_arg, "--data-arg").get("pipeline") or {}), **(options["pipeline"] or {})}
+        merged["pipeline"] = {
+            **(model_kwargs(args.data_arg, "--data-arg").get("pipeline") or {}),
+            **(options["pipeline"] or {}),
+        }
     return build_dataset(args.data, root, split, **merged)
 
 
@@ -70,22 +73,28 @@ def dataset_fields(args: argparse.Namespace) -> dict[str, Any]:
     reader's class tables (readers whose classes come from a JSON file need the root)."""
     import os
 
-    from .data.datasets import dataset_class
+    from ..data.datasets import dataset_class
 
     if args.data_root or os.environ.get("FASTSEG_DATASETS"):
         return open_dataset(args, dataset_class(args.data).splits[1], transform=None, verify=0).pretrained_cfg_fields()
     cls = dataset_class(args.data)
     if not cls.class_names:
         raise SystemExit(f"--data {args.data} reads its classes from the annotation JSON: give --data-root DIR")
-    return {"num_classes": len(cls.class_names), "class_names": list(cls.class_names),
-            "palette": [list(map(int, c)) for c in cls.palette], "mean": list(cls.mean), "std": list(cls.std),
-            "ignore_index": cls.ignore_index, "dataset": cls.name}
+    return {
+        "num_classes": len(cls.class_names),
+        "class_names": list(cls.class_names),
+        "palette": [list(map(int, c)) for c in cls.palette],
+        "mean": list(cls.mean),
+        "std": list(cls.std),
+        "ignore_index": cls.ignore_index,
+        "dataset": cls.name,
+    }
 
 
 def adopt_dataset_cfg(model: Any, fields: dict[str, Any]) -> Any:
     """Give ``model`` the dataset's class names, palette, mean / std, ignore index and input size (architecture
     fields such as the output stride stay the model's)."""
-    from .registry import PretrainedCfg
+    from ..registry import PretrainedCfg
 
     model.pretrained_cfg = PretrainedCfg.from_dict({**model.pretrained_cfg.to_dict(), **fields})
     return model
@@ -97,15 +106,17 @@ def build_real_training(args: argparse.Namespace, model_kwargs: dict[str, Any]):
     ``--crop H,W`` overrides the dataset's training crop. ``--labelled-fraction f < 1`` trains UniMatch / S4MIM
     models on labelled + unlabelled pairs (their semi-supervised loss) and any other model on the labelled subset.
     """
-    from .models._unimatch import DeepLabV3PlusSemi, SemiSupervisedPairs
-    from .models.s4mim import s4mim_loss
-    from .registry import create_model
+    from ..data.semi import SemiSupervisedPairs
+    from ..engine.recipes.semi import s4mim_loss
+    from ..models.unimatch import DeepLabV3PlusSemi
+    from ..registry import create_model
 
     pipeline = {"crop_size": tuple(args.crop)} if getattr(args, "crop", None) else {}
     semi = args.labelled_fraction < 1.0
     subset_options = {"labelled_fraction": args.labelled_fraction, "seed": args.seed} if semi else {}
-    labelled = open_dataset(args, args.train_split, pipeline=pipeline,
-                            subset="labelled" if semi else None, **subset_options)
+    labelled = open_dataset(
+        args, args.train_split, pipeline=pipeline, subset="labelled" if semi else None, **subset_options
+    )
     model = create_model(args.model, num_classes=labelled.num_classes, **model_kwargs)
     adopt_dataset_cfg(model, labelled.pretrained_cfg_fields())
     loss_fn = None
@@ -119,13 +130,15 @@ def build_real_training(args: argparse.Namespace, model_kwargs: dict[str, Any]):
 
 # ------------------------------------------------------------------------------------------------------ datasets
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from .data.datasets import dataset_class, list_datasets
+    from ..data.datasets import dataset_class, list_datasets
 
     if args.name is None:
         for name in list_datasets():
             cls = dataset_class(name)
             protocol = cls.eval_protocol
-            test = protocol.mode + (f" {protocol.crop_size} stride {protocol.stride}" if protocol.mode == "slide" else "")
+            test = protocol.mode + (
+                f" {protocol.crop_size} stride {protocol.stride}" if protocol.mode == "slide" else ""
+            )
             test += f", resize into {protocol.scale}" if protocol.scale else ""
             print(f"{name:<15} splits {','.join(cls.splits):<30} test: {test}")
             print(f"{'':<15} layout: {cls.layout}")
@@ -141,14 +154,16 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             status = 1
             continue
         checked = len(dataset) if args.full else min(4, len(dataset))
-        print(f"{args.name} {split}: {len(dataset)} images, {dataset.num_classes} classes; {checked} label files "
-              f"decoded and checked" + ("" if args.full else " (--full: all of them)"))
+        print(
+            f"{args.name} {split}: {len(dataset)} images, {dataset.num_classes} classes; {checked} label files "
+            f"decoded and checked" + ("" if args.full else " (--full: all of them)")
+        )
     return status
 
 
 def add_datasets_command(sub: argparse._SubParsersAction) -> None:
     """``fastseg datasets [NAME --data-root DIR [--split S] [--full]]``: list readers, or check a dataset on disk."""
-    from .data import list_datasets
+    from ..data import list_datasets
 
     p = sub.add_parser("datasets", help="list the dataset readers and their layouts, or check a dataset on disk")
     p.add_argument("name", nargs="?", choices=list_datasets(), help="check this dataset (with --data-root)")
