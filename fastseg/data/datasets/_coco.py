@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COCO_STUFF_CLASSES", "COCO_THING_CLASSES", "COCO_THING_IDS", "load_json", "rgb2id"]
+__all__ = ["COCO_STUFF_CLASSES", "COCO_THING_CLASSES", "COCO_THING_IDS", "coco_root", "load_json", "rgb2id"]
 
 # The 80 thing classes in category-id order (ids in COCO_THING_IDS).
 COCO_THING_CLASSES: tuple[str, ...] = (
@@ -64,3 +64,16 @@ def load_json(path: Path, required: tuple[str, ...], what: str) -> dict[str, Any
     if missing:
         raise ValueError(f"{path}: {what} JSON lacks the fields {missing} (has {sorted(data)[:8]})")
     return data
+
+
+def coco_root(root: Any, reader: Any, split: str) -> Path:
+    """The COCO folder of a JSON-driven reader: ``root`` itself or its ``coco/`` child (a ``$FASTSEG_DATASETS``
+    parent), after checking ``split`` and that the folder exists; errors name the reader and its layout."""
+    if split not in reader.splits:
+        raise ValueError(f"{reader.name}: unknown split {split!r}; choose one of {list(reader.splits)}")
+    path = Path(root).expanduser()
+    if not (path / "annotations").is_dir() and (path / "coco" / "annotations").is_dir():
+        path = path / "coco"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{reader.name}: dataset root {path} does not exist; expected {reader.layout}")
+    return path

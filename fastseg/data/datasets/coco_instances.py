@@ -33,7 +33,7 @@ import numpy as np
 
 from ..transforms import EvalProtocol, TrainPipeline
 from ._base import FolderDataset, Record
-from ._coco import load_json
+from ._coco import coco_root, load_json
 
 __all__ = ["PADING_ZSI_UNSEEN", "COCOInstancesDataset", "decode_segmentation"]
 
@@ -88,13 +88,7 @@ class COCOInstancesDataset(FolderDataset):
     def __init__(
         self, root: Any, split: str = "train", *, year: int = 2017, filter_empty: bool | None = None, **options: Any
     ) -> None:
-        root = Path(root).expanduser()
-        if not (root / "annotations").is_dir() and (root / "coco" / "annotations").is_dir():
-            root = root / "coco"  # a parent folder (e.g. $FASTSEG_DATASETS)
-        if split not in self.splits:
-            raise ValueError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
-        if not root.is_dir():
-            raise FileNotFoundError(f"{self.name}: dataset root {root} does not exist; expected {self.layout}")
+        root = coco_root(root, self, split)
         self.json_path = root / "annotations" / f"instances_{split}{year}.json"
         self.image_dir = root / f"{split}{year}"
         if not self.image_dir.is_dir():

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ..transforms import EvalProtocol, TrainPipeline
 from ._base import FolderDataset, Record, missing_label_error
-from ._coco import load_json, rgb2id
+from ._coco import coco_root, load_json, rgb2id
 
 __all__ = ["PADING_ZSP_UNSEEN", "COCOPanopticDataset"]
 
@@ -65,13 +65,7 @@ class COCOPanopticDataset(FolderDataset):
     layout = "coco/{train2017,val2017}/*.jpg, coco/annotations/panoptic_{train,val}2017.json, coco/panoptic_{train,val}2017/*.png"
 
     def __init__(self, root: Any, split: str = "train", **options: Any) -> None:
-        root = Path(root).expanduser()
-        if not (root / "annotations").is_dir() and (root / "coco" / "annotations").is_dir():
-            root = root / "coco"  # a parent folder (e.g. $FASTSEG_DATASETS)
-        if split not in self.splits:
-            raise ValueError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
-        if not root.is_dir():
-            raise FileNotFoundError(f"{self.name}: dataset root {root} does not exist; expected {self.layout}")
+        root = coco_root(root, self, split)
         self.json_path = _find([root / "annotations" / f"panoptic_{split}2017.json"], "panoptic JSON", self.layout)
         self.png_dir = _find(
             [root / f"panoptic_{split}2017", root / "annotations" / f"panoptic_{split}2017"],
