@@ -101,6 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(model, dataset, batch_size=args.batch_size, device=parse_device(args.device), protocol=protocol)
     print(metrics.get("table", ""))
     print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+    if "hIoU" in metrics:  # zero-shot: --data-arg unseen=...
+        print(f"mIoU seen {metrics['mIoU_seen']:.4f}  unseen {metrics['mIoU_unseen']:.4f}  harmonic {metrics['hIoU']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in metrics.items() if k != "table"}, indent=2,
                                               default=float))

@@ -13,6 +13,7 @@ one exactly (integer counts).
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,7 +27,15 @@ from ..metrics.confusion import ConfusionMatrix
 from .distributed import get_rank, get_world_size, resolve_device
 from .inference import predict_image
 
-__all__ = ["batch_to_device", "evaluate", "evaluate_confusion", "model_cfg_value", "resolve_protocol", "split_batch"]
+__all__ = [
+    "batch_to_device",
+    "evaluate",
+    "evaluate_confusion",
+    "model_cfg_value",
+    "resolve_protocol",
+    "seen_unseen_miou",
+    "split_batch",
+]
 
 
 def model_cfg_value(model: nn.Module, key: str, default: Any = None) -> Any:
@@ -83,6 +92,23 @@ def resolve_protocol(dataset: Dataset, protocol: EvalProtocol | str | None) -> E
     if not isinstance(protocol, str):
         raise ValueError(f"protocol must be an EvalProtocol, a mode name or None, got {type(protocol).__name__}")  # noqa: TRY004
     return (default if default is not None else EvalProtocol()).with_mode(protocol)
+
+
+def seen_unseen_miou(iou: Sequence[float], unseen: Sequence[int]) -> dict[str, float]:
+    """Zero-shot summary (PADing / ZegFormer): mIoU over the seen and the unseen classes and their harmonic mean
+    ``hIoU = 2 s u / (s + u)``; classes with nothing to measure (NaN IoU) are left out. Empty without unseen classes."""
+    if not unseen:
+        return {}
+    unseen_set = {int(c) for c in unseen}
+
+    def mean(ids: list[int]) -> float:
+        values = [iou[c] for c in ids if not math.isnan(iou[c])]
+        return sum(values) / len(values) if values else float("nan")
+
+    seen = mean([c for c in range(len(iou)) if c not in unseen_set])
+    novel = mean(sorted(unseen_set))
+    harmonic = 2 * seen * novel / (seen + novel) if seen + novel > 0 else float("nan")
+    return {"mIoU_seen": seen, "mIoU_unseen": novel, "hIoU": harmonic}
 
 
 def _first(batch: list[Any]) -> Any:
@@ -194,12 +220,14 @@ def evaluate(
 
     Returns:
         The :meth:`ConfusionMatrix.compute` dict (``mIoU``, ``mAcc``, ``aAcc``, ``fwIoU``, ``IoU``, ``Acc``,
-        ``num_pixels``) plus ``"table"``, the printable per-class table.
+        ``num_pixels``) plus ``"table"``, the printable per-class table, and for datasets with zero-shot
+        ``unseen_classes`` ``mIoU_seen``, ``mIoU_unseen`` and ``hIoU`` (:func:`seen_unseen_miou`).
     """
     matrix = evaluate_confusion(
         model, dataset, batch_size, device, num_classes, ignore_index, progress, num_workers, amp, protocol
     )
     metrics = matrix.compute()
+    metrics.update(seen_unseen_miou(metrics["IoU"], getattr(dataset, "unseen_classes", ())))
     names = class_names if class_names is not None else model_cfg_value(model, "class_names")
     if names is not None and len(names) != matrix.num_classes:
         names = None

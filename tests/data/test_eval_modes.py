@@ -50,6 +50,33 @@ def test_oracle_scores_miou_one_under_the_dataset_protocol(datasets_on_disk, ora
         assert evaluate(oracle, ds, progress=False, protocol="ms_flip")["mIoU"] == 1.0
 
 
+def test_zero_shot_summary_seen_unseen_harmonic(datasets_on_disk, oracle_for):
+    fixture = datasets_on_disk["coco_stuff"]
+    ds = build_dataset("coco_stuff", fixture.root, "val", transform=None, unseen="pading")
+    oracle = oracle_for(fixture)
+    metrics = evaluate(oracle, ds, progress=False)
+    assert metrics["mIoU_seen"] == metrics["mIoU_unseen"] == metrics["hIoU"] == 1.0
+
+    class SeenOnly(torch.nn.Module):  # never predicts an unseen class: unseen IoU 0, so hIoU 0
+        def __init__(self):
+            super().__init__()
+            self.pretrained_cfg = oracle.pretrained_cfg
+
+        def forward(self, images):
+            logits = oracle(images)
+            logits[:, list(ds.unseen_classes)] = -1e4
+            return logits
+
+        def predict(self, images):
+            return self(images).argmax(1)
+
+    metrics = evaluate(SeenOnly(), ds, progress=False, protocol=EvalProtocol())
+    assert metrics["mIoU_unseen"] == 0.0 and metrics["hIoU"] == 0.0 and 0.0 < metrics["mIoU_seen"] < 1.0
+    assert "hIoU" not in evaluate(
+        oracle, build_dataset("coco_stuff", fixture.root, "val", transform=None), progress=False
+    )
+
+
 class _Mirrored(torch.nn.Module):
     """The oracle with its logits mirrored left-right: right only where the image happens to be symmetric."""
 
