@@ -12,8 +12,8 @@ import fastseg
 from fastseg.data.semi import SemiSupervisedPairs, _gaussian_blur, batch_generator, cutmix_boxes, strong_augment
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
 from fastseg.engine.recipes.semi import build_training, s4mim_loss
-from fastseg.kernels import classwise_patch_mask
-from fastseg.kernels.classwise import normalize_patches_ref
+from fastseg.kernels.classwise_recon_loss import normalize_patches_ref
+from fastseg.layers.masking import classwise_patch_mask
 from fastseg.models.s4mim import S4MIM, per_class_inputs
 from fastseg.models.unimatch import masked_pixel_ce
 
