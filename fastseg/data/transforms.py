@@ -142,8 +142,9 @@ class TrainPipeline:
     """Random resize, crop with the category-ratio check, flip and photometric distortion (see the module docstring).
 
     Called on a sample of NumPy arrays: ``"image"`` (H, W, 3) uint8, ``"mask"`` (H, W) integer labels and optionally
-    ``"instances"`` (H, W) instance ids; returns the same keys at ``crop_size`` (image float32 in [0, 255], not yet
-    normalised) plus ``"valid"``, an (H, W) bool that is False on the padding.
+    more (H, W) label maps (``"instances"``, ``"crowd"``, ...: nearest-neighbour resize, padded with 0); returns the
+    same keys at ``crop_size`` (image float32 in [0, 255], not yet normalised) plus ``"valid"``, an (H, W) bool that
+    is False on the padding.
 
     Attributes:
         scale: base ``(long, short)`` bound of the keep-ratio resize (mmseg ``img_scale``); ``None`` keeps the size.
@@ -181,7 +182,8 @@ class TrainPipeline:
 
     def __call__(self, sample: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image, mask = sample["image"], sample["mask"]
-        instances = sample.get("instances")
+        # Every other (H, W) entry (instance ids, crowd flags, ...) is a label map: nearest resize, same crop / flip.
+        extra = {key: value for key, value in sample.items() if key not in ("image", "mask")}
         h, w = mask.shape
         if self.scale is not None:
             ratio = rng.uniform(*self.ratio_range)
@@ -189,25 +191,22 @@ class TrainPipeline:
             if (nh, nw) != (h, w):
                 image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
                 mask = _resize_nearest(mask, nh, nw)
-                if instances is not None:
-                    instances = _resize_nearest(instances, nh, nw)
+                extra = {key: _resize_nearest(value, nh, nw) for key, value in extra.items()}
         y0, y1, x0, x1 = random_crop_box(mask, self.crop_size, rng, self.cat_max_ratio, self.ignore_index)
         image, mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-        if instances is not None:
-            instances = instances[y0:y1, x0:x1]
+        extra = {key: value[y0:y1, x0:x1] for key, value in extra.items()}
         if rng.random() < self.flip_prob:
             image, mask = image[:, ::-1], mask[:, ::-1]
-            if instances is not None:
-                instances = instances[:, ::-1]
+            extra = {key: value[:, ::-1] for key, value in extra.items()}
         image = photometric_distortion(image, rng) if self.photometric else image.astype(np.float32)
-        out = {"image": image, "mask": mask, "valid": np.ones(mask.shape, bool)}
-        if instances is not None:
-            out["instances"] = instances
+        out = {"image": image, "mask": mask, "valid": np.ones(mask.shape, bool), **extra}
         return _pad_to(out, self.crop_size, self.ignore_index)
 
 
 def _resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of an integer map (8-bit maps as mode 'L', others through 32-bit mode 'I')."""
+    if labels.dtype == np.bool_:
+        return _resize_nearest(labels.astype(np.uint8), height, width).astype(bool)
     if labels.dtype == np.uint8:
         return np.asarray(Image.fromarray(labels).resize((width, height), Image.NEAREST))
     resized = Image.fromarray(labels.astype(np.int32)).resize((width, height), Image.NEAREST)
@@ -215,7 +214,7 @@ def _resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _pad_to(sample: dict[str, np.ndarray], size: tuple[int, int], ignore_index: int) -> dict[str, np.ndarray]:
-    """Pad every map at the bottom / right to ``size`` (image 0, mask ignore_index, instances 0, valid False)."""
+    """Pad every map at the bottom / right to ``size`` (image 0, mask ignore_index, valid False, other maps 0)."""
     h, w = sample["mask"].shape
     ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
     if not (ph or pw):

@@ -142,6 +142,29 @@ def test_coco_panoptic_classes_segments_and_zero_shot_split(datasets_on_disk):
     assert len(build_dataset("coco_panoptic", fixture.root, "train", transform=None)) == 3
 
 
+def test_coco_panoptic_samples_carry_the_panoptic_encoding(datasets_on_disk):
+    fixture = datasets_on_disk["coco_panoptic"]
+    val = build_dataset("coco_panoptic", fixture.root, "val", transform=None, panoptic=True)
+    for j in range(len(val)):
+        sample = val[j]
+        pan, mask, inst = sample["panoptic"], sample["mask"], sample["instances"]
+        ids, segments = val.segments(j)
+        crowd = torch.from_numpy(np.isin(ids, [s["id"] for s in segments if s["iscrowd"]]))
+        assert crowd.any() and (pan[crowd] == -1).all() and (pan[mask == 255] == -1).all()
+        labelled = (mask != 255) & ~crowd
+        assert torch.equal(pan[labelled] // 1000, mask[labelled]) and torch.equal(pan[labelled] % 1000, inst[labelled])
+    train = build_dataset(
+        "coco_panoptic", fixture.root, "train", panoptic=True, pipeline={"scale": (96, 64), "crop_size": (40, 40)}
+    )
+    torch.manual_seed(0)
+    sample = train[1]  # the crowd map follows the resize / crop / flip with the labels
+    labelled = sample["panoptic"] >= 0
+    assert torch.equal(sample["panoptic"][labelled] // 1000, sample["mask"][labelled])
+    assert ((sample["panoptic"] == -1) >= (sample["mask"] == 255)).all()
+    with pytest.raises(ValueError, match="panoptic=True needs instance annotations"):
+        build_dataset("ade20k", datasets_on_disk["ade20k"].root, "val", panoptic=True)
+
+
 def test_coco_panoptic_quality_of_the_ground_truth_is_one(datasets_on_disk):
     panoptic = pytest.importorskip("fastseg.metrics.panoptic", reason="PanopticQuality has not landed on main yet")
     ds = build_dataset("coco_panoptic", datasets_on_disk["coco_panoptic"].root, "val", transform=None)

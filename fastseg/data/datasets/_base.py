@@ -170,6 +170,9 @@ class FolderDataset(Dataset):
         max_instances: length of ``"instance_classes"`` (panoptic / instance readers); more instances is an error.
         max_pixels: largest image accepted.
         seed: seeds the labelled permutation.
+        panoptic: (panoptic / instance readers) also return ``"panoptic"``, the (H, W) int64 map
+            ``class * label_divisor + instance`` (stuff: instance 0; unlabelled and crowd pixels: -1), the encoding
+            of ``fastseg.metrics.panoptic`` and the shapes world's ``panoptic=True``.
         eval_protocol: replaces the reader's test protocol (an :class:`EvalProtocol`), or changes some of its fields
             (a dict, e.g. ``{"mode": "slide", "crop_size": 640, "stride": 608}`` for ECENet's ADE20K setting or
             ``{"scale": None}`` to test at the stored size).
@@ -189,6 +192,7 @@ class FolderDataset(Dataset):
     pading_unseen: tuple[str, ...] = ()
     train_unseen_mode: str = "ignore"
     has_instances: bool = False
+    label_divisor: int = 1000  # panoptic id = class * label_divisor + instance
     layout: str = ""  # one-line description of the expected tree, for error messages
 
     def __init__(
@@ -208,6 +212,7 @@ class FolderDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
         eval_protocol: EvalProtocol | dict[str, Any] | None = None,
+        panoptic: bool = False,
     ) -> None:
         if split not in self.splits:
             raise ValueError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
@@ -227,6 +232,9 @@ class FolderDataset(Dataset):
             raise ValueError(f"eval_protocol must be an EvalProtocol or a dict of its fields, got {eval_protocol!r}")
         if eval_protocol is not None:
             self.eval_protocol = eval_protocol
+        if panoptic and not self.has_instances:
+            raise ValueError(f"{self.name}: panoptic=True needs instance annotations (coco_panoptic, coco_instances)")
+        self.panoptic = bool(panoptic)
 
         # Transform.
         if transform == "auto":
@@ -392,8 +400,9 @@ class FolderDataset(Dataset):
         present = np.bincount(mask.ravel(), minlength=self.num_classes)[: self.num_classes] > 0
         sample = {"image": raw["image"], "mask": mask}
         instance_classes = raw.get("instance_classes")
-        if "instances" in raw:
-            sample["instances"] = raw["instances"]
+        for key in ("instances", "crowd"):
+            if key in raw:
+                sample[key] = raw[key]
         if self.transform is not None:
             # Torch's RNG seeds the augmentation: the DataLoader seeds it per worker, the trainer per run.
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
@@ -404,10 +413,22 @@ class FolderDataset(Dataset):
         }
         if "instances" in sample:
             out["instances"], out["instance_classes"] = self._renumber(sample["instances"], instance_classes, i)
+            if self.panoptic:
+                out["panoptic"] = self._panoptic_map(out["mask"], out["instances"], sample.get("crowd"))
         out["image_labels"] = torch.from_numpy(present.astype(np.float32))
         out["labelled"] = torch.tensor(bool(self._labelled[i]))
         out["index"] = i
         return out
+
+    def _panoptic_map(self, mask: torch.Tensor, instances: torch.Tensor, crowd: np.ndarray | None) -> torch.Tensor:
+        """``class * label_divisor + instance``; -1 where the label is ignore_index or the region is a crowd."""
+        if instances.numel() and int(instances.max()) >= self.label_divisor:
+            raise ValueError(f"{self.name}: more than {self.label_divisor - 1} instances in one image")
+        pan = mask * self.label_divisor + instances
+        void = mask == self.ignore_index
+        if crowd is not None:
+            void |= torch.from_numpy(np.ascontiguousarray(crowd, dtype=bool))
+        return pan.masked_fill(void, -1)
 
     def _normalise(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 or float [0, 255] -> (3, H, W) float32 normalised, in one pass over a writable copy."""
@@ -448,6 +469,7 @@ class FolderDataset(Dataset):
             "thing_classes": list(self.thing_classes),
             "seen_classes": list(self.seen_classes),
             "unseen_classes": list(self.unseen_classes),
+            "label_divisor": self.label_divisor,
         }
 
     def verify(self, limit: int | None = None) -> int:

@@ -11,8 +11,10 @@ Each PNG is RGB-encoded: segment id = R + 256 G + 256^2 B (``rgb2id``), 0 = unla
 ``annotations[i].segments_info`` gives each segment's ``category_id`` and ``iscrowd``; ``categories`` gives ``name``,
 ``isthing`` and ``color``. Contiguous class ids follow the category ids in increasing order (detectron2's order:
 things 0..79, stuff 80..132). Samples carry ``"mask"`` (every segment's class, crowd included; unlabelled 255),
-``"instances"`` (non-crowd thing segments 1..n in JSON order) and ``"instance_classes"``; :meth:`segments` returns the
-full segment list (with crowd flags) for panoptic quality.
+``"instances"`` (non-crowd thing segments 1..n in JSON order) and ``"instance_classes"``, and with ``panoptic=True``
+``"panoptic"`` (``class * 1000 + instance``, crowd and unlabelled -1), the target ``fastseg.metrics.panoptic`` takes.
+:meth:`segments` and :meth:`panoptic_target` give the full segment list with COCO's crowd flags, for panopticapi's
+exact crowd rule.
 
 Zero-shot (PADing's ZSP protocol): ``unseen="pading"`` marks cow, giraffe, suitcase, frisbee, skateboard, carrot,
 scissors, cardboard, playingfield, river, road, tree-merged, sky-other-merged, grass-merged (contiguous ids 19, 23,
@@ -140,12 +142,15 @@ class COCOPanopticDataset(FolderDataset):
         ids = self._segment_ids(record)
         mask = np.full(ids.shape, self.ignore_index, np.int64)
         instances = np.zeros(ids.shape, np.int64)
+        crowd = np.zeros(ids.shape, bool)
         classes = []
         known = {0}
         for seg in record.extra:
             region = ids == seg["id"]
             known.add(seg["id"])
             mask[region] = seg["category"]
+            if seg["iscrowd"]:
+                crowd |= region
             if seg["category"] in self.thing_classes and not seg["iscrowd"]:
                 classes.append(seg["category"])
                 instances[region] = len(classes)
@@ -155,7 +160,7 @@ class COCOPanopticDataset(FolderDataset):
                 f"{record.label}: segment id {int(unknown[0])} appears in the PNG but not in the "
                 f"segments_info of {self.json_path.name}"
             )
-        return {"mask": mask, "instances": instances, "instance_classes": np.asarray(classes, np.int64)}
+        return {"mask": mask, "instances": instances, "instance_classes": np.asarray(classes, np.int64), "crowd": crowd}
 
     def segments(self, j: int) -> tuple[np.ndarray, list[dict[str, int]]]:
         """The ground-truth panoptic map of sample ``j`` at its stored size: ``(segment ids (H, W), segments)`` with
