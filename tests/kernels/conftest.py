@@ -1,61 +1,23 @@
 """Shared set-up of the kernel tests: where the Triton implementations run on this host, and small helpers.
 
-`triton_device` is the ONE answer to "can this test run the Triton kernels, and on what tensors":
-
-* a CUDA host (with Triton, interpreter off): the native kernels, on CUDA tensors;
-* a CPU host with Triton's interpreter on (tests/conftest.py sets ``TRITON_INTERPRET=1`` without CUDA): the
-  interpreter, on CPU tensors;
-* otherwise: the test is skipped, with the reason.
+`triton_device` (tests/conftest.py) is the ONE answer to "can this test run the Triton kernels, and on what
+tensors": the native kernels on CUDA tensors on a CUDA host, the interpreter on CPU tensors on a CPU host (where
+tests/conftest.py sets ``TRITON_INTERPRET=1``), otherwise a skip with the reason.
 
 No kernel test calls ``impl="triton"`` on CPU tensors without the interpreter, so the edge-case grids (empty inputs,
 strides, NaN / inf, ties, absent classes, ignore pixels) run natively on a GPU host and through the interpreter here.
 Tests parametrised over ``impl`` take the `device` fixture: the Triton device for ``impl="triton"``, the CPU for the
 reference paths (``"torch"`` and ``"auto"``, whose CPU kernel is the reference).
 
-``FASTSEG_TEST_SEED`` (default 0) re-seeds every kernel test, to run the grids under other random draws.
+tests/conftest.py seeds every test from ``FASTSEG_TEST_SEED`` (default 0), to run the grids under other draws.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from fastseg.kernels._utils import HAS_TRITON, interpreter_enabled, run_triton_on_cpu
-
-
-def triton_target() -> tuple[torch.device | None, str]:
-    """``(device, "")`` where Triton runs on this host, else ``(None, reason)``."""
-    if interpreter_enabled():
-        return torch.device("cpu"), ""
-    if HAS_TRITON and torch.cuda.is_available():
-        return torch.device("cuda"), ""
-    if not HAS_TRITON:
-        return None, "Triton is not installed (`import triton` failed)"
-    return None, (
-        "no CUDA device and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before fastseg is "
-        "imported; tests/conftest.py does it on CPU-only hosts)"
-    )
-
-
-TRITON_DEVICE, TRITON_SKIP_REASON = triton_target()
-
-
-@pytest.fixture(autouse=True)
-def _seed_from_environment():
-    seed = int(os.environ.get("FASTSEG_TEST_SEED", "0"))
-    if seed:
-        torch.manual_seed(seed)
-    yield
-
-
-@pytest.fixture
-def triton_device() -> torch.device:
-    """The device whose tensors the Triton kernels take on this host (skips the test where there is none)."""
-    if TRITON_DEVICE is None:
-        pytest.skip(TRITON_SKIP_REASON)
-    return TRITON_DEVICE
+from fastseg.kernels._utils import run_triton_on_cpu
 
 
 @pytest.fixture
