@@ -10,15 +10,24 @@ tables and exports carry them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from .common import model_kwargs
 
-__all__ = ["add_data_args", "add_datasets_command", "adopt_dataset_cfg", "dataset_fields", "is_real", "open_dataset"]
+__all__ = [
+    "add_data_args",
+    "add_datasets_command",
+    "adopt_dataset_cfg",
+    "build_real_training",
+    "dataset_fields",
+    "is_real",
+    "open_dataset",
+]
 
 
-def add_data_args(parser: argparse.ArgumentParser, *, root_required: bool = False) -> None:
+def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--data``, ``--data-root``, ``--data-arg`` on a sub-command's parser."""
     from ..data import list_datasets
 
@@ -47,8 +56,6 @@ def is_real(args: argparse.Namespace) -> bool:
 
 def open_dataset(args: argparse.Namespace, split: str, **options: Any):
     """``build_dataset(args.data, args.data_root, split, **--data-arg, **options)`` with CLI-worded errors."""
-    import os
-
     from ..data import build_dataset
 
     root = args.data_root or os.environ.get("FASTSEG_DATASETS")
@@ -71,8 +78,6 @@ def open_dataset(args: argparse.Namespace, split: str, **options: Any):
 def dataset_fields(args: argparse.Namespace) -> dict[str, Any]:
     """PretrainedCfg fields of ``--data``: from the dataset on disk when ``--data-root`` is given, else from the
     reader's class tables (readers whose classes come from a JSON file need the root)."""
-    import os
-
     from ..data.datasets import dataset_class
 
     if args.data_root or os.environ.get("FASTSEG_DATASETS"):
