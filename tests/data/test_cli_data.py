@@ -97,3 +97,18 @@ def test_cli_data_errors(tmp_path, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="classes from the annotation JSON"):
         main(["predict", "fpn_resnet18", "x.png", "--checkpoint", "x.safetensors", "--data", "coco_panoptic"])
+
+
+def test_mask2former_panoptic_on_coco_panoptic_from_the_cli(datasets_on_disk, tmp_path, capsys):
+    """A universal model trains on the panoptic reader's instances and is scored with PQ from the CLI."""
+    root = str(datasets_on_disk["coco_panoptic"].root)
+    assert _train("mask2former_resnet18", "coco_panoptic", root, tmp_path / "run", "--task", "panoptic",
+                  "--crop", "64,64") == 0  # fmt: skip
+    weights = str(tmp_path / "run" / "model.safetensors")
+    report = tmp_path / "report.json"
+    stored = ["--data-arg", 'eval_protocol={"scale": null}']
+    assert main(["eval", "mask2former_resnet18", "--checkpoint", weights, "--data", "coco_panoptic",
+                 "--data-root", root, *stored, "--task", "semantic,panoptic", "--json", str(report)]) == 0  # fmt: skip
+    result = json.loads(report.read_text())
+    assert 0.0 <= result["semantic"]["mIoU"] <= 1.0 and 0.0 <= result["panoptic"]["PQ"] <= 1.0
+    assert "PQ" in capsys.readouterr().out
