@@ -77,7 +77,7 @@ def supervised(experiment: Experiment, variant: Variant, seed: int, job_dir: Pat
 def semi_supervised(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) -> dict[str, Any]:
     """Training at a labelled fraction (``recipe_kwargs``: ``labelled_fraction``, ``semi``: False for the
     supervised-only baseline on the labelled subset, ``train_length``)."""
-    from ..models.s4mim import build_training
+    from ..engine.recipes.semi import build_training
 
     world = _world(experiment)
     b = experiment.budget
