@@ -116,6 +116,9 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch_threads": threads,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
+        # Other processes slow a 2-core machine a lot; the 1/5/15-minute load when the command started says how busy
+        # it was (wall-clock figures of a busy machine are not speed measurements).
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
