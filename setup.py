@@ -9,7 +9,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastseg" / "version.py"
 
 # `kernels/` is installed as `fastseg.kernels`: a top-level `kernels` would clash with an existing PyPI distribution.
 SUBPACKAGES = [
-    "layers", "models", "data", "engine", "engine.recipes", "metrics", "export", "bench", "bench.cases", "cli",
+    "layers", "models", "data", "data.datasets", "engine", "engine.recipes", "metrics", "export", "bench",
+    "bench.cases", "cli",
 ]
 
 setup(
@@ -38,6 +39,8 @@ setup(
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "coco": ["pycocotools>=2.0"],  # mask AP and the COCO panoptic / instance writers
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "faiss-cpu"],
+        # Real datasets on disk: SBD's .mat annotations (scipy) and COCO polygons / RLE (pycocotools).
+        "data": ["scipy", "pycocotools"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -53,6 +56,9 @@ setup(
             "attrs",
             # PADing's clip:CHECKPOINT class embeddings (text tower built offline, weights from a local file).
             "open_clip_torch",
+            # The dataset readers' fixtures: SBD .mat files and COCO RLE / polygons.
+            "scipy",
+            "pycocotools",
             # Lint / format (pyproject.toml) and the type check of fastseg/export/tensorrt.py. The TensorRT stubs
             # (tensorrt-stubs) are not listed: they require the tensorrt wheel itself, and in site-packages they make
             # `import tensorrt` succeed; scripts/typecheck_tensorrt.py installs them outside sys.path instead.

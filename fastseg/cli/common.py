@@ -29,12 +29,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return values  # type: ignore[return-value]
 
 
-def model_kwargs(pairs: list[str]) -> dict[str, Any]:
+def model_kwargs(pairs: list[str] | None, flag: str = "--model-arg") -> dict[str, Any]:
     """``["impl=torch", "fpn_channels=64"]`` -> kwargs, values parsed as JSON when they parse."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         try:
             out[key] = json.loads(value)

@@ -99,7 +99,7 @@ def cmd_eval_pading(args: argparse.Namespace) -> int:
     world = shapes_world(args)
     model = _pading_model(args, world, args.checkpoint)
     tasks = [t for t in (args.task or ",".join(TASKS)).split(",") if t]
-    dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
+    dataset = ShapesDataset(args.split or "val", length=args.length, config=world, seed=args.seed)
     metrics = evaluate_zero_shot(model, dataset, tasks=tasks, batch_size=args.batch_size,
                                  device=str(parse_device(args.device)))
     names = model.pretrained_cfg.class_names

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_world_args, model_kwargs, parse_device, shapes_world, train_config
+from .common import add_world_args, model_kwargs, parse_device, parse_size, shapes_world, train_config
+from .data import add_data_args, adopt_dataset_cfg, build_real_training, dataset_fields, is_real, open_dataset
 from .pading import add_pading_train_args, cmd_eval_pading, cmd_train_pading, cmd_train_seen_only, is_pading
 
 __all__ = ["add_train_commands", "cmd_eval", "cmd_list", "cmd_predict", "cmd_shapes", "cmd_train"]
@@ -63,11 +64,14 @@ def _universal_task_kwargs(model_name: str, task: str | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from ..data.shapes import ShapesDataset
-    from ..engine import train
     from ..registry import create_model
 
     if args.seen_only or is_pading(args.model):  # PADing's stage 1 / stage 2
         return cmd_train_seen_only(args) if args.seen_only else cmd_train_pading(args)
+    if is_real(args):
+        kwargs = {**_universal_task_kwargs(args.model, args.task), **model_kwargs(args.model_arg)}
+        model, train_set, val_set, loss_fn = build_real_training(args, kwargs)
+        return _run_training(args, model, train_set, val_set, loss_fn)
     world = shapes_world(args)
     loss_fn = None
     if args.labelled_fraction < 1.0:
@@ -84,9 +88,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = create_model(args.model, num_classes=world.num_classes, **kwargs)
         _apply_world(model, world)
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
+    val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
+    return _run_training(args, model, train_set, val_set, loss_fn)
+
+
+def _run_training(args: argparse.Namespace, model, train_set, val_set, loss_fn) -> int:
+    from ..engine import train
+
     out_dir = Path(args.out or f"runs/{args.model}")
     cfg = train_config(args, out_dir)
-    val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
     result = train(model, train_set, cfg, val_set=val_set, resume=args.resume, loss_fn=loss_fn)
     metrics = getattr(result, "final_metrics", None) or {}
     if metrics:
@@ -103,30 +113,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if is_pading(args.model):  # seen / unseen / harmonic mIoU, PQ and AP50
         return cmd_eval_pading(args)
-    world = shapes_world(args)
     tasks = [t for t in (args.task or "semantic").split(",") if t]
     unknown = [t for t in tasks if t not in ("semantic", "panoptic", "instance")]
     if unknown or not tasks:
         raise ValueError(f"--task takes semantic, panoptic and / or instance (comma-separated), got {args.task!r}")
     if any(t != "semantic" for t in tasks) and not args.model.startswith("mask2former"):
         _universal_task_kwargs(args.model, "panoptic")  # raises the clear error
-    model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
-                         **model_kwargs(args.model_arg))
-    _apply_world(model, world)
-    dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
+    universal = [t for t in tasks if t != "semantic"]
+    if is_real(args):
+        # Panoptic / instance scoring reads the "panoptic" map (COCO readers), one image at a time (sizes differ).
+        options = {"panoptic": True} if universal else {}
+        dataset = open_dataset(args, args.split or "val", transform=None, **options)
+        model = create_model(args.model, num_classes=dataset.num_classes, checkpoint_path=args.checkpoint,
+                             **model_kwargs(args.model_arg))
+        adopt_dataset_cfg(model, dataset.pretrained_cfg_fields())
+        protocol = None if args.mode == "default" else args.mode
+        subsets = {"seen": dataset.seen_classes, "unseen": dataset.unseen_classes}
+        universal_batch = 1
+    else:
+        if args.split not in (None, "val", "test"):
+            raise SystemExit(f"--split {args.split}: the shapes world has the splits val and test")
+        if args.mode != "default":
+            raise SystemExit("--mode applies to real datasets (--data NAME); the shapes world is scored whole")
+        world = shapes_world(args)
+        model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
+                             **model_kwargs(args.model_arg))
+        _apply_world(model, world)
+        dataset = ShapesDataset(args.split or "val", length=args.length, config=world, seed=args.seed)
+        protocol = None
+        subsets = {"seen": world.seen_ids, "unseen": world.unseen_ids}
+        universal_batch = args.batch_size
     report: dict[str, Any] = {}
     if "semantic" in tasks:
-        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=parse_device(args.device))
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=parse_device(args.device),
+                           protocol=protocol)
         print(metrics.get("table", ""))
         print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+        if "hIoU" in metrics:  # zero-shot: --data-arg unseen=...
+            print(f"mIoU seen {metrics['mIoU_seen']:.4f}  unseen {metrics['mIoU_unseen']:.4f}  "
+                  f"harmonic {metrics['hIoU']:.4f}")
         report["semantic"] = {k: v for k, v in metrics.items() if k != "table"}
-    universal = [t for t in tasks if t != "semantic"]
     if universal:
         from ..engine.evaluate_universal import evaluate_universal
 
         model.to(parse_device(args.device))
-        subsets = {"seen": world.seen_ids, "unseen": world.unseen_ids}
-        out = evaluate_universal(model, dataset, universal, batch_size=args.batch_size, subsets=subsets)
+        out = evaluate_universal(model, dataset, universal, batch_size=universal_batch, subsets=subsets)
         if "panoptic" in out:
             pq = out["panoptic"]
             print(pq.pop("table"))
@@ -136,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report["panoptic"] = pq
         if "instance" in out:
             ap = out["instance"]
-            names = world.class_names
+            names = model.pretrained_cfg.class_names
             for c, r in ap["per_class"].items():
                 print(f"{names[c]:<10} AP {100 * r['AP']:6.2f}  AP50 {100 * r['AP50']:6.2f}  AP75 {100 * r['AP75']:6.2f}")
             print(f"mask AP {100 * ap['AP']:.2f}  AP50 {100 * ap['AP50']:.2f}  AP75 {100 * ap['AP75']:.2f}")
@@ -154,12 +185,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..data.visualize import overlay
+    from ..engine.inference import predict_image
     from ..registry import create_model
 
     if args.task == "panoptic" and not args.model.startswith("mask2former"):
         _universal_task_kwargs(args.model, "panoptic")  # raises the clear error
-    model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
-                         **model_kwargs(args.model_arg)).eval()
+    protocol = None
+    if is_real(args):
+        from ..data.datasets import dataset_class
+
+        fields = dataset_fields(args)
+        model = create_model(args.model, num_classes=fields["num_classes"], checkpoint_path=args.checkpoint,
+                             **model_kwargs(args.model_arg))
+        adopt_dataset_cfg(model, fields).eval()
+        protocol = dataset_class(args.data).eval_protocol  # the dataset's test-time resize / sliding window
+    else:
+        model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
+                             **model_kwargs(args.model_arg)).eval()
     cfg = model.pretrained_cfg
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
@@ -168,7 +210,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in args.images:
         try:
             with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB"))
+                rgb = np.array(img.convert("RGB"))  # writable, for torch.from_numpy
         except (OSError, ValueError) as err:
             raise SystemExit(f"cannot read image {path}: {err}") from None
         x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
@@ -180,8 +222,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             image = overlay_panoptic(rgb, pan, np.asarray(cfg.palette, dtype=np.uint8),
                                      getattr(cfg, "label_divisor", 1000), alpha=args.alpha)
         else:
-            pred = model.predict(x[None])[0].numpy()
-            image = overlay(rgb, pred, np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)
+            pred = model.predict(x[None]) if protocol is None else predict_image(model, x[None], protocol)
+            image = overlay(rgb, pred[0].numpy(), np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)
         Image.fromarray(image).save(target)
         print(f"{path} -> {target}")
     return 0
@@ -211,9 +253,13 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pattern", nargs="?", default="")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("train", help="train a model on the built-in shapes world")
+    p = sub.add_parser("train", help="train a model on the built-in shapes world or a dataset on disk (--data)")
     p.add_argument("model")
     add_world_args(p)
+    add_data_args(p)
+    p.add_argument("--crop", type=parse_size, metavar="H[,W]", help="training crop of --data (default: the dataset's)")
+    p.add_argument("--train-split", default="train", help="training split of --data (e.g. train_aug for VOC)")
+    p.add_argument("--val-split", default="val", help="evaluation split of --data ('none' to skip)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--task", choices=["semantic", "panoptic"], default=None,
@@ -238,11 +284,15 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_pading_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the shapes world (mIoU, mAcc, aAcc, per-class IoU)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the shapes world or --data (mIoU, mAcc, per-class IoU)")
     p.add_argument("model")
     p.add_argument("--checkpoint", required=True)
     add_world_args(p)
-    p.add_argument("--split", choices=["val", "test"], default="val")
+    add_data_args(p)
+    p.add_argument("--split", help="split to score (default val)")
+    p.add_argument("--mode", choices=["default", "whole", "slide", "ms_flip"], default="default",
+                   help="--data test protocol: the dataset's own (default), whole image, sliding window, or "
+                        "multi-scale (0.5-1.75) + flip (semantic task)")
     p.add_argument("--task", default=None,
                    help="semantic (mIoU), panoptic (PQ / SQ / RQ), instance (mask AP); comma-separated for several "
                         "(default: semantic; for pading_* all three, over seen / unseen / harmonic mean)")
@@ -258,6 +308,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    add_data_args(p)
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.add_argument("--task", choices=["semantic", "panoptic"], default="semantic",
