@@ -4,6 +4,7 @@ from . import ecenet  # noqa: F401
 from . import fpn  # noqa: F401
 from . import gss  # noqa: F401
 from . import s4mim  # noqa: F401
+from . import weaktr  # noqa: F401
 from ._base import SegmentationModel
 from .backbones import create_backbone, list_backbones
 
