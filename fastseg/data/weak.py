@@ -105,12 +105,15 @@ class WeakShapes(Dataset):
     """The shapes world in the WSSS label space (see the module docstring).
 
     Each sample: ``image`` (3, H, W) normalised; ``image_labels`` (K,) float multi-hot of the foreground classes
-    present (K = number of thing classes; never all zero); ``mask`` (H, W) WSSS ids for evaluation only;
-    ``index`` the world index drawn (the requested one, or the next with a visible thing).
+    present (K = number of thing classes; never all zero); ``index`` the world index drawn (the requested one, or
+    the next with a visible thing); with ``with_masks=True`` (evaluation only) also ``mask`` (H, W) in WSSS ids.
+    Training sets leave the masks out so that no pixel label can reach a weakly supervised loss.
     """
 
     def __init__(self, split: str = "train", length: int | None = None, config: ShapesConfig | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, with_masks: bool = False) -> None:
+        self.with_masks = with_masks
+        self.split, self.seed = split, seed
         self.world = ShapesDataset(split, length=length, config=config, seed=seed)
         self.config = self.world.config
         if not self.config.thing_classes:
@@ -132,6 +135,8 @@ class WeakShapes(Dataset):
             sample = self.world[index]
             fg = sample["image_labels"][stuff:]
             if bool(fg.any()):
-                return {"image": sample["image"], "image_labels": fg.clone(),
-                        "mask": to_weak_mask(sample["mask"], self.config), "index": index}
+                out = {"image": sample["image"], "image_labels": fg.clone(), "index": index}
+                if self.with_masks:
+                    out["mask"] = to_weak_mask(sample["mask"], self.config)
+                return out
         raise ValueError("no image of this world has a visible thing: nothing to train a WSSS model on")
