@@ -13,6 +13,7 @@ from typing import Any
 
 from .export.cli import add_export_commands, parse_size
 from .gss_cli import add_gss_commands
+from .semples_cli import add_semples_commands
 
 __all__ = ["main", "build_parser"]
 
@@ -67,7 +68,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     world = _world(args)
     loss_fn = None
-    if args.labelled_fraction < 1.0:
+    val_set = None
+    if args.pseudo_masks:
+        # Final segmenter of weakly supervised methods (SemPLeS): pseudo-mask PNGs as labels, checked before training;
+        # validation on the val split's ground truth in the same (WSSS) label space.
+        from .data.pseudo import PseudoMaskDataset
+        from .data.weak import WeakShapes
+
+        if args.labelled_fraction < 1.0:
+            raise ValueError("--pseudo-masks and --labelled-fraction cannot be combined")
+        train_set = PseudoMaskDataset(args.pseudo_masks)
+        kwargs = _model_kwargs(args.model_arg)
+        if train_set.class_names:
+            kwargs.setdefault("class_names", train_set.class_names)
+        try:
+            model = create_model(args.model, num_classes=train_set.num_classes, **kwargs)
+        except TypeError:  # models without a class_names option
+            kwargs.pop("class_names", None)
+            model = create_model(args.model, num_classes=train_set.num_classes, **kwargs)
+        val_set = WeakShapes("val", length=args.val_length, seed=args.seed, with_masks=True)
+    elif args.labelled_fraction < 1.0:
         # Semi-supervised recipe (UniMatch / S4MIM: labelled + unlabelled pairs and their loss); any other model
         # trains supervised on the labelled subset alone.
         from .models.s4mim import build_training
@@ -86,7 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
         num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
     )
-    val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
+    if val_set is None:
+        val_set = ShapesDataset("val", length=args.val_length, config=world, seed=args.seed)
     result = train(model, train_set, cfg, val_set=val_set, resume=args.resume, loss_fn=loss_fn)
     metrics = getattr(result, "final_metrics", None) or {}
     if metrics:
@@ -229,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-length", type=int, default=256)
     p.add_argument("--labelled-fraction", type=float, default=1.0,
                    help="labelled share of the training split (< 1: semi-supervised recipe for unimatch_* / s4mim_*)")
+    p.add_argument("--pseudo-masks", metavar="DIR",
+                   help="train on pseudo-mask PNGs (from `fastseg semples pseudo-masks`) instead of ground truth")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default runs/MODEL)")
@@ -283,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_commands(sub)  # export, verify
     add_gss_commands(sub)  # gss roundtrip | fit-tokenizer | convert-dalle
+    add_semples_commands(sub)  # clip train | eval; semples weaktr | match | prompts | refine | evaluate | pseudo-masks
     return parser
 
 

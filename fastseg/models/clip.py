@@ -7,7 +7,7 @@ in eval mode, and `FrozenCLIP.trainable` exists only for `fastseg clip train`.
 
 Configs: any open_clip architecture name (``"ViT-B-32"`` for real use, its weights from ``--clip-checkpoint``),
 plus ``"shapes-tiny-clip"``: a small CLIP for the 64 x 64 shapes world (ViT patch 8, width 128, 4 layers; text
-width 128, 4 layers, the standard 77-token context and BPE vocabulary) that `fastseg clip train` trains on the
+width 128, 4 layers, a 48-token context (prompts need 37) and the standard BPE vocabulary) that `fastseg clip train` trains on the
 world's captions, since no CLIP weights can be downloaded here. The tokenizer is open_clip's bundled BPE (offline).
 
 `FrozenCLIP.encode_prompts` implements the learned background prompt of D.3: token sequence ``[SOT] + tok("a photo
@@ -32,7 +32,7 @@ CLIP_CONFIGS: dict[str, dict[str, Any]] = {
     "shapes-tiny-clip": {
         "embed_dim": 64,
         "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 64, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
+        "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
     },
 }
 PROMPT_PREFIX = "a photo of"
