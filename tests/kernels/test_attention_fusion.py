@@ -128,3 +128,19 @@ def test_decomposition_is_the_reference():
     attn, weights = maps(1, 2, 6), torch.rand(1, 2)
     for o, r in zip(fn(attn, weights, 2), attention_fusion_ref(attn, weights, 2)):
         torch.testing.assert_close(o, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_cuda_matches_reference_fwd_bwd(dtype, tol):
+    attn = maps(4, 72, 216).to(dtype).cuda()  # D.5b: 12 x 6 maps, K = 20 + 196 patches
+    weights = torch.rand(4, 72, device="cuda", requires_grad=True)
+    cross, patch = attention_fusion(attn, weights, 20, impl="triton")
+    expected = naive_fusion(attn.cpu(), weights.detach().cpu(), 20)
+    for o, e in zip((cross, patch), expected):
+        torch.testing.assert_close(o.double().cpu(), e, atol=tol, rtol=tol)
+    grads = torch.randn_like(cross), torch.randn_like(patch)
+    (g,) = torch.autograd.grad((cross * grads[0]).sum() + (patch * grads[1]).sum(), weights)
+    gg = torch.cat(grads, 1).double().cpu()
+    ref = torch.einsum("bmij,bij->bm", attn[..., 20:].double().cpu(), gg) / 72
+    torch.testing.assert_close(g.double().cpu(), ref, atol=tol * 50, rtol=tol * 10)

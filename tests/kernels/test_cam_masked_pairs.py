@@ -182,3 +182,23 @@ def test_bench_cases_run_in_smoke_mode(family):
         fused, ref = case.providers["triton"](inputs)(), case.providers["torch"](inputs)()
         for f, r in zip(fused if isinstance(fused, tuple) else (fused,), ref if isinstance(ref, tuple) else (ref,)):
             torch.testing.assert_close(f, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_cuda_matches_reference_fwd_bwd(dtype, tol):
+    images = torch.randn(8, 3, 224, 224).to(dtype).cuda()  # D.5b shapes, 12 pairs
+    cams = torch.rand(8, 20, 14, 14, device="cuda", requires_grad=True)
+    pi = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7], device="cuda")
+    pc = torch.tensor([1, 5, 0, 19, 2, 3, 7, 8, 9, 10, 11, 12], device="cuda")
+    for delta in (0.1, 1e-4):
+        fused = cam_masked_pairs(images, cams, pi, pc, delta, impl="triton")
+        ref = cam_masked_pairs_ref(images.double(), cams.double(), pi, pc, delta)
+        for o, e in zip(fused, ref):
+            torch.testing.assert_close(o.double(), e, atol=tol * 4, rtol=tol)
+        grads = torch.randn_like(fused[0]), torch.randn_like(fused[1])
+        (g,) = torch.autograd.grad((fused[0] * grads[0]).sum() + (fused[1] * grads[1]).sum(), cams)
+        c64 = cams.detach().double().requires_grad_()
+        r = cam_masked_pairs_ref(images.double(), c64, pi, pc, delta)
+        (gr,) = torch.autograd.grad((r[0] * grads[0].double()).sum() + (r[1] * grads[1].double()).sum(), c64)
+        torch.testing.assert_close(g.double(), gr, atol=max(tol, 1e-4) * float(gr.abs().max()), rtol=0)
