@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import fastseg
+from fastseg.checkpoint import save_weights
 from fastseg.data.pseudo import PseudoMaskDataset
 from fastseg.data.shapes import ShapesDataset
 from fastseg.data.weak import WeakShapes, caption, caption_variants, to_weak_mask
@@ -24,7 +25,7 @@ def weaktr_file(tmp_path_factory):
     torch.manual_seed(0)
     model = fastseg.create_model("weaktr_shapes_tiny")
     path = tmp_path_factory.mktemp("weaktr") / "weaktr.safetensors"
-    fastseg.checkpoint.save_weights(model, path, {"class_names": json.dumps(list(model.pretrained_cfg.class_names))})
+    save_weights(model, path, {"class_names": json.dumps(list(model.pretrained_cfg.class_names))})
     return path
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import fastseg
+from fastseg.checkpoint import save_weights
+from fastseg.kernels import cam_masked_pairs_ref
 from fastseg.engine.recipes import semples as recipes
 from fastseg.models import semples as S
 from fastseg.models import weaktr as W
@@ -147,7 +149,7 @@ def test_run_c_loss_equals_its_parts(clip):
     img, cls = S.positive_pairs(labels)
     with torch.no_grad():
         fine = run.cam_model.forward_cams(images)["fine"]
-        masks = fastseg.kernels.cam_masked_pairs_ref(images, fine, img, cls, 0.1)
+        masks = cam_masked_pairs_ref(images, fine, img, cls, 0.1)
         v_f, v_b = clip.encode_image(masks[0]), clip.encode_image(masks[1])
         t = clip.encode_text([f"a photo of {run.class_names[k]}." for k in cls.tolist()])
         p = clip.encode_prompts(run.prompt_learner.prompts)[cls]
@@ -201,7 +203,7 @@ def test_clip_is_frozen_and_passes_input_gradients(clip):
 def test_clip_checkpoint_of_another_architecture_is_an_error(tmp_path, monkeypatch):
     other = {**CLIP_CONFIGS["shapes-tiny-clip"], "embed_dim": 32}
     monkeypatch.setitem(CLIP_CONFIGS, "other-clip", other)
-    fastseg.checkpoint.save_weights(build_clip("other-clip").model, tmp_path / "other.safetensors")
+    save_weights(build_clip("other-clip").model, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="is not a checkpoint of CLIP 'shapes-tiny-clip'"):
         build_clip("shapes-tiny-clip", tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="unknown CLIP config"):
@@ -218,7 +220,7 @@ def test_class_list_must_match_the_prompts(clip, tmp_path):
         S.SemPLeSRun(model, clip, list(reversed(model.pretrained_cfg.class_names[1:])))
     # prompts learned for other classes cannot be loaded into run (c)
     run = make_run(clip)
-    fastseg.checkpoint.save_weights({"prompt_learner.prompts": torch.rand(3, 30, clip.width)},
+    save_weights({"prompt_learner.prompts": torch.rand(3, 30, clip.width)},
                                     tmp_path / "b.safetensors")
     with pytest.raises(ValueError, match="learned for 3 classes"):
         recipes.load_prompts(run, tmp_path / "b.safetensors")
