@@ -264,9 +264,12 @@ def run_prompt_refinement(weaktr_checkpoint: str | os.PathLike, prompts_checkpoi
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def multiscale_cams(model: WeakTr, images: torch.Tensor, labels: torch.Tensor,
-                    scales: Sequence[float] = (1.0, 1.2), flip: bool = True) -> torch.Tensor:
+                    scales: Sequence[float] = (1.0, 1.2), flip: bool = True, cam: str = "fine") -> torch.Tensor:
     """``(B, K, H, W)`` CAMs in [0, 1]: fine CAMs at every scale (+ flip), upsampled to the image, summed, kept for
-    the positive classes only, and min-max normalised per (image, class) (spec D.6; WeakTr's 1e-8 denominator)."""
+    the positive classes only, and min-max normalised per (image, class) (spec D.6; WeakTr's 1e-8 denominator).
+    ``cam="coarse"`` uses the CAM head's map instead (the plain GAP-classifier CAM baseline)."""
+    if cam not in ("fine", "coarse"):
+        raise ValueError(f"cam must be 'fine' or 'coarse', got {cam!r}")
     model.eval()
     batch, _, height, width = images.shape
     p = model.patch_size
@@ -277,7 +280,7 @@ def multiscale_cams(model: WeakTr, images: torch.Tensor, labels: torch.Tensor,
             else images
         for flipped in ((False, True) if flip else (False,)):
             x = scaled.flip(-1) if flipped else scaled
-            fine = F.relu(model.forward_cams(x)["fine"])
+            fine = F.relu(model.forward_cams(x)[cam])
             fine = F.interpolate(fine, size=(height, width), mode="bilinear", align_corners=False)
             total += fine.flip(-1) if flipped else fine
     total = total * (labels > 0).to(total.dtype)[..., None, None]
@@ -330,7 +333,7 @@ def _resolve_crf(crf: str) -> bool:
 
 
 def _dataset_cams(model: WeakTr, dataset: WeakShapes, batch_size: int, scales: Sequence[float],
-                  device: torch.device) -> Callable[[], Any]:
+                  device: torch.device, cam: str = "fine") -> Callable[[], Any]:
     """Yields ``(cams, labels_gt or None, images, indices)`` per batch."""
     def generate():
         for start in range(0, len(dataset), batch_size):
@@ -338,19 +341,21 @@ def _dataset_cams(model: WeakTr, dataset: WeakShapes, batch_size: int, scales: S
             images = torch.stack([s["image"] for s in samples]).to(device)
             labels = torch.stack([s["image_labels"] for s in samples]).to(device)
             masks = torch.stack([s["mask"] for s in samples]) if "mask" in samples[0] else None
-            yield multiscale_cams(model, images, labels, scales), masks, images, [s["index"] for s in samples]
+            yield (multiscale_cams(model, images, labels, scales, cam=cam), masks, images,
+                   [s["index"] for s in samples])
     return generate
 
 
 def evaluate_cams(model: WeakTr, dataset: WeakShapes, thresholds: Sequence[float], batch_size: int = 32,
-                  scales: Sequence[float] = (1.0, 1.2), device: str | torch.device = "cpu") -> dict[float, dict]:
+                  scales: Sequence[float] = (1.0, 1.2), device: str | torch.device = "cpu",
+                  cam: str = "fine") -> dict[float, dict]:
     """mIoU (and per-class IoU) of the CAM pseudo labels against the dataset's ground truth, per threshold."""
     if not dataset.with_masks:
         raise ValueError("evaluate_cams needs ground-truth masks: build the dataset with with_masks=True")
     device = torch.device(device)
     model.to(device)
     matrices = {t: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for t in thresholds}
-    for cams, masks, _, _ in _dataset_cams(model, dataset, batch_size, scales, device)():
+    for cams, masks, _, _ in _dataset_cams(model, dataset, batch_size, scales, device, cam)():
         for t, cm in matrices.items():
             cm.update(cams_to_labels(cams, t).cpu(), masks)
     return {t: cm.compute() for t, cm in matrices.items()}
@@ -374,7 +379,7 @@ def sweep_threshold(model: WeakTr, dataset: WeakShapes, start: float = SWEEP_STA
 def write_pseudo_masks(model: WeakTr, out_dir: str | os.PathLike, split: str = "train", length: int = 4096,
                        seed: int = 0, threshold: float = DEFAULT_BACKGROUND_THRESHOLD, crf: str = "auto",
                        batch_size: int = 32, scales: Sequence[float] = (1.0, 1.2),
-                       device: str | torch.device = "cpu") -> Path:
+                       device: str | torch.device = "cpu", cam: str = "fine") -> Path:
     """Write one label PNG per image (uint8 WSSS ids) and ``meta.json``; returns the folder.
 
     The folder is written completely into ``<out_dir>.partial`` and renamed at the end, so an existing folder is
@@ -393,7 +398,7 @@ def write_pseudo_masks(model: WeakTr, out_dir: str | os.PathLike, split: str = "
     model.to(device)
     mean, std = np.asarray(MEAN, np.float32)[:, None, None], np.asarray(STD, np.float32)[:, None, None]
     indices = []
-    for cams, _, images, batch_indices in _dataset_cams(model, dataset, batch_size, scales, device)():
+    for cams, _, images, batch_indices in _dataset_cams(model, dataset, batch_size, scales, device, cam)():
         labels = cams_to_labels(cams, threshold).to(torch.uint8).cpu().numpy()
         for lab, img, index in zip(labels, images.cpu().numpy(), batch_indices):
             if use_crf:
@@ -406,7 +411,7 @@ def write_pseudo_masks(model: WeakTr, out_dir: str | os.PathLike, split: str = "
     meta = {"split": split, "length": length, "seed": seed, "config": {
         k: getattr(config, k) for k in config.__dataclass_fields__}, "class_names": list(dataset.class_names),
         "num_classes": dataset.num_classes, "ignore_index": dataset.ignore_index, "indices": indices,
-        "threshold": threshold, "crf": use_crf, "scales": list(scales), "model": getattr(model, "model_name", None)}
+        "threshold": threshold, "crf": use_crf, "scales": list(scales), "cam": cam, "model": getattr(model, "model_name", None)}
     (partial / META_FILE).write_text(json.dumps(meta, indent=2))
     partial.rename(out)
     return out
