@@ -150,19 +150,28 @@ def _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, sca
 
 
 @triton.jit
-def _cam_masked_pairs_fwd_kernel(
-    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, fg_ptr, bg_ptr,
-    C, HW, W, h, w, scale_y, scale_x, delta,
-    s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
-    BLOCK: tl.constexpr,
-):
+def _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, scale_y, scale_x, delta,
+               s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw, BLOCK: tl.constexpr):
+    """Program prologue: this tile's pixels, their mask values, image pointers and (P, C, H, W) output offsets."""
     p = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = pix < HW
     n, m = _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta,
                       s_cb, s_ck, s_ch, s_cw)
     x_ptrs = x_ptr + n * s_xb + (pix // W).to(tl.int64) * s_xh + (pix % W).to(tl.int64) * s_xw
-    out_off = p * C * HW + pix.to(tl.int64)  # outputs are contiguous (P, C, H, W)
+    return p, pix, ok, m, x_ptrs, p * C * HW + pix.to(tl.int64)
+
+
+@triton.jit
+def _cam_masked_pairs_fwd_kernel(
+    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, fg_ptr, bg_ptr,
+    C, HW, W, h, w, scale_y, scale_x, delta,
+    s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
+    BLOCK: tl.constexpr,
+):
+    _p, _pix, ok, m, x_ptrs, out_off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w,
+                                                  scale_y, scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
+                                                  BLOCK)  # outputs are contiguous (P, C, H, W)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
         fg = m * x
@@ -179,13 +188,9 @@ def _cam_masked_pairs_bwd_kernel(
     s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
     NEED_GRAD_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    p = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = pix < HW
-    n, m = _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta,
-                      s_cb, s_ck, s_ch, s_cw)
-    x_ptrs = x_ptr + n * s_xb + (pix // W).to(tl.int64) * s_xh + (pix % W).to(tl.int64) * s_xw
-    off = p * C * HW + pix.to(tl.int64)  # the gradients were made contiguous (P, C, H, W)
+    p, pix, ok, m, x_ptrs, off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, scale_y,
+                                            scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
+                                            BLOCK)  # the gradients were made contiguous (P, C, H, W)
     gmask = tl.zeros((BLOCK,), dtype=tl.float32)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
