@@ -14,7 +14,8 @@ the positive pairs) are:
   of run (a) is frozen, ``delta = 1e-4``). The second term *minimises* the log-similarity (it is not -log(1 - s));
 * run (c), prompt-guided refinement, `prompt_refinement_loss`:
   ``L_c = L_a + lambda_r * (-mean log(1 - c(<v_f, p_k>)))``; trains the CAM head + AAF of a model restarted from
-  the WeakTr checkpoint (not from run (a)), prompts of run (b) frozen.
+  the WeakTr checkpoint (not from run (a)), prompts of run (b) frozen. Upstream encodes ``X_f`` twice per step
+  (once per term); here it is encoded once, which gives the same values and gradients at two thirds of the cost.
 
 `SemPLeSRun` binds a WeakTr CAM model (``detach_backbone=True``: no gradient reaches the ViT), a `FrozenCLIP` (never
 in a parameter list, never saved with the run's weights) and a `PromptLearner`, and exposes ``loss_a``, ``loss_b``,
