@@ -205,13 +205,15 @@ class WeakTr(SegmentationModel):
                              f"{height}x{width} (model(images) pads automatically)")
         grid_h, grid_w = height // p, width // p
         k = self.num_cam_classes
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_tokens.expand(batch, -1, -1), x], 1) + self._pos_embed(grid_h, grid_w)
-        attn_maps, head_feats = [], []
-        for blk in self.blocks:
-            x, attn, feats = self._block(blk, x)
-            attn_maps.append(attn)
-            head_feats.append(feats)
+        # A detached backbone records no graph at all (SemPLeS runs (a), (c)): same values, less memory.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_backbone):
+            x = self.patch_embed(images)
+            x = torch.cat([self.cls_tokens.expand(batch, -1, -1), x], 1) + self._pos_embed(grid_h, grid_w)
+            attn_maps, head_feats = [], []
+            for blk in self.blocks:
+                x, attn, feats = self._block(blk, x)
+                attn_maps.append(attn)
+                head_feats.append(feats)
         cls_logits = x[:, :k].mean(-1)
         patch_tokens = x[:, k:].transpose(1, 2).reshape(batch, self.embed_dim, grid_h, grid_w)
         if self.detach_backbone:
