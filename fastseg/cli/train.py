@@ -1,6 +1,6 @@
-"""The `fastseg` command: list, train, eval, predict, shapes, bench (export and verify come from fastseg.export).
+"""``fastseg list | train | eval | predict | shapes``: models on the built-in shapes world.
 
-Every sub-command works offline on the built-in shapes world by default.
+Every command works offline on the built-in shapes world by default.
 """
 
 from __future__ import annotations
@@ -9,76 +9,47 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from .export.cli import add_export_commands, parse_size
-from .gss_cli import add_gss_commands
-from .semples_cli import add_semples_commands
+from .common import add_world_args, model_kwargs, parse_device, shapes_world
 
-__all__ = ["main", "build_parser"]
-
-
-def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
-    """``["impl=torch", "fpn_channels=64"]`` -> kwargs, values parsed as JSON when they parse."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is visible")
-    return torch.device(name)
-
-
-def _world(args: argparse.Namespace):
-    from .data.shapes import ShapesConfig
-
-    return ShapesConfig(image_size=args.image_size)
+__all__ = ["add_train_commands", "cmd_eval", "cmd_list", "cmd_predict", "cmd_shapes", "cmd_train"]
 
 
 # ----------------------------------------------------------------------------------------------------------- list
 def cmd_list(args: argparse.Namespace) -> int:
-    from .registry import list_models
+    from ..registry import list_models, model_tag
 
     names = list_models(args.pattern or "")
     if not names:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
-    print("\n".join(names))
+    width = max(len(n) for n in names)
+    for name in names:
+        tag, differs = model_tag(name)
+        # a tagged variant shrinks its paper's configuration: say how (create_model takes NAME or NAME.TAG)
+        print(f"{name:<{width}}  .{tag}: {differs}" if tag else name)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data.shapes import ShapesDataset
-    from .engine import TrainConfig, train
-    from .registry import create_model
+    from ..data.shapes import ShapesDataset
+    from ..engine import TrainConfig, train
+    from ..registry import create_model
 
-    world = _world(args)
+    world = shapes_world(args)
     loss_fn = None
     val_set = None
     if args.pseudo_masks:
         # Final segmenter of weakly supervised methods (SemPLeS): pseudo-mask PNGs as labels, checked before training;
         # validation on the val split's ground truth in the same (WSSS) label space.
-        from .data.pseudo import PseudoMaskDataset
-        from .data.weak import WeakShapes
+        from ..data.pseudo import PseudoMaskDataset
+        from ..data.weak import WeakShapes
 
         if args.labelled_fraction < 1.0:
             raise ValueError("--pseudo-masks and --labelled-fraction cannot be combined")
         train_set = PseudoMaskDataset(args.pseudo_masks)
-        kwargs = _model_kwargs(args.model_arg)
+        kwargs = model_kwargs(args.model_arg)
         if train_set.class_names:
             kwargs.setdefault("class_names", train_set.class_names)
         try:
@@ -90,14 +61,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.labelled_fraction < 1.0:
         # Semi-supervised recipe (UniMatch / S4MIM: labelled + unlabelled pairs and their loss); any other model
         # trains supervised on the labelled subset alone.
-        from .models.s4mim import build_training
+        from ..engine.recipes.semi import build_training
 
         model, train_set, loss_fn = build_training(
             args.model, world=world, labelled_fraction=args.labelled_fraction, seed=args.seed,
-            train_length=args.train_length, **_model_kwargs(args.model_arg),
+            train_length=args.train_length, **model_kwargs(args.model_arg),
         )
     else:
-        model = create_model(args.model, num_classes=world.num_classes, **_model_kwargs(args.model_arg))
+        model = create_model(args.model, num_classes=world.num_classes, **model_kwargs(args.model_arg))
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}")
     cfg = TrainConfig(
@@ -118,15 +89,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data.shapes import ShapesDataset
-    from .engine import evaluate
-    from .registry import create_model
+    from ..data.shapes import ShapesDataset
+    from ..engine import evaluate
+    from ..registry import create_model
 
-    world = _world(args)
+    world = shapes_world(args)
     model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
-                         **_model_kwargs(args.model_arg))
+                         **model_kwargs(args.model_arg))
     dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=_device(args.device))
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=parse_device(args.device))
     print(metrics.get("table", ""))
     print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
     if args.json:
@@ -141,11 +112,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .data.visualize import overlay
-    from .registry import create_model
+    from ..data.visualize import overlay
+    from ..registry import create_model
 
     model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
-                         **_model_kwargs(args.model_arg)).eval()
+                         **model_kwargs(args.model_arg)).eval()
     cfg = model.pretrained_cfg
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
@@ -167,75 +138,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------- shapes
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from .data.shapes import ShapesDataset
-    from .data.visualize import render_grid
+    from ..data.shapes import ShapesDataset
+    from ..data.visualize import render_grid
 
-    dataset = ShapesDataset(args.split, length=max(args.n, 1), config=_world(args), seed=args.seed)
+    dataset = ShapesDataset(args.split, length=max(args.n, 1), config=shapes_world(args), seed=args.seed)
     render_grid(dataset, n=args.n, columns=args.columns, path=args.out)
     print(f"wrote {args.out}")
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------- bench
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench.core import kernel_families
-    from .bench.runner import environment, format_table, run_kernels, run_models, run_stages, save_json, save_plot
-    from .registry import list_models
-
-    device = _device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    env = environment(device)
-    print(f"fastseg bench on {env['device']} ({device.type}); torch {env['torch']}, triton {env.get('triton')}")
-    if device.type != "cuda":
-        print("note: no CUDA GPU here, so the Triton providers are not timed (they need a GPU); CPU providers run.")
-    rows = []
-    families = None if args.kernels == "all" else [f for f in args.kernels.split(",") if f and f != "none"]
-    if args.kernels != "none" and (families is None or families):
-        rows += run_kernels(device, families or kernel_families(), quick=not args.full, rounds=args.rounds)
-    if args.models != "none":
-        models = list_models(args.models.split(",")) if args.models != "default" else args.default_models
-        if not models:
-            raise SystemExit(f"--models {args.models!r} matches no registered model")
-        providers = args.providers.split(",")
-        rows += run_models(device, models, size=args.size, batch=args.batch, dtype=dtype, providers=providers,
-                           rounds=args.rounds)
-        if args.stages:
-            rows += run_stages(device, models, size=args.size, batch=args.batch, rounds=args.rounds)
-    print(format_table(rows, env))
-    arguments = {k: v for k, v in vars(args).items() if k != "func"}
-    if args.json:
-        save_json(rows, env, args.json, arguments)
-        print(f"JSON: {args.json}")
-    if args.plot:
-        try:
-            save_plot(rows, env, args.plot)
-            print(f"plot: {args.plot}")
-        except ValueError as err:
-            print(f"no plot: {err}", file=sys.stderr)
-    return 0 if any(r.ok for r in rows) else 1
-
-
-# --------------------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastseg", description="Fused-kernel semantic segmentation: train, evaluate, predict, benchmark, export."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``list``, ``train``, ``eval``, ``predict`` and ``shapes`` to the ``fastseg`` command's sub-parsers."""
     p = sub.add_parser("list", help="list registered models (shell-style pattern, e.g. 'ecenet*')")
     p.add_argument("pattern", nargs="?", default="")
     p.set_defaults(func=cmd_list)
 
-    def world_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--image-size", type=parse_size, default=(64, 64), metavar="H[,W]", help="shapes-world image size")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model option (repeatable)")
-
     p = sub.add_parser("train", help="train a model on the built-in shapes world")
     p.add_argument("model")
-    world_args(p)
+    add_world_args(p)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -261,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the shapes world (mIoU, mAcc, aAcc, per-class IoU)")
     p.add_argument("model")
     p.add_argument("--checkpoint", required=True)
-    world_args(p)
+    add_world_args(p)
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -280,45 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("shapes", help="render a grid of shapes-world images with their masks")
-    world_args(p)
+    add_world_args(p)
     p.add_argument("--out", default="shapes.png")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--split", choices=["train", "val", "test"], default="train")
     p.set_defaults(func=cmd_shapes)
-
-    p = sub.add_parser("bench", help="benchmark kernels and models on this device; table, JSON, plot")
-    p.add_argument("--kernels", default="all", help="kernel families, comma-separated, 'all' or 'none'")
-    p.add_argument("--models", default="default",
-                   help="model name patterns, comma-separated ('default': a small set; 'none' to skip)")
-    p.add_argument("--providers", default="eager,fused,compile,onnxruntime", help="model providers")
-    p.add_argument("--size", type=parse_size, default=(256, 256), metavar="H[,W]", help="model input size")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision (autocast)")
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds per case (after warm-up)")
-    p.add_argument("--full", action="store_true", help="all kernel shapes, not only the quick set")
-    p.add_argument("--stages", action="store_true",
-                   help="also time each inference stage, reference vs fused (models with stages, e.g. gss_*)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="write rows and environment as JSON")
-    p.add_argument("--plot", help="write a PNG plot (matplotlib)")
-    p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "ecenet_resnet18"])
-
-    add_export_commands(sub)  # export, verify
-    add_gss_commands(sub)  # gss roundtrip | fit-tokenizer | convert-dalle
-    add_semples_commands(sub)  # clip train | eval; semples weaktr | match | prompts | refine | evaluate | pseudo-masks
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        print(f"fastseg {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``fastseg clip ...`` and ``fastseg semples ...`` (wired into `fastseg.cli` by ``add_semples_commands``).
+"""``fastseg clip ...`` and ``fastseg semples ...`` (wired into `fastseg.cli.main` by ``add_semples_commands``).
 
 * ``fastseg clip train --out DIR``: train the shapes-tiny CLIP on the world's captions; prints retrieval accuracy.
 * ``fastseg clip eval --clip-checkpoint F``: image-text retrieval accuracy of a CLIP on the world's val split.
@@ -22,7 +22,7 @@ __all__ = ["add_semples_commands"]
 
 
 def _clip(args: argparse.Namespace):
-    from .models.clip import build_clip
+    from ..models.clip import build_clip
 
     return build_clip(args.clip_config, args.clip_checkpoint, require_checkpoint=True)
 
@@ -68,7 +68,7 @@ def _done(out: str) -> int:
 
 
 def cmd_clip_train(args: argparse.Namespace) -> int:
-    from .engine.recipes.clip import train_clip
+    from ..engine.recipes.clip import train_clip
 
     _, metrics = train_clip(args.out, args.clip_config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             seed=args.seed, train_length=args.train_length, save_every=args.save_every,
@@ -78,14 +78,14 @@ def cmd_clip_train(args: argparse.Namespace) -> int:
 
 
 def cmd_clip_eval(args: argparse.Namespace) -> int:
-    from .engine.recipes.clip import CaptionedShapes, clip_retrieval_accuracy
+    from ..engine.recipes.clip import CaptionedShapes, clip_retrieval_accuracy
 
     print(json.dumps(clip_retrieval_accuracy(_clip(args), CaptionedShapes("val", length=args.length)), indent=2))
     return 0
 
 
 def cmd_weaktr(args: argparse.Namespace) -> int:
-    from .engine.recipes.semples import train_weaktr
+    from ..engine.recipes.semples import train_weaktr
 
     kw = _train_kwargs(args)
     train_weaktr(args.out, backbone_checkpoint=args.backbone_checkpoint, **kw)
@@ -93,29 +93,29 @@ def cmd_weaktr(args: argparse.Namespace) -> int:
 
 
 def cmd_match(args: argparse.Namespace) -> int:
-    from .engine.recipes.semples import run_segment_label_matching
+    from ..engine.recipes.semples import run_segment_label_matching
 
     run_segment_label_matching(args.weaktr, _clip(args), args.out, **_train_kwargs(args), **_lambdas(args))
     return _done(args.out)
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from .engine.recipes.semples import run_prompt_learning
+    from ..engine.recipes.semples import run_prompt_learning
 
     run_prompt_learning(args.stage_a, _clip(args), args.out, **_train_kwargs(args), **_lambdas(args))
     return _done(args.out)
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from .engine.recipes.semples import run_prompt_refinement
+    from ..engine.recipes.semples import run_prompt_refinement
 
     run_prompt_refinement(args.weaktr, args.prompts, _clip(args), args.out, **_train_kwargs(args), **_lambdas(args))
     return _done(args.out)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data.weak import WeakShapes
-    from .engine.recipes.semples import evaluate_cams, load_cam_model, sweep_threshold
+    from ..data.weak import WeakShapes
+    from ..engine.recipes.semples import evaluate_cams, load_cam_model, sweep_threshold
 
     model = load_cam_model(args.cam, args.model)
     data = WeakShapes("train", length=args.length, seed=args.data_seed, with_masks=True)
@@ -133,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_pseudo_masks(args: argparse.Namespace) -> int:
-    from .engine.recipes.semples import load_cam_model, write_pseudo_masks
+    from ..engine.recipes.semples import load_cam_model, write_pseudo_masks
 
     model = load_cam_model(args.cam, args.model)
     out = write_pseudo_masks(model, args.out, length=args.length, seed=args.data_seed, threshold=args.threshold,
@@ -143,7 +143,7 @@ def cmd_pseudo_masks(args: argparse.Namespace) -> int:
 
 
 def add_semples_commands(sub: argparse._SubParsersAction) -> None:
-    from .models.weaktr import DEFAULT_BACKGROUND_THRESHOLD
+    from ..models.weaktr import DEFAULT_BACKGROUND_THRESHOLD
 
     clip = sub.add_parser("clip", help="CLIP on the shapes world: train (contrastive, captions) / eval (retrieval)")
     clip_sub = clip.add_subparsers(dest="clip_command", required=True, metavar="CLIP_COMMAND")
