@@ -282,14 +282,16 @@ def weaktr_deit_small(num_classes: int | None = None, **kw: Any) -> WeakTr:
                                    **kw})
 
 
-@register_model
+@register_model(tag="deit_tiny", differs_from_paper="DeiT-Ti/16 backbone (embed 192, 3 heads); the paper uses DeiT-S/16")
 def weaktr_deit_tiny(num_classes: int | None = None, **kw: Any) -> WeakTr:
     """WeakTr on DeiT-Ti/16 (embed 192, depth 12, 3 heads, 224 input)."""
     return _weaktr(num_classes, **{"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
                                    **kw})
 
 
-@register_model
+@register_model(tag="shapes_small", differs_from_paper=(
+    "ViT with patch 8, embed 96, depth 4, 3 heads at 64x64, AAF reduction 4, no drop-path, trained from scratch on "
+    "the shapes world; the paper uses DeiT-S/16 at 224 initialised from ImageNet"))
 def weaktr_shapes_tiny(num_classes: int | None = None, **kw: Any) -> WeakTr:
     """Small WeakTr for the 64 x 64 shapes world: patch 8 (8 x 8 patches), embed 96, depth 4, 3 heads, AAF
     reduction 4, no drop-path. Not a paper configuration: it exists so that every run trains on a CPU."""
