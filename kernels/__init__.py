@@ -29,8 +29,13 @@ from .vq import argmax_matmul, argmax_matmul_ref, vq_nearest, vq_nearest_ref
 
 # Each family's forward ops -> their reference decompositions; fastseg.export lowers the custom ops with these so
 # that ONNX files hold standard operators only. (classwise holds training ops: it exports none.)
-DECOMPOSITIONS: dict = {**vq.DECOMPOSITIONS, **class_attention.DECOMPOSITIONS, **classwise.DECOMPOSITIONS,
-                        **_attention_fusion_mod.DECOMPOSITIONS, **_cam_masked_pairs_mod.DECOMPOSITIONS}
+DECOMPOSITIONS: dict = {
+    **vq.DECOMPOSITIONS,
+    **class_attention.DECOMPOSITIONS,
+    **classwise.DECOMPOSITIONS,
+    **_attention_fusion_mod.DECOMPOSITIONS,
+    **_cam_masked_pairs_mod.DECOMPOSITIONS,
+}
 
 __all__ = [
     "HAS_TRITON",

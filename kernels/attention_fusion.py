@@ -35,8 +35,16 @@ from collections.abc import Callable
 
 import torch
 
-from ._utils import check_same_device, check_tensor, interpreter_enabled, resolve_impl, run_triton_on_cpu, tl, \
-    triton, use_triton
+from ._utils import (
+    check_same_device,
+    check_tensor,
+    interpreter_enabled,
+    resolve_impl,
+    run_triton_on_cpu,
+    tl,
+    triton,
+    use_triton,
+)
 
 __all__ = ["DECOMPOSITIONS", "attention_fusion", "attention_fusion_ref"]
 
@@ -48,8 +56,9 @@ _BLOCK_J = 64
 # ----------------------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------------------
-def attention_fusion_ref(attn: torch.Tensor, weights: torch.Tensor,
-                         num_class_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fusion_ref(
+    attn: torch.Tensor, weights: torch.Tensor, num_class_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: ``mean_m(weights[:, m] * attn[:, m])`` split into (class -> patch, patch -> patch)."""
     k = num_class_tokens
     acc = torch.promote_types(attn.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
@@ -64,10 +73,23 @@ def attention_fusion_ref(attn: torch.Tensor, weights: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_fusion_fwd_kernel(
-    attn_ptr, w_ptr, cross_ptr, patch_ptr,
-    M, N, K, P, inv_m,
-    s_ab, s_am, s_ai, s_aj, s_wb, s_wm,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    attn_ptr,
+    w_ptr,
+    cross_ptr,
+    patch_ptr,
+    M,
+    N,
+    K,
+    P,
+    inv_m,
+    s_ab,
+    s_am,
+    s_ai,
+    s_aj,
+    s_wb,
+    s_wm,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -98,11 +120,31 @@ def _attention_fusion_fwd_kernel(
 
 @triton.jit
 def _attention_fusion_bwd_kernel(
-    attn_ptr, w_ptr, gcross_ptr, gpatch_ptr, part_ptr, gattn_ptr,
-    M, N, K, P, inv_m, num_tiles,
-    s_ab, s_am, s_ai, s_aj, s_wb, s_wm,
-    s_gb, s_gm, s_gi, s_gj,
-    NEED_GRAD_ATTN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    attn_ptr,
+    w_ptr,
+    gcross_ptr,
+    gpatch_ptr,
+    part_ptr,
+    gattn_ptr,
+    M,
+    N,
+    K,
+    P,
+    inv_m,
+    num_tiles,
+    s_ab,
+    s_am,
+    s_ai,
+    s_aj,
+    s_wb,
+    s_wm,
+    s_gb,
+    s_gm,
+    s_gi,
+    s_gj,
+    NEED_GRAD_ATTN: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -115,10 +157,16 @@ def _attention_fusion_bwd_kernel(
     tile_ok = row_ok[:, None] & col_ok[None, :]
     out_cols = cols.to(tl.int64)[None, :]
     # the upstream gradient tile, read once: rows < K from grad_cross, rows >= K from grad_patch (both contiguous)
-    g_cross = tl.load(gcross_ptr + b * K * P + rows.to(tl.int64)[:, None] * P + out_cols,
-                      mask=tile_ok & (rows < K)[:, None], other=0.0).to(tl.float32)
-    g_patch = tl.load(gpatch_ptr + b * P * P + (rows - K).to(tl.int64)[:, None] * P + out_cols,
-                      mask=tile_ok & (rows >= K)[:, None], other=0.0).to(tl.float32)
+    g_cross = tl.load(
+        gcross_ptr + b * K * P + rows.to(tl.int64)[:, None] * P + out_cols,
+        mask=tile_ok & (rows < K)[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    g_patch = tl.load(
+        gpatch_ptr + b * P * P + (rows - K).to(tl.int64)[:, None] * P + out_cols,
+        mask=tile_ok & (rows >= K)[:, None],
+        other=0.0,
+    ).to(tl.float32)
     g = g_cross + g_patch
     offs = rows.to(tl.int64)[:, None] * s_ai + (cols + K).to(tl.int64)[None, :] * s_aj
     goffs = rows.to(tl.int64)[:, None] * s_gi + (cols + K).to(tl.int64)[None, :] * s_gj
@@ -149,8 +197,9 @@ def _kernel_view(attn: torch.Tensor) -> torch.Tensor:
     return attn
 
 
-def _attention_fusion_triton(attn: torch.Tensor, weights: torch.Tensor,
-                             num_class_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fusion_triton(
+    attn: torch.Tensor, weights: torch.Tensor, num_class_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, maps, tokens, _ = attn.shape
     k, p = num_class_tokens, tokens - num_class_tokens
     cross = attn.new_empty((batch, k, p))
@@ -163,9 +212,21 @@ def _attention_fusion_triton(attn: torch.Tensor, weights: torch.Tensor,
     cross_k, patch_k = (cross, patch) if out_dtype == attn.dtype else (cross.to(out_dtype), patch.to(out_dtype))
     grid = (triton.cdiv(tokens, _BLOCK_I), triton.cdiv(p, _BLOCK_J), batch)
     _attention_fusion_fwd_kernel[grid](
-        src, weights, cross_k, patch_k, maps, tokens, k, p, 1.0 / maps,
-        *src.stride(), weights.stride(0), weights.stride(1),
-        BLOCK_I=_BLOCK_I, BLOCK_J=_BLOCK_J, num_warps=4,
+        src,
+        weights,
+        cross_k,
+        patch_k,
+        maps,
+        tokens,
+        k,
+        p,
+        1.0 / maps,
+        *src.stride(),
+        weights.stride(0),
+        weights.stride(1),
+        BLOCK_I=_BLOCK_I,
+        BLOCK_J=_BLOCK_J,
+        num_warps=4,
     )
     if cross_k is not cross:
         cross.copy_(cross_k), patch.copy_(patch_k)
@@ -199,10 +260,26 @@ def _attention_fusion_backward_triton(grad_cross, grad_patch, attn, weights, num
     part = torch.empty((batch, maps, num_tiles), dtype=torch.float32, device=attn.device)
     grad_attn = torch.zeros(attn.shape, dtype=src.dtype, device=attn.device) if need_grad_attn else part
     _attention_fusion_bwd_kernel[grid](
-        src, weights, gc, gp, part, grad_attn, maps, tokens, k, p, 1.0 / maps, num_tiles,
-        *src.stride(), weights.stride(0), weights.stride(1),
+        src,
+        weights,
+        gc,
+        gp,
+        part,
+        grad_attn,
+        maps,
+        tokens,
+        k,
+        p,
+        1.0 / maps,
+        num_tiles,
+        *src.stride(),
+        weights.stride(0),
+        weights.stride(1),
         *(grad_attn.stride() if need_grad_attn else (0, 0, 0, 0)),
-        NEED_GRAD_ATTN=need_grad_attn, BLOCK_I=_BLOCK_I, BLOCK_J=_BLOCK_J, num_warps=4,
+        NEED_GRAD_ATTN=need_grad_attn,
+        BLOCK_I=_BLOCK_I,
+        BLOCK_J=_BLOCK_J,
+        num_warps=4,
     )
     grad_w = part.sum(-1).to(weights.dtype)
     if not need_grad_attn:
@@ -214,8 +291,9 @@ def _attention_fusion_backward_triton(grad_cross, grad_patch, attn, weights, num
 # Custom ops
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastseg::attention_fusion", mutates_args=())
-def _attention_fusion_op(attn: torch.Tensor, weights: torch.Tensor,
-                         num_class_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fusion_op(
+    attn: torch.Tensor, weights: torch.Tensor, num_class_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(attn):
         return _attention_fusion_triton(attn, weights, num_class_tokens)
     return attention_fusion_ref(attn, weights, num_class_tokens)
@@ -229,12 +307,18 @@ def _(attn, weights, num_class_tokens):
 
 
 @torch.library.custom_op("fastseg::attention_fusion_backward", mutates_args=())
-def _attention_fusion_backward_op(grad_cross: torch.Tensor, grad_patch: torch.Tensor, attn: torch.Tensor,
-                                  weights: torch.Tensor, num_class_tokens: int,
-                                  need_grad_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fusion_backward_op(
+    grad_cross: torch.Tensor,
+    grad_patch: torch.Tensor,
+    attn: torch.Tensor,
+    weights: torch.Tensor,
+    num_class_tokens: int,
+    need_grad_attn: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(attn):
-        return _attention_fusion_backward_triton(grad_cross, grad_patch, attn, weights, num_class_tokens,
-                                                 need_grad_attn)
+        return _attention_fusion_backward_triton(
+            grad_cross, grad_patch, attn, weights, num_class_tokens, need_grad_attn
+        )
     return _attention_fusion_backward_ref(grad_cross, grad_patch, attn, weights, num_class_tokens, need_grad_attn)
 
 
@@ -253,15 +337,17 @@ def _backward(ctx, grad_cross, grad_patch):
     attn, weights = ctx.saved_tensors
     need_attn = ctx.needs_input_grad[0]
     grad_w, grad_attn = torch.ops.fastseg.attention_fusion_backward(
-        grad_cross, grad_patch, attn, weights, ctx.num_class_tokens, need_attn)
+        grad_cross, grad_patch, attn, weights, ctx.num_class_tokens, need_attn
+    )
     return (grad_attn if need_attn else None), grad_w, None
 
 
 _attention_fusion_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_fusion_decomposition(attn: torch.Tensor, weights: torch.Tensor,
-                                    num_class_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fusion_decomposition(
+    attn: torch.Tensor, weights: torch.Tensor, num_class_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_fusion_ref(attn, weights, num_class_tokens)
 
 
@@ -273,8 +359,9 @@ DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {
 # ----------------------------------------------------------------------------------------------------------------
 # Functional entry
 # ----------------------------------------------------------------------------------------------------------------
-def attention_fusion(attn: torch.Tensor, weights: torch.Tensor, num_class_tokens: int,
-                     impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fusion(
+    attn: torch.Tensor, weights: torch.Tensor, num_class_tokens: int, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """AAF-weighted mean of the stacked attention maps, as (class -> patch, patch -> patch) maps.
 
     Args:
@@ -297,10 +384,15 @@ def attention_fusion(attn: torch.Tensor, weights: torch.Tensor, num_class_tokens
     if tokens != tokens2:
         raise ValueError(f"{op}: attn must hold square (N, N) maps, got shape {tuple(attn.shape)}")
     if tuple(weights.shape) != (batch, maps):
-        raise ValueError(f"{op}: weights must have shape (B, M) = {(batch, maps)} to match attn "
-                         f"{tuple(attn.shape)}, got {tuple(weights.shape)}")
-    if isinstance(num_class_tokens, bool) or not isinstance(num_class_tokens, int) \
-            or not 0 <= num_class_tokens <= tokens:
+        raise ValueError(
+            f"{op}: weights must have shape (B, M) = {(batch, maps)} to match attn "
+            f"{tuple(attn.shape)}, got {tuple(weights.shape)}"
+        )
+    if (
+        isinstance(num_class_tokens, bool)
+        or not isinstance(num_class_tokens, int)
+        or not 0 <= num_class_tokens <= tokens
+    ):
         raise ValueError(f"{op}: num_class_tokens must be an int in [0, N={tokens}], got {num_class_tokens!r}")
     if maps == 0:
         raise ValueError(f"{op}: attn holds no maps (M = 0); the mean over maps is undefined")

@@ -38,8 +38,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_same_device, check_tensor, interpreter_enabled, resolve_impl, run_triton_on_cpu, tl, \
-    triton, use_triton
+from ._utils import (
+    check_same_device,
+    check_tensor,
+    interpreter_enabled,
+    resolve_impl,
+    run_triton_on_cpu,
+    tl,
+    triton,
+    use_triton,
+)
 
 __all__ = ["DECOMPOSITIONS", "cam_masked_pairs", "cam_masked_pairs_ref", "cam_pair_masks_ref"]
 
@@ -56,8 +64,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------------------
-def cam_pair_masks_ref(cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor,
-                       size: tuple[int, int], delta: float) -> torch.Tensor:
+def cam_pair_masks_ref(
+    cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor, size: tuple[int, int], delta: float
+) -> torch.Tensor:
     """``(P, 1, H, W)`` fp32 soft masks ``M_p`` of the pairs (upsample, then min-max normalise with ``delta``)."""
     cam = cams[pair_image, pair_class].to(_acc(cams.dtype)).unsqueeze(1)
     up = F.interpolate(cam, size=size, mode="bilinear", align_corners=True)
@@ -66,16 +75,23 @@ def cam_pair_masks_ref(cams: torch.Tensor, pair_image: torch.Tensor, pair_class:
     return (up - low) / (high - low + delta)
 
 
-def cam_masked_pairs_ref(images: torch.Tensor, cams: torch.Tensor, pair_image: torch.Tensor,
-                         pair_class: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cam_masked_pairs_ref(
+    images: torch.Tensor, cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: ``fg = M * X[n]``, ``bg = (1 - M) * X[n]`` for every pair (the oracle and the CPU path)."""
     mask = cam_pair_masks_ref(cams, pair_image, pair_class, tuple(images.shape[-2:]), delta)
     x = images[pair_image].to(_acc(images.dtype))
     return (mask * x).to(images.dtype), ((1 - mask) * x).to(images.dtype)
 
 
-def _mask_jacobian(grad_mask: torch.Tensor, cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor,
-                   size: tuple[int, int], delta: float) -> torch.Tensor:
+def _mask_jacobian(
+    grad_mask: torch.Tensor,
+    cams: torch.Tensor,
+    pair_image: torch.Tensor,
+    pair_class: torch.Tensor,
+    size: tuple[int, int],
+    delta: float,
+) -> torch.Tensor:
     """``d cams`` from ``d M (P, H, W)``: min-max Jacobian (ties split like amin / amax), then upsample transpose."""
     acc = _acc(cams.dtype)
     cam = cams[pair_image, pair_class].to(acc).unsqueeze(1)
@@ -88,8 +104,11 @@ def _mask_jacobian(grad_mask: torch.Tensor, cams: torch.Tensor, pair_image: torc
     grad_low = (g * (mask - 1)).sum((1, 2), keepdim=True) / denom
     grad_high = -(g * mask).sum((1, 2), keepdim=True) / denom
     is_low, is_high = (up == low).float(), (up == high).float()
-    grad_up = (g / denom + grad_low * is_low / is_low.sum((1, 2), keepdim=True)
-               + grad_high * is_high / is_high.sum((1, 2), keepdim=True))
+    grad_up = (
+        g / denom
+        + grad_low * is_low / is_low.sum((1, 2), keepdim=True)
+        + grad_high * is_high / is_high.sum((1, 2), keepdim=True)
+    )
     grad_cam = torch.ops.aten.upsample_bilinear2d_backward(grad_up.unsqueeze(1), list(size), list(cam.shape), True)
     grad_cams = torch.zeros(cams.shape, dtype=acc, device=cams.device)
     grad_cams.index_put_((pair_image, pair_class), grad_cam[:, 0], accumulate=True)
@@ -120,8 +139,9 @@ def _upsampled_cam(cam_base, pix, pix_ok, W, h, w, scale_y, scale_x, s_ch, s_cw)
 
 
 @triton.jit
-def _cam_minmax_kernel(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, HW, W, h, w, scale_y, scale_x,
-                       s_cb, s_ck, s_ch, s_cw, BLOCK: tl.constexpr):
+def _cam_minmax_kernel(
+    cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, HW, W, h, w, scale_y, scale_x, s_cb, s_ck, s_ch, s_cw, BLOCK: tl.constexpr
+):
     p = tl.program_id(0).to(tl.int64)
     n = tl.load(pimg_ptr + p)
     k = tl.load(pcls_ptr + p)
@@ -139,8 +159,9 @@ def _cam_minmax_kernel(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, HW, W, h, w, sca
 
 
 @triton.jit
-def _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta,
-               s_cb, s_ck, s_ch, s_cw):
+def _pair_mask(
+    cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta, s_cb, s_ck, s_ch, s_cw
+):
     n = tl.load(pimg_ptr + p)
     k = tl.load(pcls_ptr + p)
     u = _upsampled_cam(cams_ptr + n * s_cb + k * s_ck, pix, ok, W, h, w, scale_y, scale_x, s_ch, s_cw)
@@ -150,28 +171,90 @@ def _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, sca
 
 
 @triton.jit
-def _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, scale_y, scale_x, delta,
-               s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw, BLOCK: tl.constexpr):
+def _pair_tile(
+    x_ptr,
+    cams_ptr,
+    pimg_ptr,
+    pcls_ptr,
+    stats_ptr,
+    C,
+    HW,
+    W,
+    h,
+    w,
+    scale_y,
+    scale_x,
+    delta,
+    s_xb,
+    s_xh,
+    s_xw,
+    s_cb,
+    s_ck,
+    s_ch,
+    s_cw,
+    BLOCK: tl.constexpr,
+):
     """Program prologue: this tile's pixels, their mask values, image pointers and (P, C, H, W) output offsets."""
     p = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = pix < HW
-    n, m = _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta,
-                      s_cb, s_ck, s_ch, s_cw)
+    n, m = _pair_mask(
+        cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta, s_cb, s_ck, s_ch, s_cw
+    )
     x_ptrs = x_ptr + n * s_xb + (pix // W).to(tl.int64) * s_xh + (pix % W).to(tl.int64) * s_xw
     return p, pix, ok, m, x_ptrs, p * C * HW + pix.to(tl.int64)
 
 
 @triton.jit
 def _cam_masked_pairs_fwd_kernel(
-    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, fg_ptr, bg_ptr,
-    C, HW, W, h, w, scale_y, scale_x, delta,
-    s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
+    x_ptr,
+    cams_ptr,
+    pimg_ptr,
+    pcls_ptr,
+    stats_ptr,
+    fg_ptr,
+    bg_ptr,
+    C,
+    HW,
+    W,
+    h,
+    w,
+    scale_y,
+    scale_x,
+    delta,
+    s_xb,
+    s_xc,
+    s_xh,
+    s_xw,
+    s_cb,
+    s_ck,
+    s_ch,
+    s_cw,
     BLOCK: tl.constexpr,
 ):
-    _p, _pix, ok, m, x_ptrs, out_off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w,
-                                                  scale_y, scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
-                                                  BLOCK)  # outputs are contiguous (P, C, H, W)
+    _p, _pix, ok, m, x_ptrs, out_off = _pair_tile(
+        x_ptr,
+        cams_ptr,
+        pimg_ptr,
+        pcls_ptr,
+        stats_ptr,
+        C,
+        HW,
+        W,
+        h,
+        w,
+        scale_y,
+        scale_x,
+        delta,
+        s_xb,
+        s_xh,
+        s_xw,
+        s_cb,
+        s_ck,
+        s_ch,
+        s_cw,
+        BLOCK,
+    )  # outputs are contiguous (P, C, H, W)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
         fg = m * x
@@ -183,14 +266,57 @@ def _cam_masked_pairs_fwd_kernel(
 
 @triton.jit
 def _cam_masked_pairs_bwd_kernel(
-    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, gf_ptr, gb_ptr, gmask_ptr, gx_ptr,
-    C, HW, W, h, w, scale_y, scale_x, delta,
-    s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
-    NEED_GRAD_X: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    cams_ptr,
+    pimg_ptr,
+    pcls_ptr,
+    stats_ptr,
+    gf_ptr,
+    gb_ptr,
+    gmask_ptr,
+    gx_ptr,
+    C,
+    HW,
+    W,
+    h,
+    w,
+    scale_y,
+    scale_x,
+    delta,
+    s_xb,
+    s_xc,
+    s_xh,
+    s_xw,
+    s_cb,
+    s_ck,
+    s_ch,
+    s_cw,
+    NEED_GRAD_X: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    p, pix, ok, m, x_ptrs, off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, scale_y,
-                                            scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
-                                            BLOCK)  # the gradients were made contiguous (P, C, H, W)
+    p, pix, ok, m, x_ptrs, off = _pair_tile(
+        x_ptr,
+        cams_ptr,
+        pimg_ptr,
+        pcls_ptr,
+        stats_ptr,
+        C,
+        HW,
+        W,
+        h,
+        w,
+        scale_y,
+        scale_x,
+        delta,
+        s_xb,
+        s_xh,
+        s_xw,
+        s_cb,
+        s_ck,
+        s_ch,
+        s_cw,
+        BLOCK,
+    )  # the gradients were made contiguous (P, C, H, W)
     gmask = tl.zeros((BLOCK,), dtype=tl.float32)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
@@ -224,8 +350,18 @@ def _pair_stats(cams, pair_image, pair_class, size):
     stats = torch.empty((pair_image.shape[0], 2), dtype=torch.float32, device=cams.device)
     block = min(1024, triton.next_power_of_2(height * width))
     _cam_minmax_kernel[(pair_image.shape[0],)](
-        cams, pair_image, pair_class, stats, height * width, width, h, w,
-        _align_corners_scale(h, height), _align_corners_scale(w, width), *cams.stride(), BLOCK=block,
+        cams,
+        pair_image,
+        pair_class,
+        stats,
+        height * width,
+        width,
+        h,
+        w,
+        _align_corners_scale(h, height),
+        _align_corners_scale(w, width),
+        *cams.stride(),
+        BLOCK=block,
     )
     return stats
 
@@ -238,15 +374,34 @@ def _cam_masked_pairs_triton(images, cams, pair_image, pair_class, delta):
     if num_pairs * channels * height * width == 0:
         return fg, bg
     x = _kernel_view(images)
-    fg_k, bg_k = (fg, bg) if x.dtype == images.dtype else (torch.empty_like(fg, dtype=x.dtype),
-                                                            torch.empty_like(bg, dtype=x.dtype))
+    fg_k, bg_k = (
+        (fg, bg)
+        if x.dtype == images.dtype
+        else (torch.empty_like(fg, dtype=x.dtype), torch.empty_like(bg, dtype=x.dtype))
+    )
     h, w = cams.shape[-2:]
     stats = _pair_stats(cams, pair_image, pair_class, (height, width))
     grid = (triton.cdiv(height * width, _BLOCK), num_pairs)
     _cam_masked_pairs_fwd_kernel[grid](
-        x, cams, pair_image, pair_class, stats, fg_k, bg_k, channels, height * width, width, h, w,
-        _align_corners_scale(h, height), _align_corners_scale(w, width), float(delta),
-        *x.stride(), *cams.stride(), BLOCK=_BLOCK, num_warps=4,
+        x,
+        cams,
+        pair_image,
+        pair_class,
+        stats,
+        fg_k,
+        bg_k,
+        channels,
+        height * width,
+        width,
+        h,
+        w,
+        _align_corners_scale(h, height),
+        _align_corners_scale(w, width),
+        float(delta),
+        *x.stride(),
+        *cams.stride(),
+        BLOCK=_BLOCK,
+        num_warps=4,
     )
     if fg_k is not fg:
         fg.copy_(fg_k), bg.copy_(bg_k)
@@ -276,21 +431,43 @@ def _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, de
     stats = _pair_stats(cams, pair_image, pair_class, (height, width))
     grid = (triton.cdiv(height * width, _BLOCK), num_pairs)
     _cam_masked_pairs_bwd_kernel[grid](
-        x, cams, pair_image, pair_class, stats, gf, gb, grad_mask, grad_pairs, channels, height * width, width, h, w,
-        _align_corners_scale(h, height), _align_corners_scale(w, width), float(delta),
-        *x.stride(), *cams.stride(), NEED_GRAD_X=need_grad_images, BLOCK=_BLOCK, num_warps=4,
+        x,
+        cams,
+        pair_image,
+        pair_class,
+        stats,
+        gf,
+        gb,
+        grad_mask,
+        grad_pairs,
+        channels,
+        height * width,
+        width,
+        h,
+        w,
+        _align_corners_scale(h, height),
+        _align_corners_scale(w, width),
+        float(delta),
+        *x.stride(),
+        *cams.stride(),
+        NEED_GRAD_X=need_grad_images,
+        BLOCK=_BLOCK,
+        num_warps=4,
     )
     return grad_mask, (grad_pairs if need_grad_images else None)
 
 
-def _cam_masked_pairs_backward(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images,
-                               fused: bool):
+def _cam_masked_pairs_backward(
+    grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images, fused: bool
+):
     if fused and pair_image.numel() and grad_fg.numel():
-        grad_mask, grad_pairs = _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta,
-                                                  need_grad_images)
+        grad_mask, grad_pairs = _grad_mask_triton(
+            grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images
+        )
     else:
-        grad_mask, grad_pairs = _grad_mask_ref(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta,
-                                               need_grad_images)
+        grad_mask, grad_pairs = _grad_mask_ref(
+            grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images
+        )
     grad_cams = _mask_jacobian(grad_mask, cams, pair_image, pair_class, tuple(images.shape[-2:]), delta)
     if not need_grad_images:
         return grad_cams, images.new_empty((0,))
@@ -303,8 +480,9 @@ def _cam_masked_pairs_backward(grad_fg, grad_bg, images, cams, pair_image, pair_
 # Custom ops
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastseg::cam_masked_pairs", mutates_args=())
-def _cam_masked_pairs_op(images: torch.Tensor, cams: torch.Tensor, pair_image: torch.Tensor,
-                         pair_class: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cam_masked_pairs_op(
+    images: torch.Tensor, cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(images):
         return _cam_masked_pairs_triton(images, cams, pair_image, pair_class, delta)
     return cam_masked_pairs_ref(images, cams, pair_image, pair_class, delta)
@@ -317,11 +495,19 @@ def _(images, cams, pair_image, pair_class, delta):
 
 
 @torch.library.custom_op("fastseg::cam_masked_pairs_backward", mutates_args=())
-def _cam_masked_pairs_backward_op(grad_fg: torch.Tensor, grad_bg: torch.Tensor, images: torch.Tensor,
-                                  cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor,
-                                  delta: float, need_grad_images: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cam_masked_pairs_backward(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta,
-                                      need_grad_images, fused=use_triton(images))
+def _cam_masked_pairs_backward_op(
+    grad_fg: torch.Tensor,
+    grad_bg: torch.Tensor,
+    images: torch.Tensor,
+    cams: torch.Tensor,
+    pair_image: torch.Tensor,
+    pair_class: torch.Tensor,
+    delta: float,
+    need_grad_images: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cam_masked_pairs_backward(
+        grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images, fused=use_triton(images)
+    )
 
 
 @_cam_masked_pairs_backward_op.register_fake
@@ -339,7 +525,8 @@ def _backward(ctx, grad_fg, grad_bg):
     images, cams, pair_image, pair_class = ctx.saved_tensors
     need_images = ctx.needs_input_grad[0]
     grad_cams, grad_images = torch.ops.fastseg.cam_masked_pairs_backward(
-        grad_fg, grad_bg, images, cams, pair_image, pair_class, ctx.delta, need_images)
+        grad_fg, grad_bg, images, cams, pair_image, pair_class, ctx.delta, need_images
+    )
     return (grad_images if need_images else None), grad_cams, None, None, None
 
 
@@ -349,8 +536,15 @@ _cam_masked_pairs_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 # Functional entry
 # ----------------------------------------------------------------------------------------------------------------
-def cam_masked_pairs(images: torch.Tensor, cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor,
-                     delta: float, impl: str = "auto", validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def cam_masked_pairs(
+    images: torch.Tensor,
+    cams: torch.Tensor,
+    pair_image: torch.Tensor,
+    pair_class: torch.Tensor,
+    delta: float,
+    impl: str = "auto",
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft CAM-masked foreground / background images of the positive (image, class) pairs.
 
     Args:
@@ -375,11 +569,14 @@ def cam_masked_pairs(images: torch.Tensor, cams: torch.Tensor, pair_image: torch
     check_tensor("pair_image", pair_image, ndim=1, dtypes=(torch.int64,), op=op)
     check_tensor("pair_class", pair_class, ndim=1, dtypes=(torch.int64,), op=op)
     if images.shape[0] != cams.shape[0]:
-        raise ValueError(f"{op}: images {tuple(images.shape)} and cams {tuple(cams.shape)} must have the same "
-                         f"batch size")
+        raise ValueError(
+            f"{op}: images {tuple(images.shape)} and cams {tuple(cams.shape)} must have the same batch size"
+        )
     if pair_image.shape != pair_class.shape:
-        raise ValueError(f"{op}: pair_image {tuple(pair_image.shape)} and pair_class {tuple(pair_class.shape)} must "
-                         f"have the same length P")
+        raise ValueError(
+            f"{op}: pair_image {tuple(pair_image.shape)} and pair_class {tuple(pair_class.shape)} must "
+            f"have the same length P"
+        )
     if min(cams.shape[-2:]) < 1 and pair_image.numel():
         raise ValueError(f"{op}: cams must have a non-empty spatial size, got {tuple(cams.shape)}")
     if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not delta > 0:
@@ -389,9 +586,11 @@ def cam_masked_pairs(images: torch.Tensor, cams: torch.Tensor, pair_image: torch
         bad_n = (pair_image < 0) | (pair_image >= images.shape[0])
         bad_k = (pair_class < 0) | (pair_class >= cams.shape[1])
         if bool(bad_n.any()) or bool(bad_k.any()):
-            raise ValueError(f"{op}: pair indices out of range: pair_image must lie in [0, {images.shape[0]}) and "
-                             f"pair_class in [0, {cams.shape[1]}), got pair_image {pair_image.tolist()} and "
-                             f"pair_class {pair_class.tolist()}")
+            raise ValueError(
+                f"{op}: pair indices out of range: pair_image must lie in [0, {images.shape[0]}) and "
+                f"pair_class in [0, {cams.shape[1]}), got pair_image {pair_image.tolist()} and "
+                f"pair_class {pair_class.tolist()}"
+            )
     mode = resolve_impl(impl, images)
     if mode == "torch":
         return cam_masked_pairs_ref(images, cams, pair_image, pair_class, float(delta))

@@ -47,7 +47,6 @@ from fastseg.data.shapes import ShapesDataset
 from fastseg.data.weak import WeakShapes, to_weak_mask
 from fastseg.engine import TrainConfig, train
 from fastseg.engine.recipes import semples as R
-from fastseg.metrics import ConfusionMatrix
 from fastseg.models.clip import build_clip
 
 METHODS = ("plain_cam", "weaktr", "semples_a", "semples_c", "supervised")
@@ -76,9 +75,14 @@ def cam_record(model, cam: str, args) -> dict:
     data = WeakShapes("train", length=args.eval_length, with_masks=True)
     fixed = R.evaluate_cams(model, data, [args.threshold], cam=cam)[args.threshold]
     swept = R.sweep_threshold(model, data, cam=cam)
-    return {"fixed_mIoU": fixed["mIoU"], "fixed_IoU": fixed["IoU"], "swept_threshold": swept["threshold"],
-            "swept_mIoU": swept["metrics"]["mIoU"], "swept_IoU": swept["metrics"]["IoU"],
-            "leakage": leakage(model, cam, args.threshold, args.eval_length)}
+    return {
+        "fixed_mIoU": fixed["mIoU"],
+        "fixed_IoU": fixed["IoU"],
+        "swept_threshold": swept["threshold"],
+        "swept_mIoU": swept["metrics"]["mIoU"],
+        "swept_IoU": swept["metrics"]["IoU"],
+        "leakage": leakage(model, cam, args.threshold, args.eval_length),
+    }
 
 
 def train_plain_cam(out: Path, seed: int, args) -> Path:
@@ -89,14 +93,24 @@ def train_plain_cam(out: Path, seed: int, args) -> Path:
         loss = F.multilabel_soft_margin_loss(out_["coarse_logits"], batch["image_labels"])
         return {"loss": loss}
 
-    cfg = TrainConfig(steps=args.cam_steps, batch_size=args.batch_size, lr=args.cam_lr, weight_decay=0.03,
-                      out_dir=str(out), seed=seed, save_every=50, progress=False, device="cpu")
+    cfg = TrainConfig(
+        steps=args.cam_steps,
+        batch_size=args.batch_size,
+        lr=args.cam_lr,
+        weight_decay=0.03,
+        out_dir=str(out),
+        seed=seed,
+        save_every=50,
+        progress=False,
+        device="cpu",
+    )
     train(model, WeakShapes("train", length=args.train_length), cfg, resume="auto", loss_fn=loss_fn)
     return out / "model.safetensors"
 
 
 def segmenter_record(pseudo_dir: Path | None, out: Path, seed: int, args) -> dict:
     if pseudo_dir is None:  # ground truth in the WSSS label space (the fully supervised reference)
+
         class GT(torch.utils.data.Dataset):
             def __init__(self):
                 self.world = ShapesDataset("train", length=args.train_length)
@@ -113,21 +127,48 @@ def segmenter_record(pseudo_dir: Path | None, out: Path, seed: int, args) -> dic
         train_set = PseudoMaskDataset(pseudo_dir)
         num_classes = train_set.num_classes
     model = fastseg.create_model("fpn_resnet18", num_classes=num_classes)
-    cfg = TrainConfig(steps=args.seg_steps, batch_size=args.seg_batch_size, lr=1e-3, warmup_steps=50,
-                      grad_clip=1.0, out_dir=str(out), seed=seed, save_every=100, progress=False, device="cpu")
-    result = train(model, train_set, cfg, val_set=WeakShapes("val", length=args.val_length, with_masks=True),
-                   resume="auto")
+    cfg = TrainConfig(
+        steps=args.seg_steps,
+        batch_size=args.seg_batch_size,
+        lr=1e-3,
+        warmup_steps=50,
+        grad_clip=1.0,
+        out_dir=str(out),
+        seed=seed,
+        save_every=100,
+        progress=False,
+        device="cpu",
+    )
+    result = train(
+        model, train_set, cfg, val_set=WeakShapes("val", length=args.val_length, with_masks=True), resume="auto"
+    )
     return {"seg_val_mIoU": float(result.final_metrics["mIoU"]), "seg_val_IoU": result.final_metrics["IoU"]}
 
 
 def run_seed(seed: int, args, clip, done: set, report: dict, save) -> None:
     work = Path(args.work) / f"seed{seed}"
-    common = dict(steps=args.semples_steps, batch_size=args.batch_size, seed=seed, train_length=args.train_length,
-                  device="cpu", resume="auto", save_every=25, lr=args.semples_lr)
+    common = dict(
+        steps=args.semples_steps,
+        batch_size=args.batch_size,
+        seed=seed,
+        train_length=args.train_length,
+        device="cpu",
+        resume="auto",
+        save_every=25,
+        lr=args.semples_lr,
+    )
     weaktr = work / "weaktr" / "model.safetensors"
     if not weaktr.exists():
-        R.train_weaktr(work / "weaktr", steps=args.cam_steps, batch_size=args.batch_size, lr=args.cam_lr, seed=seed,
-                       train_length=args.train_length, save_every=50, device="cpu")
+        R.train_weaktr(
+            work / "weaktr",
+            steps=args.cam_steps,
+            batch_size=args.batch_size,
+            lr=args.cam_lr,
+            seed=seed,
+            train_length=args.train_length,
+            save_every=50,
+            device="cpu",
+        )
     for method in args.methods:
         if (method, seed) in done:
             continue
@@ -143,8 +184,9 @@ def run_seed(seed: int, args, clip, done: set, report: dict, save) -> None:
         elif method == "semples_c":
             if not (work / "a" / "model.safetensors").exists():
                 R.run_segment_label_matching(weaktr, clip, work / "a", **common)
-            R.run_prompt_learning(work / "a" / "model.safetensors", clip, work / "b",
-                                  **{**common, "lr": args.prompt_lr})
+            R.run_prompt_learning(
+                work / "a" / "model.safetensors", clip, work / "b", **{**common, "lr": args.prompt_lr}
+            )
             R.run_prompt_refinement(weaktr, work / "b" / "model.safetensors", clip, work / "c", **common)
             ckpt = work / "c" / "model.safetensors"
         record = {"method": method, "seed": seed}
@@ -154,8 +196,9 @@ def run_seed(seed: int, args, clip, done: set, report: dict, save) -> None:
             record.update(cam_record(model, cam, args))
             pseudo = work / f"pseudo_{method}"
             if not pseudo.exists():
-                R.write_pseudo_masks(model, pseudo, length=args.train_length, threshold=args.threshold, crf="off",
-                                     cam=cam)
+                R.write_pseudo_masks(
+                    model, pseudo, length=args.train_length, threshold=args.threshold, crf="off", cam=cam
+                )
         record.update(segmenter_record(pseudo, work / f"seg_{method}", seed, args))
         record["wall_s"] = round(time.perf_counter() - start, 1)
         report["runs"].append(record)
@@ -205,8 +248,16 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
-    report = {"command": command, "args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
-              "device": "cpu", "runs": [], "summary": {}, "complete": False}
+    report = {
+        "command": command,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "device": "cpu",
+        "runs": [],
+        "summary": {},
+        "complete": False,
+    }
     if args.resume and out.exists():
         previous = json.loads(out.read_text())
         report["runs"] = previous["runs"]

@@ -53,9 +53,17 @@ def _resume(args: argparse.Namespace):
 
 
 def _train_kwargs(args: argparse.Namespace) -> dict:
-    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "train_length": args.train_length, "save_every": args.save_every, "resume": _resume(args),
-            "device": args.device, "model_name": args.model}
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_length": args.train_length,
+        "save_every": args.save_every,
+        "resume": _resume(args),
+        "device": args.device,
+        "model_name": args.model,
+    }
 
 
 def _lambdas(args: argparse.Namespace) -> dict:
@@ -70,9 +78,18 @@ def _done(out: str) -> int:
 def cmd_clip_train(args: argparse.Namespace) -> int:
     from ..engine.recipes.clip import train_clip
 
-    _, metrics = train_clip(args.out, args.clip_config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.seed, train_length=args.train_length, save_every=args.save_every,
-                            resume=_resume(args), device=args.device)
+    _, metrics = train_clip(
+        args.out,
+        args.clip_config,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        train_length=args.train_length,
+        save_every=args.save_every,
+        resume=_resume(args),
+        device=args.device,
+    )
     print(json.dumps(metrics, indent=2))
     return _done(args.out)
 
@@ -121,12 +138,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = WeakShapes("train", length=args.length, seed=args.data_seed, with_masks=True)
     fixed = evaluate_cams(model, data, [args.threshold])[args.threshold]
     swept = sweep_threshold(model, data)
-    out = {"fixed_threshold": args.threshold, "fixed_mIoU": fixed["mIoU"], "fixed_IoU": fixed["IoU"],
-           "swept_threshold": swept["threshold"], "swept_mIoU": swept["metrics"]["mIoU"],
-           "swept_IoU": swept["metrics"]["IoU"], "curve": swept["curve"], "class_names": list(data.class_names),
-           "note": "the swept threshold is chosen on train ground truth (official protocol); the fixed one is not"}
-    print(f"pseudo-mask mIoU: fixed t={args.threshold}: {fixed['mIoU']:.4f}   swept on train GT: "
-          f"t={swept['threshold']}: {swept['metrics']['mIoU']:.4f}")
+    out = {
+        "fixed_threshold": args.threshold,
+        "fixed_mIoU": fixed["mIoU"],
+        "fixed_IoU": fixed["IoU"],
+        "swept_threshold": swept["threshold"],
+        "swept_mIoU": swept["metrics"]["mIoU"],
+        "swept_IoU": swept["metrics"]["IoU"],
+        "curve": swept["curve"],
+        "class_names": list(data.class_names),
+        "note": "the swept threshold is chosen on train ground truth (official protocol); the fixed one is not",
+    }
+    print(
+        f"pseudo-mask mIoU: fixed t={args.threshold}: {fixed['mIoU']:.4f}   swept on train GT: "
+        f"t={swept['threshold']}: {swept['metrics']['mIoU']:.4f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
@@ -136,8 +162,15 @@ def cmd_pseudo_masks(args: argparse.Namespace) -> int:
     from ..engine.recipes.semples import load_cam_model, write_pseudo_masks
 
     model = load_cam_model(args.cam, args.model)
-    out = write_pseudo_masks(model, args.out, length=args.length, seed=args.data_seed, threshold=args.threshold,
-                             crf=args.crf, device=args.device if args.device != "auto" else "cpu")
+    out = write_pseudo_masks(
+        model,
+        args.out,
+        length=args.length,
+        seed=args.data_seed,
+        threshold=args.threshold,
+        crf=args.crf,
+        device=args.device if args.device != "auto" else "cpu",
+    )
     print(f"pseudo masks: {out}  (train a segmenter: fastseg train MODEL --pseudo-masks {out})")
     return 0
 
@@ -187,8 +220,10 @@ def add_semples_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weaktr", required=True, help="WeakTr phase-1 weights (run (c) restarts from them)")
     p.add_argument("--prompts", required=True, help="weights of run (b) (the learned prompts)")
     p.set_defaults(func=cmd_refine)
-    for name, func, help_text in (("evaluate", cmd_evaluate, "pseudo-mask mIoU on train GT (fixed / swept t)"),
-                                  ("pseudo-masks", cmd_pseudo_masks, "write label PNGs for a segmenter")):
+    for name, func, help_text in (
+        ("evaluate", cmd_evaluate, "pseudo-mask mIoU on train GT (fixed / swept t)"),
+        ("pseudo-masks", cmd_pseudo_masks, "write label PNGs for a segmenter"),
+    ):
         p = s_sub.add_parser(name, help=help_text)
         p.add_argument("--cam", required=True, help="weights of a WeakTr or of a SemPLeS run")
         p.add_argument("--model", default="weaktr_shapes_tiny")
@@ -200,6 +235,10 @@ def add_semples_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--json", help="also write the result as JSON")
         else:
             p.add_argument("--out", required=True, help="new folder for the PNGs and meta.json")
-            p.add_argument("--crf", choices=["auto", "on", "off"], default="auto",
-                           help="dense CRF: 'auto' uses it when pydensecrf is importable (and says so otherwise)")
+            p.add_argument(
+                "--crf",
+                choices=["auto", "on", "off"],
+                default="auto",
+                help="dense CRF: 'auto' uses it when pydensecrf is importable (and says so otherwise)",
+            )
         p.set_defaults(func=func)

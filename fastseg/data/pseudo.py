@@ -33,8 +33,10 @@ def mask_file_name(index: int) -> str:
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
-        raise ValueError(f"{folder} is not a pseudo-mask folder: {META_FILE} is missing (write one with "
-                         f"`fastseg semples pseudo-masks`)")
+        raise ValueError(
+            f"{folder} is not a pseudo-mask folder: {META_FILE} is missing (write one with "
+            f"`fastseg semples pseudo-masks`)"
+        )
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -71,8 +73,10 @@ class PseudoMaskDataset(Dataset):
         self.ignore_index = int(meta["ignore_index"])
         self.class_names = tuple(meta.get("class_names") or ())
         if num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(f"the pseudo masks in {folder} have {self.num_classes} classes but the model has "
-                             f"{num_classes}; build the model with num_classes={self.num_classes}")
+            raise ValueError(
+                f"the pseudo masks in {folder} have {self.num_classes} classes but the model has "
+                f"{num_classes}; build the model with num_classes={self.num_classes}"
+            )
         config = world_config_from_meta(meta)
         self.world = ShapesDataset(meta["split"], length=int(meta["length"]), config=config, seed=int(meta["seed"]))
         self.indices = [int(i) for i in meta["indices"]]
@@ -87,12 +91,15 @@ class PseudoMaskDataset(Dataset):
                     raise ValueError(f"pseudo mask {path} must be a single-channel label PNG, got mode {img.mode}")
                 mask = np.asarray(img, dtype=np.uint8).copy()
             if mask.shape != (height, width):
-                raise ValueError(f"pseudo mask {path} is {mask.shape[1]}x{mask.shape[0]} (W x H) but the images are "
-                                 f"{width}x{height}")
+                raise ValueError(
+                    f"pseudo mask {path} is {mask.shape[1]}x{mask.shape[0]} (W x H) but the images are {width}x{height}"
+                )
             bad = (mask != self.ignore_index) & (mask >= self.num_classes)
             if bad.any():
-                raise ValueError(f"pseudo mask {path} holds id {int(mask[bad][0])}, which is neither a class id in "
-                                 f"[0, {self.num_classes}) nor the ignore index {self.ignore_index}")
+                raise ValueError(
+                    f"pseudo mask {path} holds id {int(mask[bad][0])}, which is neither a class id in "
+                    f"[0, {self.num_classes}) nor the ignore index {self.ignore_index}"
+                )
             self.masks.append(mask)
 
     def __len__(self) -> int:
@@ -100,5 +107,8 @@ class PseudoMaskDataset(Dataset):
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         index = self.indices[j]
-        return {"image": self.world[index]["image"], "mask": torch.from_numpy(self.masks[j].astype(np.int64)),
-                "index": index}
+        return {
+            "image": self.world[index]["image"],
+            "mask": torch.from_numpy(self.masks[j].astype(np.int64)),
+            "index": index,
+        }

@@ -32,8 +32,17 @@ from .shapes import MEAN, STD, ShapesConfig, ShapesDataset
 __all__ = ["WeakShapes", "caption", "caption_variants", "colour_name", "to_weak_mask", "weak_class_names"]
 
 # Hue (degrees) upper bounds of the colour names; hues wrap around to red.
-_HUE_NAMES = ((15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (255, "blue"),
-              (290, "purple"), (335, "pink"), (360, "red"))
+_HUE_NAMES = (
+    (15, "red"),
+    (45, "orange"),
+    (70, "yellow"),
+    (160, "green"),
+    (200, "cyan"),
+    (255, "blue"),
+    (290, "purple"),
+    (335, "pink"),
+    (360, "red"),
+)
 
 
 def weak_class_names(config: ShapesConfig | None = None) -> tuple[str, ...]:
@@ -68,8 +77,10 @@ def _join(words: list[str]) -> str:
 def _describe(sample: dict[str, Any], config: ShapesConfig) -> tuple[list[tuple[str, str]], list[str]]:
     """``[(colour, thing name)]`` of the visible things in paint order and the textures by area (largest first)."""
     mask, instances = sample["mask"].numpy(), sample["instances"].numpy()
-    image = sample["image"].numpy() * np.asarray(STD, np.float32)[:, None, None] + np.asarray(MEAN, np.float32)[
-        :, None, None]
+    image = (
+        sample["image"].numpy() * np.asarray(STD, np.float32)[:, None, None]
+        + np.asarray(MEAN, np.float32)[:, None, None]
+    )
     names = config.class_names
     things = []
     for inst, cls in enumerate(sample["instance_classes"].tolist(), start=1):
@@ -110,8 +121,14 @@ class WeakShapes(Dataset):
     Training sets leave the masks out so that no pixel label can reach a weakly supervised loss.
     """
 
-    def __init__(self, split: str = "train", length: int | None = None, config: ShapesConfig | None = None,
-                 seed: int = 0, with_masks: bool = False) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        length: int | None = None,
+        config: ShapesConfig | None = None,
+        seed: int = 0,
+        with_masks: bool = False,
+    ) -> None:
         self.with_masks = with_masks
         self.split, self.seed = split, seed
         self.world = ShapesDataset(split, length=length, config=config, seed=seed)

@@ -52,8 +52,11 @@ class FrozenCLIP(nn.Module):
         self.model = model
         self.config_name = config_name
         self.tokenizer = tokenizer
-        self.image_size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list))
-                              else model.visual.image_size)
+        self.image_size = int(
+            model.visual.image_size[0]
+            if isinstance(model.visual.image_size, (tuple, list))
+            else model.visual.image_size
+        )
         self.width = int(model.token_embedding.weight.shape[1])
         self.context_length = int(model.context_length)
         self.freeze()
@@ -90,8 +93,10 @@ class FrozenCLIP(nn.Module):
     def encode_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
         """L2-normalised text features of learned prompts ``(K, n, width)``: "a photo of" + n vectors + "."."""
         if prompts.dim() != 3 or prompts.shape[-1] != self.width:
-            raise ValueError(f"prompts must have shape (K, n, {self.width}) for CLIP {self.config_name!r}, got "
-                             f"{tuple(prompts.shape)}")
+            raise ValueError(
+                f"prompts must have shape (K, n, {self.width}) for CLIP {self.config_name!r}, got "
+                f"{tuple(prompts.shape)}"
+            )
         num, length = prompts.shape[:2]
         if 1 + 3 + length + 2 > self.context_length:
             raise ValueError(f"prompt length {length} does not fit CLIP's context of {self.context_length} tokens")
@@ -118,13 +123,16 @@ def _create(config_name: str) -> nn.Module:
     if config_name in CLIP_CONFIGS:
         return open_clip.CLIP(**copy.deepcopy(CLIP_CONFIGS[config_name]))
     if config_name not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP config {config_name!r}; use one of {sorted(CLIP_CONFIGS)} or an open_clip "
-                         f"architecture name such as 'ViT-B-32'")
+        raise ValueError(
+            f"unknown CLIP config {config_name!r}; use one of {sorted(CLIP_CONFIGS)} or an open_clip "
+            f"architecture name such as 'ViT-B-32'"
+        )
     return open_clip.create_model(config_name, pretrained=None)
 
 
-def build_clip(config_name: str = "shapes-tiny-clip", checkpoint: str | os.PathLike | None = None,
-               require_checkpoint: bool = False) -> FrozenCLIP:
+def build_clip(
+    config_name: str = "shapes-tiny-clip", checkpoint: str | os.PathLike | None = None, require_checkpoint: bool = False
+) -> FrozenCLIP:
     """Build CLIP ``config_name`` and load ``checkpoint`` (a local .safetensors / .pt file) into it; frozen.
 
     Raises:
@@ -136,8 +144,10 @@ def build_clip(config_name: str = "shapes-tiny-clip", checkpoint: str | os.PathL
 
     model = _create(config_name)
     if checkpoint is None and require_checkpoint:
-        raise ValueError(f"CLIP {config_name!r} needs weights: pass --clip-checkpoint FILE (fastseg never downloads "
-                         f"weights; `fastseg clip train` trains the shapes-tiny-clip)")
+        raise ValueError(
+            f"CLIP {config_name!r} needs weights: pass --clip-checkpoint FILE (fastseg never downloads "
+            f"weights; `fastseg clip train` trains the shapes-tiny-clip)"
+        )
     if checkpoint is not None:
         from ..checkpoint import load_state_dict
 
@@ -145,16 +155,21 @@ def build_clip(config_name: str = "shapes-tiny-clip", checkpoint: str | os.PathL
         for key in ("state_dict", "model"):
             if key in state and isinstance(state[key], dict):
                 state = state[key]
-        state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+        state = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in state.items()}
         own = model.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
-        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                 if k in state and state[k].shape != v.shape]
+        wrong = [
+            f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
         if missing or unexpected or wrong:
-            raise ValueError(f"{checkpoint} is not a checkpoint of CLIP {config_name!r}: {len(missing)} missing keys "
-                             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatches "
-                             f"{wrong[:3]}")
+            raise ValueError(
+                f"{checkpoint} is not a checkpoint of CLIP {config_name!r}: {len(missing)} missing keys "
+                f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatches "
+                f"{wrong[:3]}"
+            )
         model.load_state_dict(state)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the bundled BPE vocabulary: no download
     return FrozenCLIP(model, config_name, tokenizer)

@@ -64,24 +64,32 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
-def segment_label_matching_loss(v_f: torch.Tensor, v_b: torch.Tensor, t: torch.Tensor,
-                                lambda_b: float = 2.4) -> dict[str, torch.Tensor]:
+def segment_label_matching_loss(
+    v_f: torch.Tensor, v_b: torch.Tensor, t: torch.Tensor, lambda_b: float = 2.4
+) -> dict[str, torch.Tensor]:
     """Run (a) on per-pair normalised features ``(P, D)``: foreground matches the class text, background not."""
     fg = -torch.log(clamp_similarity(_cos(v_f, t))).mean()
     bg = -torch.log(1 - clamp_similarity(_cos(v_b, t))).mean()
     return {"loss": fg + lambda_b * bg, "fg_text": fg.detach(), "bg_text": bg.detach()}
 
 
-def contrastive_prompt_loss(v_b: torch.Tensor, t: torch.Tensor, p: torch.Tensor,
-                            lambda_p: float = 0.02) -> dict[str, torch.Tensor]:
+def contrastive_prompt_loss(
+    v_b: torch.Tensor, t: torch.Tensor, p: torch.Tensor, lambda_p: float = 0.02
+) -> dict[str, torch.Tensor]:
     """Run (b): the background prompt matches the masked background and moves away from the class text."""
     bg = -torch.log(clamp_similarity(_cos(v_b, p))).mean()
     text = torch.log(clamp_similarity(_cos(t, p))).mean()
     return {"loss": bg + lambda_p * text, "bg_prompt": bg.detach(), "text_prompt": text.detach()}
 
 
-def prompt_refinement_loss(v_f: torch.Tensor, v_b: torch.Tensor, t: torch.Tensor, p: torch.Tensor,
-                           lambda_b: float = 2.4, lambda_r: float = 0.05) -> dict[str, torch.Tensor]:
+def prompt_refinement_loss(
+    v_f: torch.Tensor,
+    v_b: torch.Tensor,
+    t: torch.Tensor,
+    p: torch.Tensor,
+    lambda_b: float = 2.4,
+    lambda_r: float = 0.05,
+) -> dict[str, torch.Tensor]:
     """Run (c): run (a)'s loss plus the masked foreground pushed away from the learned background prompt."""
     out = segment_label_matching_loss(v_f, v_b, t, lambda_b)
     fg_prompt = -torch.log(1 - clamp_similarity(_cos(v_f, p))).mean()
@@ -98,8 +106,10 @@ def positive_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     positive = labels > 0
     empty = (~positive.any(1)).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"images {empty[:10]} of the batch have no positive class; every image of a weakly "
-                         f"supervised training set needs at least one image-level label")
+        raise ValueError(
+            f"images {empty[:10]} of the batch have no positive class; every image of a weakly "
+            f"supervised training set needs at least one image-level label"
+        )
     pair_image, pair_class = positive.nonzero(as_tuple=True)
     return pair_image, pair_class
 
@@ -138,15 +148,26 @@ class SemPLeSRun(nn.Module):
         ValueError: class names that do not match the CAM model's K classes (or its class names when it has them).
     """
 
-    def __init__(self, cam_model: WeakTr, clip: FrozenCLIP, class_names: Sequence[str], prompt_length: int = 30,
-                 lambda_b: float = 2.4, lambda_p: float = 0.02, lambda_r: float = 0.05, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        cam_model: WeakTr,
+        clip: FrozenCLIP,
+        class_names: Sequence[str],
+        prompt_length: int = 30,
+        lambda_b: float = 2.4,
+        lambda_p: float = 0.02,
+        lambda_r: float = 0.05,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         class_names = tuple(class_names)
         k = cam_model.num_cam_classes
         model_names = tuple(cam_model.pretrained_cfg.class_names or ())[1:]
         if len(class_names) != k or (model_names and len(model_names) == k and model_names != class_names):
-            raise ValueError(f"the CLIP prompts name {len(class_names)} classes {list(class_names)[:8]} but the CAM "
-                             f"model has {k} foreground classes {list(model_names)[:8]}; they must match in order")
+            raise ValueError(
+                f"the CLIP prompts name {len(class_names)} classes {list(class_names)[:8]} but the CAM "
+                f"model has {k} foreground classes {list(model_names)[:8]}; they must match in order"
+            )
         self.cam_model = cam_model
         cam_model.detach_backbone = True
         object.__setattr__(self, "clip", clip)  # not a submodule: no parameters, no state_dict entries
@@ -166,8 +187,9 @@ class SemPLeSRun(nn.Module):
         with torch.no_grad():
             return self.clip.encode_text(class_prompt_texts(self.class_names))
 
-    def masked_pairs(self, images: torch.Tensor, labels: torch.Tensor, delta: float,
-                     cams_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def masked_pairs(
+        self, images: torch.Tensor, labels: torch.Tensor, delta: float, cams_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(X_f, X_b, pair_class)`` of the positive pairs from the fine CAMs of the CAM model."""
         pair_image, pair_class = positive_pairs(labels)
         if self.clip.model.token_embedding.weight.device != images.device:
@@ -182,8 +204,7 @@ class SemPLeSRun(nn.Module):
         """Run (a), segment-label matching."""
         x_f, x_b, cls = self.masked_pairs(images, labels, DELTA_MATCHING, cams_grad=True)
         t = self.class_text_features()[cls]
-        return segment_label_matching_loss(self.clip.encode_image(x_f), self.clip.encode_image(x_b), t,
-                                           self.lambda_b)
+        return segment_label_matching_loss(self.clip.encode_image(x_f), self.clip.encode_image(x_b), t, self.lambda_b)
 
     def loss_b(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run (b), contrastive prompt learning: the CAM model is frozen (no gradient, eval mode)."""
@@ -200,5 +221,6 @@ class SemPLeSRun(nn.Module):
         with torch.no_grad():
             p = self.prompt_learner(self.clip)[cls]
         v_f = self.clip.encode_image(x_f)
-        return prompt_refinement_loss(v_f, self.clip.encode_image(x_b), self.class_text_features()[cls], p,
-                                      self.lambda_b, self.lambda_r)
+        return prompt_refinement_loss(
+            v_f, self.clip.encode_image(x_b), self.class_text_features()[cls], p, self.lambda_b, self.lambda_r
+        )

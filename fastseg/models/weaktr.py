@@ -59,26 +59,39 @@ DEFAULT_BACKGROUND_THRESHOLD = 0.43  # SemPLeS docs/Training.md (WeakTr's README
 class AdaptiveAttentionFusion(nn.Module):
     """Per-map weights from the pooled head features, then the weighted mean of the maps (fused op)."""
 
-    def __init__(self, num_maps: int, head_dim: int, reduction: int = 8, feat_reduction: int = 8,
-                 pool: str = "max", impl: str = "auto") -> None:
+    def __init__(
+        self,
+        num_maps: int,
+        head_dim: int,
+        reduction: int = 8,
+        feat_reduction: int = 8,
+        pool: str = "max",
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         if pool not in ("max", "avg"):
             raise ValueError(f"AAF pool must be 'max' or 'avg', got {pool!r}")
         self.pool, self.impl = pool, impl
         hidden_feat = max(1, head_dim // feat_reduction)
         hidden_map = max(1, num_maps // reduction)
-        self.feat_ffn = nn.Sequential(nn.Linear(head_dim, hidden_feat), nn.ReLU(inplace=True),
-                                      nn.Linear(hidden_feat, 1))
-        self.map_ffn = nn.Sequential(nn.Linear(num_maps, hidden_map, bias=False), nn.ReLU(inplace=True),
-                                     nn.Linear(hidden_map, num_maps, bias=False), nn.Sigmoid())
+        self.feat_ffn = nn.Sequential(
+            nn.Linear(head_dim, hidden_feat), nn.ReLU(inplace=True), nn.Linear(hidden_feat, 1)
+        )
+        self.map_ffn = nn.Sequential(
+            nn.Linear(num_maps, hidden_map, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_map, num_maps, bias=False),
+            nn.Sigmoid(),
+        )
 
     def map_weights(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats (B, M, N, head_dim)`` -> weights ``(B, M)``."""
         pooled = feats.amax(2) if self.pool == "max" else feats.mean(2)
         return self.map_ffn(self.feat_ffn(pooled).squeeze(-1))
 
-    def forward(self, attn: torch.Tensor, feats: torch.Tensor,
-                num_class_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, attn: torch.Tensor, feats: torch.Tensor, num_class_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights = self.map_weights(feats)
         cross, patch = attention_fusion(attn, weights, num_class_tokens, impl=self.impl)
         return cross, patch, weights
@@ -89,18 +102,33 @@ class WeakTr(SegmentationModel):
 
     has_fused_ops = True
 
-    def __init__(self, num_classes: int | None = None, img_size: int = 224, patch_size: int = 16,
-                 embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.1, reduction: int = 8, pool: str = "max", feat_reduction: int = 8,
-                 detach_backbone: bool = False, background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
-                 backbone_checkpoint: str | os.PathLike | None = None, impl: str = "auto",
-                 class_names: tuple[str, ...] | None = None, **cfg: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+        reduction: int = 8,
+        pool: str = "max",
+        feat_reduction: int = 8,
+        detach_backbone: bool = False,
+        background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
+        backbone_checkpoint: str | os.PathLike | None = None,
+        impl: str = "auto",
+        class_names: tuple[str, ...] | None = None,
+        **cfg: Any,
+    ) -> None:
         super().__init__()
         if class_names is not None:
             num_classes = len(class_names)
             cfg["class_names"] = tuple(class_names)
-        self.pretrained_cfg = resolve_cfg(num_classes, output_stride=patch_size, divisible_by=patch_size,
-                                          input_size=(3, img_size, img_size), **cfg)
+        self.pretrained_cfg = resolve_cfg(
+            num_classes, output_stride=patch_size, divisible_by=patch_size, input_size=(3, img_size, img_size), **cfg
+        )
         if self.num_classes < 2:
             raise ValueError(f"WeakTr needs num_classes >= 2 (background + at least one class), got {num_classes}")
         self.num_cam_classes = self.num_classes - 1
@@ -109,9 +137,18 @@ class WeakTr(SegmentationModel):
         self.background_threshold = float(background_threshold)
         self.impl = impl
         vit = timm.models.vision_transformer.VisionTransformer(
-            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, qkv_bias=True, class_token=False, num_classes=0, global_pool="",
-            drop_path_rate=drop_path_rate)
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            class_token=False,
+            num_classes=0,
+            global_pool="",
+            drop_path_rate=drop_path_rate,
+        )
         self.patch_embed = vit.patch_embed
         self.patch_embed.strict_img_size = False  # any multiple of the patch size; position embeddings interpolate
         self.blocks = vit.blocks
@@ -124,8 +161,9 @@ class WeakTr(SegmentationModel):
         self.head = nn.Conv2d(embed_dim, k, kernel_size=3, padding=1)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        self.aaf = AdaptiveAttentionFusion(depth * num_heads, embed_dim // num_heads, reduction, feat_reduction,
-                                           pool, impl)
+        self.aaf = AdaptiveAttentionFusion(
+            depth * num_heads, embed_dim // num_heads, reduction, feat_reduction, pool, impl
+        )
         if backbone_checkpoint is not None:
             self.load_deit_checkpoint(backbone_checkpoint)
 
@@ -151,23 +189,37 @@ class WeakTr(SegmentationModel):
         own = {f"patch_embed.{n}": p for n, p in self.patch_embed.state_dict().items()}
         own.update({f"blocks.{n}": p for n, p in self.blocks.state_dict().items()})
         missing = [n for n in [*own, "cls_token", "pos_embed"] if n not in state]
-        wrong = [f"{n}: {tuple(state[n].shape)} vs {tuple(p.shape)}" for n, p in own.items()
-                 if n in state and state[n].shape != p.shape]
+        wrong = [
+            f"{n}: {tuple(state[n].shape)} vs {tuple(p.shape)}"
+            for n, p in own.items()
+            if n in state and state[n].shape != p.shape
+        ]
         if missing or wrong:
-            raise ValueError(f"{path} is not a DeiT checkpoint of this architecture (embed {self.embed_dim}, "
-                             f"patch {self.patch_size}, {len(self.blocks)} blocks): missing {missing[:4]}, "
-                             f"shape mismatch {wrong[:4]}")
+            raise ValueError(
+                f"{path} is not a DeiT checkpoint of this architecture (embed {self.embed_dim}, "
+                f"patch {self.patch_size}, {len(self.blocks)} blocks): missing {missing[:4]}, "
+                f"shape mismatch {wrong[:4]}"
+            )
         with torch.no_grad():
-            self.patch_embed.load_state_dict({n[len("patch_embed."):]: state[n] for n in own if
-                                              n.startswith("patch_embed.")})
-            self.blocks.load_state_dict({n[len("blocks."):]: state[n] for n in own if n.startswith("blocks.")})
+            self.patch_embed.load_state_dict(
+                {n[len("patch_embed.") :]: state[n] for n in own if n.startswith("patch_embed.")}
+            )
+            self.blocks.load_state_dict({n[len("blocks.") :]: state[n] for n in own if n.startswith("blocks.")})
             k = self.num_cam_classes
             self.cls_tokens.copy_(state["cls_token"].reshape(1, 1, -1).expand(1, k, -1))
             pos = state["pos_embed"]
             prefix, patches = pos[:, :1], pos[:, 1:]
             side = int(math.isqrt(patches.shape[1]))
-            patches = F.interpolate(patches.reshape(1, side, side, -1).permute(0, 3, 1, 2), size=(self.grid,) * 2,
-                                    mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+            patches = (
+                F.interpolate(
+                    patches.reshape(1, side, side, -1).permute(0, 3, 1, 2),
+                    size=(self.grid,) * 2,
+                    mode="bicubic",
+                    align_corners=False,
+                )
+                .permute(0, 2, 3, 1)
+                .flatten(1, 2)
+            )
             self.pos_embed.copy_(torch.cat([prefix.expand(1, k, -1), patches], 1))
 
     # -- forward ------------------------------------------------------------------------------------------------
@@ -201,8 +253,10 @@ class WeakTr(SegmentationModel):
         batch, _, height, width = images.shape
         p = self.patch_size
         if height % p or width % p:
-            raise ValueError(f"WeakTr.forward_cams needs sides that are multiples of the patch size {p}, got "
-                             f"{height}x{width} (model(images) pads automatically)")
+            raise ValueError(
+                f"WeakTr.forward_cams needs sides that are multiples of the patch size {p}, got "
+                f"{height}x{width} (model(images) pads automatically)"
+            )
         grid_h, grid_w = height // p, width // p
         k = self.num_cam_classes
         # A detached backbone records no graph at all (SemPLeS runs (a), (c)): same values, less memory.
@@ -226,8 +280,16 @@ class WeakTr(SegmentationModel):
         coarse_for_fusion = coarse if self.detach_backbone else coarse.detach()
         fused = cross.reshape(batch, k, grid_h, grid_w) * F.relu(coarse_for_fusion)
         fine = torch.matmul(fused.flatten(2), patch_attn.transpose(1, 2)).reshape(batch, k, grid_h, grid_w)
-        return {"cls_logits": cls_logits, "coarse": coarse, "coarse_logits": coarse.mean((2, 3)), "fused": fused,
-                "fine": fine, "fine_logits": fine.mean((2, 3)), "patch_attn": patch_attn, "aaf_weights": weights}
+        return {
+            "cls_logits": cls_logits,
+            "coarse": coarse,
+            "coarse_logits": coarse.mean((2, 3)),
+            "fused": fused,
+            "fine": fine,
+            "fine_logits": fine.mean((2, 3)),
+            "patch_attn": patch_attn,
+            "aaf_weights": weights,
+        }
 
     def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
         out = self.forward_cams(images)
@@ -263,8 +325,9 @@ class WeakTr(SegmentationModel):
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
         out = self.forward_cams(images)
-        terms = {name: F.multilabel_soft_margin_loss(out[f"{name}_logits"], labels)
-                 for name in ("cls", "coarse", "fine")}
+        terms = {
+            name: F.multilabel_soft_margin_loss(out[f"{name}_logits"], labels) for name in ("cls", "coarse", "fine")
+        }
         total = terms["cls"] + terms["coarse"] + terms["fine"]
         return {"loss": total, **{f"{n}_loss": v.detach() for n, v in terms.items()}}
 
@@ -278,22 +341,41 @@ def _weaktr(num_classes: int | None, **kw: Any) -> WeakTr:
 @register_model
 def weaktr_deit_small(num_classes: int | None = None, **kw: Any) -> WeakTr:
     """WeakTr on DeiT-S/16 (embed 384, depth 12, 6 heads, 224 input, drop-path 0.1): the paper's CAM generator."""
-    return _weaktr(num_classes, **{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6,
-                                   **kw})
+    return _weaktr(
+        num_classes, **{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, **kw}
+    )
 
 
-@register_model(tag="deit_tiny", differs_from_paper="DeiT-Ti/16 backbone (embed 192, 3 heads); the paper uses DeiT-S/16")
+@register_model(
+    tag="deit_tiny", differs_from_paper="DeiT-Ti/16 backbone (embed 192, 3 heads); the paper uses DeiT-S/16"
+)
 def weaktr_deit_tiny(num_classes: int | None = None, **kw: Any) -> WeakTr:
     """WeakTr on DeiT-Ti/16 (embed 192, depth 12, 3 heads, 224 input)."""
-    return _weaktr(num_classes, **{"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
-                                   **kw})
+    return _weaktr(
+        num_classes, **{"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3, **kw}
+    )
 
 
-@register_model(tag="shapes_small", differs_from_paper=(
-    "ViT with patch 8, embed 96, depth 4, 3 heads at 64x64, AAF reduction 4, no drop-path, trained from scratch on "
-    "the shapes world; the paper uses DeiT-S/16 at 224 initialised from ImageNet"))
+@register_model(
+    tag="shapes_small",
+    differs_from_paper=(
+        "ViT with patch 8, embed 96, depth 4, 3 heads at 64x64, AAF reduction 4, no drop-path, trained from scratch on "
+        "the shapes world; the paper uses DeiT-S/16 at 224 initialised from ImageNet"
+    ),
+)
 def weaktr_shapes_tiny(num_classes: int | None = None, **kw: Any) -> WeakTr:
     """Small WeakTr for the 64 x 64 shapes world: patch 8 (8 x 8 patches), embed 96, depth 4, 3 heads, AAF
     reduction 4, no drop-path. Not a paper configuration: it exists so that every run trains on a CPU."""
-    return _weaktr(num_classes, **{"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3,
-                                   "drop_path_rate": 0.0, "reduction": 4, **kw})
+    return _weaktr(
+        num_classes,
+        **{
+            "img_size": 64,
+            "patch_size": 8,
+            "embed_dim": 96,
+            "depth": 4,
+            "num_heads": 3,
+            "drop_path_rate": 0.0,
+            "reduction": 4,
+            **kw,
+        },
+    )

@@ -115,16 +115,66 @@ def test_cli_end_to_end(tmp_path):
     clip = ["--clip-checkpoint", f"{d}/clip/model.safetensors"]
     assert main(["semples", "weaktr", "--out", f"{d}/w", *tiny]) == 0
     assert main(["semples", "match", "--out", f"{d}/a", "--weaktr", f"{d}/w/model.safetensors", *clip, *tiny]) == 0
-    assert main(["semples", "prompts", "--out", f"{d}/b", "--stage-a", f"{d}/a/model.safetensors", *clip,
-                 *tiny]) == 0
-    assert main(["semples", "refine", "--out", f"{d}/c", "--weaktr", f"{d}/w/model.safetensors", "--prompts",
-                 f"{d}/b/model.safetensors", *clip, *tiny]) == 0
-    assert main(["semples", "evaluate", "--cam", f"{d}/c/model.safetensors", "--length", "8", "--json",
-                 f"{d}/eval.json"]) == 0
+    assert main(["semples", "prompts", "--out", f"{d}/b", "--stage-a", f"{d}/a/model.safetensors", *clip, *tiny]) == 0
+    assert (
+        main(
+            [
+                "semples",
+                "refine",
+                "--out",
+                f"{d}/c",
+                "--weaktr",
+                f"{d}/w/model.safetensors",
+                "--prompts",
+                f"{d}/b/model.safetensors",
+                *clip,
+                *tiny,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["semples", "evaluate", "--cam", f"{d}/c/model.safetensors", "--length", "8", "--json", f"{d}/eval.json"])
+        == 0
+    )
     assert 0 <= json.loads((tmp_path / "eval.json").read_text())["fixed_mIoU"] <= 1
-    assert main(["semples", "pseudo-masks", "--cam", f"{d}/c/model.safetensors", "--length", "8", "--out",
-                 f"{d}/pm", "--crf", "off"]) == 0
-    assert main(["train", "fpn_resnet18", "--pseudo-masks", f"{d}/pm", "--steps", "2", "--batch-size", "4",
-                 "--val-length", "4", "--out", f"{d}/seg", "--warmup-steps", "0"]) == 0
+    assert (
+        main(
+            [
+                "semples",
+                "pseudo-masks",
+                "--cam",
+                f"{d}/c/model.safetensors",
+                "--length",
+                "8",
+                "--out",
+                f"{d}/pm",
+                "--crf",
+                "off",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "fpn_resnet18",
+                "--pseudo-masks",
+                f"{d}/pm",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--val-length",
+                "4",
+                "--out",
+                f"{d}/seg",
+                "--warmup-steps",
+                "0",
+            ]
+        )
+        == 0
+    )
     # a CLIP run without weights is refused before training
     assert main(["semples", "match", "--out", f"{d}/x", "--weaktr", f"{d}/w/model.safetensors", *tiny]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastseg.kernels import attention_fusion, attention_fusion_ref
 from fastseg.kernels._utils import interpreter_enabled, run_triton_on_cpu
 
@@ -27,9 +28,9 @@ def naive_fusion(attn, weights, k):
 CASES = [  # (B, M, K, P)
     (2, 6, 3, 16),
     (1, 1, 1, 1),
-    (3, 5, 0, 9),       # no class token: cross is empty
-    (2, 4, 7, 0),       # no patch token: both outputs empty
-    (1, 3, 20, 70),     # more rows / columns than one tile
+    (3, 5, 0, 9),  # no class token: cross is empty
+    (2, 4, 7, 0),  # no patch token: both outputs empty
+    (1, 3, 20, 70),  # more rows / columns than one tile
 ]
 
 
@@ -116,9 +117,10 @@ def test_opcheck(use_triton):
     with run_triton_on_cpu(use_triton):
         torch.library.opcheck(torch.ops.fastseg.attention_fusion.default, (attn, weights, 4))
         for need in (False, True):
-            torch.library.opcheck(torch.ops.fastseg.attention_fusion_backward.default,
-                                  (torch.randn(2, 4, 5), torch.randn(2, 5, 5), attn.detach(), weights.detach(), 4,
-                                   need))
+            torch.library.opcheck(
+                torch.ops.fastseg.attention_fusion_backward.default,
+                (torch.randn(2, 4, 5), torch.randn(2, 5, 5), attn.detach(), weights.detach(), 4, need),
+            )
 
 
 def test_decomposition_is_the_reference():

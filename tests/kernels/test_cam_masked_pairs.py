@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastseg.kernels import cam_masked_pairs, cam_masked_pairs_ref
 from fastseg.kernels._utils import interpreter_enabled, run_triton_on_cpu
 
@@ -28,8 +29,9 @@ def naive_pairs(images, cams, pair_image, pair_class, delta):
                 sx = x * (w - 1) / (width - 1) if width > 1 else 0.0
                 x0 = min(int(sx), w - 1)
                 x1, lx = min(x0 + 1, w - 1), sx - x0
-                up[y, x] = ((1 - ly) * ((1 - lx) * cam[y0, x0] + lx * cam[y0, x1])
-                            + ly * ((1 - lx) * cam[y1, x0] + lx * cam[y1, x1]))
+                up[y, x] = (1 - ly) * ((1 - lx) * cam[y0, x0] + lx * cam[y0, x1]) + ly * (
+                    (1 - lx) * cam[y1, x0] + lx * cam[y1, x1]
+                )
         mask = (up - up.min()) / (up.max() - up.min() + delta)
         fgs.append(mask * images[n].double())
         bgs.append((1 - mask) * images[n].double())
@@ -42,9 +44,9 @@ def naive_pairs(images, cams, pair_image, pair_class, delta):
 CASES = [  # (B, C, H, W, K, h, w, pairs)
     (3, 3, 17, 23, 4, 5, 6, [(0, 1), (0, 3), (2, 0), (1, 0)]),
     (1, 3, 32, 32, 2, 2, 2, [(0, 1)]),
-    (2, 1, 1, 9, 3, 1, 4, [(1, 2), (0, 0)]),    # one output row, one source row
-    (2, 4, 8, 8, 3, 8, 8, [(1, 1)]),           # same size: no interpolation
-    (2, 3, 9, 7, 3, 3, 3, []),                 # no positive pair
+    (2, 1, 1, 9, 3, 1, 4, [(1, 2), (0, 0)]),  # one output row, one source row
+    (2, 4, 8, 8, 3, 8, 8, [(1, 1)]),  # same size: no interpolation
+    (2, 3, 9, 7, 3, 3, 3, []),  # no positive pair
 ]
 
 
@@ -77,8 +79,8 @@ def test_mask_range_and_constant_cam():
     cams[0, 1] = torch.arange(9.0).view(3, 3)
     pi, pc = torch.tensor([0, 0]), torch.tensor([0, 1])
     fg, bg = cam_masked_pairs(images, cams, pi, pc, 0.1, impl="triton")
-    assert torch.all(fg[0] == 0) and torch.all(bg[0] == 1)      # constant CAM -> mask 0, never NaN
-    assert fg[1].min() == 0 and 0.98 < fg[1].max() < 1          # the delta keeps the maximum below 1
+    assert torch.all(fg[0] == 0) and torch.all(bg[0] == 1)  # constant CAM -> mask 0, never NaN
+    assert fg[1].min() == 0 and 0.98 < fg[1].max() < 1  # the delta keeps the maximum below 1
     torch.testing.assert_close(fg + bg, images.expand(2, -1, -1, -1))
 
 
@@ -107,11 +109,10 @@ def test_gradcheck_float64_with_ties(delta):
     """The explicit backward (ties split like amin / amax) equals finite differences of the reference."""
     images = torch.randn(2, 2, 5, 7, dtype=torch.float64, requires_grad=True)
     cams = torch.rand(2, 3, 3, 4, dtype=torch.float64)
-    cams[1, 2, 0, :2] = cams[1, 2].max() + 0.5   # a tie at the maximum, on source grid points
+    cams[1, 2, 0, :2] = cams[1, 2].max() + 0.5  # a tie at the maximum, on source grid points
     cams.requires_grad_()
     pi, pc = torch.tensor([0, 1, 1]), torch.tensor([2, 2, 0])
-    assert torch.autograd.gradcheck(lambda x, c: cam_masked_pairs(x, c, pi, pc, delta, impl="auto"),
-                                    (images, cams))
+    assert torch.autograd.gradcheck(lambda x, c: cam_masked_pairs(x, c, pi, pc, delta, impl="auto"), (images, cams))
 
 
 @needs_interpreter
@@ -156,8 +157,10 @@ def test_opcheck(use_triton):
         torch.library.opcheck(torch.ops.fastseg.cam_masked_pairs.default, (images, cams, pi, pc, 0.1))
         g = torch.randn(4, 3, 17, 23)
         for need in (False, True):
-            torch.library.opcheck(torch.ops.fastseg.cam_masked_pairs_backward.default,
-                                  (g, g.flip(0), images.detach(), cams.detach(), pi, pc, 0.1, need))
+            torch.library.opcheck(
+                torch.ops.fastseg.cam_masked_pairs_backward.default,
+                (g, g.flip(0), images.detach(), cams.detach(), pi, pc, 0.1, need),
+            )
 
 
 def test_reference_mask_is_plain_interpolate_minmax():

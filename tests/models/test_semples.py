@@ -10,8 +10,8 @@ import torch
 
 import fastseg
 from fastseg.checkpoint import save_weights
-from fastseg.kernels import cam_masked_pairs_ref
 from fastseg.engine.recipes import semples as recipes
+from fastseg.kernels import cam_masked_pairs_ref
 from fastseg.models import semples as S
 from fastseg.models import weaktr as W
 from fastseg.models.clip import CLIP_CONFIGS, build_clip
@@ -154,9 +154,11 @@ def test_run_c_loss_equals_its_parts(clip):
         t = clip.encode_text([f"a photo of {run.class_names[k]}." for k in cls.tolist()])
         p = clip.encode_prompts(run.prompt_learner.prompts)[cls]
     n = len(cls)
-    expected = (sum(-math.log(c(dot(v_f[i], t[i]))) for i in range(n)) / n
-                + 2.4 * sum(-math.log(1 - c(dot(v_b[i], t[i]))) for i in range(n)) / n
-                + 0.05 * sum(-math.log(1 - c(dot(v_f[i], p[i]))) for i in range(n)) / n)
+    expected = (
+        sum(-math.log(c(dot(v_f[i], t[i]))) for i in range(n)) / n
+        + 2.4 * sum(-math.log(1 - c(dot(v_b[i], t[i]))) for i in range(n)) / n
+        + 0.05 * sum(-math.log(1 - c(dot(v_f[i], p[i]))) for i in range(n)) / n
+    )
     assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-4)
 
 
@@ -168,6 +170,7 @@ def test_fused_ops_run_on_the_hot_path(clip, monkeypatch):
             assert kwargs.get("impl", "auto") != "torch"
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(W, "attention_fusion", counting("attention_fusion", W.attention_fusion))
@@ -220,8 +223,7 @@ def test_class_list_must_match_the_prompts(clip, tmp_path):
         S.SemPLeSRun(model, clip, list(reversed(model.pretrained_cfg.class_names[1:])))
     # prompts learned for other classes cannot be loaded into run (c)
     run = make_run(clip)
-    save_weights({"prompt_learner.prompts": torch.rand(3, 30, clip.width)},
-                                    tmp_path / "b.safetensors")
+    save_weights({"prompt_learner.prompts": torch.rand(3, 30, clip.width)}, tmp_path / "b.safetensors")
     with pytest.raises(ValueError, match="learned for 3 classes"):
         recipes.load_prompts(run, tmp_path / "b.safetensors")
 

@@ -85,8 +85,9 @@ def test_gradient_paths():
 def test_deit_checkpoint_loading_and_architecture_check(tmp_path):
     deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     save_weights(deit, tmp_path / "deit_tiny.safetensors")
-    model = fastseg.create_model("weaktr_deit_tiny", num_classes=21,
-                                 backbone_checkpoint=tmp_path / "deit_tiny.safetensors")
+    model = fastseg.create_model(
+        "weaktr_deit_tiny", num_classes=21, backbone_checkpoint=tmp_path / "deit_tiny.safetensors"
+    )
     torch.testing.assert_close(model.blocks[3].mlp.fc1.weight, deit.blocks[3].mlp.fc1.weight)
     torch.testing.assert_close(model.cls_tokens[0, 19], deit.cls_token[0, 0])
     assert model.pos_embed.shape == (1, 20 + 196, 192)

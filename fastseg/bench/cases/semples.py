@@ -29,8 +29,9 @@ from fastseg.kernels.attention_fusion import attention_fusion, attention_fusion_
 from fastseg.kernels.cam_masked_pairs import cam_masked_pairs, cam_masked_pairs_ref
 
 
-def _runner(device: torch.device, mode: str, forward: Callable[[dict], tuple], grad_of: str,
-            interpret: bool = False) -> Callable[[dict], Callable[[], Any]]:
+def _runner(
+    device: torch.device, mode: str, forward: Callable[[dict], tuple], grad_of: str, interpret: bool = False
+) -> Callable[[dict], Callable[[], Any]]:
     """``inputs -> callable``: the forward, or forward + gradient w.r.t. ``inputs[grad_of]`` (``fwd_bwd``)."""
 
     def factory(inputs: dict) -> Callable[[], Any]:
@@ -48,8 +49,9 @@ def _runner(device: torch.device, mode: str, forward: Callable[[dict], tuple], g
     return factory
 
 
-def _providers(device: torch.device, smoke: bool, mode: str, fused: Callable, ref: Callable,
-               grad_of: str) -> dict[str, Callable]:
+def _providers(
+    device: torch.device, smoke: bool, mode: str, fused: Callable, ref: Callable, grad_of: str
+) -> dict[str, Callable]:
     fused_run = _runner(device, mode, fused, grad_of, interpret=True)
 
     def triton_factory(inputs: dict) -> Callable[[], Any]:
@@ -73,8 +75,11 @@ def _fusion_case(device: torch.device, smoke: bool, mode: str, dtype: torch.dtyp
     def make_inputs(dev: torch.device, dt: torch.dtype) -> dict:
         gen = torch.Generator(device=dev).manual_seed(0)
         attn = torch.rand(batch, maps, n, n, device=dev, generator=gen).to(dt)
-        return {"attn": attn, "weights": torch.rand(batch, maps, device=dev, generator=gen),
-                "grad_out": (torch.randn(batch, k, p, device=dev).to(dt), torch.randn(batch, p, p, device=dev).to(dt))}
+        return {
+            "attn": attn,
+            "weights": torch.rand(batch, maps, device=dev, generator=gen),
+            "grad_out": (torch.randn(batch, k, p, device=dev).to(dt), torch.randn(batch, p, p, device=dev).to(dt)),
+        }
 
     fused = lambda x: attention_fusion(x["attn"], x["weights"], k, impl="triton")  # noqa: E731
     ref = lambda x: attention_fusion_ref(x["attn"], x["weights"], k)  # noqa: E731
@@ -82,10 +87,19 @@ def _fusion_case(device: torch.device, smoke: bool, mode: str, dtype: torch.dtyp
     read = batch * maps * n * p * elem + batch * maps * 4
     out = batch * n * p * elem
     min_bytes = read + out + ((read + out + batch * maps * 4) if mode == "fwd_bwd" else 0)
-    return KernelCase(family="attention_fusion", op="attention_fusion", shape_id=shape_id, make_inputs=make_inputs,
-                      providers=_providers(device, smoke, mode, fused, ref, "weights"),
-                      flops=2.0 * batch * maps * n * p * (2 if mode == "fwd_bwd" else 1),
-                      min_bytes=float(min_bytes), mode=mode, dtype=dtype, reference="torch", quick=True)
+    return KernelCase(
+        family="attention_fusion",
+        op="attention_fusion",
+        shape_id=shape_id,
+        make_inputs=make_inputs,
+        providers=_providers(device, smoke, mode, fused, ref, "weights"),
+        flops=2.0 * batch * maps * n * p * (2 if mode == "fwd_bwd" else 1),
+        min_bytes=float(min_bytes),
+        mode=mode,
+        dtype=dtype,
+        reference="torch",
+        quick=True,
+    )
 
 
 def _pairs_case(device: torch.device, smoke: bool, mode: str) -> KernelCase:
@@ -98,22 +112,40 @@ def _pairs_case(device: torch.device, smoke: bool, mode: str) -> KernelCase:
         gen = torch.Generator(device=dev).manual_seed(0)
         pair_image = torch.arange(pairs, device=dev) * batch // pairs  # about 1.5 pairs per image
         pair_class = torch.randint(0, k, (pairs,), device=dev, generator=gen)
-        return {"images": torch.randn(batch, channels, size, size, device=dev, generator=gen).to(dt),
-                "cams": torch.rand(batch, k, grid, grid, device=dev, generator=gen), "pair_image": pair_image,
-                "pair_class": pair_class,
-                "grad_out": tuple(torch.randn(pairs, channels, size, size, device=dev).to(dt) for _ in range(2))}
+        return {
+            "images": torch.randn(batch, channels, size, size, device=dev, generator=gen).to(dt),
+            "cams": torch.rand(batch, k, grid, grid, device=dev, generator=gen),
+            "pair_image": pair_image,
+            "pair_class": pair_class,
+            "grad_out": tuple(torch.randn(pairs, channels, size, size, device=dev).to(dt) for _ in range(2)),
+        }
 
-    fused = lambda x: cam_masked_pairs(x["images"], x["cams"], x["pair_image"], x["pair_class"], 0.1,  # noqa: E731
-                                       impl="triton", validate=False)
+    fused = lambda x: cam_masked_pairs(
+        x["images"],
+        x["cams"],
+        x["pair_image"],
+        x["pair_class"],
+        0.1,  # noqa: E731
+        impl="triton",
+        validate=False,
+    )
     ref = lambda x: cam_masked_pairs_ref(x["images"], x["cams"], x["pair_image"], x["pair_class"], 0.1)  # noqa: E731
     pixels = pairs * size * size
     fwd_bytes = pixels * channels * 4 * 3 + pairs * grid * grid * 4
     bwd_bytes = pixels * channels * 4 * 3 + batch * k * grid * grid * 4
-    return KernelCase(family="cam_masked_pairs", op="cam_masked_pairs", shape_id=shape_id, make_inputs=make_inputs,
-                      providers=_providers(device, smoke, mode, fused, ref, "cams"),
-                      flops=float(pixels * (12 + 2 * channels) * (2 if mode == "fwd_bwd" else 1)),
-                      min_bytes=float(fwd_bytes + (bwd_bytes if mode == "fwd_bwd" else 0)), mode=mode,
-                      dtype=torch.float32, reference="torch", quick=True)
+    return KernelCase(
+        family="cam_masked_pairs",
+        op="cam_masked_pairs",
+        shape_id=shape_id,
+        make_inputs=make_inputs,
+        providers=_providers(device, smoke, mode, fused, ref, "cams"),
+        flops=float(pixels * (12 + 2 * channels) * (2 if mode == "fwd_bwd" else 1)),
+        min_bytes=float(fwd_bytes + (bwd_bytes if mode == "fwd_bwd" else 0)),
+        mode=mode,
+        dtype=torch.float32,
+        reference="torch",
+        quick=True,
+    )
 
 
 @register_kernel_cases("attention_fusion")

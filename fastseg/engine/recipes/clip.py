@@ -57,23 +57,52 @@ def _contrastive_loss(model: torch.nn.Module, batch: dict[str, Any], tokenizer: 
     # pairs with identical texts are not negatives of each other: soft targets over equal captions
     same = torch.tensor([[a == b for b in texts] for a in texts], dtype=logits.dtype, device=logits.device)
     target = same / same.sum(1, keepdim=True)
-    loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
-                  + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
+    loss = 0.5 * (
+        torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.t().log_softmax(1), 1).mean()
+    )
     return {"loss": loss, "logit_scale": model.logit_scale.exp().detach()}
 
 
-def train_clip(out_dir: str | os.PathLike, config_name: str = "shapes-tiny-clip", steps: int = 600,
-               batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.1, seed: int = 0,
-               train_length: int = 4096, eval_length: int = 256, resume: str | None = "auto", save_every: int = 100,
-               device: str = "auto", stop_at_step: int | None = None) -> tuple[TrainResult, dict[str, float]]:
+def train_clip(
+    out_dir: str | os.PathLike,
+    config_name: str = "shapes-tiny-clip",
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    weight_decay: float = 0.1,
+    seed: int = 0,
+    train_length: int = 4096,
+    eval_length: int = 256,
+    resume: str | None = "auto",
+    save_every: int = 100,
+    device: str = "auto",
+    stop_at_step: int | None = None,
+) -> tuple[TrainResult, dict[str, float]]:
     """Train CLIP ``config_name`` from scratch; writes ``model.safetensors`` and ``retrieval.json`` to ``out_dir``."""
     clip = build_clip(config_name)
     model = clip.trainable()
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=min(50, steps
-                      // 10), poly_power=1.0, out_dir=str(out_dir), seed=seed, save_every=save_every, device=device,
-                      progress=False, log_every=max(1, min(10, steps)))
-    result = train(model, CaptionedShapes("train", length=train_length), cfg, resume=resume,
-                   loss_fn=lambda m, b: _contrastive_loss(m, b, clip.tokenizer), stop_at_step=stop_at_step)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=min(50, steps // 10),
+        poly_power=1.0,
+        out_dir=str(out_dir),
+        seed=seed,
+        save_every=save_every,
+        device=device,
+        progress=False,
+        log_every=max(1, min(10, steps)),
+    )
+    result = train(
+        model,
+        CaptionedShapes("train", length=train_length),
+        cfg,
+        resume=resume,
+        loss_fn=lambda m, b: _contrastive_loss(m, b, clip.tokenizer),
+        stop_at_step=stop_at_step,
+    )
     clip.freeze()
     metrics: dict[str, float] = {}
     if result.end_step >= steps:
@@ -94,10 +123,14 @@ def clip_retrieval_accuracy(clip: FrozenCLIP, dataset: CaptionedShapes, batch_si
         sample = dataset[i]
         images.append(sample["image"])
         captions.append(sample["captions"].split("\n"))
-    img = torch.cat([clip.encode_image(torch.stack(images[i:i + batch_size]).to(device))
-                     for i in range(0, len(images), batch_size)])
+    img = torch.cat(
+        [
+            clip.encode_image(torch.stack(images[i : i + batch_size]).to(device))
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     full = [c[0] for c in captions]
-    txt = torch.cat([clip.encode_text(full[i:i + batch_size]) for i in range(0, len(full), batch_size)])
+    txt = torch.cat([clip.encode_text(full[i : i + batch_size]) for i in range(0, len(full), batch_size)])
     sim = img @ txt.t()
     i2t = sum(full[int(j)] == full[i] for i, j in enumerate(sim.argmax(1))) / len(full)
     t2i = sum(full[int(j)] == full[i] for i, j in enumerate(sim.argmax(0))) / len(full)
@@ -106,5 +139,10 @@ def clip_retrieval_accuracy(clip: FrozenCLIP, dataset: CaptionedShapes, batch_si
     guess = (img @ names.t()).argmax(1)
     present = [{s for s in shapes if f"a photo of {s}." in c} for c in captions]
     zero_shot = sum(shapes[int(g)] in p for g, p in zip(guess, present)) / len(present)
-    return {"image_to_text_top1": i2t, "text_to_image_top1": t2i, "zero_shot_shape_top1": zero_shot,
-            "chance_image_to_text": 1 / len(set(full)), "num_images": len(full)}
+    return {
+        "image_to_text_top1": i2t,
+        "text_to_image_top1": t2i,
+        "zero_shot_shape_top1": zero_shot,
+        "chance_image_to_text": 1 / len(set(full)),
+        "num_images": len(full),
+    }

@@ -70,8 +70,9 @@ SWEEP_START, SWEEP_STEP = 0.40, 0.01
 # ----------------------------------------------------------------------------------------------------------------
 # Augmentation (the global torch RNG, which the trainer seeds and restores on resume)
 # ----------------------------------------------------------------------------------------------------------------
-def augment_batch(images: torch.Tensor, colour: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
-                  erase_prob: float = 0.25) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, colour: bool, crop_scale: tuple[float, float] = (0.5, 1.0), erase_prob: float = 0.25
+) -> torch.Tensor:
     """Per image: random resized crop (area ``crop_scale``, aspect 3/4..4/3) back to the input size and a
     horizontal flip; with ``colour`` also brightness / contrast / saturation jitter 0.4 and random erasing."""
     batch, _, height, width = images.shape
@@ -85,8 +86,9 @@ def augment_batch(images: torch.Tensor, colour: bool, crop_scale: tuple[float, f
         w = min(width, max(4, round(math.sqrt(area * ratio))))
         top = int(torch.randint(0, height - h + 1, ()))
         left = int(torch.randint(0, width - w + 1, ()))
-        x = F.interpolate(x[None, :, top:top + h, left:left + w], size=(height, width), mode="bilinear",
-                          align_corners=False)[0]
+        x = F.interpolate(
+            x[None, :, top : top + h, left : left + w], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
         if bool(torch.rand(()) < 0.5):
             x = x.flip(-1)
         if colour:
@@ -101,7 +103,7 @@ def augment_batch(images: torch.Tensor, colour: bool, crop_scale: tuple[float, f
                 eh, ew = int(torch.randint(4, height // 2 + 1, ())), int(torch.randint(4, width // 2 + 1, ()))
                 ey, ex = int(torch.randint(0, height - eh + 1, ())), int(torch.randint(0, width - ew + 1, ()))
                 x = x.clone()
-                x[:, ey:ey + eh, ex:ex + ew] = torch.randn(3, eh, ew)
+                x[:, ey : ey + eh, ex : ex + ew] = torch.randn(3, eh, ew)
         out.append(x)
     return torch.stack(out)
 
@@ -113,11 +115,30 @@ def _scaled_lr(stage: str, batch_size: int, lr: float | None) -> float:
     return lr if lr is not None else BASE_LR[stage] * batch_size / 512
 
 
-def _train_config(out_dir: str | os.PathLike, steps: int, batch_size: int, lr: float, seed: int, save_every: int,
-                  device: str, weight_decay: float = 0.03) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=0,
-                       poly_power=0.9, out_dir=str(out_dir), seed=seed, save_every=save_every, device=device,
-                       progress=False, log_every=max(1, min(10, steps)))
+def _train_config(
+    out_dir: str | os.PathLike,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    save_every: int,
+    device: str,
+    weight_decay: float = 0.03,
+) -> TrainConfig:
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=0,
+        poly_power=0.9,
+        out_dir=str(out_dir),
+        seed=seed,
+        save_every=save_every,
+        device=device,
+        progress=False,
+        log_every=max(1, min(10, steps)),
+    )
 
 
 def _write_run_json(out_dir: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -126,17 +147,37 @@ def _write_run_json(out_dir: str | os.PathLike, record: dict[str, Any]) -> None:
     path.write_text(json.dumps(record, indent=2, default=str))
 
 
-def train_weaktr(out_dir: str | os.PathLike, model_name: str = "weaktr_shapes_tiny", steps: int = 600,
-                 batch_size: int = 32, lr: float | None = None, seed: int = SEED, train_length: int = 4096,
-                 backbone_checkpoint: str | os.PathLike | None = None, resume: str | None = "auto",
-                 save_every: int = 100, device: str = "auto", impl: str = "auto",
-                 stop_at_step: int | None = None) -> TrainResult:
+def train_weaktr(
+    out_dir: str | os.PathLike,
+    model_name: str = "weaktr_shapes_tiny",
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float | None = None,
+    seed: int = SEED,
+    train_length: int = 4096,
+    backbone_checkpoint: str | os.PathLike | None = None,
+    resume: str | None = "auto",
+    save_every: int = 100,
+    device: str = "auto",
+    impl: str = "auto",
+    stop_at_step: int | None = None,
+) -> TrainResult:
     """WeakTr phase 1 on the shapes world's image-level labels; writes ``<out_dir>/model.safetensors``."""
     model = create_model(model_name, backbone_checkpoint=backbone_checkpoint, impl=impl)
     train_set = WeakShapes("train", length=train_length, seed=0)
     lr = _scaled_lr("weaktr", batch_size, lr)
-    _write_run_json(out_dir, {"stage": "weaktr", "model": model_name, "steps": steps, "batch_size": batch_size,
-                              "lr": lr, "seed": seed, "train_length": train_length})
+    _write_run_json(
+        out_dir,
+        {
+            "stage": "weaktr",
+            "model": model_name,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "train_length": train_length,
+        },
+    )
 
     def loss_fn(m: WeakTr, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return m.loss({"image": augment_batch(batch["image"], colour=True), "image_labels": batch["image_labels"]})
@@ -149,7 +190,7 @@ def load_cam_model(path: str | os.PathLike, model_name: str = "weaktr_shapes_tin
     """A WeakTr from a phase-1 checkpoint, or the CAM model inside a SemPLeS run checkpoint (keys ``cam_model.*``)."""
     state = ckpt.load_state_dict(path)
     if any(k.startswith("cam_model.") for k in state):
-        state = {k[len("cam_model."):]: v for k, v in state.items() if k.startswith("cam_model.")}
+        state = {k[len("cam_model.") :]: v for k, v in state.items() if k.startswith("cam_model.")}
     names = ckpt.read_metadata(path).get("class_names")
     kwargs: dict[str, Any] = {"impl": impl}
     if names:
@@ -162,8 +203,14 @@ def load_cam_model(path: str | os.PathLike, model_name: str = "weaktr_shapes_tin
     return model
 
 
-def build_run(cam_checkpoint: str | os.PathLike, clip: FrozenCLIP, model_name: str = "weaktr_shapes_tiny",
-              class_names: Sequence[str] | None = None, impl: str = "auto", **lambdas: float) -> SemPLeSRun:
+def build_run(
+    cam_checkpoint: str | os.PathLike,
+    clip: FrozenCLIP,
+    model_name: str = "weaktr_shapes_tiny",
+    class_names: Sequence[str] | None = None,
+    impl: str = "auto",
+    **lambdas: float,
+) -> SemPLeSRun:
     """A `SemPLeSRun` whose CAM model comes from ``cam_checkpoint``; the prompt class names default to the CAM
     model's foreground class names (``ValueError`` when given names do not match them)."""
     cam_model = load_cam_model(cam_checkpoint, model_name, impl)
@@ -171,9 +218,21 @@ def build_run(cam_checkpoint: str | os.PathLike, clip: FrozenCLIP, model_name: s
     return SemPLeSRun(cam_model, clip, names, impl=impl, **lambdas)
 
 
-def _stage(stage: str, run: SemPLeSRun, out_dir: str | os.PathLike, steps: int, batch_size: int, lr: float | None,
-           seed: int, train_length: int, resume: str | None, save_every: int, device: str,
-           stop_at_step: int | None, extra: dict[str, Any]) -> TrainResult:
+def _stage(
+    stage: str,
+    run: SemPLeSRun,
+    out_dir: str | os.PathLike,
+    steps: int,
+    batch_size: int,
+    lr: float | None,
+    seed: int,
+    train_length: int,
+    resume: str | None,
+    save_every: int,
+    device: str,
+    stop_at_step: int | None,
+    extra: dict[str, Any],
+) -> TrainResult:
     """Freeze per stage, then the fastseg trainer with the stage's loss and parameter groups."""
     for p in run.parameters():
         p.requires_grad_(False)
@@ -190,41 +249,108 @@ def _stage(stage: str, run: SemPLeSRun, out_dir: str | os.PathLike, steps: int, 
     def param_groups(m: SemPLeSRun, cfg: TrainConfig) -> list[dict[str, Any]]:
         decay = [p for p in trainable if p.ndim >= 2 or stage == "b"]  # the prompts are decayed too (D.10)
         rest = [p for p in trainable if not (p.ndim >= 2 or stage == "b")]
-        return [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                            {"params": rest, "weight_decay": 0.0}) if g["params"]]
+        return [
+            g
+            for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]
+        ]
 
-    _write_run_json(out_dir, {"stage": stage, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                              "train_length": train_length, "clip": run.clip.config_name,
-                              "class_names": list(run.class_names), "lambda_b": run.lambda_b,
-                              "lambda_p": run.lambda_p, "lambda_r": run.lambda_r, **extra})
+    _write_run_json(
+        out_dir,
+        {
+            "stage": stage,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "train_length": train_length,
+            "clip": run.clip.config_name,
+            "class_names": list(run.class_names),
+            "lambda_b": run.lambda_b,
+            "lambda_p": run.lambda_p,
+            "lambda_r": run.lambda_r,
+            **extra,
+        },
+    )
     cfg = _train_config(out_dir, steps, batch_size, lr, seed, save_every, device)
     train_set = WeakShapes("train", length=train_length, seed=0)
-    return train(run, train_set, cfg, resume=resume, loss_fn=loss_fn, param_groups=param_groups,
-                 stop_at_step=stop_at_step)
+    return train(
+        run, train_set, cfg, resume=resume, loss_fn=loss_fn, param_groups=param_groups, stop_at_step=stop_at_step
+    )
 
 
-def run_segment_label_matching(weaktr_checkpoint: str | os.PathLike, clip: FrozenCLIP, out_dir: str | os.PathLike,
-                               steps: int = 300, batch_size: int = 32, lr: float | None = None, seed: int = SEED,
-                               train_length: int = 4096, resume: str | None = "auto", save_every: int = 50,
-                               device: str = "auto", model_name: str = "weaktr_shapes_tiny",
-                               class_names: Sequence[str] | None = None, impl: str = "auto",
-                               stop_at_step: int | None = None, **lambdas: float) -> TrainResult:
+def run_segment_label_matching(
+    weaktr_checkpoint: str | os.PathLike,
+    clip: FrozenCLIP,
+    out_dir: str | os.PathLike,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float | None = None,
+    seed: int = SEED,
+    train_length: int = 4096,
+    resume: str | None = "auto",
+    save_every: int = 50,
+    device: str = "auto",
+    model_name: str = "weaktr_shapes_tiny",
+    class_names: Sequence[str] | None = None,
+    impl: str = "auto",
+    stop_at_step: int | None = None,
+    **lambdas: float,
+) -> TrainResult:
     """Run (a): CAM head + AAF trained with L_a from the WeakTr weights."""
     run = build_run(weaktr_checkpoint, clip, model_name, class_names, impl, **lambdas)
-    return _stage("a", run, out_dir, steps, batch_size, lr, seed, train_length, resume, save_every, device,
-                  stop_at_step, {"init": str(weaktr_checkpoint)})
+    return _stage(
+        "a",
+        run,
+        out_dir,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        train_length,
+        resume,
+        save_every,
+        device,
+        stop_at_step,
+        {"init": str(weaktr_checkpoint)},
+    )
 
 
-def run_prompt_learning(stage_a_checkpoint: str | os.PathLike, clip: FrozenCLIP, out_dir: str | os.PathLike,
-                        steps: int = 300, batch_size: int = 32, lr: float | None = None, seed: int = SEED,
-                        train_length: int = 4096, resume: str | None = "auto", save_every: int = 50,
-                        device: str = "auto", model_name: str = "weaktr_shapes_tiny",
-                        class_names: Sequence[str] | None = None, impl: str = "auto",
-                        stop_at_step: int | None = None, **lambdas: float) -> TrainResult:
+def run_prompt_learning(
+    stage_a_checkpoint: str | os.PathLike,
+    clip: FrozenCLIP,
+    out_dir: str | os.PathLike,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float | None = None,
+    seed: int = SEED,
+    train_length: int = 4096,
+    resume: str | None = "auto",
+    save_every: int = 50,
+    device: str = "auto",
+    model_name: str = "weaktr_shapes_tiny",
+    class_names: Sequence[str] | None = None,
+    impl: str = "auto",
+    stop_at_step: int | None = None,
+    **lambdas: float,
+) -> TrainResult:
     """Run (b): the background prompts trained with L_b; the CAM model of run (a) frozen."""
     run = build_run(stage_a_checkpoint, clip, model_name, class_names, impl, **lambdas)
-    return _stage("b", run, out_dir, steps, batch_size, lr, seed, train_length, resume, save_every, device,
-                  stop_at_step, {"init": str(stage_a_checkpoint)})
+    return _stage(
+        "b",
+        run,
+        out_dir,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        train_length,
+        resume,
+        save_every,
+        device,
+        stop_at_step,
+        {"init": str(stage_a_checkpoint)},
+    )
 
 
 def load_prompts(run: SemPLeSRun, path: str | os.PathLike) -> None:
@@ -237,34 +363,70 @@ def load_prompts(run: SemPLeSRun, path: str | os.PathLike) -> None:
     saved = tuple(json.loads(names))[1:] if names else None
     prompts = state[key]
     if prompts.shape[0] != len(run.class_names) or (saved is not None and saved != run.class_names):
-        raise ValueError(f"the prompts in {path} were learned for {prompts.shape[0]} classes {saved} but this run "
-                         f"has {len(run.class_names)} classes {list(run.class_names)}")
+        raise ValueError(
+            f"the prompts in {path} were learned for {prompts.shape[0]} classes {saved} but this run "
+            f"has {len(run.class_names)} classes {list(run.class_names)}"
+        )
     if prompts.shape[1:] != run.prompt_learner.prompts.shape[1:]:
-        raise ValueError(f"the prompts in {path} have shape {tuple(prompts.shape)}; this run's CLIP / prompt length "
-                         f"needs {tuple(run.prompt_learner.prompts.shape)}")
+        raise ValueError(
+            f"the prompts in {path} have shape {tuple(prompts.shape)}; this run's CLIP / prompt length "
+            f"needs {tuple(run.prompt_learner.prompts.shape)}"
+        )
     with torch.no_grad():
         run.prompt_learner.prompts.copy_(prompts)
 
 
-def run_prompt_refinement(weaktr_checkpoint: str | os.PathLike, prompts_checkpoint: str | os.PathLike,
-                          clip: FrozenCLIP, out_dir: str | os.PathLike, steps: int = 300, batch_size: int = 32,
-                          lr: float | None = None, seed: int = SEED, train_length: int = 4096,
-                          resume: str | None = "auto", save_every: int = 50, device: str = "auto",
-                          model_name: str = "weaktr_shapes_tiny", class_names: Sequence[str] | None = None,
-                          impl: str = "auto", stop_at_step: int | None = None, **lambdas: float) -> TrainResult:
+def run_prompt_refinement(
+    weaktr_checkpoint: str | os.PathLike,
+    prompts_checkpoint: str | os.PathLike,
+    clip: FrozenCLIP,
+    out_dir: str | os.PathLike,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float | None = None,
+    seed: int = SEED,
+    train_length: int = 4096,
+    resume: str | None = "auto",
+    save_every: int = 50,
+    device: str = "auto",
+    model_name: str = "weaktr_shapes_tiny",
+    class_names: Sequence[str] | None = None,
+    impl: str = "auto",
+    stop_at_step: int | None = None,
+    **lambdas: float,
+) -> TrainResult:
     """Run (c): restart from the WeakTr weights (not run (a)); prompts of run (b) frozen; L_c."""
     run = build_run(weaktr_checkpoint, clip, model_name, class_names, impl, **lambdas)
     load_prompts(run, prompts_checkpoint)
-    return _stage("c", run, out_dir, steps, batch_size, lr, seed, train_length, resume, save_every, device,
-                  stop_at_step, {"init": str(weaktr_checkpoint), "prompts": str(prompts_checkpoint)})
+    return _stage(
+        "c",
+        run,
+        out_dir,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        train_length,
+        resume,
+        save_every,
+        device,
+        stop_at_step,
+        {"init": str(weaktr_checkpoint), "prompts": str(prompts_checkpoint)},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CAM inference and pseudo masks
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def multiscale_cams(model: WeakTr, images: torch.Tensor, labels: torch.Tensor,
-                    scales: Sequence[float] = (1.0, 1.2), flip: bool = True, cam: str = "fine") -> torch.Tensor:
+def multiscale_cams(
+    model: WeakTr,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scales: Sequence[float] = (1.0, 1.2),
+    flip: bool = True,
+    cam: str = "fine",
+) -> torch.Tensor:
     """``(B, K, H, W)`` CAMs in [0, 1]: fine CAMs at every scale (+ flip), upsampled to the image, summed, kept for
     the positive classes only, and min-max normalised per (image, class) (spec D.6; WeakTr's 1e-8 denominator).
     ``cam="coarse"`` uses the CAM head's map instead (the plain GAP-classifier CAM baseline)."""
@@ -276,9 +438,12 @@ def multiscale_cams(model: WeakTr, images: torch.Tensor, labels: torch.Tensor,
     total = images.new_zeros(batch, model.num_cam_classes, height, width)
     for scale in scales:
         size = (max(p, round(height * scale / p) * p), max(p, round(width * scale / p) * p))
-        scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if size != (height, width) \
+        scaled = (
+            F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            if size != (height, width)
             else images
-        for flipped in ((False, True) if flip else (False,)):
+        )
+        for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             fine = F.relu(model.forward_cams(x)[cam])
             fine = F.interpolate(fine, size=(height, width), mode="bilinear", align_corners=False)
@@ -303,8 +468,9 @@ def crf_available() -> bool:
     return True
 
 
-def dense_crf(image_rgb: np.ndarray, labels: np.ndarray, num_classes: int, gt_prob: float = 0.7,
-              iterations: int = 10) -> np.ndarray:
+def dense_crf(
+    image_rgb: np.ndarray, labels: np.ndarray, num_classes: int, gt_prob: float = 0.7, iterations: int = 10
+) -> np.ndarray:
     """Dense CRF on a label map (spec D.6, VOC pairwise settings); needs ``pydensecrf``."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels
@@ -324,31 +490,51 @@ def _resolve_crf(crf: str) -> bool:
         return False
     if crf_available():
         return True
-    message = ("dense CRF skipped: no CRF package is importable (`pip install pydensecrf` provides "
-               "pydensecrf.densecrf); pseudo masks are the thresholded CAMs")
+    message = (
+        "dense CRF skipped: no CRF package is importable (`pip install pydensecrf` provides "
+        "pydensecrf.densecrf); pseudo masks are the thresholded CAMs"
+    )
     if crf == "on":
         raise ValueError(message.replace("skipped", "requested but unavailable"))
     print(f"[fastseg semples] {message}")
     return False
 
 
-def _dataset_cams(model: WeakTr, dataset: WeakShapes, batch_size: int, scales: Sequence[float],
-                  device: torch.device, cam: str = "fine") -> Callable[[], Any]:
+def _dataset_cams(
+    model: WeakTr,
+    dataset: WeakShapes,
+    batch_size: int,
+    scales: Sequence[float],
+    device: torch.device,
+    cam: str = "fine",
+) -> Callable[[], Any]:
     """Yields ``(cams, labels_gt or None, images, indices)`` per batch."""
+
     def generate():
         for start in range(0, len(dataset), batch_size):
             samples = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             images = torch.stack([s["image"] for s in samples]).to(device)
             labels = torch.stack([s["image_labels"] for s in samples]).to(device)
             masks = torch.stack([s["mask"] for s in samples]) if "mask" in samples[0] else None
-            yield (multiscale_cams(model, images, labels, scales, cam=cam), masks, images,
-                   [s["index"] for s in samples])
+            yield (
+                multiscale_cams(model, images, labels, scales, cam=cam),
+                masks,
+                images,
+                [s["index"] for s in samples],
+            )
+
     return generate
 
 
-def evaluate_cams(model: WeakTr, dataset: WeakShapes, thresholds: Sequence[float], batch_size: int = 32,
-                  scales: Sequence[float] = (1.0, 1.2), device: str | torch.device = "cpu",
-                  cam: str = "fine") -> dict[float, dict]:
+def evaluate_cams(
+    model: WeakTr,
+    dataset: WeakShapes,
+    thresholds: Sequence[float],
+    batch_size: int = 32,
+    scales: Sequence[float] = (1.0, 1.2),
+    device: str | torch.device = "cpu",
+    cam: str = "fine",
+) -> dict[float, dict]:
     """mIoU (and per-class IoU) of the CAM pseudo labels against the dataset's ground truth, per threshold."""
     if not dataset.with_masks:
         raise ValueError("evaluate_cams needs ground-truth masks: build the dataset with with_masks=True")
@@ -361,8 +547,14 @@ def evaluate_cams(model: WeakTr, dataset: WeakShapes, thresholds: Sequence[float
     return {t: cm.compute() for t, cm in matrices.items()}
 
 
-def sweep_threshold(model: WeakTr, dataset: WeakShapes, start: float = SWEEP_START, step: float = SWEEP_STEP,
-                    max_threshold: float = 0.95, **kw: Any) -> dict[str, Any]:
+def sweep_threshold(
+    model: WeakTr,
+    dataset: WeakShapes,
+    start: float = SWEEP_START,
+    step: float = SWEEP_STEP,
+    max_threshold: float = 0.95,
+    **kw: Any,
+) -> dict[str, Any]:
     """The official protocol (peeks at train ground truth): raise t from ``start`` by ``step`` and stop at the
     first drop in mIoU; returns the best t, its metrics and the curve."""
     grid = [round(start + i * step, 4) for i in range(int(round((max_threshold - start) / step)) + 1)]
@@ -376,10 +568,19 @@ def sweep_threshold(model: WeakTr, dataset: WeakShapes, start: float = SWEEP_STA
     return {"threshold": best_t, "metrics": results[best_t], "curve": curve}
 
 
-def write_pseudo_masks(model: WeakTr, out_dir: str | os.PathLike, split: str = "train", length: int = 4096,
-                       seed: int = 0, threshold: float = DEFAULT_BACKGROUND_THRESHOLD, crf: str = "auto",
-                       batch_size: int = 32, scales: Sequence[float] = (1.0, 1.2),
-                       device: str | torch.device = "cpu", cam: str = "fine") -> Path:
+def write_pseudo_masks(
+    model: WeakTr,
+    out_dir: str | os.PathLike,
+    split: str = "train",
+    length: int = 4096,
+    seed: int = 0,
+    threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
+    crf: str = "auto",
+    batch_size: int = 32,
+    scales: Sequence[float] = (1.0, 1.2),
+    device: str | torch.device = "cpu",
+    cam: str = "fine",
+) -> Path:
     """Write one label PNG per image (uint8 WSSS ids) and ``meta.json``; returns the folder.
 
     The folder is written completely into ``<out_dir>.partial`` and renamed at the end, so an existing folder is
@@ -408,10 +609,21 @@ def write_pseudo_masks(model: WeakTr, out_dir: str | os.PathLike, split: str = "
                 save_png(lab, partial / mask_file_name(index))
                 indices.append(index)
     config = dataset.config
-    meta = {"split": split, "length": length, "seed": seed, "config": {
-        k: getattr(config, k) for k in config.__dataclass_fields__}, "class_names": list(dataset.class_names),
-        "num_classes": dataset.num_classes, "ignore_index": dataset.ignore_index, "indices": indices,
-        "threshold": threshold, "crf": use_crf, "scales": list(scales), "cam": cam, "model": getattr(model, "model_name", None)}
+    meta = {
+        "split": split,
+        "length": length,
+        "seed": seed,
+        "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+        "class_names": list(dataset.class_names),
+        "num_classes": dataset.num_classes,
+        "ignore_index": dataset.ignore_index,
+        "indices": indices,
+        "threshold": threshold,
+        "crf": use_crf,
+        "scales": list(scales),
+        "cam": cam,
+        "model": getattr(model, "model_name", None),
+    }
     (partial / META_FILE).write_text(json.dumps(meta, indent=2))
     partial.rename(out)
     return out
