@@ -68,28 +68,17 @@ def attention_fusion_ref(
     return cross.to(attn.dtype), patch.to(attn.dtype)
 
 
+# Triton kernels and launchers keep their long argument lists compact.
+# fmt: off
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_fusion_fwd_kernel(
-    attn_ptr,
-    w_ptr,
-    cross_ptr,
-    patch_ptr,
-    M,
-    N,
-    K,
-    P,
-    inv_m,
-    s_ab,
-    s_am,
-    s_ai,
-    s_aj,
-    s_wb,
-    s_wm,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    attn_ptr, w_ptr, cross_ptr, patch_ptr,
+    M, N, K, P, inv_m,
+    s_ab, s_am, s_ai, s_aj, s_wb, s_wm,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -120,31 +109,11 @@ def _attention_fusion_fwd_kernel(
 
 @triton.jit
 def _attention_fusion_bwd_kernel(
-    attn_ptr,
-    w_ptr,
-    gcross_ptr,
-    gpatch_ptr,
-    part_ptr,
-    gattn_ptr,
-    M,
-    N,
-    K,
-    P,
-    inv_m,
-    num_tiles,
-    s_ab,
-    s_am,
-    s_ai,
-    s_aj,
-    s_wb,
-    s_wm,
-    s_gb,
-    s_gm,
-    s_gi,
-    s_gj,
-    NEED_GRAD_ATTN: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    attn_ptr, w_ptr, gcross_ptr, gpatch_ptr, part_ptr, gattn_ptr,
+    M, N, K, P, inv_m, num_tiles,
+    s_ab, s_am, s_ai, s_aj, s_wb, s_wm,
+    s_gb, s_gm, s_gi, s_gj,
+    NEED_GRAD_ATTN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -157,16 +126,10 @@ def _attention_fusion_bwd_kernel(
     tile_ok = row_ok[:, None] & col_ok[None, :]
     out_cols = cols.to(tl.int64)[None, :]
     # the upstream gradient tile, read once: rows < K from grad_cross, rows >= K from grad_patch (both contiguous)
-    g_cross = tl.load(
-        gcross_ptr + b * K * P + rows.to(tl.int64)[:, None] * P + out_cols,
-        mask=tile_ok & (rows < K)[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    g_patch = tl.load(
-        gpatch_ptr + b * P * P + (rows - K).to(tl.int64)[:, None] * P + out_cols,
-        mask=tile_ok & (rows >= K)[:, None],
-        other=0.0,
-    ).to(tl.float32)
+    g_cross = tl.load(gcross_ptr + b * K * P + rows.to(tl.int64)[:, None] * P + out_cols,
+                      mask=tile_ok & (rows < K)[:, None], other=0.0).to(tl.float32)
+    g_patch = tl.load(gpatch_ptr + b * P * P + (rows - K).to(tl.int64)[:, None] * P + out_cols,
+                      mask=tile_ok & (rows >= K)[:, None], other=0.0).to(tl.float32)
     g = g_cross + g_patch
     offs = rows.to(tl.int64)[:, None] * s_ai + (cols + K).to(tl.int64)[None, :] * s_aj
     goffs = rows.to(tl.int64)[:, None] * s_gi + (cols + K).to(tl.int64)[None, :] * s_gj
@@ -197,9 +160,8 @@ def _kernel_view(attn: torch.Tensor) -> torch.Tensor:
     return attn
 
 
-def _attention_fusion_triton(
-    attn: torch.Tensor, weights: torch.Tensor, num_class_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fusion_triton(attn: torch.Tensor, weights: torch.Tensor,
+                             num_class_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch, maps, tokens, _ = attn.shape
     k, p = num_class_tokens, tokens - num_class_tokens
     cross = attn.new_empty((batch, k, p))
@@ -212,21 +174,9 @@ def _attention_fusion_triton(
     cross_k, patch_k = (cross, patch) if out_dtype == attn.dtype else (cross.to(out_dtype), patch.to(out_dtype))
     grid = (triton.cdiv(tokens, _BLOCK_I), triton.cdiv(p, _BLOCK_J), batch)
     _attention_fusion_fwd_kernel[grid](
-        src,
-        weights,
-        cross_k,
-        patch_k,
-        maps,
-        tokens,
-        k,
-        p,
-        1.0 / maps,
-        *src.stride(),
-        weights.stride(0),
-        weights.stride(1),
-        BLOCK_I=_BLOCK_I,
-        BLOCK_J=_BLOCK_J,
-        num_warps=4,
+        src, weights, cross_k, patch_k, maps, tokens, k, p, 1.0 / maps,
+        *src.stride(), weights.stride(0), weights.stride(1),
+        BLOCK_I=_BLOCK_I, BLOCK_J=_BLOCK_J, num_warps=4,
     )
     if cross_k is not cross:
         cross.copy_(cross_k), patch.copy_(patch_k)
@@ -260,26 +210,10 @@ def _attention_fusion_backward_triton(grad_cross, grad_patch, attn, weights, num
     part = torch.empty((batch, maps, num_tiles), dtype=torch.float32, device=attn.device)
     grad_attn = torch.zeros(attn.shape, dtype=src.dtype, device=attn.device) if need_grad_attn else part
     _attention_fusion_bwd_kernel[grid](
-        src,
-        weights,
-        gc,
-        gp,
-        part,
-        grad_attn,
-        maps,
-        tokens,
-        k,
-        p,
-        1.0 / maps,
-        num_tiles,
-        *src.stride(),
-        weights.stride(0),
-        weights.stride(1),
+        src, weights, gc, gp, part, grad_attn, maps, tokens, k, p, 1.0 / maps, num_tiles,
+        *src.stride(), weights.stride(0), weights.stride(1),
         *(grad_attn.stride() if need_grad_attn else (0, 0, 0, 0)),
-        NEED_GRAD_ATTN=need_grad_attn,
-        BLOCK_I=_BLOCK_I,
-        BLOCK_J=_BLOCK_J,
-        num_warps=4,
+        NEED_GRAD_ATTN=need_grad_attn, BLOCK_I=_BLOCK_I, BLOCK_J=_BLOCK_J, num_warps=4,
     )
     grad_w = part.sum(-1).to(weights.dtype)
     if not need_grad_attn:
@@ -287,6 +221,7 @@ def _attention_fusion_backward_triton(grad_cross, grad_patch, attn, weights, num
     return grad_w, grad_attn.to(attn.dtype)
 
 
+# fmt: on
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ def _mask_jacobian(
     return grad_cams.to(cams.dtype)
 
 
+# Triton kernels and launchers keep their long argument lists compact.
+# fmt: off
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,9 +141,8 @@ def _upsampled_cam(cam_base, pix, pix_ok, W, h, w, scale_y, scale_x, s_ch, s_cw)
 
 
 @triton.jit
-def _cam_minmax_kernel(
-    cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, HW, W, h, w, scale_y, scale_x, s_cb, s_ck, s_ch, s_cw, BLOCK: tl.constexpr
-):
+def _cam_minmax_kernel(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, HW, W, h, w, scale_y, scale_x,
+                       s_cb, s_ck, s_ch, s_cw, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     n = tl.load(pimg_ptr + p)
     k = tl.load(pcls_ptr + p)
@@ -159,9 +160,8 @@ def _cam_minmax_kernel(
 
 
 @triton.jit
-def _pair_mask(
-    cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta, s_cb, s_ck, s_ch, s_cw
-):
+def _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta,
+               s_cb, s_ck, s_ch, s_cw):
     n = tl.load(pimg_ptr + p)
     k = tl.load(pcls_ptr + p)
     u = _upsampled_cam(cams_ptr + n * s_cb + k * s_ck, pix, ok, W, h, w, scale_y, scale_x, s_ch, s_cw)
@@ -171,90 +171,28 @@ def _pair_mask(
 
 
 @triton.jit
-def _pair_tile(
-    x_ptr,
-    cams_ptr,
-    pimg_ptr,
-    pcls_ptr,
-    stats_ptr,
-    C,
-    HW,
-    W,
-    h,
-    w,
-    scale_y,
-    scale_x,
-    delta,
-    s_xb,
-    s_xh,
-    s_xw,
-    s_cb,
-    s_ck,
-    s_ch,
-    s_cw,
-    BLOCK: tl.constexpr,
-):
+def _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, scale_y, scale_x, delta,
+               s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw, BLOCK: tl.constexpr):
     """Program prologue: this tile's pixels, their mask values, image pointers and (P, C, H, W) output offsets."""
     p = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = pix < HW
-    n, m = _pair_mask(
-        cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta, s_cb, s_ck, s_ch, s_cw
-    )
+    n, m = _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta,
+                      s_cb, s_ck, s_ch, s_cw)
     x_ptrs = x_ptr + n * s_xb + (pix // W).to(tl.int64) * s_xh + (pix % W).to(tl.int64) * s_xw
     return p, pix, ok, m, x_ptrs, p * C * HW + pix.to(tl.int64)
 
 
 @triton.jit
 def _cam_masked_pairs_fwd_kernel(
-    x_ptr,
-    cams_ptr,
-    pimg_ptr,
-    pcls_ptr,
-    stats_ptr,
-    fg_ptr,
-    bg_ptr,
-    C,
-    HW,
-    W,
-    h,
-    w,
-    scale_y,
-    scale_x,
-    delta,
-    s_xb,
-    s_xc,
-    s_xh,
-    s_xw,
-    s_cb,
-    s_ck,
-    s_ch,
-    s_cw,
+    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, fg_ptr, bg_ptr,
+    C, HW, W, h, w, scale_y, scale_x, delta,
+    s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
     BLOCK: tl.constexpr,
 ):
-    _p, _pix, ok, m, x_ptrs, out_off = _pair_tile(
-        x_ptr,
-        cams_ptr,
-        pimg_ptr,
-        pcls_ptr,
-        stats_ptr,
-        C,
-        HW,
-        W,
-        h,
-        w,
-        scale_y,
-        scale_x,
-        delta,
-        s_xb,
-        s_xh,
-        s_xw,
-        s_cb,
-        s_ck,
-        s_ch,
-        s_cw,
-        BLOCK,
-    )  # outputs are contiguous (P, C, H, W)
+    _p, _pix, ok, m, x_ptrs, out_off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w,
+                                                  scale_y, scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
+                                                  BLOCK)  # outputs are contiguous (P, C, H, W)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
         fg = m * x
@@ -266,57 +204,14 @@ def _cam_masked_pairs_fwd_kernel(
 
 @triton.jit
 def _cam_masked_pairs_bwd_kernel(
-    x_ptr,
-    cams_ptr,
-    pimg_ptr,
-    pcls_ptr,
-    stats_ptr,
-    gf_ptr,
-    gb_ptr,
-    gmask_ptr,
-    gx_ptr,
-    C,
-    HW,
-    W,
-    h,
-    w,
-    scale_y,
-    scale_x,
-    delta,
-    s_xb,
-    s_xc,
-    s_xh,
-    s_xw,
-    s_cb,
-    s_ck,
-    s_ch,
-    s_cw,
-    NEED_GRAD_X: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, gf_ptr, gb_ptr, gmask_ptr, gx_ptr,
+    C, HW, W, h, w, scale_y, scale_x, delta,
+    s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
+    NEED_GRAD_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    p, pix, ok, m, x_ptrs, off = _pair_tile(
-        x_ptr,
-        cams_ptr,
-        pimg_ptr,
-        pcls_ptr,
-        stats_ptr,
-        C,
-        HW,
-        W,
-        h,
-        w,
-        scale_y,
-        scale_x,
-        delta,
-        s_xb,
-        s_xh,
-        s_xw,
-        s_cb,
-        s_ck,
-        s_ch,
-        s_cw,
-        BLOCK,
-    )  # the gradients were made contiguous (P, C, H, W)
+    p, pix, ok, m, x_ptrs, off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, scale_y,
+                                            scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
+                                            BLOCK)  # the gradients were made contiguous (P, C, H, W)
     gmask = tl.zeros((BLOCK,), dtype=tl.float32)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
@@ -350,18 +245,8 @@ def _pair_stats(cams, pair_image, pair_class, size):
     stats = torch.empty((pair_image.shape[0], 2), dtype=torch.float32, device=cams.device)
     block = min(1024, triton.next_power_of_2(height * width))
     _cam_minmax_kernel[(pair_image.shape[0],)](
-        cams,
-        pair_image,
-        pair_class,
-        stats,
-        height * width,
-        width,
-        h,
-        w,
-        _align_corners_scale(h, height),
-        _align_corners_scale(w, width),
-        *cams.stride(),
-        BLOCK=block,
+        cams, pair_image, pair_class, stats, height * width, width, h, w,
+        _align_corners_scale(h, height), _align_corners_scale(w, width), *cams.stride(), BLOCK=block,
     )
     return stats
 
@@ -374,34 +259,15 @@ def _cam_masked_pairs_triton(images, cams, pair_image, pair_class, delta):
     if num_pairs * channels * height * width == 0:
         return fg, bg
     x = _kernel_view(images)
-    fg_k, bg_k = (
-        (fg, bg)
-        if x.dtype == images.dtype
-        else (torch.empty_like(fg, dtype=x.dtype), torch.empty_like(bg, dtype=x.dtype))
-    )
+    fg_k, bg_k = (fg, bg) if x.dtype == images.dtype else (torch.empty_like(fg, dtype=x.dtype),
+                                                            torch.empty_like(bg, dtype=x.dtype))
     h, w = cams.shape[-2:]
     stats = _pair_stats(cams, pair_image, pair_class, (height, width))
     grid = (triton.cdiv(height * width, _BLOCK), num_pairs)
     _cam_masked_pairs_fwd_kernel[grid](
-        x,
-        cams,
-        pair_image,
-        pair_class,
-        stats,
-        fg_k,
-        bg_k,
-        channels,
-        height * width,
-        width,
-        h,
-        w,
-        _align_corners_scale(h, height),
-        _align_corners_scale(w, width),
-        float(delta),
-        *x.stride(),
-        *cams.stride(),
-        BLOCK=_BLOCK,
-        num_warps=4,
+        x, cams, pair_image, pair_class, stats, fg_k, bg_k, channels, height * width, width, h, w,
+        _align_corners_scale(h, height), _align_corners_scale(w, width), float(delta),
+        *x.stride(), *cams.stride(), BLOCK=_BLOCK, num_warps=4,
     )
     if fg_k is not fg:
         fg.copy_(fg_k), bg.copy_(bg_k)
@@ -431,43 +297,21 @@ def _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, de
     stats = _pair_stats(cams, pair_image, pair_class, (height, width))
     grid = (triton.cdiv(height * width, _BLOCK), num_pairs)
     _cam_masked_pairs_bwd_kernel[grid](
-        x,
-        cams,
-        pair_image,
-        pair_class,
-        stats,
-        gf,
-        gb,
-        grad_mask,
-        grad_pairs,
-        channels,
-        height * width,
-        width,
-        h,
-        w,
-        _align_corners_scale(h, height),
-        _align_corners_scale(w, width),
-        float(delta),
-        *x.stride(),
-        *cams.stride(),
-        NEED_GRAD_X=need_grad_images,
-        BLOCK=_BLOCK,
-        num_warps=4,
+        x, cams, pair_image, pair_class, stats, gf, gb, grad_mask, grad_pairs, channels, height * width, width, h, w,
+        _align_corners_scale(h, height), _align_corners_scale(w, width), float(delta),
+        *x.stride(), *cams.stride(), NEED_GRAD_X=need_grad_images, BLOCK=_BLOCK, num_warps=4,
     )
     return grad_mask, (grad_pairs if need_grad_images else None)
 
 
-def _cam_masked_pairs_backward(
-    grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images, fused: bool
-):
+def _cam_masked_pairs_backward(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images,
+                               fused: bool):
     if fused and pair_image.numel() and grad_fg.numel():
-        grad_mask, grad_pairs = _grad_mask_triton(
-            grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images
-        )
+        grad_mask, grad_pairs = _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta,
+                                                  need_grad_images)
     else:
-        grad_mask, grad_pairs = _grad_mask_ref(
-            grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images
-        )
+        grad_mask, grad_pairs = _grad_mask_ref(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta,
+                                               need_grad_images)
     grad_cams = _mask_jacobian(grad_mask, cams, pair_image, pair_class, tuple(images.shape[-2:]), delta)
     if not need_grad_images:
         return grad_cams, images.new_empty((0,))
@@ -476,6 +320,7 @@ def _cam_masked_pairs_backward(
     return grad_cams, grad_images.to(images.dtype)
 
 
+# fmt: on
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------------------------
