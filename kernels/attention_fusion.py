@@ -36,9 +36,11 @@ from collections.abc import Callable
 import torch
 
 from ._utils import (
+    FLOAT_DTYPES,
+    acc_dtype,
     check_same_device,
     check_tensor,
-    interpreter_enabled,
+    kernel_dtype,
     resolve_impl,
     run_triton_on_cpu,
     tl,
@@ -48,7 +50,7 @@ from ._utils import (
 
 __all__ = ["DECOMPOSITIONS", "attention_fusion", "attention_fusion_ref"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # fp64 runs the Triton path in fp32
 _BLOCK_I = 32
 _BLOCK_J = 64
 
@@ -61,7 +63,7 @@ def attention_fusion_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: ``mean_m(weights[:, m] * attn[:, m])`` split into (class -> patch, patch -> patch)."""
     k = num_class_tokens
-    acc = torch.promote_types(attn.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
+    acc = acc_dtype(attn.dtype)  # fp32 accumulation, fp64 stays fp64
     w = weights.to(acc)[:, :, None, None]
     cross = (attn[:, :, :k, k:].to(acc) * w).mean(1)  # (B, K, P)
     patch = (attn[:, :, k:, k:].to(acc) * w).mean(1)  # (B, P, P)
@@ -153,12 +155,6 @@ def _attention_fusion_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _kernel_view(attn: torch.Tensor) -> torch.Tensor:
-    """fp64 runs in fp32; bf16 too under the interpreter, whose numpy back end has no bf16 arithmetic."""
-    if attn.dtype == torch.float64 or (attn.dtype == torch.bfloat16 and interpreter_enabled()):
-        return attn.float()
-    return attn
-
 
 def _attention_fusion_triton(attn: torch.Tensor, weights: torch.Tensor,
                              num_class_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +165,7 @@ def _attention_fusion_triton(attn: torch.Tensor, weights: torch.Tensor,
     if batch * maps * p == 0 or tokens == 0:
         cross.zero_(), patch.zero_()
         return cross, patch
-    src = _kernel_view(attn)
+    src = kernel_dtype(attn)
     out_dtype = src.dtype
     cross_k, patch_k = (cross, patch) if out_dtype == attn.dtype else (cross.to(out_dtype), patch.to(out_dtype))
     grid = (triton.cdiv(tokens, _BLOCK_I), triton.cdiv(p, _BLOCK_J), batch)
@@ -186,7 +182,7 @@ def _attention_fusion_triton(attn: torch.Tensor, weights: torch.Tensor,
 def _attention_fusion_backward_ref(grad_cross, grad_patch, attn, weights, num_class_tokens, need_grad_attn):
     k = num_class_tokens
     maps = attn.shape[1]
-    acc = torch.promote_types(attn.dtype, torch.float32)
+    acc = acc_dtype(attn.dtype)
     g = torch.cat([grad_cross, grad_patch], dim=1).to(acc)  # (B, N, P)
     grad_w = torch.einsum("bmij,bij->bm", attn[:, :, :, k:].to(acc), g) / maps
     if not need_grad_attn:
@@ -201,7 +197,7 @@ def _attention_fusion_backward_triton(grad_cross, grad_patch, attn, weights, num
     k, p = num_class_tokens, tokens - num_class_tokens
     if batch * maps * p == 0 or tokens == 0:
         return _attention_fusion_backward_ref(grad_cross, grad_patch, attn, weights, k, need_grad_attn)
-    src = _kernel_view(attn)
+    src = kernel_dtype(attn)
     gc, gp = grad_cross.contiguous(), grad_patch.contiguous()
     if gc.dtype != src.dtype:
         gc, gp = gc.to(src.dtype), gp.to(src.dtype)

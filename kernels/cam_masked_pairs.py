@@ -39,9 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (
+    FLOAT_DTYPES,
+    acc_dtype,
     check_same_device,
     check_tensor,
-    interpreter_enabled,
+    kernel_dtype,
+    pow2,
     resolve_impl,
     run_triton_on_cpu,
     tl,
@@ -53,12 +56,8 @@ __all__ = ["DECOMPOSITIONS", "cam_masked_pairs", "cam_masked_pairs_ref", "cam_pa
 
 DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {}  # training op: nothing to lower for ONNX
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # fp64 runs the Triton path in fp32
 _BLOCK = 256
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # fp32 arithmetic, fp64 stays fp64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,7 +67,7 @@ def cam_pair_masks_ref(
     cams: torch.Tensor, pair_image: torch.Tensor, pair_class: torch.Tensor, size: tuple[int, int], delta: float
 ) -> torch.Tensor:
     """``(P, 1, H, W)`` fp32 soft masks ``M_p`` of the pairs (upsample, then min-max normalise with ``delta``)."""
-    cam = cams[pair_image, pair_class].to(_acc(cams.dtype)).unsqueeze(1)
+    cam = cams[pair_image, pair_class].to(acc_dtype(cams.dtype)).unsqueeze(1)
     up = F.interpolate(cam, size=size, mode="bilinear", align_corners=True)
     low = up.amin(dim=(2, 3), keepdim=True)
     high = up.amax(dim=(2, 3), keepdim=True)
@@ -80,7 +79,7 @@ def cam_masked_pairs_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: ``fg = M * X[n]``, ``bg = (1 - M) * X[n]`` for every pair (the oracle and the CPU path)."""
     mask = cam_pair_masks_ref(cams, pair_image, pair_class, tuple(images.shape[-2:]), delta)
-    x = images[pair_image].to(_acc(images.dtype))
+    x = images[pair_image].to(acc_dtype(images.dtype))
     return (mask * x).to(images.dtype), ((1 - mask) * x).to(images.dtype)
 
 
@@ -93,7 +92,7 @@ def _mask_jacobian(
     delta: float,
 ) -> torch.Tensor:
     """``d cams`` from ``d M (P, H, W)``: min-max Jacobian (ties split like amin / amax), then upsample transpose."""
-    acc = _acc(cams.dtype)
+    acc = acc_dtype(cams.dtype)
     cam = cams[pair_image, pair_class].to(acc).unsqueeze(1)
     up = F.interpolate(cam, size=size, mode="bilinear", align_corners=True)[:, 0]
     low = up.amin(dim=(1, 2), keepdim=True)
@@ -228,12 +227,6 @@ def _cam_masked_pairs_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _kernel_view(images: torch.Tensor) -> torch.Tensor:
-    """fp64 runs in fp32; bf16 too under the interpreter, whose numpy back end has no bf16 arithmetic."""
-    if images.dtype == torch.float64 or (images.dtype == torch.bfloat16 and interpreter_enabled()):
-        return images.float()
-    return images
-
 
 def _align_corners_scale(src: int, dst: int) -> float:
     return (src - 1) / (dst - 1) if dst > 1 else 0.0
@@ -243,7 +236,7 @@ def _pair_stats(cams, pair_image, pair_class, size):
     height, width = size
     h, w = cams.shape[-2:]
     stats = torch.empty((pair_image.shape[0], 2), dtype=torch.float32, device=cams.device)
-    block = min(1024, triton.next_power_of_2(height * width))
+    block = pow2(height * width, cap=1024)
     _cam_minmax_kernel[(pair_image.shape[0],)](
         cams, pair_image, pair_class, stats, height * width, width, h, w,
         _align_corners_scale(h, height), _align_corners_scale(w, width), *cams.stride(), BLOCK=block,
@@ -258,7 +251,7 @@ def _cam_masked_pairs_triton(images, cams, pair_image, pair_class, delta):
     bg = images.new_empty((num_pairs, channels, height, width))
     if num_pairs * channels * height * width == 0:
         return fg, bg
-    x = _kernel_view(images)
+    x = kernel_dtype(images)
     fg_k, bg_k = (fg, bg) if x.dtype == images.dtype else (torch.empty_like(fg, dtype=x.dtype),
                                                             torch.empty_like(bg, dtype=x.dtype))
     h, w = cams.shape[-2:]
@@ -275,7 +268,7 @@ def _cam_masked_pairs_triton(images, cams, pair_image, pair_class, delta):
 
 
 def _grad_mask_ref(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images):
-    acc = _acc(images.dtype)
+    acc = acc_dtype(images.dtype)
     x = images[pair_image].to(acc)
     gf, gb = grad_fg.to(acc), grad_bg.to(acc)
     grad_mask = ((gf - gb) * x).sum(1)
@@ -287,7 +280,7 @@ def _grad_mask_ref(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta
 
 def _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images):
     num_pairs, channels, height, width = grad_fg.shape
-    x = _kernel_view(images)
+    x = kernel_dtype(images)
     gf, gb = grad_fg.contiguous(), grad_bg.contiguous()
     if gf.dtype != x.dtype:
         gf, gb = gf.to(x.dtype), gb.to(x.dtype)
