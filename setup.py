@@ -30,16 +30,19 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "scipy",  # Mask2Former's Hungarian matcher (linear_sum_assignment)
         # Triton runs the fused kernels on CUDA and, with TRITON_INTERPRET=1, on the CPU in tests.
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "coco": ["pycocotools>=2.0"],  # mask AP and the COCO panoptic / instance writers
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "faiss-cpu"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "torchmetrics>=1.0",
+            "pycocotools>=2.0",
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.1",

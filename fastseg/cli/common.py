@@ -54,8 +54,10 @@ def parse_device(name: str):
 
 
 def shapes_world(args: argparse.Namespace):
-    from ..data.shapes import ShapesConfig
+    from ..data.shapes import ShapesConfig, zero_shot_config
 
+    if getattr(args, "world", "default") == "zero-shot":
+        return zero_shot_config(image_size=args.image_size)
     return ShapesConfig(image_size=args.image_size)
 
 
@@ -64,3 +66,5 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=parse_size, default=(64, 64), metavar="H[,W]", help="shapes-world image size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model option (repeatable)")
+    p.add_argument("--world", choices=["default", "zero-shot"], default="default",
+                   help="shapes world: default, or zero-shot (a fifth texture, snow, as unseen stuff)")

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .common import add_world_args, model_kwargs, parse_device, shapes_world
 
@@ -29,6 +30,33 @@ def cmd_list(args: argparse.Namespace) -> int:
         # a tagged variant shrinks its paper's configuration: say how (create_model takes NAME or NAME.TAG)
         print(f"{name:<{width}}  .{tag}: {differs}" if tag else name)
     return 0
+
+
+def _apply_world(model, world) -> None:
+    """Give the model the world's class names, palette and thing / stuff split (a non-default world, e.g.
+    zero-shot, has other classes than the default the model was built with)."""
+    from ..data.shapes import ShapesConfig, pretrained_cfg_fields
+    from ..registry import PretrainedCfg
+
+    cfg = getattr(model, "pretrained_cfg", None)
+    if world == ShapesConfig(image_size=world.image_size) or not isinstance(cfg, PretrainedCfg):
+        return
+    fields = {**cfg.to_dict(), **pretrained_cfg_fields(world)}
+    fields["input_size"] = cfg.input_size
+    model.pretrained_cfg = PretrainedCfg.from_dict(fields)
+
+
+def _universal_task_kwargs(model_name: str, task: str | None) -> dict[str, Any]:
+    """Model options for ``--task`` at training time (universal models, e.g. mask2former_*, train on instance
+    segments for "panoptic" and on one segment per class for "semantic"; other models are semantic only)."""
+    if task is None:
+        return {}
+    if model_name.startswith("mask2former"):
+        return {"train_task": task}
+    if task != "semantic":
+        raise ValueError(f"--task {task}: {model_name} is a semantic segmentation model; panoptic and instance "
+                         "tasks need a universal model (mask2former_*)")
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------------- train
@@ -68,7 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_length=args.train_length, **model_kwargs(args.model_arg),
         )
     else:
-        model = create_model(args.model, num_classes=world.num_classes, **model_kwargs(args.model_arg))
+        kwargs = {**_universal_task_kwargs(args.model, args.task), **model_kwargs(args.model_arg)}
+        model = create_model(args.model, num_classes=world.num_classes, **kwargs)
+        _apply_world(model, world)
         train_set = ShapesDataset("train", length=args.train_length, config=world, seed=args.seed)
     out_dir = Path(args.out or f"runs/{args.model}")
     cfg = TrainConfig(
@@ -94,15 +124,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..registry import create_model
 
     world = shapes_world(args)
+    tasks = [t for t in args.task.split(",") if t]
+    unknown = [t for t in tasks if t not in ("semantic", "panoptic", "instance")]
+    if unknown or not tasks:
+        raise ValueError(f"--task takes semantic, panoptic and / or instance (comma-separated), got {args.task!r}")
+    if any(t != "semantic" for t in tasks) and not args.model.startswith("mask2former"):
+        _universal_task_kwargs(args.model, "panoptic")  # raises the clear error
     model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
                          **model_kwargs(args.model_arg))
+    _apply_world(model, world)
     dataset = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=parse_device(args.device))
-    print(metrics.get("table", ""))
-    print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+    report: dict[str, Any] = {}
+    if "semantic" in tasks:
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=parse_device(args.device))
+        print(metrics.get("table", ""))
+        print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+        report["semantic"] = {k: v for k, v in metrics.items() if k != "table"}
+    universal = [t for t in tasks if t != "semantic"]
+    if universal:
+        from ..engine.evaluate_universal import evaluate_universal
+
+        model.to(parse_device(args.device))
+        subsets = {"seen": world.seen_ids, "unseen": world.unseen_ids}
+        out = evaluate_universal(model, dataset, universal, batch_size=args.batch_size, subsets=subsets)
+        if "panoptic" in out:
+            pq = out["panoptic"]
+            print(pq.pop("table"))
+            print(f"PQ {100 * pq['PQ']:.2f}  SQ {100 * pq['SQ']:.2f}  RQ {100 * pq['RQ']:.2f}  "
+                  f"(things PQ {100 * pq['things']['PQ']:.2f}, stuff PQ {100 * pq['stuff']['PQ']:.2f}; "
+                  f"seen PQ {100 * pq['seen']['PQ']:.2f}, unseen PQ {100 * pq['unseen']['PQ']:.2f})")
+            report["panoptic"] = pq
+        if "instance" in out:
+            ap = out["instance"]
+            names = world.class_names
+            for c, r in ap["per_class"].items():
+                print(f"{names[c]:<10} AP {100 * r['AP']:6.2f}  AP50 {100 * r['AP50']:6.2f}  AP75 {100 * r['AP75']:6.2f}")
+            print(f"mask AP {100 * ap['AP']:.2f}  AP50 {100 * ap['AP50']:.2f}  AP75 {100 * ap['AP75']:.2f}")
+            report["instance"] = ap
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v for k, v in metrics.items() if k != "table"}, indent=2,
-                                              default=float))
+        Path(args.json).write_text(json.dumps(report if len(report) > 1 or "semantic" not in report
+                                              else report["semantic"], indent=2, default=float))
     return 0
 
 
@@ -115,6 +176,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..data.visualize import overlay
     from ..registry import create_model
 
+    if args.task == "panoptic" and not args.model.startswith("mask2former"):
+        _universal_task_kwargs(args.model, "panoptic")  # raises the clear error
     model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
                          **model_kwargs(args.model_arg)).eval()
     cfg = model.pretrained_cfg
@@ -129,9 +192,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise SystemExit(f"cannot read image {path}: {err}") from None
         x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
-        pred = model.predict(x[None])[0].numpy()
         target = out_dir / (Path(path).stem + "_pred.png")
-        Image.fromarray(overlay(rgb, pred, np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)).save(target)
+        if args.task == "panoptic":
+            from ..data.visualize import overlay_panoptic
+
+            pan = model.predict(x[None], task="panoptic")[0].numpy()
+            image = overlay_panoptic(rgb, pan, np.asarray(cfg.palette, dtype=np.uint8),
+                                     getattr(cfg, "label_divisor", 1000), alpha=args.alpha)
+        else:
+            pred = model.predict(x[None])[0].numpy()
+            image = overlay(rgb, pred, np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)
+        Image.fromarray(image).save(target)
         print(f"{path} -> {target}")
     return 0
 
@@ -142,8 +213,15 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     from ..data.visualize import render_grid
 
     dataset = ShapesDataset(args.split, length=max(args.n, 1), config=shapes_world(args), seed=args.seed)
-    render_grid(dataset, n=args.n, columns=args.columns, path=args.out)
-    print(f"wrote {args.out}")
+    if args.format == "grid":
+        render_grid(dataset, n=args.n, columns=args.columns, path=args.out)
+        print(f"wrote {args.out}")
+        return 0
+    from ..data.coco import write_coco_instances, write_coco_panoptic
+
+    writer = write_coco_panoptic if args.format == "coco-panoptic" else write_coco_instances
+    path = writer(dataset, args.out, n=args.n, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.n} {args.split} images under {Path(args.out) / 'images' / args.split})")
     return 0
 
 
@@ -158,6 +236,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_world_args(p)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--task", choices=["semantic", "panoptic"], default=None,
+                   help="universal models (mask2former_*): train on instance segments (panoptic, their default) or "
+                        "one segment per class (semantic)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -183,6 +264,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     add_world_args(p)
     p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--task", default="semantic",
+                   help="semantic (mIoU), panoptic (PQ / SQ / RQ), instance (mask AP); comma-separated for several")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
@@ -197,11 +280,16 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--task", choices=["semantic", "panoptic"], default="semantic",
+                   help="panoptic: overlay segments with instance-distinct colours (mask2former_*)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("shapes", help="render a grid of shapes-world images with their masks")
+    p = sub.add_parser("shapes", help="render a grid of shapes-world images, or write a split as COCO files")
     add_world_args(p)
-    p.add_argument("--out", default="shapes.png")
+    p.add_argument("--format", choices=["grid", "coco-panoptic", "coco-instances"], default="grid",
+                   help="grid: one PNG; coco-panoptic: PNG + JSON under --out; coco-instances: JSON with RLE masks")
+    p.add_argument("--overwrite", action="store_true", help="replace existing COCO JSON files")
+    p.add_argument("--out", default="shapes.png", help="grid PNG path, or the output folder of a COCO format")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--split", choices=["train", "val", "test"], default="train")
