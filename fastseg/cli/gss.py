@@ -68,6 +68,8 @@ def cmd_fit_tokenizer(args: argparse.Namespace) -> int:
     from ..models.gss_tokenizers import MaskigeVQVAE
 
     world = shapes_world(args)
+    if args.colour_augment and args.on != "images":
+        raise ValueError("--colour-augment applies to --on images only")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
@@ -83,14 +85,16 @@ def cmd_fit_tokenizer(args: argparse.Namespace) -> int:
     if args.on == "images":  # GSS's premise: the tokenizer never sees a label (only "image" is collated)
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size,
                                              collate_fn=lambda items: {"image": torch.stack([it["image"] for it in items])})
-        fit_image_tokenizer(model.tokenizer, loader, steps=args.steps, lr=args.lr, mean=data.mean, std=data.std, log=log)
+        fit_image_tokenizer(model.tokenizer, loader, steps=args.steps, lr=args.lr, mean=data.mean, std=data.std, log=log,
+                            colour_augment=args.colour_augment)
     else:  # ours: maskiges of the training masks + the class-aware palette term
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size,
                                              collate_fn=lambda items: torch.stack([it["mask"] for it in items]))
         train_maskige_vqvae(model.tokenizer, model.maskige_palette, loader, steps=args.steps, lr=args.lr, log=log)
     model.tokenizer_trained_on = args.on
     save_weights(model.tokenizer, out, metadata={TOKENIZER_TRAINED_ON: args.on, "steps": str(args.steps),
-                                                 "batch_size": str(args.batch_size), "seed": str(args.seed)})
+                                                 "batch_size": str(args.batch_size), "seed": str(args.seed),
+                                                 "colour_augment": str(args.colour_augment)})
     print(f"tokenizer weights (fitted on {args.on}): {out}  (use create_model(..., tokenizer_checkpoint='{out}'))")
     _roundtrip(model, args, world)
     return 0
@@ -131,6 +135,9 @@ def add_gss_commands(subparsers) -> None:
     p.add_argument("--on", choices=("images", "masks"), default="images",
                    help="images: RGB images only, never a label (GSS's premise, the faithful setting; default); "
                         "masks: maskiges of the training masks with a class-aware palette term (ours)")
+    p.add_argument("--colour-augment", action="store_true",
+                   help="--on images: random RGB channel permutation and negative per image (label-free), to widen "
+                        "the colours the tokenizer sees")
     p.add_argument("--out", required=True, help="tokenizer weights file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--steps", type=int, default=450)

@@ -288,8 +288,8 @@ def _image_batches(masks_seed: int) -> list[dict[str, torch.Tensor]]:
 def _fit(kind: str, batches, steps: int = 4) -> MaskigeVQVAE:
     torch.manual_seed(SEED)  # the codebook initialisation draws from the global generator
     tok = _tiny_vqvae()
-    if kind == "images":
-        fit_image_tokenizer(tok, batches, steps=steps)
+    if kind.startswith("images"):
+        fit_image_tokenizer(tok, batches, steps=steps, colour_augment=kind == "images+augment")
     else:
         train_maskige_vqvae(tok, make_maskige_palette(K), [b["mask"] for b in batches], steps=steps)
     return tok
@@ -316,6 +316,12 @@ def test_image_tokenizer_fit_never_reads_labels():
 
     tensors = _fit("images", [unnormalize(b["image"]) for b in _image_batches(masks_seed=1)])
     assert torch.equal(tensors.state_dict()["dec.0.weight"], clean.state_dict()["dec.0.weight"])
+    # The label-free colour augmentation keeps that property, and does change the fit.
+    aug_clean = _fit("images+augment", _image_batches(masks_seed=1))
+    aug_corrupt = _fit("images+augment", corrupt)
+    for key, value in aug_clean.state_dict().items():
+        assert torch.equal(value, aug_corrupt.state_dict()[key]), key
+    assert not torch.equal(aug_clean.state_dict()["enc.0.weight"], clean.state_dict()["enc.0.weight"])
     # The control: the class-aware fit (ours) does read the masks, so the same corruption changes its weights.
     ours_clean = _fit("masks", _image_batches(masks_seed=1))
     ours_corrupt = _fit("masks", _image_batches(masks_seed=2))
@@ -496,6 +502,11 @@ def test_cli_fit_tokenizer_records_what_it_was_fitted_on(on, tmp_path, capsys):
     with pytest.raises(ValueError, match="exists"):
         args.func(args)
     assert parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--out", "x"]).on == "images"  # the default
+    args = parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--on", "masks", "--colour-augment",
+                              "--out", str(tmp_path / "never.safetensors")])
+    with pytest.raises(ValueError, match="--on images only"):
+        args.func(args)
+    assert not (tmp_path / "never.safetensors").exists()
 
 
 @pytest.mark.gpu

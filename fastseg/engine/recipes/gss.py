@@ -119,6 +119,7 @@ def fit_image_tokenizer(
     log_every: int = 50,
     log: Any = None,
     init_codebook: bool = True,
+    colour_augment: bool = False,
 ) -> list[dict[str, float]]:
     """GSS's premise: fit a `MaskigeVQVAE` on **images only** (``fastseg gss fit-tokenizer --on images``).
 
@@ -134,6 +135,9 @@ def fit_image_tokenizer(
         steps: optimiser steps (Adam, ``lr`` with a poly-0.9 decay).
         mean, std: the normalisation to undo (default: the shapes world's).
         init_codebook: put the codes on encoder outputs of the first batch (False to continue a fit).
+        colour_augment: per image, a random permutation of the RGB channels and, with probability 1/2, the
+            negative ``1 - x`` (global generator). Still label-free: it widens the colours a small world's images
+            cover, standing in for the breadth of the natural images DALL-E's tokenizer was trained on.
 
     Returns:
         The logged history (``loss``, ``mse``, ``perplexity``). The tokenizer is left frozen and in eval mode.
@@ -154,7 +158,16 @@ def fit_image_tokenizer(
                              f"{type(batch).__name__}")
         return unnormalize(batch["image"].float(), mean, std)
 
-    return _fit_vqvae(tokenizer, batches, steps, lr, image_of, None, log_every, log, init_codebook,
+    def target_of(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        image = image_of(batch)
+        if not colour_augment:
+            return image
+        perms = torch.stack([torch.randperm(3) for _ in range(image.shape[0])])  # (B, 3)
+        image = torch.gather(image, 1, perms[:, :, None, None].expand_as(image))
+        invert = torch.rand(image.shape[0]) < 0.5
+        return torch.where(invert[:, None, None, None], 1 - image, image)
+
+    return _fit_vqvae(tokenizer, batches, steps, lr, target_of, None, log_every, log, init_codebook,
                       "fit_image_tokenizer")
 
 
