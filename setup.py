@@ -38,6 +38,9 @@ setup(
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "coco": ["pycocotools>=2.0"],  # mask AP and the COCO panoptic / instance writers
+        # SemPLeS: CLIP architectures and the bundled BPE tokenizer (weights only from local files); the dense CRF of
+        # the pseudo masks is optional (pydensecrf, used when importable).
+        "semples": ["open_clip_torch>=2.20"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "faiss-cpu"],
         # Real datasets on disk: SBD's .mat annotations (scipy) and COCO polygons / RLE (pycocotools).
         "data": ["scipy", "pycocotools"],
@@ -59,6 +62,8 @@ setup(
             # The dataset readers' fixtures: SBD .mat files and COCO RLE / polygons.
             "scipy",
             "pycocotools",
+            # SemPLeS' frozen CLIP (open_clip; offline tokenizer).
+            "open_clip_torch>=2.20",
             # Lint / format (pyproject.toml) and the type check of fastseg/export/tensorrt.py. The TensorRT stubs
             # (tensorrt-stubs) are not listed: they require the tensorrt wheel itself, and in site-packages they make
             # `import tensorrt` succeed; scripts/typecheck_tensorrt.py installs them outside sys.path instead.

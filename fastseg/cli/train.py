@@ -74,6 +74,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _run_training(args, model, train_set, val_set, loss_fn)
     world = shapes_world(args)
     loss_fn = None
+    if args.pseudo_masks:
+        # Final segmenter of weakly supervised methods (SemPLeS): pseudo-mask PNGs as labels, checked before training;
+        # validation on the val split's ground truth in the same (WSSS) label space.
+        from ..data.pseudo import PseudoMaskDataset
+        from ..data.weak import WeakShapes
+
+        if args.labelled_fraction < 1.0:
+            raise ValueError("--pseudo-masks and --labelled-fraction cannot be combined")
+        train_set = PseudoMaskDataset(args.pseudo_masks)
+        kwargs = model_kwargs(args.model_arg)
+        if train_set.class_names:
+            kwargs.setdefault("class_names", train_set.class_names)
+        try:
+            model = create_model(args.model, num_classes=train_set.num_classes, **kwargs)
+        except TypeError:  # models without a class_names option
+            kwargs.pop("class_names", None)
+            model = create_model(args.model, num_classes=train_set.num_classes, **kwargs)
+        val_set = WeakShapes("val", length=args.val_length, seed=args.seed, with_masks=True)
+        return _run_training(args, model, train_set, val_set, loss_fn)
     if args.labelled_fraction < 1.0:
         # Semi-supervised recipe (UniMatch / S4MIM: labelled + unlabelled pairs and their loss); any other model
         # trains supervised on the labelled subset alone.
@@ -277,6 +296,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-length", type=int, default=256)
     p.add_argument("--labelled-fraction", type=float, default=1.0,
                    help="labelled share of the training split (< 1: semi-supervised recipe for unimatch_* / s4mim_*)")
+    p.add_argument("--pseudo-masks", metavar="DIR",
+                   help="train on pseudo-mask PNGs (from `fastseg semples pseudo-masks`) instead of ground truth")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default runs/MODEL)")

@@ -85,9 +85,69 @@ def render_curve(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_trivial(name: str, root: Path) -> str:
+    """Trivial predictors' mIoU on the validation split (what a trained model must beat)."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    rows = [
+        ("majority class everywhere", record["majority"]),
+        ("each image's true majority class (cheats)", record["stuff-oracle"]),
+    ]
+    lines = ["| trivial predictor | val mIoU % | val aAcc % |", "|---|---|---|"]
+    lines += [f"| {label} | {_pct(m['mIoU'])} | {_pct(m['aAcc'])} |" for label, m in rows]
+    lines += ["", f"{record['val_length']} validation images; command: {_code(record['command'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_gss(name: str, root: Path) -> str:
+    """The GSS shapes-world record: tokenizer round trip, GSS-FF / FT-W vs FPN at one short budget, one seed."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    r = record["results"]
+    ff, ftw, fpn = r["gss_ff_resnet18"], r["gss_ftw_resnet18"], r["fpn_resnet18"]
+    lines = [
+        "| stage | budget | val mIoU % |",
+        "|---|---|---|",
+        f"| class-aware VQ-VAE tokenizer round trip (GT → maskige → tokens → maskige → classes; trained on label maps, "
+        f"our setting, not the paper's) | {r['tokenizer_total_steps']} steps × {r['tokenizer']['batch_size']} | "
+        f"{_pct(r['tokenizer_continued_runs'][-1]['roundtrip_mIoU'])} |",
+        f"| `gss_ff_resnet18` (training-free inverse) | {ff['steps']} steps × {ff['batch_size']} | {_pct(ff['mIoU'])} |",
+        f"| `fpn_resnet18`, same budget | {fpn['steps']} steps × {fpn['batch_size']} | {_pct(fpn['mIoU'])} |",
+        f"| `gss_ftw_resnet18` (learned inverse, from the FF weights) | +{ftw['steps']} steps × {ftw['batch_size']} | "
+        f"{_pct(ftw['mIoU'])} |",
+        "",
+        "One seed. Commands: " + "; ".join(_code(c) for c in record["commands"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_mask2former(name: str, root: Path) -> str:
+    """Mask2Former's three tasks from one panoptic training, beside the FPN baseline at the same budget."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    m2f = record["runs"]["mask2former_resnet18"]
+    metrics = m2f["metrics"]
+    pan, ins, sem = metrics["panoptic"], metrics["instance"], metrics["semantic"]
+    fpn = record["runs"]["fpn_resnet18"]["metrics"]
+    b = record["budget"]
+    lines = [
+        "| task | metric | value % |",
+        "|---|---|---|",
+        f"| panoptic | PQ / SQ / RQ | **{_pct(pan['PQ'], 1)}** / {_pct(pan['SQ'], 1)} / {_pct(pan['RQ'], 1)} |",
+        f"| | PQ things / stuff | {_pct(pan['things']['PQ'], 1)} / {_pct(pan['stuff']['PQ'], 1)} |",
+        f"| instance | mask AP / AP50 / AP75 | **{_pct(ins['AP'], 1)}** / {_pct(ins['AP50'], 1)} / "
+        f"{_pct(ins['AP75'], 1)} |",
+        f"| semantic | mIoU (`fpn_resnet18` at the same budget: {_pct(fpn['mIoU'], 1)}) | **{_pct(sem['mIoU'], 1)}** |",
+        "",
+        f"{b['steps']} steps × {b['batch_size']} images, one seed. Commands: {_code(m2f['train']['command'])}; "
+        f"{_code(m2f['eval']['command'])}; the whole record: {_code(record['command'])}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "experiment": render_experiment,
     "curve": render_curve,
+    "trivial": render_trivial,
+    "gss": render_gss,
+    "mask2former": render_mask2former,
 }
 
 
