@@ -57,12 +57,10 @@ setup(
             # GSS's DALL-E dVAE is checked against the official package (its metadata omits attrs).
             "dall-e",
             "attrs",
-            # PADing's clip:CHECKPOINT class embeddings (text tower built offline, weights from a local file).
-            "open_clip_torch",
             # The dataset readers' fixtures: SBD .mat files and COCO RLE / polygons.
             "scipy",
             "pycocotools",
-            # SemPLeS' frozen CLIP (open_clip; offline tokenizer).
+            # SemPLeS' frozen CLIP and PADing's clip:CHECKPOINT class embeddings (open_clip; offline tokenizer).
             "open_clip_torch>=2.20",
             # Lint / format (pyproject.toml) and the type check of fastseg/export/tensorrt.py. The TensorRT stubs
             # (tensorrt-stubs) are not listed: they require the tensorrt wheel itself, and in site-packages they make
