@@ -31,6 +31,7 @@ from fastseg.bench.env import device_slug, environment_info
 from fastseg.data import ShapesConfig, ShapesDataset, build_dataset
 from fastseg.data.datasets._base import read_image
 from fastseg.data.shapes import unnormalize
+from fastseg.experiments.render import render_loader_markdown
 
 # Shapes classes -> Cityscapes labelIds (sky, vegetation, water -> terrain, sand -> road; things -> car / person).
 _LABEL_IDS = {"sky": 23, "grass": 21, "water": 22, "sand": 7}
@@ -147,37 +148,6 @@ def time_train_step(model_name: str, dataset, batch_size: int, steps: int) -> di
     }
 
 
-def render_markdown(record: dict) -> str:
-    """The README's loader table and its caption, from a JSON record of this script (tests compare the two)."""
-    cfg, load = record["config"], record["load_average_1min"]
-    lines = ["| DataLoader workers | images / s | ms / image |", "|---|---|---|"]
-    for row in record["results"]:
-        cpu = f" ({row['cpu_ms_per_image']:.0f} ms of CPU)" if "cpu_ms_per_image" in row else ""
-        lines.append(f"| {row['workers']} | {row['images_per_s']:.1f} | {row['ms_per_image']:.0f}{cpu} |")
-    first = record["results"][0]
-    text = "\n".join(lines) + "\n\n"
-    text += (
-        f"Measured by `{record['command']}` ({cfg['images']} images {cfg['image_size'][0]} x {cfg['image_size'][1]}, "
-        f"crops {cfg['crop_size'][0]} x {cfg['crop_size'][1]}, batch {cfg['batch_size']}) on "
-        f"{record['environment']['device']} with {record['cpu_count']} cores shared with other jobs (1-minute load "
-        f"{load['before']:.1f} before, {load['after']:.1f} after), so extra workers find no free core and the wall "
-        f"figures are lower bounds."
-    )
-    if "cpu_ms_per_image" in first:
-        text += (
-            f" The CPU time per image, {first['cpu_ms_per_image']:.0f} ms, is about "
-            f"{first['images_per_s_per_uncontended_core']:.0f} images / s per free core."
-        )
-    step = record.get("train_step")
-    if step:
-        text += (
-            f" A `{step['model']}` training step on the same CPU takes {step['ms_per_image']:.0f} ms per image "
-            f"({step['threads']} thread), so one loader process keeps "
-            f"{step['ms_per_image'] / first['ms_per_image']:.0f}x ahead of it here."
-        )
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", default="512,1024", help="H,W of the fixture images")
@@ -194,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", metavar="JSON", help="print the README table of a stored record and exit")
     args = parser.parse_args(argv)
     if args.render:
-        print(render_markdown(json.loads(Path(args.render).read_text())))
+        print(render_loader_markdown(json.loads(Path(args.render).read_text())))
         return 0
     size = tuple(int(v) for v in args.image_size.split(","))
     scale = tuple(int(v) for v in args.scale.split(","))

@@ -41,6 +41,7 @@ from fastseg.engine.recipes.pading import (
     seen_only_segmenter,
     train_stage2,
 )
+from fastseg.experiments.render import render_pading_table
 
 VARIANTS = {
     "seen_only": None,
@@ -105,33 +106,6 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-LABELS = {
-    "seen_only": "seen-only Mask2Former classifier (no stage 2)",
-    "pading": "PADing (primitive generator + structure losses)",
-    "gmmn": "GMMN generator (MLP, noise concatenated; no primitives)",
-    "no_structure": "PADing without structure losses (lambda_s = 0)",
-}
-
-
-def _cell(stats: dict | None) -> str:
-    if not stats:
-        return "n/a"
-    per = " / ".join("nan" if math.isnan(v) else f"{100 * v:.1f}" for v in stats["per_seed"])
-    std = "" if math.isnan(stats["std"]) else f" ± {100 * stats['std']:.1f}"
-    return f"{100 * stats['mean']:.1f}{std} ({per})"
-
-
-def render_table(report: dict) -> str:
-    """The README table: per variant and metric, seen / unseen / harmonic in percent, mean ± std (per seed)."""
-    summary = report["summary"]
-    lines = ["| variant | metric | seen | unseen | harmonic |", "|---|---|---|---|---|"]
-    for variant, label in LABELS.items():
-        for metric in ("mIoU", "PQ", "AP50") if variant in summary else ():
-            cells = [_cell(summary[variant].get(f"{metric}_{side}")) for side in ("seen", "unseen", "harmonic")]
-            lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -152,7 +126,7 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     args = p.parse_args()
     if args.table:
-        print(render_table(json.loads(Path(args.out).read_text())))
+        print(render_pading_table(json.loads(Path(args.out).read_text())))
         return
     from fastseg.data.shapes import zero_shot_config
 

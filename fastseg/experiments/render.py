@@ -14,6 +14,7 @@ any difference (the test suite runs that check).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,20 @@ def render_gss(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_gss_stages(name: str, root: Path) -> str:
+    """Per-stage latency of one GSS-FF forward, reference ops vs fused ops (their CPU kernels), from the GSS record."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    stages = record["results"]["stages_512"]
+    ref, fused = stages["reference"], stages["fused"]
+    lines = ["| stage | reference ms | fused ms |", "|---|---|---|"]
+    for key in ("backbone", "head", "token_argmax", "decoder", "palette_inverse", "total"):
+        lines.append(f"| {key.replace('_', ' ')} | {ref[key + '_ms']:.0f} | {fused[key + '_ms']:.0f} |")
+    same = "identical" if stages["identical_class_maps"] else "different"
+    lines += ["", f"One {stages['size']}×{stages['size']} image, batch {stages['batch']}; the two paths give {same} "
+              f"class maps. Command: the last of the GSS commands above (`--phases ... stages`)."]
+    return "\n".join(lines) + "\n"
+
+
 def render_mask2former(name: str, root: Path) -> str:
     """Mask2Former's three tasks from one panoptic training, beside the FPN baseline at the same budget."""
     record = _load(root / RESULTS / "experiments" / f"{name}.json")
@@ -142,12 +157,83 @@ def render_mask2former(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# PADing's claims tables (benchmarks/experiments/pading_shapes.py writes the JSON)
+PADING_LABELS = {
+    "seen_only": "seen-only Mask2Former classifier (no stage 2)",
+    "pading": "PADing (primitive generator + structure losses)",
+    "gmmn": "GMMN generator (MLP, noise concatenated; no primitives)",
+    "no_structure": "PADing without structure losses (lambda_s = 0)",
+}
+
+
+def _pading_cell(stats: dict | None) -> str:
+    if not stats:
+        return "n/a"
+    per = " / ".join("nan" if math.isnan(v) else f"{100 * v:.1f}" for v in stats["per_seed"])
+    std = "" if math.isnan(stats["std"]) else f" ± {100 * stats['std']:.1f}"
+    return f"{100 * stats['mean']:.1f}{std} ({per})"
+
+
+def render_pading_table(report: dict) -> str:
+    """The README table: per variant and metric, seen / unseen / harmonic in percent, mean ± std (per seed)."""
+    summary = report["summary"]
+    lines = ["| variant | metric | seen | unseen | harmonic |", "|---|---|---|---|---|"]
+    for variant, label in PADING_LABELS.items():
+        for metric in ("mIoU", "PQ", "AP50") if variant in summary else ():
+            cells = [_pading_cell(summary[variant].get(f"{metric}_{side}")) for side in ("seen", "unseen", "harmonic")]
+            lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_pading(name: str, root: Path) -> str:
+    return render_pading_table(_load(root / RESULTS / "experiments" / f"{name}.json")) + "\n"
+
+
+# The data loader's throughput (benchmarks/loader_throughput.py writes the JSON)
+def render_loader_markdown(record: dict) -> str:
+    """The README's loader table and its caption, from a JSON record of this script (tests compare the two)."""
+    cfg, load = record["config"], record["load_average_1min"]
+    lines = ["| DataLoader workers | images / s | ms / image |", "|---|---|---|"]
+    for row in record["results"]:
+        cpu = f" ({row['cpu_ms_per_image']:.0f} ms of CPU)" if "cpu_ms_per_image" in row else ""
+        lines.append(f"| {row['workers']} | {row['images_per_s']:.1f} | {row['ms_per_image']:.0f}{cpu} |")
+    first = record["results"][0]
+    text = "\n".join(lines) + "\n\n"
+    text += (
+        f"Measured by `{record['command']}` ({cfg['images']} images {cfg['image_size'][0]} x {cfg['image_size'][1]}, "
+        f"crops {cfg['crop_size'][0]} x {cfg['crop_size'][1]}, batch {cfg['batch_size']}) on "
+        f"{record['environment']['device']} with {record['cpu_count']} cores shared with other jobs (1-minute load "
+        f"{load['before']:.1f} before, {load['after']:.1f} after), so extra workers find no free core and the wall "
+        f"figures are lower bounds."
+    )
+    if "cpu_ms_per_image" in first:
+        text += (
+            f" The CPU time per image, {first['cpu_ms_per_image']:.0f} ms, is about "
+            f"{first['images_per_s_per_uncontended_core']:.0f} images / s per free core."
+        )
+    step = record.get("train_step")
+    if step:
+        text += (
+            f" A `{step['model']}` training step on the same CPU takes {step['ms_per_image']:.0f} ms per image "
+            f"({step['threads']} thread), so one loader process keeps "
+            f"{step['ms_per_image'] / first['ms_per_image']:.0f}x ahead of it here."
+        )
+    return text
+
+
+def render_loader(name: str, root: Path) -> str:
+    return render_loader_markdown(_load(root / RESULTS / f"{name}.json")) + "\n"
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "experiment": render_experiment,
     "curve": render_curve,
     "trivial": render_trivial,
     "gss": render_gss,
+    "gss-stages": render_gss_stages,
     "mask2former": render_mask2former,
+    "pading": render_pading,
+    "loader": render_loader,
 }
 
 
