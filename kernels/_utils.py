@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
@@ -72,6 +73,9 @@ __all__ = [
     "use_triton",
     "check_tensor",
     "check_same_device",
+    "GpuTarget",
+    "gpu_target",
+    "planning_target",
 ]
 
 IMPLS = ("auto", "triton", "torch")
@@ -159,3 +163,35 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"{op}: all inputs must be on one device, got {listing}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """What a launcher's tiling may depend on: the compute capability and the number of SMs."""
+
+    capability: tuple[int, int]
+    sm_count: int
+
+
+# Set by `planning_target` while fastseg.bench.static records launches on meta tensors for a GPU that is not here.
+_PLANNING_TARGET: contextvars.ContextVar[GpuTarget | None] = contextvars.ContextVar("fastseg_planning_target", default=None)
+_DEFAULT_TARGET = GpuTarget((8, 0), 108)  # an A100: what the tables assume when nothing says otherwise
+
+
+def gpu_target(device: torch.device) -> GpuTarget:
+    """The GPU a launch runs on: the CUDA device, else the target being planned for (static reports on meta
+    tensors), else an A100 (the interpreter, whose tiling does not depend on it)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return GpuTarget((props.major, props.minor), props.multi_processor_count)
+    return _PLANNING_TARGET.get() or _DEFAULT_TARGET
+
+
+@contextlib.contextmanager
+def planning_target(target: GpuTarget) -> Iterator[None]:
+    """Launchers called inside this context (on meta tensors) pick the tiles they would pick on ``target``."""
+    token = _PLANNING_TARGET.set(target)
+    try:
+        yield
+    finally:
+        _PLANNING_TARGET.reset(token)

@@ -47,7 +47,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._utils import check_same_device, check_tensor, resolve_impl, run_triton_on_cpu, tl, triton, use_triton
+from ._utils import (
+    check_same_device, check_tensor, gpu_target, resolve_impl, run_triton_on_cpu, tl, triton, use_triton,
+)  # fmt: skip
 
 __all__ = [
     "pixel_class_attention",
@@ -437,8 +439,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _target_programs(device: torch.device) -> int:
     """How many programs fill the device: ~4 waves of SMs on a GPU; a few on the interpreter so that the split
     paths are exercised by the CPU tests without making them slow."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type in ("cuda", "meta"):  # meta: a launch planned for a GPU by fastseg.bench.static
+        return 4 * gpu_target(device).sm_count
     return 4
 
 
