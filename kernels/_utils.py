@@ -171,11 +171,12 @@ class GpuTarget:
 
     capability: tuple[int, int]
     sm_count: int
+    smem_per_block: int  # bytes of shared memory one block may use (opt-in maximum)
 
 
 # Set by `planning_target` while fastseg.bench.static records launches on meta tensors for a GPU that is not here.
 _PLANNING_TARGET: contextvars.ContextVar[GpuTarget | None] = contextvars.ContextVar("fastseg_planning_target", default=None)
-_DEFAULT_TARGET = GpuTarget((8, 0), 108)  # an A100: what the tables assume when nothing says otherwise
+_DEFAULT_TARGET = GpuTarget((8, 0), 108, 163 * 1024)  # an A100: what the tables assume when nothing says otherwise
 
 
 def gpu_target(device: torch.device) -> GpuTarget:
@@ -183,7 +184,8 @@ def gpu_target(device: torch.device) -> GpuTarget:
     tensors), else an A100 (the interpreter, whose tiling does not depend on it)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return GpuTarget((props.major, props.minor), props.multi_processor_count)
+        smem = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+        return GpuTarget((props.major, props.minor), props.multi_processor_count, smem)
     return _PLANNING_TARGET.get() or _DEFAULT_TARGET
 
 

@@ -16,8 +16,9 @@ from q and k, all K classes on chip)::
     dP = dout @ v^T     dA = P * (dP - rowsum(P * dP))     dS = sign * dA + dM^T / h
     dq = scale * dS @ k      dk = scale * dS^T @ q       dv = P^T @ dout
 
-One program owns a tile of pixels and every class (K <= 256), so the forward is a single pass with no online softmax;
-when the mean is requested the program also loops over the heads, which keeps the head-mean free of atomics. The
+One forward program owns a tile of pixels and streams the classes in tiles with an online softmax (shared memory
+holds a few k / v tiles, not all K classes); when the mean is requested the program also loops over the heads, which
+keeps the head-mean free of atomics (a second pass over class tiles sums ``q_h k_h^T`` over heads). The
 backward is two kernels: dq per pixel tile (it also writes the per-pixel log-sum-exp and ``rowsum(P * dP)``), and
 dk / dv per class block with the pixels split into chunks whose fp32 partial sums are added afterwards
 (deterministic, no atomics).
@@ -116,41 +117,64 @@ def _pixel_class_attention_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skk, skd, svb, svh, svk, svd,
     H, N, NUM_K, D, HEADS_PER_PROGRAM, scale, inv_heads,
     NEGATE: tl.constexpr, WRITE_MEAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KV_STAGES: tl.constexpr,
 ):
+    # Classes are streamed in BLOCK_K tiles with an online softmax, so shared memory holds KV_STAGES k / v tiles
+    # (not every class of every head): bf16 d=64 fits an L4's 99 KB and d=128 fits everywhere.
     pid_n = tl.program_id(0)
     groups = H // HEADS_PER_PROGRAM
     b = (tl.program_id(1) // groups).to(tl.int64)
     h0 = (tl.program_id(1) % groups) * HEADS_PER_PROGRAM
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok, k_ok, d_ok = offs_n < N, offs_k < NUM_K, offs_d < D
-    mean_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for i in range(0, HEADS_PER_PROGRAM):
+    n_ok, d_ok = offs_n < N, offs_d < D
+    nd_mask = n_ok[:, None] & d_ok[None, :]
+    for i in tl.range(0, HEADS_PER_PROGRAM, num_stages=1):
         h = (h0 + i).to(tl.int64)
-        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + offs_k[:, None] * skk + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_k[:, None] * svk + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_K), fp32
-        if WRITE_MEAN:
-            mean_acc += s
-        if NEGATE:
-            a = -s * 1.4426950408889634
-        else:
-            a = s * 1.4426950408889634
-        a = tl.where(k_ok[None, :], a, float("-inf"))  # padded classes get no weight
-        p = tl.exp2(a - tl.max(a, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask, other=0.0)
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < NUM_K
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + offs_k[:, None] * skk + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_k[:, None] * svk + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_K), fp32
+            if NEGATE:
+                a = -s * 1.4426950408889634
+            else:
+                a = s * 1.4426950408889634
+            a = tl.where(k_ok[None, :], a, float("-inf"))  # padded classes get no weight
+            # Every class tile holds at least one real class, so m_new is finite and alpha is 0 on the first tile.
+            m_new = tl.maximum(m, tl.max(a, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(a - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m = m_new
         # Out is contiguous (B, H, N, D).
         o_ptrs = Out + ((b * H + h) * N + offs_n[:, None]) * D + offs_d[None, :]
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, (acc / l[:, None]).to(Out.dtype.element_ty), mask=nd_mask)
     if WRITE_MEAN:
-        m_ptrs = Mean + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None]  # Mean is contiguous (B, K, N)
-        tl.store(m_ptrs, (mean_acc * inv_heads).to(Mean.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+        # Head-mean of the logits per class tile: sum_h q_h k_h^T is one reduction over (head, d); the q tiles are
+        # re-read from L1 / L2 per class tile (K / BLOCK_K times), which costs no HBM traffic.
+        for k0 in range(0, NUM_K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < NUM_K
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            mean_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for i in tl.range(0, HEADS_PER_PROGRAM, num_stages=KV_STAGES):
+                h = (h0 + i).to(tl.int64)
+                q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask,
+                            other=0.0)
+                k = tl.load(K + b * skb + h * skh + offs_k[:, None] * skk + offs_d[None, :] * skd, mask=kv_mask,
+                            other=0.0)
+                mean_acc = tl.dot(q, tl.trans(k), mean_acc, input_precision=DOT_PRECISION)
+            m_ptrs = Mean + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None]  # Mean is contiguous (B, K, N)
+            tl.store(m_ptrs, (mean_acc * (scale * inv_heads)).to(Mean.dtype.element_ty),
+                     mask=n_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -467,6 +491,21 @@ def _pca_blocks(num_k: int, d: int) -> tuple[int, int, int, int]:
     return block_n, block_k, block_d, num_warps
 
 
+def _pca_fwd_config(num_k: int, d: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Forward tiles: pixels x class tile, k / v tiles pipelined as deep as the GPU's shared memory allows."""
+    block_d = _pow2(d)
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units with operands in registers: small tiles, no spills
+        block_n, block_k = 32, min(32, _pow2(num_k))
+    else:
+        block_n, block_k = 64, min(64, _pow2(num_k))
+    size = torch.finfo(dtype).bits // 8
+    per_stage = 2 * block_k * block_d * size  # one k and one v tile
+    fixed = (block_n * block_d + block_n * block_k) * size  # q and p staged through shared memory for the dots
+    budget = gpu_target(device).smem_per_block
+    stages = max(1, min(3, (budget - fixed) // per_stage))
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "KV_STAGES": stages, "num_warps": 4}
+
+
 def _pixel_class_attention_fwd_triton(
     q: Tensor, k: Tensor, v: Tensor, scale: float, negate: bool, return_logits_mean: bool
 ) -> tuple[Tensor, Tensor]:
@@ -478,14 +517,13 @@ def _pixel_class_attention_fwd_triton(
         return out, mean
     if num_k == 0:  # softmax over no class: no weight anywhere (the reference gives zeros too)
         return out.zero_(), mean
-    block_n, block_k, block_d, num_warps = _pca_blocks(num_k, d)
+    cfg = _pca_fwd_config(num_k, d, q.dtype, q.device)
     heads_per_program = heads if return_logits_mean else 1  # the head-mean needs every head in one program
-    grid = (triton.cdiv(n, block_n), bsz * (heads // heads_per_program))
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), bsz * (heads // heads_per_program))
     _pixel_class_attention_fwd_kernel[grid](
         q, k, v, out, mean, *_strides(q), *_strides(k), *_strides(v),
         heads, n, num_k, d, heads_per_program, float(scale), 1.0 / heads,
-        NEGATE=bool(negate), WRITE_MEAN=bool(return_logits_mean), DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
+        NEGATE=bool(negate), WRITE_MEAN=bool(return_logits_mean), DOT_PRECISION=_dot_precision(q.dtype), **cfg,
     )
     return out, mean
 

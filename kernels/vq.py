@@ -274,9 +274,12 @@ def _vq_nearest_fwd_kernel(
 
     if SINGLE_D:  # the whole row fits one tile: centre it once, keep it in registers for every code tile
         dmask = offs_d < D
-        zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                     mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        zc_full = zt - tl.load(centre_ptr + offs_d, mask=dmask, other=0.0)[None, :]
+        # Its own name: a `zt` here (fp32) would make the distance loop's `zt` (input dtype) loop-carried, which
+        # the compiler rejects for fp16 / bf16 ("Loop-carried variable zt ... re-assigned"); the interpreter
+        # does not type-check that, only `fastseg bench --static` / tests/bench/test_static.py see it.
+        z_row = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                        mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        zc_full = z_row - tl.load(centre_ptr + offs_d, mask=dmask, other=0.0)[None, :]
         if DOT_FP32:
             zc_full = tl.where(row_ok[:, None] & dmask[None, :], zc_full, 0.0)
         else:

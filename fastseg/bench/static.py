@@ -325,7 +325,7 @@ def _record(case: StaticCase, dtype: str, arch: ArchLimits) -> list[tuple[Any, t
 
     JITFunction.run = record
     try:
-        with planning_target(GpuTarget(arch.capability, arch.sm_count)):
+        with planning_target(GpuTarget(arch.capability, arch.sm_count, arch.smem_per_block)):
             case.launch(_torch_dtype(dtype))
     finally:
         JITFunction.run = original
