@@ -163,6 +163,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import environment, format_table, run_kernels, run_models, run_stages, save_json, save_plot
     from .registry import list_models
 
+    if args.static:  # compile reports for NVIDIA targets + traffic model; no timing, no GPU needed
+        from .bench.static import problems, run_static
+
+        report = run_static(full=args.full)
+        return 1 if any(problems(r) for r in report["rows"] if r["shipped"]) else 0
     device = _device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     env = environment(device)
@@ -193,6 +198,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"plot: {args.plot}")
         except ValueError as err:
             print(f"no plot: {err}", file=sys.stderr)
+    if device.type != "cuda" and args.static_after:
+        # Without a GPU, show what the kernels would do on one: the static report (cached compiles) after the timings.
+        from .bench.static import run_static
+
+        print()
+        run_static(full=False, out=None, table_targets=("sm_87", "sm_90"))
     return 0 if any(r.ok for r in rows) else 1
 
 
@@ -279,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write rows and environment as JSON")
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")
+    p.add_argument("--static", action="store_true",
+                   help="only the static GPU report: every Triton kernel compiled for sm_80/86/87/89/90 (registers, "
+                        "spills, shared memory, tensor cores, occupancy) and the traffic model; no GPU needed")
+    p.add_argument("--no-static", dest="static_after", action="store_false",
+                   help="on a CPU-only machine, do not print the static report after the timings")
     p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "ecenet_resnet18"])
 
     add_export_commands(sub)  # export, verify

@@ -17,6 +17,7 @@ Run: ``fastseg bench --static [--full]`` or ``python -m fastseg.bench.static [--
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -157,6 +158,7 @@ def _vq_fwd(n: int, k: int, d: int) -> Callable[[Any], None]:
 
         vq._vq_nearest_triton(_meta(n, d, dtype=dtype), _meta(k, d, dtype=dtype))
 
+    launch.params = {"n": n, "k": k, "d": d}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
 
 
@@ -169,6 +171,7 @@ def _vq_bwd(n: int, k: int, d: int) -> Callable[[Any], None]:
         grad, idx = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int64)
         vq._vq_nearest_backward_triton(grad, _meta(n, d, dtype=dtype), _meta(k, d, dtype=dtype), idx)
 
+    launch.params = {"n": n, "k": k, "d": d}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
 
 
@@ -178,6 +181,7 @@ def _argmax(n: int, c: int, k: int) -> Callable[[Any], None]:
 
         vq._argmax_matmul_triton(_meta(n, c, dtype=dtype), _meta(k, c, dtype=dtype), _meta(k, dtype=dtype))
 
+    launch.params = {"n": n, "c": c, "k": k}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
 
 
@@ -192,6 +196,7 @@ def _pca(b: int, h: int, n: int, k: int, d: int, mean: bool, backward: bool) -> 
         else:
             ca._pixel_class_attention_fwd_triton(q, kk, v, d**-0.5, True, mean)
 
+    launch.params = {"b": b, "h": h, "n": n, "k": k, "d": d, "mean": mean, "backward": backward}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
 
 
@@ -209,6 +214,7 @@ def _mca(b: int, h: int, nq: int, n: int, d: int, backward: bool) -> Callable[[A
         else:
             ca._masked_class_attention_fwd_triton(q, k, v, mask, d**-0.5)
 
+    launch.params = {"b": b, "h": h, "nq": nq, "n": n, "d": d, "backward": backward}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
 
 
@@ -224,6 +230,7 @@ def _reduce(b: int, c: int, side: int, k: int, deterministic: bool, backward: bo
         else:
             cw._classwise_reduce_triton(_meta(b, c, side, side, dtype=dtype), labels, masked, k, deterministic)
 
+    launch.params = {"b": b, "c": c, "side": side, "k": k, "deterministic": deterministic, "backward": backward}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
 
 
@@ -241,6 +248,7 @@ def _recon(b: int, c: int, side: int, k: int, patch: int, backward: bool) -> Cal
         else:
             cw._recon_loss_triton(pred, target, labels, masked, k, True, patch, False)
 
+    launch.params = {"b": b, "c": c, "side": side, "k": k, "patch": patch, "backward": backward}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
 
 
@@ -460,7 +468,13 @@ def _worker_main(argv: Sequence[str]) -> int:
             except Exception as why:  # noqa: BLE001 - a launcher refusing the inputs is a finding
                 out.append({**item, "jobs": [], "plan_error": f"{type(why).__name__}: {why}"[:400]})
     else:
-        out = {job["key"]: _compile_one(job) for job in request}
+        out = {}
+        partial = request["partial"]
+        for job in request["jobs"]:
+            out[job["key"]] = _compile_one(job)
+            if partial:  # one line per kernel as it finishes: an interrupted run keeps what it compiled
+                with open(partial, "a") as f:
+                    f.write(json.dumps({job["key"]: out[job["key"]]}) + "\n")
     sys.stdout.write("\n@@RESULT@@" + json.dumps(out))
     return 0
 
@@ -469,11 +483,12 @@ def _run_worker(mode: str, request: Any) -> Any:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions, not interpreted ones
     env["TRITON_ALWAYS_COMPILE"] = "1"  # ptxas must run (its log gives registers and spills)
-    env.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="fastseg-static-"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastseg.bench.static", "--worker", mode],
-        input=json.dumps(request), capture_output=True, text=True, env=env, check=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="fastseg-static-") as triton_cache:
+        env["TRITON_CACHE_DIR"] = triton_cache  # Triton's own cache: private, and removed afterwards
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastseg.bench.static", "--worker", mode],
+            input=json.dumps(request), capture_output=True, text=True, env=env, check=False,
+        )
     if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
         raise RuntimeError(f"static {mode} worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1])
@@ -481,9 +496,14 @@ def _run_worker(mode: str, request: Any) -> Any:
 
 def _load_cache(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        cache = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+        cache = {}
+    for partial in sorted(path.parent.glob(path.stem + ".partial-*.jsonl")):  # left by an interrupted run
+        for line in partial.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                cache.update(json.loads(line))
+    return cache
 
 
 def _save_cache(path: Path, cache: dict[str, Any]) -> None:
@@ -532,14 +552,21 @@ def static_report(
     if todo:
         jobs = sorted(todo.values(), key=lambda j: j["key"])
         chunks = [jobs[i::workers] for i in range(workers) if jobs[i::workers]]
+        partials = [cache_path.parent / f"{cache_path.stem}.partial-{os.getpid()}-{i}.jsonl" if cache_path else None
+                    for i in range(len(chunks))]
+        if cache_path:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(len(chunks)) as pool:
-            for part in pool.map(lambda ch: _run_worker("compile", ch), chunks):
+            requests_ = [{"jobs": ch, "partial": str(pp) if pp else None} for ch, pp in zip(chunks, partials)]
+            for part in pool.map(lambda rq: _run_worker("compile", rq), requests_):
                 cache.update(part)
         if cache_path:
             live = {j["key"] for p in planned for j in p["jobs"]}
             if not full:  # keep the --full entries of an earlier sweep
-                live |= set(cache)
+                live |= set(_load_cache(cache_path))
             _save_cache(cache_path, {k: v for k, v in cache.items() if k in live})
+            for old in cache_path.parent.glob(cache_path.stem + ".partial-*.jsonl"):
+                old.unlink()
     kinds = {c.name: c.kind for c in cases}
     shipped = {c.name: c.shipped for c in cases}
     rows = []
@@ -652,6 +679,41 @@ def save_static_plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "static"
+TRAFFIC_MODELS = ("fpn_resnet18", "ecenet_resnet18", "gss_ff_resnet18", "s4mim_resnet18")
+
+
+def run_static(full: bool = False, out: Path | None = DEFAULT_OUT, targets: Sequence[str] | None = None,
+               workers: int | None = None, say: Callable[[str], None] = print,
+               table_targets: Sequence[str] | None = None) -> dict[str, Any]:
+    """The static report and the traffic model: print both, write ``static.json``, ``static.txt``, ``static.png``
+    under ``out`` (None: write nothing). Returns the report with ``traffic`` and ``model_traffic`` added."""
+    from .traffic import format_traffic_table, model_traffic, op_traffic
+
+    report = static_report(full=full, targets=targets, workers=workers, progress=say)
+    report["traffic"] = op_traffic(report) if "sm_90" in report["targets"] else []
+    report["model_traffic"] = model_traffic(list(TRAFFIC_MODELS))
+    table = format_static_table(report, table_targets)
+    traffic = format_traffic_table(report["traffic"], report["model_traffic"])
+    bad = [r for r in report["rows"] if problems(r)]
+    summary = (f"{len(report['rows'])} kernel launches x targets, {len(bad)} with a problem "
+               f"(spills, shared memory over the block limit, no tensor cores for a half dot, occupancy under floor, "
+               f"or no compile)")
+    say(table)
+    say(summary)
+    say("")
+    say(traffic)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = "static_full" if full else "static"
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / f"{name}.txt").write_text(f"{format_static_table(report)}\n{summary}\n\n{traffic}\n")
+        save_static_plot(report, out / f"{name}.png")
+        say(f"static report: {out / name}.{{json,txt,png}}")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -661,17 +723,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastseg.bench.static", description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="the sweep around the shipped shapes too")
     p.add_argument("--targets", nargs="*", default=None, choices=list(ARCHS))
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "static"))
+    p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args(argv)
-    report = static_report(full=args.full, targets=args.targets, workers=args.workers, progress=print)
-    print(format_static_table(report))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "static.json").write_text(json.dumps(report, indent=1))
-    (out / "static.txt").write_text(format_static_table(report) + "\n")
-    save_static_plot(report, out / "static.png")
-    return 0
+    report = run_static(full=args.full, out=Path(args.out), targets=args.targets, workers=args.workers)
+    return 0 if not any(problems(r) for r in report["rows"] if r["shipped"]) else 1
 
 
 if __name__ == "__main__":
