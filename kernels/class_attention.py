@@ -11,7 +11,7 @@ Per batch ``b`` and head ``h``, with ``S = scale * q @ k^T`` (N x K) and ``sign 
 
 ECENet computes ``softmax(rowmax(A) - A)`` with ``A = q k^T * scale`` (= softmax(-A)) and uses the head-mean of the
 *positive-sense, scaled* logits ``A`` as the stage mask; ``logits_mean`` is exactly that. Backward (recomputing ``P``
-from q and k, all K classes on chip)::
+from q and k, class tile by class tile)::
 
     dP = dout @ v^T     dA = P * (dP - rowsum(P * dP))     dS = sign * dA + dM^T / h
     dq = scale * dS @ k      dk = scale * dS^T @ q       dv = P^T @ dout
@@ -62,7 +62,7 @@ __all__ = [
     "MAX_HEAD_DIM",
 ]
 
-MAX_CLASSES = 256  # pixel_class_attention keeps every class on chip
+MAX_CLASSES = 256  # pixel_class_attention's tested range (its kernels stream class tiles)
 MAX_HEAD_DIM = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -183,44 +183,69 @@ def _pixel_class_attention_bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skk, skd, svb, svh, svk, svd,
     H, N, NUM_K, D, scale, inv_heads,
     NEGATE: tl.constexpr, HAS_DMEAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KV_STAGES: tl.constexpr,
 ):
+    # Two passes over class tiles (shared memory holds KV_STAGES k / v tiles, registers BLOCK_N x BLOCK_K tiles,
+    # whatever K): pass 1 gets the row max m, the sum l and t = sum_k exp(a - m) dP (all rescaled online), so that
+    # lse = m + log2(l) and delta = rowsum(P * dP) = t / l; pass 2 forms dS per tile and accumulates dq.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok, k_ok, d_ok = offs_n < N, offs_k < NUM_K, offs_d < D
+    n_ok, d_ok = offs_n < N, offs_d < D
     nd_mask = n_ok[:, None] & d_ok[None, :]
-    kv_mask = k_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask, other=0.0)
-    k = tl.load(K + b * skb + h * skh + offs_k[:, None] * skk + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_k[:, None] * svk + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     row = (bh * N + offs_n[:, None]) * D + offs_d[None, :]  # DO and DQ are contiguous (B, H, N, D)
     do = tl.load(DO + row, mask=nd_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-    if NEGATE:
-        a = -s * 1.4426950408889634
-    else:
-        a = s * 1.4426950408889634
-    a = tl.where(k_ok[None, :], a, float("-inf"))
-    m = tl.max(a, axis=1)
-    p = tl.exp2(a - m[:, None])
-    denom = tl.sum(p, axis=1)
-    p = p / denom[:, None]
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    delta = tl.sum(p * dp, axis=1)
-    ds = p * (dp - delta[:, None])
-    if NEGATE:
-        ds = -ds
-    if HAS_DMEAN:
-        dm = tl.load(DMean + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None],
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        ds += dm.to(tl.float32) * inv_heads
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale
-    tl.store(DQ + row, dq.to(DQ.dtype.element_ty), mask=nd_mask)
-    tl.store(LSE2 + bh * N + offs_n, m + tl.log2(denom), mask=n_ok)  # base-2 log-sum-exp of sign * S
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < NUM_K
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_k[:, None] * skk + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_k[:, None] * svk + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        if NEGATE:
+            a = -s * 1.4426950408889634
+        else:
+            a = s * 1.4426950408889634
+        a = tl.where(k_ok[None, :], a, float("-inf"))
+        m_new = tl.maximum(m, tl.max(a, axis=1))  # finite: every tile holds a real class
+        alpha = tl.exp2(m - m_new)
+        e = tl.exp2(a - m_new[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        l = l * alpha + tl.sum(e, axis=1)
+        t = t * alpha + tl.sum(e * dp, axis=1)
+        m = m_new
+    lse2 = m + tl.log2(l)
+    delta = t / l
+    dq = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < NUM_K
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_k[:, None] * skk + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_k[:, None] * svk + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        if NEGATE:
+            a = -s * 1.4426950408889634
+        else:
+            a = s * 1.4426950408889634
+        p = tl.where(k_ok[None, :], tl.exp2(a - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if NEGATE:
+            ds = -ds
+        if HAS_DMEAN:
+            dm = tl.load(DMean + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None],
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            ds += dm.to(tl.float32) * inv_heads
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=nd_mask)
+    tl.store(LSE2 + bh * N + offs_n, lse2, mask=n_ok)  # base-2 log-sum-exp of sign * S
     tl.store(Delta + bh * N + offs_n, delta, mask=n_ok)
 
 
@@ -483,14 +508,6 @@ def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def _pca_blocks(num_k: int, d: int) -> tuple[int, int, int, int]:
-    block_k, block_d = _pow2(num_k), _pow2(d)
-    # Keep the (BLOCK_N x BLOCK_K) fp32 logits tile around 8K elements: 32 pixels at K=256, 128 at K<=64.
-    block_n = max(16, min(128, 8192 // block_k))
-    num_warps = 4 if block_k * block_d <= 64 * 64 else 8
-    return block_n, block_k, block_d, num_warps
-
-
 def _pca_fwd_config(num_k: int, d: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Forward tiles: pixels x class tile, k / v tiles pipelined as deep as the GPU's shared memory allows."""
     block_d = _pow2(d)
@@ -540,25 +557,28 @@ def _pixel_class_attention_bwd_triton(
     grad_out = grad_out.contiguous()
     has_dmean = grad_mean is not None and grad_mean.numel() > 0
     dmean = grad_mean.contiguous() if has_dmean else grad_out  # dummy pointer when absent
-    block_n, block_k, block_d, num_warps = _pca_blocks(num_k, d)
+    cfg = _pca_fwd_config(num_k, d, q.dtype, q.device)  # same tiles as the forward (two k / v tiles per stage)
+    block_d = cfg["BLOCK_D"]
     lse2 = q.new_empty((bsz, heads, n), dtype=torch.float32)
     delta = torch.empty_like(lse2)
-    common = dict(NEGATE=bool(negate), HAS_DMEAN=has_dmean, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
-    _pixel_class_attention_bwd_dq_kernel[(triton.cdiv(n, block_n), bsz * heads)](
+    common = dict(NEGATE=bool(negate), HAS_DMEAN=has_dmean, DOT_PRECISION=_dot_precision(q.dtype))
+    _pixel_class_attention_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), bsz * heads)](
         q, k, v, grad_out, dmean, dq, lse2, delta, *_strides(q), *_strides(k), *_strides(v),
-        heads, n, num_k, d, float(scale), 1.0 / heads,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **common,
+        heads, n, num_k, d, float(scale), 1.0 / heads, **cfg, **common,
     )
-    block_kb = min(64, block_k)
+    # dk / dv: a class block of BLOCK_KB accumulates two (BLOCK_KB, d) fp32 tiles while streaming pixel tiles;
+    # fp32 (FMA dots, operands in registers) and d = 128 take half-size tiles to stay free of spills.
+    small = q.dtype == torch.float32 or block_d > 64
+    block_kb = min(32 if small else 64, _pow2(num_k))
     k_blocks = triton.cdiv(num_k, block_kb)
-    block_n_kv = 64 if block_d <= 64 else 32
+    block_n_kv = 32 if small else 64
     n_splits, chunk = _num_splits(n, block_n_kv, k_blocks * bsz * heads, q.device, splits)
     dk_part = q.new_empty((n_splits, bsz, heads, num_k, d), dtype=torch.float32)
     dv_part = torch.empty_like(dk_part)
     _pixel_class_attention_bwd_dkdv_kernel[(k_blocks, bsz * heads, n_splits)](
         q, k, v, grad_out, dmean, lse2, delta, dk_part, dv_part, *_strides(q), *_strides(k), *_strides(v),
         bsz, heads, n, num_k, d, chunk, float(scale), 1.0 / heads,
-        BLOCK_N=block_n_kv, BLOCK_KB=block_kb, num_warps=4, **common,
+        BLOCK_N=block_n_kv, BLOCK_KB=block_kb, BLOCK_D=block_d, num_warps=4, **common,
     )
     dk.copy_(dk_part.sum(0))
     dv.copy_(dv_part.sum(0))

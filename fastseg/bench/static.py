@@ -562,9 +562,11 @@ def static_report(
                 cache.update(part)
         if cache_path:
             live = {j["key"] for p in planned for j in p["jobs"]}
+            on_disk = _load_cache(cache_path)  # what other runs saved meanwhile
+            merged = {**on_disk, **cache}
             if not full:  # keep the --full entries of an earlier sweep
-                live |= set(_load_cache(cache_path))
-            _save_cache(cache_path, {k: v for k, v in cache.items() if k in live})
+                live |= set(on_disk)
+            _save_cache(cache_path, {k: v for k, v in merged.items() if k in live})
             for old in cache_path.parent.glob(cache_path.stem + ".partial-*.jsonl"):
                 old.unlink()
     kinds = {c.name: c.kind for c in cases}
