@@ -520,7 +520,9 @@ def _pca_fwd_config(num_k: int, d: int, dtype: torch.dtype, device: torch.device
     fixed = (block_n * block_d + block_n * block_k) * size  # q and p staged through shared memory for the dots
     budget = gpu_target(device).smem_per_block
     stages = max(1, min(3, (budget - fixed) // per_stage))
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "KV_STAGES": stages, "num_warps": 4}
+    # fp16 / bf16: 8 warps (4 spilled 16 B on sm_80 with the head-mean pass; static report).
+    num_warps = 4 if dtype == torch.float32 else 8
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "KV_STAGES": stages, "num_warps": num_warps}
 
 
 def _pixel_class_attention_fwd_triton(
@@ -585,11 +587,17 @@ def _pixel_class_attention_bwd_triton(
     return dq, dk, dv
 
 
-def _mca_blocks(num_q: int, d: int) -> tuple[int, int, int]:
+def _mca_blocks(num_q: int, d: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_Q, BLOCK_N, BLOCK_D, num_warps)``; checked by `fastseg bench --static` on sm_80..sm_90: fp32 (FMA
+    dots, operands in registers) needs 8 warps, and 32 x 32 tiles in the backward, to stay free of spills; the
+    fp16 / bf16 backward spilled with 4 warps."""
     block_d = _pow2(d)
     block_q = min(64, _pow2(num_q))
     block_n = 64 if block_d <= 64 else 32
-    return block_q, block_n, block_d
+    if dtype == torch.float32 and backward:
+        block_q, block_n = min(32, block_q), 32
+    num_warps = 8 if (dtype == torch.float32 or backward) else 4
+    return block_q, block_n, block_d, num_warps
 
 
 def _mask_args(mask: Optional[Tensor], q: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
@@ -609,7 +617,7 @@ def _masked_class_attention_fwd_triton(
     lse = q.new_empty((bsz, heads, num_q), dtype=torch.float32)
     if out.numel() == 0 or n == 0:  # no query, or no pixel to attend to: zero output, lse = log(0)
         return out.zero_(), lse.fill_(float("-inf"))
-    block_q, block_n, block_d = _mca_blocks(num_q, d)
+    block_q, block_n, block_d, num_warps = _mca_blocks(num_q, d, q.dtype, backward=False)
     q_blocks = triton.cdiv(num_q, block_q)
     n_splits, chunk = _num_splits(n, block_n, q_blocks * bsz * heads, q.device, splits)
     mask_u8, row_any, mask_strides = _mask_args(mask, q)
@@ -625,7 +633,7 @@ def _masked_class_attention_fwd_triton(
         *_strides(q), *_strides(k), *_strides(v), *mask_strides,
         bsz, heads, num_q, n, d, chunk, float(scale),
         HAS_MASK=mask is not None, FINAL=final, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
     if not final:
         _masked_class_attention_combine_kernel[(q_blocks, bsz * heads)](
@@ -651,11 +659,11 @@ def _masked_class_attention_bwd_triton(
         delta = delta - grad_lse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
-    block_q, block_n, block_d = _mca_blocks(num_q, d)
+    block_q, block_n, block_d, num_warps = _mca_blocks(num_q, d, q.dtype, backward=True)
     mask_u8, row_any, mask_strides = _mask_args(mask, q)
     args = (*_strides(q), *_strides(k), *_strides(v), *mask_strides)
     common = dict(HAS_MASK=mask is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_Q=block_q,
-                  BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+                  BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     _masked_class_attention_bwd_kernel[(triton.cdiv(n, block_n), bsz * heads, 1)](
         q, k, v, mask_u8, row_any, grad_out, lse, delta, dk, dv, lse, *args,
         bsz, heads, num_q, n, d, n, float(scale), COMPUTE_DQ=False, **common,

@@ -429,7 +429,7 @@ def _reduce_config(channels: int, groups: int, batch: int, dtype: torch.dtype, d
     stage_bytes = block_n * block_c * size
     stages = max(1, min(3, (gpu_target(device).smem_per_block - 8 * 1024) // stage_bytes))
     return {"BLOCK_N": block_n, "BLOCK_G": block_g, "BLOCK_C": block_c, "STAGES": stages,
-            "num_warps": 8 if block_c * block_g >= 32 * 256 else 4, "target": _TARGET_PROGRAMS}
+            "num_warps": 8, "target": _TARGET_PROGRAMS}  # 4 warps spilled ~320 B in fp32 (fastseg bench --static)
 
 
 def _kernel_dtype(tensor: torch.Tensor) -> torch.Tensor:
@@ -517,7 +517,7 @@ def _classwise_reduce_backward_triton(grad_sums, labels, masked, channels, dtype
     _classwise_reduce_bwd_kernel[grid](
         gsum, labels2, masked2, out, channels, hw, num_classes,
         labels2.stride(0), labels2.stride(1), masked2.stride(0), masked2.stride(1),
-        BLOCK_N=_REDUCE_BLOCK_N, BLOCK_C=block_c, num_warps=4,
+        BLOCK_N=_REDUCE_BLOCK_N, BLOCK_C=block_c, num_warps=8,  # 4 warps: 24 B spilled (fastseg bench --static)
     )
     return grad.copy_(out) if out is not grad else grad
 

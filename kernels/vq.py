@@ -55,6 +55,7 @@ import torch
 from ._utils import (
     check_same_device,
     check_tensor,
+    gpu_target,
     interpreter_enabled,
     resolve_impl,
     run_triton_on_cpu,
@@ -409,16 +410,21 @@ def _argmax_matmul_fwd_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _tile_config(d: int, dtype: torch.dtype) -> dict[str, int]:
-    """Fixed (not autotuned) tiles: small ones in the interpreter so that tests cross tile borders cheaply."""
+def _tile_config(d: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Fixed (not autotuned) tiles per architecture, checked by `fastseg bench --static` (no spills, shared memory
+    within the block limit); small ones in the interpreter so that tests cross tile borders cheaply."""
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
-    if interpreter_enabled():
+    if interpreter_enabled() and device.type == "cpu":
         return {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": min(block_d, 64), "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # ieee fp32 dot runs on CUDA cores: smaller tiles
         return {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": min(block_d, 32), "num_warps": 4, "num_stages": 2}
     block_d = min(block_d, 256)
-    return {"BLOCK_N": 128, "BLOCK_K": 128 if block_d <= 64 else 64, "BLOCK_D": block_d, "num_warps": 8,
-            "num_stages": 2}  # fmt: skip
+    # 163 KB+ per block (A100, Orin, H100): 128 rows, 3 stages (180 registers, no spill at D=256). 99 KB parts
+    # (sm_86, L4): 64 rows, 2 stages (97 KB at 128 rows / 2 stages fits, but spills 4 B on sm_80-class register
+    # allocation; 64 rows: 65 KB, 105 registers).
+    big = gpu_target(device).smem_per_block >= 160 * 1024
+    return {"BLOCK_N": 128 if big else 64, "BLOCK_K": 128 if block_d <= 64 else 64, "BLOCK_D": block_d,
+            "num_warps": 8, "num_stages": 3 if big else 2}
 
 
 def _vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,7 +440,7 @@ def _vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.T
     # code_sq holds the norms of the operands the dot really sees (rounded to bf16 / fp16 on the GPU fast path)
     centre, codes_c, code_sq = _prepare_codes(codebook, torch.float32 if dot_fp32 else z.dtype)
     centre, codes_c, code_sq = centre.contiguous(), codes_c.contiguous(), code_sq.contiguous()
-    cfg = _tile_config(d, z.dtype)
+    cfg = _tile_config(d, z.dtype, z.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _vq_nearest_fwd_kernel[grid](
         z, codebook, centre, codes_c, code_sq, index, sqdist,
@@ -474,10 +480,14 @@ def _argmax_matmul_triton(
     if n == 0:
         return index, value
     interpret = interpreter_enabled() and not x.is_cuda
-    cfg = _tile_config(c, x.dtype)
+    cfg = _tile_config(c, x.dtype, x.device)
     if not interpret and x.dtype != torch.float32:
-        # C (2048 for the token head) is always tiled here: the x tile is re-read per K tile from L2.
-        cfg.update(BLOCK_N=64, BLOCK_K=128, BLOCK_D=min(cfg["BLOCK_D"], 64), num_stages=3)
+        # C (2048 for the token head) is always tiled here: the x tile is re-read per K tile from L2. A 32-wide C
+        # tile keeps 3 stages in 24 KB and the 8 warps free of spills on sm_80..sm_90 (`fastseg bench --static`;
+        # 64 spilled 16-32 B).
+        cfg.update(BLOCK_N=64, BLOCK_K=128, BLOCK_D=min(cfg["BLOCK_D"], 32), num_stages=3)
+    elif not interpret:
+        cfg.update(num_warps=8)  # the FMA dot's 64 x 64 tile spilled with 4 warps (static report)
     block_c = cfg.pop("BLOCK_D")
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _argmax_matmul_fwd_kernel[grid](
