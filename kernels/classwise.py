@@ -36,7 +36,8 @@ channels to keep those re-reads small. Fast mode flushes the accumulator with on
 deterministic mode stores it to a per-split workspace that ``_split_sum_kernel`` reduces in a fixed order (bitwise
 identical across runs, no atomics). The workspace is ``B * splits * 2K * C`` fp32 with splits ~ 1024 / (B * blocks).
 ``_recon_loss_fwd_kernel`` / ``_recon_loss_bwd_kernel``: one program per (patch, image) holds the whole patch
-(all channels) in registers, normalises the target, and reduces squared errors per class with a one-hot over the
+as [BLOCK_P^2] pixel vectors and streams the channels (two passes for the target's mean and variance, one for the
+error), so registers do not grow with C; it reduces squared errors per class with a one-hot over the
 few class ids present in the patch (atomics in fast mode, per-patch partials in deterministic mode).
 
 Limits: features fp32 / fp16 / bf16 / fp64 (fp64 runs the Triton path in fp32); labels uint8 / int16 / int32 / int64;
@@ -318,31 +319,42 @@ def _classwise_reduce_bwd_kernel(
 
 
 @triton.jit
-def _recon_patch(pred_ptr, target_ptr, labels_ptr, masked_ptr, b, patch, patches_w, C, H, W, num_classes, eps,
-                 sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sl_b, sl_h, sl_w, sm_b, sm_h, sm_w,
-                 PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr):
-    """Loads one patch: pred and (normalised) target as [BLOCK_C, BLOCK_P^2] fp32, the class id per pixel (-1 for
-    pixels outside the patch, unmasked or unlabelled) and the in-bounds mask."""
+def _recon_patch_pixels(labels_ptr, masked_ptr, b, patch, patches_w, H, W, num_classes, sl_b, sl_h, sl_w, sm_b, sm_h,
+                        sm_w, PATCH: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The pixels of one patch: row, column, in-bounds mask and class id (-1 for pixels outside the patch, unmasked
+    or unlabelled), as [BLOCK_P^2] vectors."""
     r = tl.arange(0, BLOCK_P * BLOCK_P)
     row = (patch // patches_w) * PATCH + r // BLOCK_P
     col = (patch % patches_w) * PATCH + r % BLOCK_P
     inside = (r // BLOCK_P < PATCH) & (r % BLOCK_P < PATCH) & (row < H) & (col < W)
-    c = tl.arange(0, BLOCK_C).to(tl.int64)
-    m2 = (c < C)[:, None] & inside[None, :]
-    t = tl.load(target_ptr + b * st_b + c[:, None] * st_c + row[None, :] * st_h + col[None, :] * st_w,
-                mask=m2, other=0.0).to(tl.float32)
-    if NORMALIZE:
-        n = tl.sum(m2.to(tl.float32))
-        centred = tl.where(m2, t - tl.sum(t) / n, 0.0)
-        var = tl.sum(centred * centred) / tl.maximum(n - 1.0, 1.0)
-        t = centred / tl.sqrt(var + eps)
-    x = tl.load(pred_ptr + b * sp_b + c[:, None] * sp_c + row[None, :] * sp_h + col[None, :] * sp_w,
-                mask=m2, other=0.0).to(tl.float32)
     lab = tl.load(labels_ptr + b * sl_b + row * sl_h + col * sl_w, mask=inside, other=0)
     msk = tl.load(masked_ptr + b * sm_b + row * sm_h + col * sm_w, mask=inside, other=0)
     sel = inside & (msk != 0) & (lab >= 0) & (lab < num_classes)
-    k = tl.where(sel, lab.to(tl.int32), -1)
-    return x, t, k, m2
+    return row, col, inside, tl.where(sel, lab.to(tl.int32), -1)
+
+
+@triton.jit
+def _recon_patch_stats(target_ptr, b, row, col, inside, C, eps, st_b, st_c, st_h, st_w, NORMALIZE: tl.constexpr):
+    """Mean and 1 / std of the target over the patch's pixels and channels (two passes over the channels: the
+    centred sum of squares does not cancel); (0, 1) without normalisation."""
+    mean = 0.0
+    rstd = 1.0
+    if NORMALIZE:
+        t_ptrs = target_ptr + b * st_b + row * st_h + col * st_w
+        acc = tl.zeros(row.shape, dtype=tl.float32)
+        for _ in range(C):
+            acc += tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32)
+            t_ptrs += st_c
+        n = C * tl.sum(inside.to(tl.float32))
+        mean = tl.sum(acc) / n
+        t_ptrs = target_ptr + b * st_b + row * st_h + col * st_w
+        acc = tl.zeros(row.shape, dtype=tl.float32)
+        for _ in range(C):
+            centred = tl.where(inside, tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += centred * centred
+            t_ptrs += st_c
+        rstd = 1.0 / tl.sqrt(tl.sum(acc) / tl.maximum(n - 1.0, 1.0) + eps)
+    return mean, rstd
 
 
 @triton.jit
@@ -350,16 +362,26 @@ def _recon_loss_fwd_kernel(
     pred_ptr, target_ptr, labels_ptr, masked_ptr, err_ptr, cnt_ptr,
     C, H, W, num_classes, patches_w, eps, out_stride_b, out_stride_patch,
     sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sl_b, sl_h, sl_w, sm_b, sm_h, sm_w,
-    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     NORMALIZE: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
+    # One program per (patch, image); channels are streamed (one [BLOCK_P^2] vector per channel), so registers do
+    # not grow with C: at 16 channels x 64 x 64 the former whole-patch tile spilled 16-33 KB per thread.
     patch = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    x, t, k, m2 = _recon_patch(pred_ptr, target_ptr, labels_ptr, masked_ptr, b, patch, patches_w, C, H, W,
-                               num_classes, eps, sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sl_b, sl_h, sl_w,
-                               sm_b, sm_h, sm_w, PATCH, BLOCK_P, BLOCK_C, NORMALIZE)
-    diff = tl.where(m2, x - t, 0.0)
-    err = tl.sum(diff * diff, axis=0)
+    row, col, inside, k = _recon_patch_pixels(labels_ptr, masked_ptr, b, patch, patches_w, H, W, num_classes,
+                                              sl_b, sl_h, sl_w, sm_b, sm_h, sm_w, PATCH, BLOCK_P)
+    mean, rstd = _recon_patch_stats(target_ptr, b, row, col, inside, C, eps, st_b, st_c, st_h, st_w, NORMALIZE)
+    err = tl.zeros(row.shape, dtype=tl.float32)
+    x_ptrs = pred_ptr + b * sp_b + row * sp_h + col * sp_w  # advanced one channel per step (64-bit pointers)
+    t_ptrs = target_ptr + b * st_b + row * st_h + col * st_w
+    for _ in range(C):
+        x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
+        t = tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32)
+        diff = tl.where(inside, x - (t - mean) * rstd, 0.0)
+        err += diff * diff
+        x_ptrs += sp_c
+        t_ptrs += st_c
     base = b * out_stride_b + patch * out_stride_patch
     # Only the class ids present in this patch: [k_lo, k_hi] (an empty range when no pixel is selected).
     k_lo = tl.min(tl.where(k >= 0, k, num_classes))
@@ -382,21 +404,25 @@ def _recon_loss_bwd_kernel(
     weight_ptr, pred_ptr, target_ptr, labels_ptr, masked_ptr, grad_ptr,
     C, H, W, num_classes, patches_w, eps,
     sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sl_b, sl_h, sl_w, sm_b, sm_h, sm_w,
-    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr,
+    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     patch = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    x, t, k, m2 = _recon_patch(pred_ptr, target_ptr, labels_ptr, masked_ptr, b, patch, patches_w, C, H, W,
-                               num_classes, eps, sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sl_b, sl_h, sl_w,
-                               sm_b, sm_h, sm_w, PATCH, BLOCK_P, BLOCK_C, NORMALIZE)
+    row, col, inside, k = _recon_patch_pixels(labels_ptr, masked_ptr, b, patch, patches_w, H, W, num_classes,
+                                              sl_b, sl_h, sl_w, sm_b, sm_h, sm_w, PATCH, BLOCK_P)
+    mean, rstd = _recon_patch_stats(target_ptr, b, row, col, inside, C, eps, st_b, st_c, st_h, st_w, NORMALIZE)
     w = tl.load(weight_ptr + b * num_classes + k, mask=k >= 0, other=0.0)  # d loss / d err of the pixel's group
-    g = tl.where(m2, 2.0 * w[None, :] * (x - t), 0.0)
-    r = tl.arange(0, BLOCK_P * BLOCK_P)
-    row = (patch // patches_w) * PATCH + r // BLOCK_P
-    col = (patch % patches_w) * PATCH + r % BLOCK_P
-    c = tl.arange(0, BLOCK_C).to(tl.int64)
-    tl.store(grad_ptr + b * C * H * W + c[:, None] * H * W + row[None, :] * W + col[None, :],
-             g.to(grad_ptr.dtype.element_ty), mask=m2)
+    x_ptrs = pred_ptr + b * sp_b + row * sp_h + col * sp_w  # advanced one channel per step (64-bit pointers)
+    t_ptrs = target_ptr + b * st_b + row * st_h + col * st_w
+    g_ptrs = grad_ptr + b * C * H * W + row * W + col  # grad is contiguous (B, C, H, W)
+    for _ in range(C):
+        x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
+        t = tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32)
+        g = tl.where(inside, 2.0 * w * (x - (t - mean) * rstd), 0.0)
+        tl.store(g_ptrs, g.to(grad_ptr.dtype.element_ty), mask=inside)
+        x_ptrs += sp_c
+        t_ptrs += st_c
+        g_ptrs += H * W
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,6 +553,11 @@ def _recon_tile(normalize_target: bool, patch_size: int) -> int:
     return patch_size if normalize_target else 16
 
 
+def _recon_warps(tile: int) -> int:
+    # A 64 x 64 patch is 4096 pixels per [BLOCK_P^2] vector: 8 warps keep 16 per thread.
+    return 8 if tile > 32 else 4
+
+
 def _recon_triton_supported(channels: int, normalize_target: bool, patch_size: int) -> bool:
     return channels <= _MAX_RECON_CHANNELS and _recon_tile(normalize_target, patch_size) <= _MAX_RECON_PATCH
 
@@ -558,8 +589,8 @@ def _recon_loss_triton(pred, target, labels, masked, num_classes, normalize_targ
         pred32, target32, labels, masked_u8, err, cnt,
         channels, height, width, num_classes, cols, _NORM_EPS, *out_strides,
         *_recon_strides(pred32, target32, labels, masked_u8),
-        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_C=triton.next_power_of_2(channels), BLOCK_K=16,
-        NORMALIZE=normalize_target, DETERMINISTIC=deterministic, num_warps=4,
+        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_K=16,
+        NORMALIZE=normalize_target, DETERMINISTIC=deterministic, num_warps=_recon_warps(tile),
     )
     if deterministic:
         sums = torch.empty((batch, num_classes), dtype=torch.float32, device=dev)
@@ -603,8 +634,8 @@ def _recon_loss_backward_triton(weight, pred, target, labels, masked, normalize_
         weight.float().contiguous(), pred32, target32, labels, masked_u8, out,
         channels, height, width, weight.shape[1], cols, _NORM_EPS,
         *_recon_strides(pred32, target32, labels, masked_u8),
-        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_C=triton.next_power_of_2(channels),
-        NORMALIZE=normalize_target, num_warps=4,
+        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile),
+        NORMALIZE=normalize_target, num_warps=_recon_warps(tile),
     )
     return grad.copy_(out) if out is not grad else grad
 
