@@ -558,6 +558,12 @@ def _recon_warps(tile: int) -> int:
     return 8 if tile > 32 else 4
 
 
+def _recon_class_tile(tile: int) -> int:
+    # The per-class reduction materialises a [patch^2, BLOCK_K] one-hot: keep it at 8K elements (a 64 x 64 patch with
+    # 16 classes per step spilled 1.9 KB per thread; static report).
+    return max(2, min(16, 8192 // triton.next_power_of_2(tile) ** 2))
+
+
 def _recon_triton_supported(channels: int, normalize_target: bool, patch_size: int) -> bool:
     return channels <= _MAX_RECON_CHANNELS and _recon_tile(normalize_target, patch_size) <= _MAX_RECON_PATCH
 
@@ -589,7 +595,7 @@ def _recon_loss_triton(pred, target, labels, masked, num_classes, normalize_targ
         pred32, target32, labels, masked_u8, err, cnt,
         channels, height, width, num_classes, cols, _NORM_EPS, *out_strides,
         *_recon_strides(pred32, target32, labels, masked_u8),
-        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_K=16,
+        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_K=_recon_class_tile(tile),
         NORMALIZE=normalize_target, DETERMINISTIC=deterministic, num_warps=_recon_warps(tile),
     )
     if deterministic:
