@@ -550,6 +550,7 @@ def static_report(
     say(f"compiling {len(todo)} kernels ({sum(len(p['jobs']) for p in planned) - len(todo)} cached) "
         f"in {workers} processes")
     if todo:
+        owner = {j["key"]: p["case"] for p in planned for j in p["jobs"]}
         jobs = sorted(todo.values(), key=lambda j: j["key"])
         chunks = [jobs[i::workers] for i in range(workers) if jobs[i::workers]]
         partials = [cache_path.parent / f"{cache_path.stem}.partial-{os.getpid()}-{i}.jsonl" if cache_path else None
@@ -559,13 +560,15 @@ def static_report(
         with ThreadPoolExecutor(len(chunks)) as pool:
             requests_ = [{"jobs": ch, "partial": str(pp) if pp else None} for ch, pp in zip(chunks, partials)]
             for part in pool.map(lambda rq: _run_worker("compile", rq), requests_):
-                cache.update(part)
+                cache.update({k: {**v, "case": owner[k]} for k, v in part.items()})
         if cache_path:
             live = {j["key"] for p in planned for j in p["jobs"]}
             on_disk = _load_cache(cache_path)  # what other runs saved meanwhile
             merged = {**on_disk, **cache}
-            if not full:  # keep the --full entries of an earlier sweep
-                live |= set(on_disk)
+            # Keep the entries of cases this run did not plan (e.g. the --full sweep's); drop stale ones of the
+            # cases it did plan (their kernel or config changed), so the committed cache does not grow forever.
+            planned_cases = {p["case"] for p in planned}
+            live |= {k for k, v in on_disk.items() if v.get("case") not in planned_cases}
             _save_cache(cache_path, {k: v for k, v in merged.items() if k in live})
             for old in cache_path.parent.glob(cache_path.stem + ".partial-*.jsonl"):
                 old.unlink()
