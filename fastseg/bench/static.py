@@ -568,7 +568,7 @@ def static_report(
             # Keep the entries of cases this run did not plan (e.g. the --full sweep's); drop stale ones of the
             # cases it did plan (their kernel or config changed), so the committed cache does not grow forever.
             planned_cases = {p["case"] for p in planned}
-            live |= {k for k, v in on_disk.items() if v.get("case") not in planned_cases}
+            live |= {k for k, v in on_disk.items() if v.get("case") and v["case"] not in planned_cases}
             _save_cache(cache_path, {k: v for k, v in merged.items() if k in live})
             for old in cache_path.parent.glob(cache_path.stem + ".partial-*.jsonl"):
                 old.unlink()
