@@ -8,7 +8,9 @@ ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastseg" / "version.py").read_text()).group(1)
 
 # `kernels/` is installed as `fastseg.kernels`: a top-level `kernels` would clash with an existing PyPI distribution.
-SUBPACKAGES = ["layers", "models", "data", "engine", "metrics", "export", "bench"]
+SUBPACKAGES = [
+    "layers", "models", "data", "engine", "engine.recipes", "metrics", "export", "bench", "bench.cases", "cli",
+]
 
 setup(
     name="fastseg",
@@ -46,6 +48,12 @@ setup(
             # GSS's DALL-E dVAE is checked against the official package (its metadata omits attrs).
             "dall-e",
             "attrs",
+            # Lint / format (pyproject.toml) and the type check of fastseg/export/tensorrt.py. The TensorRT stubs
+            # (tensorrt-stubs) are not listed: they require the tensorrt wheel itself, and in site-packages they make
+            # `import tensorrt` succeed; scripts/typecheck_tensorrt.py installs them outside sys.path instead.
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "pre-commit",
         ],
     },
     entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},

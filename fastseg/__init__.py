@@ -5,6 +5,7 @@
     >>> model = fastseg.create_model("fpn_resnet18", num_classes=12)
 """
 
+from . import models  # noqa: F401  (registers every model; registry.py never imports fastseg.models)
 from .registry import PretrainedCfg, create_model, is_model, list_models, register_model
 from .version import __version__
 

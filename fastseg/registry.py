@@ -2,10 +2,19 @@
 
 Architecture hyper-parameters live in the registered entrypoints (plain Python functions), never in string-typed
 config graphs. Weights are only ever loaded from local files: nothing here touches the network.
+
+This module never imports `fastseg.models`: importing the ``fastseg`` package does, and each model file registers its
+entrypoints with `register_model` (any ``import fastseg.<anything>`` runs ``fastseg/__init__.py`` first).
+
+Tags (timm's ``name.tag``): an entrypoint that shrinks its paper's configuration (a CPU-trainable head for the
+shapes world, a small VQ-VAE instead of DALL-E, ...) is registered with a tag, e.g. ``ecenet_resnet18.shapes_small``,
+and with what differs from the paper (``PretrainedCfg.differs_from_paper``, shown by ``fastseg list``).
+``create_model`` takes the plain name or the tagged one.
 """
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import difflib
 import fnmatch
@@ -16,20 +25,32 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["PretrainedCfg", "register_model", "list_models", "create_model", "is_model", "default_palette"]
+__all__ = [
+    "PretrainedCfg",
+    "create_model",
+    "default_palette",
+    "is_model",
+    "list_models",
+    "model_tag",
+    "register_model",
+    "split_model_name",
+]
 
 
-def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
-    """Distinct colours for ``num_classes`` classes (golden-ratio hue walk), used where a dataset gives none."""
-    import colorsys
-
-    colours = []
-    for k in range(num_classes):
+def default_palette(
+    num_classes: int, base: Sequence[tuple[int, int, int]] = ()
+) -> tuple[tuple[int, int, int], ...]:
+    """The one palette function: ``base`` colours first (a dataset's hand-picked ones), then distinct colours from a
+    golden-ratio hue walk (alternating saturation / value so that neighbours stay apart) for the remaining classes."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    colours = [tuple(int(c) for c in rgb) for rgb in base[:num_classes]]
+    for k in range(len(colours), num_classes):
         hue = (k * 0.618033988749895) % 1.0
         sat, val = (0.65, 0.95) if k % 2 == 0 else (0.9, 0.7)
         r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
         colours.append((round(r * 255), round(g * 255), round(b * 255)))
-    return tuple(colours)
+    return tuple(colours)  # type: ignore[return-value]
 
 
 @dataclasses.dataclass
@@ -50,6 +71,9 @@ class PretrainedCfg:
         dataset: dataset the classes come from.
         file: local weights file for ``pretrained=True`` (never downloaded).
         metrics: reported metrics (e.g. ``{"mIoU": 0.71}``) with the command that measured them in the README.
+        tag: the registered variant (timm's pretrained tag: ``ecenet_resnet18.shapes_small`` has tag
+            ``shapes_small``); empty for an entrypoint that follows its paper.
+        differs_from_paper: what this configuration changes from the paper's (empty when nothing does).
     """
 
     num_classes: int
@@ -64,6 +88,8 @@ class PretrainedCfg:
     dataset: str = "shapes"
     file: str | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    tag: str = ""
+    differs_from_paper: str = ""
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -97,25 +123,56 @@ class PretrainedCfg:
         return cls(**kwargs)
 
 
-_MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    fn: Callable[..., nn.Module]
+    tag: str = ""
+    differs_from_paper: str = ""
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register a model entrypoint under its function name."""
-    name = fn.__name__
-    if name in _MODEL_ENTRYPOINTS:
-        raise ValueError(f"model {name!r} is registered twice")
-    _MODEL_ENTRYPOINTS[name] = fn
-    return fn
+_MODEL_ENTRYPOINTS: dict[str, _Entry] = {}
 
 
-def _ensure_models_imported() -> None:
-    import fastseg.models  # noqa: F401  (registers every method on import)
+def register_model(
+    fn: Callable[..., nn.Module] | None = None, *, tag: str = "", differs_from_paper: str = ""
+) -> Any:
+    """Decorator: register a model entrypoint under its function name.
+
+    ``@register_model`` for an entrypoint that follows its paper; ``@register_model(tag="shapes_small",
+    differs_from_paper="...")`` for a shrunk variant (then ``create_model("name.tag")`` works too and the model's
+    ``pretrained_cfg`` carries both).
+    """
+    if bool(tag) != bool(differs_from_paper):
+        raise ValueError("register_model: a tagged variant needs both tag and differs_from_paper")
+    if tag and not tag.replace("_", "").isalnum():
+        raise ValueError(f"register_model: tag {tag!r} must be letters, digits and underscores")
+
+    def decorate(entrypoint: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = entrypoint.__name__
+        if name in _MODEL_ENTRYPOINTS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODEL_ENTRYPOINTS[name] = _Entry(entrypoint, tag, differs_from_paper)
+        return entrypoint
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def split_model_name(model_name: str) -> tuple[str, str]:
+    """``"ecenet_resnet18.shapes_small"`` -> ``("ecenet_resnet18", "shapes_small")``; no tag -> ``(name, "")``."""
+    name, _, tag = model_name.partition(".")
+    return name, tag
+
+
+def model_tag(name: str) -> tuple[str, str]:
+    """``(tag, differs_from_paper)`` of a registered model (both empty for one that follows its paper)."""
+    entry = _MODEL_ENTRYPOINTS.get(split_model_name(name)[0])
+    if entry is None:
+        raise ValueError(f"unknown model {name!r}; see fastseg.list_models()")
+    return entry.tag, entry.differs_from_paper
 
 
 def list_models(pattern: str | Sequence[str] = "", exclude: str | Sequence[str] = ()) -> list[str]:
-    """Registered model names matching shell-style ``pattern`` (e.g. ``"ecenet*"``), sorted."""
-    _ensure_models_imported()
+    """Registered model names (plain, without tags) matching shell-style ``pattern`` (e.g. ``"ecenet*"``), sorted."""
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     excludes = [exclude] if isinstance(exclude, str) else list(exclude)
     names = sorted(_MODEL_ENTRYPOINTS)
@@ -125,8 +182,9 @@ def list_models(pattern: str | Sequence[str] = "", exclude: str | Sequence[str] 
 
 
 def is_model(name: str) -> bool:
-    _ensure_models_imported()
-    return name in _MODEL_ENTRYPOINTS
+    """True for a registered name, plain or with its own tag."""
+    base, tag = split_model_name(name)
+    return base in _MODEL_ENTRYPOINTS and tag in ("", _MODEL_ENTRYPOINTS[base].tag)
 
 
 def create_model(
@@ -139,7 +197,7 @@ def create_model(
     """Build a registered model, timm-style.
 
     Args:
-        model_name: a name from `list_models()`.
+        model_name: a name from `list_models()`, optionally with its tag (``"ecenet_resnet18.shapes_small"``).
         num_classes: number of classes; defaults to the built-in shapes world's.
         pretrained: load the weights file named by the model's ``pretrained_cfg.file`` (a local path; nothing is
             downloaded). Raises ``FileNotFoundError`` when there is none.
@@ -147,15 +205,22 @@ def create_model(
             after building; its keys and shapes must fit the model exactly.
         **kwargs: architecture options of the entrypoint (e.g. ``backbone_checkpoint=...``, ``impl="torch"``).
     """
-    _ensure_models_imported()
-    if model_name not in _MODEL_ENTRYPOINTS:
-        close = difflib.get_close_matches(model_name, _MODEL_ENTRYPOINTS, n=3, cutoff=0.5)
+    base, tag = split_model_name(model_name)
+    if base not in _MODEL_ENTRYPOINTS:
+        close = difflib.get_close_matches(base, _MODEL_ENTRYPOINTS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {model_name!r}.{hint} See fastseg.list_models() for all names.")
+    entry = _MODEL_ENTRYPOINTS[base]
+    if tag and tag != entry.tag:
+        known = f"its only tag is {entry.tag!r}" if entry.tag else "it has no tags"
+        raise ValueError(f"unknown tag {tag!r} of model {base!r}: {known}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = _MODEL_ENTRYPOINTS[model_name](**kwargs)
-    model.model_name = model_name
+    model = entry.fn(**kwargs)
+    model.model_name = base
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, PretrainedCfg) and entry.tag:
+        cfg.tag, cfg.differs_from_paper = entry.tag, entry.differs_from_paper
     if pretrained or checkpoint_path is not None:
         from .checkpoint import load_weights
     if pretrained:

@@ -57,3 +57,37 @@ def test_checkpoint_round_trip_through_create_model(tmp_path):
         fastseg.create_model("fpn_mit_b0", num_classes=6, checkpoint_path=path)
     with pytest.raises(FileNotFoundError):
         fastseg.create_model("fpn_mit_b0", num_classes=4, checkpoint_path=tmp_path / "missing.safetensors")
+
+
+def test_shrunk_configurations_are_tagged_and_say_what_differs():
+    tagged = fastseg.create_model("ecenet_resnet18.shapes_small", num_classes=4)
+    plain = fastseg.create_model("ecenet_resnet18", num_classes=4)
+    assert tagged.model_name == plain.model_name == "ecenet_resnet18"
+    assert tagged.pretrained_cfg.tag == plain.pretrained_cfg.tag == "shapes_small"
+    assert "128" in tagged.pretrained_cfg.differs_from_paper and "256" in tagged.pretrained_cfg.differs_from_paper
+    assert tagged.channels == plain.channels == 128
+    assert "DALL-E" in fastseg.registry.model_tag("gss_ff_resnet18")[1]
+    assert fastseg.registry.model_tag("ecenet_resnet50") == ("", "")  # follows the paper: no tag
+    assert fastseg.is_model("fpn_resnet18.shapes_small") and not fastseg.is_model("fpn_resnet50.shapes_small")
+    with pytest.raises(ValueError, match="unknown tag 'paper' of model 'ecenet_resnet18'"):
+        fastseg.create_model("ecenet_resnet18.paper")
+    with pytest.raises(ValueError, match="unknown tag 'shapes_small' of model 'ecenet_resnet50': it has no tags"):
+        fastseg.create_model("ecenet_resnet50.shapes_small")
+    cfg = tagged.pretrained_cfg
+    assert PretrainedCfg.from_dict(cfg.to_dict()) == cfg  # the new fields travel into checkpoints and sidecars
+
+
+def test_register_model_rejects_a_tag_without_its_difference():
+    with pytest.raises(ValueError, match="needs both tag and differs_from_paper"):
+        fastseg.register_model(tag="small")
+    with pytest.raises(ValueError, match="letters, digits and underscores"):
+        fastseg.register_model(tag="a.b", differs_from_paper="x")
+
+
+def test_default_palette_keeps_base_colours_then_stays_distinct():
+    base = ((1, 2, 3), (4, 5, 6))
+    palette = default_palette(30, base)
+    assert palette[:2] == base and len(set(palette)) == 30
+    assert default_palette(1, base) == ((1, 2, 3),)
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        default_palette(-1)

@@ -34,7 +34,7 @@ import fastseg
 from fastseg.checkpoint import save_weights
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
 from fastseg.engine import TrainConfig, evaluate, train
-from fastseg.models.gss import roundtrip_miou, train_maskige_vqvae
+from fastseg.engine.recipes.gss import roundtrip_miou, train_maskige_vqvae
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "experiments" / "gss_shapes.json"
 

@@ -33,7 +33,7 @@ import torch
 
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
 from fastseg.engine import TrainConfig, train
-from fastseg.models.s4mim import build_training
+from fastseg.engine.recipes.semi import build_training
 
 VARIANTS = {
     "supervised": ("unimatch_resnet18", {}, False),

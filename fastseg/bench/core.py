@@ -133,11 +133,10 @@ def _import_case_modules() -> None:
     import importlib
     import pkgutil
 
-    import fastseg.bench as pkg
+    from . import cases
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("cases_"):
-            importlib.import_module(f"fastseg.bench.{info.name}")
+    for info in pkgutil.iter_modules(cases.__path__):
+        importlib.import_module(f"{cases.__name__}.{info.name}")
 
 
 def synchronize(device: torch.device) -> None:

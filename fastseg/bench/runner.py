@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,13 +145,38 @@ def model_provider(
     return run
 
 
+def export_onnx_session(
+    model_name: str,
+    images: torch.Tensor,
+    num_classes: int | None = None,
+    device: torch.device | str = "cpu",
+):
+    """An ``onnxruntime.InferenceSession`` of ``model_name`` exported (static) at the shape of ``images``.
+
+    Used by ``fastseg bench``'s ``onnxruntime`` provider: the file goes to a temporary folder that is removed once
+    the session has loaded it. The CUDA execution provider is used when ``device`` is CUDA and it is available.
+    Random weights (seeded) are fine for timing.
+    """
+    import onnxruntime as ort
+
+    from ..export.api import export
+    from ..export.onnx import ort_providers
+
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    b, _, h, w = images.shape
+    with tempfile.TemporaryDirectory(prefix="fastseg-onnx-") as tmp:
+        path = export(model_name, format="onnx", imgsz=(h, w), batch=b, num_classes=num_classes,
+                      out=Path(tmp) / f"{model_name}.onnx", tensorrt_check=False)
+        options = ort.SessionOptions()
+        return ort.InferenceSession(str(path), sess_options=options, providers=ort_providers(device))
+
+
 def _onnxruntime_provider(
     name: str, device: torch.device, images: torch.Tensor, num_classes: int | None
 ) -> Callable[[], Any]:
     try:
         import onnxruntime as ort
-
-        from ..export import export_onnx_session  # provided by fastseg.export
     except ImportError as err:
         raise ProviderUnavailable(f"ONNX Runtime provider unavailable: {err}") from None
     session = export_onnx_session(name, images, num_classes=num_classes, device=device)
@@ -183,7 +209,7 @@ def run_models(
             if dtype != torch.float32 and provider != "onnxruntime":
                 inner = fn
 
-                def fn() -> Any:  # noqa: F811 - autocast wrapper around the provider
+                def fn(inner: Callable[[], Any] = inner) -> Any:  # noqa: F811 - autocast wrapper around the provider
                     with torch.autocast(device.type, dtype=dtype):
                         return inner()
 

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..registry import default_palette
+
 __all__ = [
     "CLASS_NAMES",
     "IGNORE_INDEX",
@@ -93,19 +95,9 @@ _BASE_PALETTE: tuple[tuple[int, int, int], ...] = (
 
 
 def make_palette(num_classes: int) -> np.ndarray:
-    """Distinct visualisation colours, (K, 3) uint8.
-
-    The first 12 are hand-picked; further ones step the hue by the golden ratio so neighbours stay apart.
-    """
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-    colours = list(_BASE_PALETTE[:num_classes])
-    hue = 0.13
-    while len(colours) < num_classes:
-        hue = (hue + 0.618033988749895) % 1.0
-        value = 0.95 if len(colours) % 2 else 0.7
-        colours.append(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.75, value)))
-    return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
+    """The shapes world's visualisation colours, (K, 3) uint8: the 12 hand-picked ones, then
+    `fastseg.registry.default_palette`'s (the one palette function) for further classes."""
+    return np.asarray(default_palette(num_classes, _BASE_PALETTE), dtype=np.uint8).reshape(num_classes, 3)
 
 
 @dataclass(frozen=True)
@@ -752,7 +744,7 @@ class ShapesDataset(Dataset):
         side = float(min(h, w))
         centre_y, sub_y = _pixel_coords(h)
         centre_x, sub_x = _pixel_coords(w)
-        for k in range(n_things):
+        for _ in range(n_things):
             cls = self._pick_thing(rng, main)
             name = names[cls]
             r = rng.uniform(*cfg.scale_range) * side * (1.1 if name == "triangle" else 1.0)

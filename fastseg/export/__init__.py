@@ -15,7 +15,6 @@ from .api import FORMATS, DeployModule, ShapeSpec, export, resolve_shapes
 from .onnx import (
     TensorRTCompatibilityError,
     check_tensorrt_ops,
-    export_onnx_session,
     tensorrt_supported_ops,
 )
 from .sidecar import read_sidecar, sidecar_path
@@ -35,7 +34,6 @@ __all__ = [
     "check_tensorrt_ops",
     "compile_aoti",
     "export",
-    "export_onnx_session",
     "load_aoti",
     "read_sidecar",
     "require_tensorrt",

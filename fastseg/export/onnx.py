@@ -31,7 +31,6 @@ __all__ = [
     "TensorRTCompatibilityError",
     "check_tensorrt_ops",
     "export_onnx_file",
-    "export_onnx_session",
     "tensorrt_supported_ops",
 ]
 
@@ -234,29 +233,3 @@ def ort_providers(device: torch.device | str = "cpu") -> list[str]:
         providers.append("CUDAExecutionProvider")
     providers.append("CPUExecutionProvider")
     return providers
-
-
-def export_onnx_session(
-    model_name: str,
-    images: torch.Tensor,
-    num_classes: int | None = None,
-    device: torch.device | str = "cpu",
-):
-    """An ``onnxruntime.InferenceSession`` of ``model_name`` exported (static) at the shape of ``images``.
-
-    Used by ``fastseg bench``'s ``onnxruntime`` provider: the file goes to a temporary folder that is removed once
-    the session has loaded it. The CUDA execution provider is used when ``device`` is CUDA and it is available.
-    Random weights (seeded) are fine for timing.
-    """
-    import onnxruntime as ort
-
-    from .api import export
-
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-    b, _, h, w = images.shape
-    with tempfile.TemporaryDirectory(prefix="fastseg-onnx-") as tmp:
-        path = export(model_name, format="onnx", imgsz=(h, w), batch=b, num_classes=num_classes,
-                      out=Path(tmp) / f"{model_name}.onnx", tensorrt_check=False)
-        options = ort.SessionOptions()
-        return ort.InferenceSession(str(path), sess_options=options, providers=ort_providers(device))

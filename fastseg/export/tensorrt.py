@@ -14,7 +14,10 @@ implicit INT8 (calibrators). So:
   and INT8 needs an ONNX with explicit Q/DQ nodes (quantise it first, e.g. with NVIDIA ModelOpt).
 
 TensorRT cannot be installed on fastseg's CI machines: everything here imports it lazily and
-`require_tensorrt` explains what to do instead.
+`require_tensorrt` explains what to do instead. The calls are type-checked all the same: ``scripts/test.sh`` runs mypy
+on this file against the TensorRT 10 API stubs (the ``tensorrt-stubs`` package), so a misspelt TensorRT call fails
+CI. Inside each function, ``trt_api`` is the ``tensorrt`` module for mypy (``TYPE_CHECKING``) and the module actually
+given or imported at run time. Branches that only TensorRT 11 takes are marked ``# TensorRT 11``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "BuildPlan",
@@ -48,6 +51,9 @@ def require_tensorrt() -> Any:
         import tensorrt as trt
     except ImportError as err:
         raise ImportError(f"{_INSTALL_HINT} (import error: {err})") from None
+    if not hasattr(trt, "Builder"):  # e.g. a stubs-only `tensorrt` folder (tensorrt-stubs) importing as a namespace
+        raise ImportError(f"{_INSTALL_HINT} (`import tensorrt` found {getattr(trt, '__path__', trt)}, which is not "
+                          f"TensorRT's Python package)")
     return trt
 
 
@@ -83,7 +89,7 @@ def build_plan(major: int, fp16: bool = False, int8: bool = False, strongly_type
     """
     if major < 10:
         raise ValueError(f"TensorRT {major}.x is not supported: fastseg builds with TensorRT 10 or newer")
-    if major >= 11:
+    if major >= 11:  # TensorRT 11
         if strongly_typed is False:
             raise ValueError("TensorRT >= 11 removed weakly-typed networks: strongly_typed cannot be False")
         if int8:
@@ -149,14 +155,14 @@ def trtexec_command(
 
 
 def _profile_triplets(profiles: Iterable[Any]) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    out = []
+    out: list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
     for p in profiles:
         if hasattr(p, "min"):
             lo, opt, hi = p.min, p.opt, p.max
         else:
             lo, opt, hi = p
-        out.append(tuple((b, 3, h, w) for b, h, w in (lo, opt, hi)))  # type: ignore[misc]
-    return out  # type: ignore[return-value]
+        out.append(tuple((b, 3, h, w) for b, h, w in (lo, opt, hi)))  # type: ignore[arg-type]
+    return out
 
 
 def build_engine(
@@ -197,43 +203,47 @@ def build_engine(
         ValueError: the ONNX does not parse (parser errors listed) or the precision options do not fit the version.
         RuntimeError: the builder returned no plan.
     """
-    trt = trt if trt is not None else require_tensorrt()
+    if TYPE_CHECKING:
+        import tensorrt as trt_api
+    else:
+        trt_api = trt if trt is not None else require_tensorrt()
     engine_path = Path(engine_path)
     if engine_path.exists() and not force:
         raise FileExistsError(f"{engine_path} already exists; pass force=True (--force) to overwrite")
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
-    major, minor = tensorrt_version(trt)
+    major, minor = tensorrt_version(trt_api)
     plan = build_plan(major, fp16=fp16 and major < 11, int8=int8, strongly_typed=strongly_typed)
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    logger = trt_api.Logger(trt_api.Logger.WARNING)
+    builder = trt_api.Builder(logger)
     flags = 0
     if plan.strongly_typed and major < 11:  # from 11 on strong typing is the only mode and needs no flag
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        flags |= 1 << int(trt_api.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    parser = trt_api.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
     if workspace_gib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+        config.set_memory_pool_limit(trt_api.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+        config.set_flag(getattr(trt_api.BuilderFlag, flag))
     triplets = _profile_triplets(profiles)
     first_profile = None
     for lo, opt, hi in triplets:
         profile = builder.create_optimization_profile()
-        profile.set_shape(input_name, lo, opt, hi)
+        profile.set_shape(input_name, lo, opt, hi)  # type: ignore[arg-type]  # pybind11 converts tuples to Dims
         config.add_optimization_profile(profile)
         first_profile = first_profile or profile
     if plan.calibrate:  # TensorRT <= 10 only (build_plan refuses INT8 calibration from 11 on)
-        from ._calibrator import make_calibrator
+        from .calibrator import make_calibrator
 
-        opt_shape = triplets[0][1] if triplets else tuple(network.get_input(0).shape)
-        config.int8_calibrator = make_calibrator(trt, opt_shape, calibration_batches, calibration_cache)
+        input_shape = network.get_input(0).shape
+        opt_shape = triplets[0][1] if triplets else tuple(input_shape[i] for i in range(len(input_shape)))
+        config.int8_calibrator = make_calibrator(trt_api, opt_shape, calibration_batches, calibration_cache)
         if first_profile is not None:
             config.set_calibration_profile(first_profile)
 
@@ -245,7 +255,7 @@ def build_engine(
     tmp.write_bytes(data)  # plain plan: no header, no metadata
     os.replace(tmp, engine_path)
     return {
-        "version": str(trt.__version__),
+        "version": str(trt_api.__version__),
         "strongly_typed": plan.strongly_typed,
         "builder_flags": list(plan.builder_flags),
         "profiles": [[list(s) for s in t] for t in triplets],
@@ -275,24 +285,28 @@ def run_engine(engine_path: str | os.PathLike, images: Any, trt: Any | None = No
     """
     import torch
 
-    trt = trt if trt is not None else require_tensorrt()
+    if TYPE_CHECKING:
+        import tensorrt as trt_api
+    else:
+        trt_api = trt if trt is not None else require_tensorrt()
     if not torch.cuda.is_available():
         raise RuntimeError("running a TensorRT engine needs a CUDA GPU; none is visible")
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = trt_api.Runtime(trt_api.Logger(trt_api.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
         raise ValueError(f"TensorRT could not deserialise {engine_path} (built for another GPU or TensorRT?)")
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt_api.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt_api.TensorIOMode.OUTPUT]
     x = images.to("cuda", torch.float32).contiguous()
     context.set_input_shape(inputs[0], tuple(x.shape))
     context.set_tensor_address(inputs[0], x.data_ptr())
-    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
-              trt.DataType.UINT8: torch.uint8, trt.DataType.INT64: torch.int64}
+    dtypes = {trt_api.DataType.FLOAT: torch.float32, trt_api.DataType.HALF: torch.float16,
+              trt_api.DataType.INT32: torch.int32, trt_api.DataType.UINT8: torch.uint8, trt_api.DataType.INT64: torch.int64}
     out_name = outputs[0]
-    y = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=dtypes[engine.get_tensor_dtype(out_name)],
+    out_shape = context.get_tensor_shape(out_name)
+    y = torch.empty(tuple(out_shape[i] for i in range(len(out_shape))), dtype=dtypes[engine.get_tensor_dtype(out_name)],
                     device="cuda")
     context.set_tensor_address(out_name, y.data_ptr())
     stream = torch.cuda.current_stream()

@@ -1,14 +1,11 @@
-"""Attention layers between class embeddings and pixels, over `fastseg.kernels.class_attention`.
+"""Class->pixel attention layers over the fused `masked_class_attention` op.
 
-* `ECENetSemanticsAttention` / `ECENetTransferBlock`: ECENet's pixel->class cross-attention (spec gss_ecenet.md
-  B.3.2). Pixels are queries, the K class embeddings keys / values; softmax over classes of the *negated* logits;
-  the head-mean of the scaled positive-sense logits is the stage mask.
 * `MaskedCrossAttentionLayer`: Mask2Former's masked cross-attention layer (queries attend to the pixels of their
   previous predicted mask), with `attention_mask_from_logits` building the mask the way Mask2Former does.
 
-Module and parameter names follow the original checkpoints (ECENet's ``transfer.{i}.cross_attn.q.depthwise_conv.conv``,
-``kv``, ``proj``, ``norm_low`` ... ; Mask2Former's ``multihead_attn.in_proj_weight``, ``out_proj``, ``norm``) so that
-converters map keys one to one.
+Parameter names follow Mask2Former's checkpoints (``multihead_attn.in_proj_weight``, ``out_proj``, ``norm``) so that
+converters map keys one to one. ECENet's pixel->class attention block, which is specific to that method, lives in
+`fastseg.models.ecenet` (over the fused `pixel_class_attention` op).
 """
 
 from __future__ import annotations
@@ -19,122 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastseg.kernels.class_attention import masked_class_attention, pixel_class_attention
+from fastseg.kernels import masked_class_attention
 
-__all__ = [
-    "ChannelLayerNorm",
-    "ECENetSemanticsAttention",
-    "ECENetTransferBlock",
-    "MaskedCrossAttentionLayer",
-    "attention_mask_from_logits",
-]
-
-
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map (per pixel), as ECENet normalises pixel features."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class _ConvHolder(nn.Module):
-    """mmcv's ConvModule without norm / activation: only ``.conv`` (keeps checkpoint keys ``*.conv.weight``)."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-
-class _DepthwiseSeparableConv(nn.Module):
-    """Depthwise 3x3 then pointwise 1x1, both with bias, no norm, no activation (mmcv ``act_cfg=None``; spec B.3.2
-    notes that one port silently adds a ReLU -- mmcv semantics are followed here)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.depthwise_conv = _ConvHolder(nn.Conv2d(channels, channels, 3, padding=1, groups=channels))
-        self.pointwise_conv = _ConvHolder(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise_conv(self.depthwise_conv(x))
-
-
-class ECENetSemanticsAttention(nn.Module):
-    """ECENet's pixel->class cross-attention (``cross_attn``), one fused op for attention + stage mask.
-
-    ``Q = pointwise(depthwise3x3(x))``; ``[K | V] = Linear(C, 2C, bias=False)(e)``; head ``h`` owns channels
-    ``[h*d, (h+1)*d)`` of Q, K and V; ``A = Q K^T * d**-0.5``; weights ``softmax(rowmax(A) - A) = softmax(-A)`` over
-    the classes; ``out = proj(weights @ V)`` (1x1 conv with bias, heads concatenated); ``mask = mean_h A`` reshaped to
-    (B, K, H, W). The inputs are expected to be LayerNorm-ed already (see `ECENetTransferBlock`); no residual here.
-
-    Args:
-        channels: C (256 in ECENet).
-        num_heads: heads (4 in ECENet); C must be divisible by it.
-        impl: kernel implementation, passed to `fastseg.kernels.pixel_class_attention`.
-    """
-
-    def __init__(self, channels: int = 256, num_heads: int = 4, impl: str = "auto") -> None:
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
-        self.channels, self.num_heads, self.impl = channels, num_heads, impl
-        self.scale = (channels // num_heads) ** -0.5
-        self.q = _DepthwiseSeparableConv(channels)
-        self.kv = nn.Linear(channels, 2 * channels, bias=False)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
-        """Args: x (B, C, H, W) pixel features; classes (B, K, C) class embeddings.
-        Returns: out (B, C, H, W) (before the residual) and the stage mask (B, K, H, W)."""
-        if x.dim() != 4 or classes.dim() != 3 or x.shape[1] != self.channels or classes.shape[-1] != self.channels:
-            raise ValueError(
-                f"ECENetSemanticsAttention: expected x (B, {self.channels}, H, W) and classes (B, K, {self.channels}), "
-                f"got {tuple(x.shape)} and {tuple(classes.shape)}"
-            )
-        bsz, channels, height, width = x.shape
-        heads, head_dim = self.num_heads, channels // self.num_heads
-        q = self.q(x).flatten(2).view(bsz, heads, head_dim, height * width).transpose(2, 3)  # (B, h, N, d)
-        k, v = self.kv(classes).view(bsz, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # each (B, h, K, d)
-        out, mean = pixel_class_attention(
-            q, k, v, scale=self.scale, negate=True, return_logits_mean=True, impl=self.impl
-        )
-        out = out.transpose(2, 3).reshape(bsz, channels, height, width)
-        return self.proj(out), mean.view(bsz, -1, height, width)
-
-
-class ECENetTransferBlock(nn.Module):
-    """One ECENet stage update of pixel features (``transfer.{i}``): attention + residual, then MixFFN + residual.
-
-    ``a, mask = cross_attn(norm_low(x), norm_high(e)); x = x + a; x = x + mlp(norm_mlp(x))`` with
-    ``mlp = 1x1 C->4C, dw3x3 4C, GELU, Dropout, 1x1 4C->C`` (indices 0, 1, 4 carry weights, as in the checkpoint).
-    Which of ``norm_low`` / ``norm_high`` normalises pixels vs classes is our reading of the port (pixels are the
-    "low" level); swap them when converting weights if the original proves otherwise.
-    """
-
-    def __init__(
-        self, channels: int = 256, num_heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0, impl: str = "auto"
-    ) -> None:
-        super().__init__()
-        hidden = channels * mlp_ratio
-        self.norm_low = ChannelLayerNorm(channels)
-        self.norm_high = nn.LayerNorm(channels)
-        self.cross_attn = ECENetSemanticsAttention(channels, num_heads, impl)
-        self.norm_mlp = ChannelLayerNorm(channels)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1),
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Conv2d(hidden, channels, 1),
-        )
-
-    def forward(self, x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns the updated pixel features (B, C, H, W) and the stage mask (B, K, H, W)."""
-        attended, mask = self.cross_attn(self.norm_low(x), self.norm_high(classes))
-        x = x + attended
-        return x + self.mlp(self.norm_mlp(x)), mask
+__all__ = ["MaskedCrossAttentionLayer", "attention_mask_from_logits"]
 
 
 def attention_mask_from_logits(mask_logits: Tensor, size: tuple[int, int] | None = None) -> Tensor:

@@ -1,9 +1,6 @@
 """fastseg models: one file per method; importing this package registers every model."""
 
-from . import ecenet  # noqa: F401
-from . import fpn  # noqa: F401
-from . import gss  # noqa: F401
-from . import s4mim  # noqa: F401
+from . import ecenet, fpn, gss, s4mim, unimatch  # noqa: F401  (each registers its models on import)
 from ._base import SegmentationModel
 from .backbones import create_backbone, list_backbones
 

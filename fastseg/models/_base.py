@@ -6,7 +6,9 @@
   ``"image"`` (B, 3, H, W) and ``"mask"`` (B, H, W) with ``ignore_index`` on unlabelled pixels.
 
 Inputs of any size work: `forward` pads them (replicate) to a multiple of ``pretrained_cfg.divisible_by`` and crops
-the logits back, so that odd sizes give the same logits as the padded computation would.
+the logits back, so that odd sizes give the same logits as the padded computation would. `pad_to_multiple`,
+`crop_to` and `resize` are the one pad / crop / upsample of every model (``SegmentationModel.pad_input`` and
+``upsample_logits`` use them); `Backbone` is the interface every encoder implements.
 """
 
 from __future__ import annotations
@@ -20,7 +22,55 @@ import torch.nn.functional as F
 
 from ..registry import PretrainedCfg
 
-__all__ = ["SegmentationModel", "check_images", "check_masks", "resolve_cfg"]
+__all__ = [
+    "Backbone",
+    "SegmentationModel",
+    "check_images",
+    "check_masks",
+    "crop_to",
+    "pad_to_multiple",
+    "resize",
+    "resolve_cfg",
+]
+
+
+class Backbone(nn.Module):
+    """Common interface: ``forward(images) -> list of NCHW maps`` at ``reductions`` with ``channels``.
+
+    ``divisible_by`` is the input multiple the encoder needs (the model pads to it).
+    """
+
+    channels: list[int]
+    reductions: list[int]
+    divisible_by: int = 32
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, value: float | None = None) -> torch.Tensor:
+    """Pad the last two dims of ``x`` at the bottom / right up to a multiple of ``multiple``.
+
+    ``value=None`` replicates the border (images: no artificial edge); a number pads with it (label maps, with the
+    ignore index). Returns ``x`` itself when nothing is missing.
+    """
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if not (pad_h or pad_w):
+        return x
+    if value is None:
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return F.pad(x, (0, pad_w, 0, pad_h), value=value)
+
+
+def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The top-left ``size`` of the last two dims (undoes `pad_to_multiple` on an output); ``x`` when it fits."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return x[..., : size[0], : size[1]]
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) of a (B, C, H, W) map to ``size``: logits to label size, feature
+    maps to a common size."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def resolve_cfg(num_classes: int | None, **overrides: Any) -> PretrainedCfg:
@@ -84,21 +134,20 @@ class SegmentationModel(nn.Module):
     def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def pad_input(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``images`` padded (replicate) to a multiple of ``divisible_by``, and the size ``(ceil(H/s), ceil(W/s))``
+        to `crop_to` the outputs at stride ``s = output_stride`` back to."""
+        h, w = images.shape[-2:]
+        stride = self.pretrained_cfg.output_stride
+        return pad_to_multiple(images, self.pretrained_cfg.divisible_by), (math.ceil(h / stride), math.ceil(w / stride))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
-        h, w = images.shape[-2:]
-        multiple = self.pretrained_cfg.divisible_by
-        pad_h, pad_w = (-h) % multiple, (-w) % multiple
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
-        logits = self.forward_logits(images)
-        if pad_h or pad_w:
-            stride = self.pretrained_cfg.output_stride
-            logits = logits[..., : math.ceil(h / stride), : math.ceil(w / stride)]
-        return logits
+        padded, out_size = self.pad_input(images)
+        return crop_to(self.forward_logits(padded), out_size)
 
     def upsample_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return resize(logits, size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

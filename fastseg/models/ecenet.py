@@ -37,13 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.class_attention import ChannelLayerNorm, ECENetTransferBlock
+from fastseg.kernels import pixel_class_attention
+
+from ..layers.blocks import ChannelLayerNorm, ConvNormAct
 from ..registry import register_model
-from ._base import SegmentationModel, resolve_cfg
+from ._base import SegmentationModel, crop_to, resize, resolve_cfg
 from .backbones import create_backbone
 
 __all__ = [
     "ECENet",
+    "ECENetSemanticsAttention",
+    "ECENetTransferBlock",
     "FeatureReconstruction",
     "GhostUpsample",
     "PooledMaskEmbedding",
@@ -160,6 +164,109 @@ class TokenUpdater(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Semantics Attention Update: pixel->class cross-attention (fused op) and the transfer block
+# ----------------------------------------------------------------------------------------------------------------
+class _ConvHolder(nn.Module):
+    """mmcv's ConvModule without norm / activation: only ``.conv`` (keeps checkpoint keys ``*.conv.weight``)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class _DepthwiseSeparableConv(nn.Module):
+    """Depthwise 3x3 then pointwise 1x1, both with bias, no norm, no activation (mmcv ``act_cfg=None``; spec B.3.2
+    notes that one port silently adds a ReLU -- mmcv semantics are followed here)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise_conv = _ConvHolder(nn.Conv2d(channels, channels, 3, padding=1, groups=channels))
+        self.pointwise_conv = _ConvHolder(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class ECENetSemanticsAttention(nn.Module):
+    """ECENet's pixel->class cross-attention (``cross_attn``), one fused op for attention + stage mask.
+
+    ``Q = pointwise(depthwise3x3(x))``; ``[K | V] = Linear(C, 2C, bias=False)(e)``; head ``h`` owns channels
+    ``[h*d, (h+1)*d)`` of Q, K and V; ``A = Q K^T * d**-0.5``; weights ``softmax(rowmax(A) - A) = softmax(-A)`` over
+    the classes; ``out = proj(weights @ V)`` (1x1 conv with bias, heads concatenated); ``mask = mean_h A`` reshaped to
+    (B, K, H, W). The inputs are expected to be LayerNorm-ed already (see `ECENetTransferBlock`); no residual here.
+
+    Args:
+        channels: C (256 in ECENet).
+        num_heads: heads (4 in ECENet); C must be divisible by it.
+        impl: kernel implementation, passed to `fastseg.kernels.pixel_class_attention`.
+    """
+
+    def __init__(self, channels: int = 256, num_heads: int = 4, impl: str = "auto") -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        self.channels, self.num_heads, self.impl = channels, num_heads, impl
+        self.scale = (channels // num_heads) ** -0.5
+        self.q = _DepthwiseSeparableConv(channels)
+        self.kv = nn.Linear(channels, 2 * channels, bias=False)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """Args: x (B, C, H, W) pixel features; classes (B, K, C) class embeddings.
+        Returns: out (B, C, H, W) (before the residual) and the stage mask (B, K, H, W)."""
+        if x.dim() != 4 or classes.dim() != 3 or x.shape[1] != self.channels or classes.shape[-1] != self.channels:
+            raise ValueError(
+                f"ECENetSemanticsAttention: expected x (B, {self.channels}, H, W) and classes (B, K, {self.channels}), "
+                f"got {tuple(x.shape)} and {tuple(classes.shape)}"
+            )
+        bsz, channels, height, width = x.shape
+        heads, head_dim = self.num_heads, channels // self.num_heads
+        q = self.q(x).flatten(2).view(bsz, heads, head_dim, height * width).transpose(2, 3)  # (B, h, N, d)
+        k, v = self.kv(classes).view(bsz, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # each (B, h, K, d)
+        out, mean = pixel_class_attention(
+            q, k, v, scale=self.scale, negate=True, return_logits_mean=True, impl=self.impl
+        )
+        out = out.transpose(2, 3).reshape(bsz, channels, height, width)
+        return self.proj(out), mean.view(bsz, -1, height, width)
+
+
+class ECENetTransferBlock(nn.Module):
+    """One ECENet stage update of pixel features (``transfer.{i}``): attention + residual, then MixFFN + residual.
+
+    ``a, mask = cross_attn(norm_low(x), norm_high(e)); x = x + a; x = x + mlp(norm_mlp(x))`` with
+    ``mlp = 1x1 C->4C, dw3x3 4C, GELU, Dropout, 1x1 4C->C`` (indices 0, 1, 4 carry weights, as in the checkpoint).
+    Which of ``norm_low`` / ``norm_high`` normalises pixels vs classes is our reading of the port (pixels are the
+    "low" level); swap them when converting weights if the original proves otherwise.
+    """
+
+    def __init__(
+        self, channels: int = 256, num_heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0, impl: str = "auto"
+    ) -> None:
+        super().__init__()
+        hidden = channels * mlp_ratio
+        self.norm_low = ChannelLayerNorm(channels)
+        self.norm_high = nn.LayerNorm(channels)
+        self.cross_attn = ECENetSemanticsAttention(channels, num_heads, impl)
+        self.norm_mlp = ChannelLayerNorm(channels)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(hidden, channels, 1),
+        )
+
+    def forward(self, x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns the updated pixel features (B, C, H, W) and the stage mask (B, K, H, W)."""
+        attended, mask = self.cross_attn(self.norm_low(x), self.norm_high(classes))
+        x = x + attended
+        return x + self.mlp(self.norm_mlp(x)), mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Feature Reconstruction and the aggregation blocks
 # ----------------------------------------------------------------------------------------------------------------
 class FeatureReconstruction(nn.Module):
@@ -190,25 +297,13 @@ class FeatureReconstruction(nn.Module):
         return self.conv_out(torch.cat([diverse, intrinsic], 1)), diverse
 
 
-class ConvBNReLU(nn.Module):
-    """mmcv ``ConvModule`` (conv without bias, BN, ReLU) with its checkpoint names ``conv`` / ``bn``."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, groups: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.bn(self.conv(x)), inplace=True)
-
-
 class _GhostUpStep(nn.Module):
     """One x2 ghost upsampling: primary 1x1 (C -> 2C), cheap dw3x3 (2C), concat (4C), pixel_shuffle(2) -> C."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.primary = ConvBNReLU(channels, 2 * channels, 1)
-        self.cheap = ConvBNReLU(2 * channels, 2 * channels, 3, groups=2 * channels)
+        self.primary = ConvNormAct(channels, 2 * channels, 1, norm="bn")
+        self.cheap = ConvNormAct(2 * channels, 2 * channels, 3, groups=2 * channels, norm="bn")
 
     def forward(self, x: Tensor) -> Tensor:
         primary = self.primary(x)
@@ -370,7 +465,7 @@ class ECENet(SegmentationModel):
         self.transfer = nn.ModuleList(ECENetTransferBlock(channels, num_heads, mlp_ratio, impl=impl) for _ in range(3))
         if ghost_up:  # index i upsamples level i + 1 (1/8, 1/16, 1/32) with i + 1 steps
             self.ghost_up_layers = nn.ModuleList(GhostUpsample(channels, i + 1) for i in range(3))
-        self.proj = ConvBNReLU(4 * channels, channels, 3)
+        self.proj = ConvNormAct(4 * channels, channels, 3, norm="bn")
         self.trans = nn.Linear(channels, k)
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, k, 1)
@@ -419,11 +514,10 @@ class ECENet(SegmentationModel):
             if self.ghost_up:
                 level = self.ghost_up_layers[i](level)
             if level.shape[-2:] != size:
-                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+                level = resize(level, size)
             upsampled.append(level)
         fused = self.proj(torch.cat(upsampled, 1))
-        masks = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                 for m in masks]
+        masks = [m if m.shape[-2:] == size else resize(m, size) for m in masks]
         total = torch.stack(masks, 0).sum(0)
         scores = torch.softmax(self.trans(emb), dim=-1)  # (B, K, K): class embedding k classified as class j
         diag = torch.diagonal(scores, dim1=1, dim2=2)  # (B, K): P[b, k, k]
@@ -440,18 +534,15 @@ class ECENet(SegmentationModel):
         """
         images, masks = self.check_batch(batch)
         h, w = images.shape[-2:]
-        multiple, stride = self.pretrained_cfg.divisible_by, self.pretrained_cfg.output_stride
-        pad_h, pad_w = (-h) % multiple, (-w) % multiple
-        padded = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else images
+        padded, out_size = self.pad_input(images)
         out = self.forward_head(padded)
-        crop_h, crop_w = math.ceil(h / stride), math.ceil(w / stride)
         target = masks.long()
-        logits = self.upsample_logits(out["logits"][..., :crop_h, :crop_w], (h, w))
+        logits = self.upsample_logits(crop_to(out["logits"], out_size), (h, w))
         ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
         total = ce
         result = {"ce": ce.detach()}
         if self.mask_loss_weight:
-            first = [m[..., :crop_h, :crop_w] for m in out["masks"][: 3 if self.class_embeddings else 2]]
+            first = [crop_to(m, out_size) for m in out["masks"][: 3 if self.class_embeddings else 2]]
             groups = [torch.stack(first, 0).sum(0)] if self.mask_loss_on == "sum" else first
             bce = dice = logits.new_zeros(())
             for group in groups:
@@ -540,7 +631,8 @@ def _ecenet(backbone: str, **kwargs) -> ECENet:
     return ECENet(backbone=backbone, **kwargs)
 
 
-@register_model
+@register_model(tag="shapes_small", differs_from_paper="head width 128 (paper: 256); ResNet-18 backbone (paper: "
+                "ResNet-101 / Swin), for the 64 x 64 shapes world")
 def ecenet_resnet18(**kwargs) -> ECENet:
     """ECENet on ResNet-18 with a 128-wide head (the CPU-trainable configuration; compare with fpn_resnet18)."""
     kwargs.setdefault("channels", 128)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..layers.blocks import ConvNormAct
 from ..registry import register_model
-from ._base import SegmentationModel, resolve_cfg
+from ._base import SegmentationModel, resize, resolve_cfg
 from .backbones import create_backbone
 
 __all__ = ["FPNSegmenter"]
@@ -75,7 +75,7 @@ class FPNSegmenter(SegmentationModel):
         for branch, level in zip(self.branches, pyramid):
             out = branch(level)
             if out.shape[-2:] != size:  # non power-of-two sizes
-                out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+                out = resize(out, size)
             fused = out if fused is None else fused + out
         return self.classifier(self.dropout(fused))
 
@@ -84,7 +84,12 @@ def _fpn(backbone: str, **kwargs) -> FPNSegmenter:
     return FPNSegmenter(backbone=backbone, **kwargs)
 
 
-@register_model
+# Shrunk CPU configurations carry the tag SHAPES_SMALL (``fpn_resnet18.shapes_small``) and what differs from the paper.
+SHAPES_SMALL = "shapes_small"
+_SMALL_FPN = "pyramid width 128 and head width 64 (paper: 256 / 128), for the 64 x 64 shapes world"
+
+
+@register_model(tag=SHAPES_SMALL, differs_from_paper=f"{_SMALL_FPN}; ResNet-18 is not a backbone of the paper")
 def fpn_resnet18(**kwargs) -> FPNSegmenter:
     """Semantic FPN on ResNet-18 (the CPU-trainable baseline)."""
     return _fpn("resnet18", **kwargs)
@@ -114,7 +119,7 @@ def fpn_swin_tiny(**kwargs) -> FPNSegmenter:
     return _fpn("swin_tiny", **kwargs)
 
 
-@register_model
+@register_model(tag=SHAPES_SMALL, differs_from_paper=_SMALL_FPN)
 def fpn_mit_b0(**kwargs) -> FPNSegmenter:
     """Semantic FPN on MiT-B0 (SegFormer's smallest encoder; an edge-deployment configuration)."""
     return _fpn("mit_b0", **kwargs)

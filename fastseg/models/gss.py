@@ -10,8 +10,8 @@ Stages (each a documented call; DESIGN.md's multi-stage contract):
 1. Posterior of X (no training): `make_maskige_palette` (the paper's jittered-RGB-grid rule, greys avoided,
    `palette_min_distance` reported). The tokenizer is frozen: the DALL-E dVAE (`DalleDVAE`, spec A.3.1; weights
    converted with `convert_dalle_pickle`) or, on this machine, a small maskige VQ-VAE trained once by
-   `train_maskige_vqvae`. `roundtrip_miou` measures the tokenizer's upper bound (GT -> maskige -> tokens -> maskige
-   -> classes).
+   `fastseg.engine.recipes.gss.train_maskige_vqvae`; `fastseg.engine.recipes.gss.roundtrip_miou` measures the
+   tokenizer's upper bound (GT -> maskige -> tokens -> maskige -> classes).
 2. Latent prior (GSS-FF): ``model.loss(batch)`` with ``model.stage == "prior"``: 0.8 x token CE + 0.2 x auxiliary
    pixel CE, ignore pixels filled by the auxiliary prediction, tokens ignored only when their whole patch is ignore
    (spec A.4; `upsample_labels`, `fill_ignore`, `token_ignore_mask`, `GSSSegmenter.make_targets`).
@@ -40,24 +40,25 @@ Geometry: tokens at 1/4 of the input; the DALL-E tokenizer downsamples by 8, so 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.blocks import ConvNormAct
+from ..layers.swin import SwinStack
 from ..layers.vq import ArgmaxTokenHead, PaletteInverse
 from ..registry import register_model
-from ._base import SegmentationModel, resolve_cfg
-from ._gss_tokenizers import (
+from ._base import SegmentationModel, pad_to_multiple, resize, resolve_cfg
+from .backbones import create_backbone
+from .gss_tokenizers import (
     DalleDVAE,
     MaskigeTokenizer,
     MaskigeVQVAE,
     convert_dalle_pickle,
 )
-from .backbones import create_backbone
 
 __all__ = [
     "DalleDVAE",
@@ -66,16 +67,13 @@ __all__ = [
     "GSSSegmenter",
     "MaskigeTokenizer",
     "MaskigeVQVAE",
-    "WindowAttentionBlock",
     "convert_dalle_pickle",
     "fill_ignore",
     "make_maskige_palette",
     "masks_to_maskige",
     "palette_inverse_ref",
     "palette_min_distance",
-    "roundtrip_miou",
     "token_ignore_mask",
-    "train_maskige_vqvae",
     "upsample_labels",
 ]
 
@@ -190,98 +188,8 @@ def _ce_over_all(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Blocks
+# The heads
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class _ConvBNReLU(nn.Sequential):
-    """1x1 conv (no bias) + BatchNorm + ReLU (mmseg ConvModule with BN, as the official head)."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class WindowAttentionBlock(nn.Module):
-    """Swin block (Liu et al. 2021): pre-LN (shifted-)window multi-head attention with relative position bias, then
-    a GELU MLP. Works on (B, H, W, C); H and W are zero-padded to the window inside (as mmseg's Swin).
-
-    Args:
-        dim: channels C. heads: attention heads. window: window side. shift: cyclic shift (0 for W-MSA,
-        ``window // 2`` for SW-MSA). mlp_ratio: MLP hidden width / C.
-    """
-
-    def __init__(self, dim: int, heads: int, window: int, shift: int = 0, mlp_ratio: float = 2.0) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"WindowAttentionBlock: dim {dim} is not divisible by heads {heads}")
-        self.heads, self.window, self.shift = heads, window, shift
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def _shift_mask(self, hp: int, wp: int, device: torch.device) -> torch.Tensor:
-        w, s = self.window, self.shift
-        region = torch.zeros(hp, wp, device=device)
-        cnt = 0
-        for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
-            for ws in (slice(0, -w), slice(-w, -s), slice(-s, None)):
-                region[hs, ws] = cnt
-                cnt += 1
-        win = region.view(hp // w, w, wp // w, w).permute(0, 2, 1, 3).reshape(-1, w * w)
-        diff = win[:, :, None] - win[:, None, :]
-        return torch.where(diff != 0, torch.full_like(diff, -100.0), torch.zeros_like(diff))  # (nW, N, N)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w_, c = x.shape
-        win = self.window
-        shortcut = x
-        x = self.norm1(x)
-        pad_h, pad_w = (-h) % win, (-w_) % win
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        hp, wp = h + pad_h, w_ + pad_w
-        if self.shift:
-            x = torch.roll(x, (-self.shift, -self.shift), (1, 2))
-        nwh, nww = hp // win, wp // win
-        windows = x.view(b, nwh, win, nww, win, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nwh * nww, win * win, c)
-        qkv = self.qkv(windows).reshape(-1, win * win, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        n = win * win
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        bias = bias.reshape(n, n, self.heads).permute(2, 0, 1)[None]  # (1, heads, N, N)
-        if self.shift:
-            mask = self._shift_mask(hp, wp, x.device)  # (nW, N, N)
-            bias = (bias + mask[:, None]).unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(-1, self.heads, n, n)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias.to(qkv.dtype))
-        out = self.proj(out.transpose(1, 2).reshape(-1, n, c))
-        out = out.view(b, nwh, nww, win, win, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
-        if self.shift:
-            out = torch.roll(out, (self.shift, self.shift), (1, 2))
-        x = shortcut + out[:, :h, :w_]
-        return x + self.mlp(self.norm2(x))
-
-
-class _SwinStack(nn.Module):
-    """``depth`` blocks alternating W-MSA and SW-MSA, then a LayerNorm; NCHW in and out."""
-
-    def __init__(self, dim: int, depth: int, heads: int, window: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            WindowAttentionBlock(dim, heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio) for i in range(depth)
-        )
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x).permute(0, 3, 1, 2)
 
 
 class GSSPriorHead(nn.Module):
@@ -315,14 +223,14 @@ class GSSPriorHead(nn.Module):
             raise ValueError(f"GSSPriorHead: in_index {in_index} is not a permutation of the {len(in_channels)} levels")
         self.in_index = tuple(in_index)
         chans = [in_channels[i] for i in self.in_index]
-        self.convs = nn.ModuleList(_ConvBNReLU(c, channels) for c in chans)
-        self.fusion_conv = _ConvBNReLU(channels * len(chans), fused)
-        self.transformer = _SwinStack(fused, depth, heads, window, mlp_ratio)
-        self.conv_before_seg = _ConvBNReLU(fused, hidden)
+        self.convs = nn.ModuleList(ConvNormAct(c, channels, 1, norm="bn") for c in chans)
+        self.fusion_conv = ConvNormAct(channels * len(chans), fused, 1, norm="bn")
+        self.transformer = SwinStack(fused, depth, heads, window, mlp_ratio)
+        self.conv_before_seg = ConvNormAct(fused, hidden, 1, norm="bn")
         self.dropout = nn.Dropout2d(dropout)
         self.token_head = ArgmaxTokenHead(hidden, vocab_size, impl=impl)
-        self.convs_pixel = nn.ModuleList(_ConvBNReLU(c, pixel_channels) for c in chans)
-        self.fusion_conv_pixel = _ConvBNReLU(pixel_channels * len(chans), pixel_channels)
+        self.convs_pixel = nn.ModuleList(ConvNormAct(c, pixel_channels, 1, norm="bn") for c in chans)
+        self.fusion_conv_pixel = ConvNormAct(pixel_channels * len(chans), pixel_channels, 1, norm="bn")
         self.conv_seg_pixel = nn.Conv2d(pixel_channels, num_classes, 1)
 
     def _gather(self, feats: list[torch.Tensor], convs: nn.ModuleList) -> torch.Tensor:
@@ -332,7 +240,7 @@ class GSSPriorHead(nn.Module):
         for conv, x in zip(convs, inputs):
             y = conv(x)
             if y.shape[-2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+                y = resize(y, size)
             outs.append(y)
         return torch.cat(outs, 1)
 
@@ -363,8 +271,8 @@ class GSSInverseHead(nn.Module):
         mlp_ratio: float = 2.0,
     ) -> None:
         super().__init__()
-        self.projection = _ConvBNReLU(3, channels)
-        self.transformer = _SwinStack(channels, depth, heads, window, mlp_ratio)
+        self.projection = ConvNormAct(3, channels, 1, norm="bn")
+        self.transformer = SwinStack(channels, depth, heads, window, mlp_ratio)
         self.cls_segmap = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, maskige: torch.Tensor) -> torch.Tensor:
@@ -583,13 +491,8 @@ class GSSSegmenter(SegmentationModel):
 
     def _padded_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = self.check_batch(batch)
-        m = self.pretrained_cfg.divisible_by
-        h, w = images.shape[-2:]
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            images = F.pad(images, (0, pw, 0, ph), mode="replicate")
-            masks = F.pad(masks, (0, pw, 0, ph), value=self.ignore_index)
-        return images, masks.long()
+        multiple = self.pretrained_cfg.divisible_by
+        return pad_to_multiple(images, multiple), pad_to_multiple(masks, multiple, value=self.ignore_index).long()
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Stage ``"prior"``: 0.8 token CE + 0.2 pixel CE (spec A.4). Stage ``"inverse"``: FT-W CE at GT size."""
@@ -599,13 +502,13 @@ class GSSSegmenter(SegmentationModel):
                 _, x = self.head_features(images)
                 maskige = self.decode_maskige(self.token_ids(x, fused=True), fused=True)
             logits = self.inverse(maskige)
-            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            logits = resize(logits, masks.shape[-2:])
             ce = _ce_over_all(logits, masks, self.ignore_index)
             return {"loss": ce, "loss_inverse": ce.detach()}
         feats, x = self.head_features(images)
         token_logits = self.head.token_logits(x)
         size = (images.shape[-2] * self.maskige_scale, images.shape[-1] * self.maskige_scale)
-        pixel_logits = F.interpolate(self.head.pixel_logits(feats), size=size, mode="bilinear", align_corners=False)
+        pixel_logits = resize(self.head.pixel_logits(feats), size)
         labels, tokens = self.make_targets(masks, pixel_logits.detach().argmax(1))
         loss_token = _ce_over_all(token_logits, tokens, self.tokenizer.vocab_size)
         loss_pixel = _ce_over_all(pixel_logits, labels, self.ignore_index)
@@ -615,153 +518,6 @@ class GSSSegmenter(SegmentationModel):
             acc = (token_logits.argmax(1) == tokens)[valid].float().mean() if bool(valid.any()) else total.new_zeros(())
         return {"loss": total, "loss_token": loss_token.detach(), "loss_pixel": loss_pixel.detach(),
                 "token_acc": acc.detach()}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Stage 1 helpers: fitting the small tokenizer, the round-trip upper bound
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def train_maskige_vqvae(
-    tokenizer: MaskigeVQVAE,
-    palette: torch.Tensor,
-    masks: Iterable[torch.Tensor],
-    steps: int,
-    lr: float = 3e-3,
-    ignore_index: int = 255,
-    palette_ce_weight: float = 1.0,
-    temperature: float = 0.05,
-    log_every: int = 50,
-    log: Any = None,
-    init_codebook: bool = True,
-) -> list[dict[str, float]]:
-    """Fit a `MaskigeVQVAE` on maskiges of ``masks`` (an iterable of (B, H, W) class-id batches, cycled).
-
-    Loss: MSE of the reconstruction in [0, 1] + the VQ loss (EMA codebook, commitment 0.25) + ``palette_ce_weight`` x
-    cross-entropy of the soft palette assignment ``softmax(-||rgb - palette_k||^2 / temperature)`` against the class
-    (a maskige-aware term that aims the tokenizer at the round trip rather than at RGB fidelity; our addition).
-    Ignore pixels are dropped from the palette term and rendered in the ignore colour.
-
-    ``init_codebook`` puts the codes on encoder outputs of the first batch (pass False to continue a fit).
-    Returns the logged history. The tokenizer is left frozen (``requires_grad=False``) and in eval mode.
-    """
-    if steps < 1:
-        raise ValueError(f"train_maskige_vqvae: steps must be >= 1, got {steps}")
-    k = palette.shape[0] - 1
-    pal = palette[:k].float() / 255.0
-    params = [p for n, p in tokenizer.named_parameters() if not n.startswith("quantizer.")]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    tokenizer.train()
-    history: list[dict[str, float]] = []
-    it = iter(masks)
-    start = time.perf_counter()
-    for step in range(steps):
-        try:
-            m = next(it)
-        except StopIteration:
-            it = iter(masks)
-            m = next(it)
-        target = masks_to_maskige(m, palette, ignore_index)
-        z = tokenizer.enc(target * 2 - 1)
-        tokenizer.quantizer.eval()  # EMA / restart updates are applied after the step (see below)
-        out = tokenizer.quantizer(z)
-        recon = tokenizer.decode_codes(out.quantized)
-        if step == 0 and init_codebook:  # data-dependent codebook init: codes start on encoder outputs, not in a collapsed clump
-            with torch.no_grad():
-                flat0 = z.detach().permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
-                picks = torch.randint(0, flat0.shape[0], (tokenizer.vocab_size,))
-                q = tokenizer.quantizer
-                q.codebook.copy_(flat0[picks])
-                if q.ema:
-                    q.embed_sum.copy_(q.codebook * q.cluster_size[:, None])
-            out = tokenizer.quantizer(z)
-            recon = tokenizer.decode_codes(out.quantized)
-        mse = F.mse_loss(recon, target)
-        d = ((recon[:, None] - pal[None, :, :, None, None]) ** 2).sum(2)
-        ce = F.cross_entropy(-d / temperature, m.long(), ignore_index=ignore_index)
-        loss = mse + out.loss + palette_ce_weight * ce
-        opt.param_groups[0]["lr"] = lr * (1 - step / steps) ** 0.9
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        # VectorQuantizer updates its codebook in place during a training forward, which invalidates the tensors
-        # vq_nearest saved for backward; so the quantizer runs in eval mode and its EMA / dead-code update is
-        # applied here, after the backward, on the same assignments.
-        with torch.no_grad():
-            flat = z.detach().permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
-            idx = out.indices.reshape(-1)
-            tokenizer.quantizer.train()
-            tokenizer.quantizer._update(flat, idx, torch.bincount(idx, minlength=tokenizer.vocab_size).float())
-            tokenizer.quantizer.eval()
-        if step % log_every == 0 or step == steps - 1:
-            rec = {"step": step, "loss": float(loss.detach()), "mse": float(mse.detach()), "palette_ce": float(ce.detach()),
-                   "perplexity": float(out.perplexity), "seconds": time.perf_counter() - start}
-            history.append(rec)
-            if log is not None:
-                log(rec)
-    tokenizer.requires_grad_(False)
-    tokenizer.eval()
-    return history
-
-
-@torch.no_grad()
-def roundtrip_miou(
-    tokenizer: MaskigeTokenizer,
-    palette: torch.Tensor,
-    dataset: Iterable[dict[str, torch.Tensor]],
-    num_classes: int,
-    maskige_scale: int = 1,
-    ignore_index: int = 255,
-    batch_size: int = 16,
-    impl: str = "auto",
-) -> dict[str, Any]:
-    """The tokenizer's upper bound (``fastseg gss roundtrip``): GT -> X -> tokens -> decoder -> X^-1 -> classes.
-
-    GT is upsampled to the maskige resolution (`upsample_labels`), ignore pixels rendered in the ignore colour,
-    the class map voted back to the input resolution, and mIoU taken against GT (ignore excluded).
-
-    Args:
-        tokenizer: a `MaskigeTokenizer` (frozen).
-        palette: (K + 1, 3) maskige palette in 0..255 (e.g. ``model.maskige_palette``).
-        dataset: items (or batches) with a ``"mask"`` (H, W) / (B, H, W).
-        num_classes: K.
-        maskige_scale: maskige / input resolution (``tokenizer.downsample / 4`` for GSS geometry).
-
-    Returns:
-        The `ConfusionMatrix.compute` dict (``mIoU``, ``IoU`` per class, ...) plus ``images``.
-    """
-    from ..metrics import ConfusionMatrix
-
-    tokenizer.eval()
-    inverse = PaletteInverse(palette[:num_classes].float(), impl=impl)
-    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
-    buf: list[torch.Tensor] = []
-    count = 0
-
-    def flush() -> None:
-        masks = torch.stack(buf) if buf[0].dim() == 2 else torch.cat(buf)
-        buf.clear()
-        labels = upsample_labels(masks.long(), maskige_scale, num_classes, ignore_index)
-        maskige = masks_to_maskige(labels, palette, ignore_index)
-        rec = tokenizer.decode(tokenizer.encode(maskige))
-        cls = inverse(rec * 255.0)
-        onehot = F.one_hot(cls, num_classes).permute(0, 3, 1, 2).float()
-        votes = F.avg_pool2d(onehot, maskige_scale, maskige_scale) if maskige_scale > 1 else onehot
-        cm.update(votes.argmax(1), masks)
-
-    for item in dataset:
-        mask = item["mask"] if isinstance(item, dict) else item
-        buf.append(mask)
-        count += 1 if mask.dim() == 2 else mask.shape[0]
-        if len(buf) >= batch_size:
-            flush()
-    if buf:
-        flush()
-    result = dict(cm.compute())
-    result["images"] = count
-    return result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -794,13 +550,20 @@ def _paper(backbone: str, variant: str, depth: int, inverse_depth: int = 2, **kw
     return GSSSegmenter(backbone=backbone, variant=variant, **kwargs)
 
 
-@register_model
+_SMALL_DIFFERS = (
+    "small maskige VQ-VAE (vocab 512, 32-d codes, downsampling 4, maskige at the input resolution) instead of the "
+    "DALL-E dVAE (8192 codes, downsampling 8, maskige at 2x); head scaled down (128 / 256 channels, 8 heads, window 8, "
+    "hidden 512; paper: 384 / 512, 16 heads, window 7, hidden 2048); ResNet-18 backbone"
+)
+
+
+@register_model(tag="shapes_small", differs_from_paper=_SMALL_DIFFERS)
 def gss_ff_resnet18(**kwargs: Any) -> GSSSegmenter:
     """GSS-FF, ResNet-18, scaled-down head, small maskige VQ-VAE (the CPU-trainable configuration)."""
     return _small("ff", **kwargs)
 
 
-@register_model
+@register_model(tag="shapes_small", differs_from_paper=_SMALL_DIFFERS + "; inverse 64 wide, window 8 (paper: 128, 7)")
 def gss_ftw_resnet18(**kwargs: Any) -> GSSSegmenter:
     """GSS-FT-W of `gss_ff_resnet18` (load its weights with ``load_prior``; trains only the inverse)."""
     return _small("ftw", **kwargs)

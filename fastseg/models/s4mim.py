@@ -8,7 +8,7 @@ the visible part of the same class are pulled together; (3) MIM ideas are applie
 means pixel reconstruction. **Everything else here is our interpretation** (spec E.4), exposed as options so that the
 paper's choices can be dropped in:
 
-* base framework: UniMatch on DeepLabV3+ (`fastseg.models._unimatch`; probable, unconfirmed);
+* base framework: UniMatch on DeepLabV3+ (`fastseg.models.unimatch`; probable, unconfirmed);
 * class map: ground truth on labelled images, the weak-view pseudo-label on unlabelled ones with pixels below ``tau``
   ignored (they define no class and are never masked alone);
 * masking (``patch_size``, ``mask_ratio``): `fastseg.kernels.classwise_patch_mask` masks a random ``mask_ratio`` of the
@@ -32,12 +32,12 @@ paper's choices can be dropped in:
 * total: ``L = L_UniMatch + w_rec L_rec + w_agg L_agg + w_sem L_sem`` with placeholder weights (none are published).
 
 ``model.loss(batch)`` on a plain labelled batch (``"image"``, ``"mask"``) returns the supervised CE plus the MIM terms
-on the labelled images (class map = ground truth); with ``"image_u"`` / ``"image_u_mix"`` (see `SemiSupervisedPairs`)
+on the labelled images (class map = ground truth); with ``"image_u"`` / ``"image_u_mix"`` (see `fastseg.data.semi.SemiSupervisedPairs`)
 the full semi-supervised loss. Every random draw comes from a generator seeded by the batch (``"aug_seed"``).
 
-Registered: ``s4mim_resnet18`` (the CPU-trainable shapes-world model), ``s4mim_resnet50``, ``s4mim_resnet101`` and the
-base ``unimatch_resnet18`` / ``unimatch_resnet50`` / ``unimatch_resnet101``. `build_training` returns the model, the
-training set and the loss for ``fastseg train MODEL --labelled-fraction F``.
+Registered: ``s4mim_resnet18`` (the CPU-trainable shapes-world model), ``s4mim_resnet50``, ``s4mim_resnet101``; the
+base ``unimatch_*`` models are in `fastseg.models.unimatch`. `fastseg.engine.recipes.semi.build_training` returns the
+model, the training set and the loss for ``fastseg train MODEL --labelled-fraction F``.
 """
 
 from __future__ import annotations
@@ -50,25 +50,12 @@ from torch import nn
 
 from fastseg.kernels import classwise_patch_mask
 
+from ..data.semi import batch_generator
 from ..layers.classwise import ClasswiseFeatureAggregationLoss, ClasswiseMaskedReconLoss
 from ..registry import register_model
-from ._unimatch import (
-    DeepLabV3PlusSemi,
-    SemiSupervisedPairs,
-    batch_generator,
-    cutmix_boxes,
-    strong_augment,
-)
+from .unimatch import SMALL_DEEPLAB, SMALL_DEEPLAB_DIFFERS, DeepLabV3PlusSemi
 
-__all__ = [
-    "S4MIM",
-    "SemiSupervisedPairs",
-    "build_training",
-    "cutmix_boxes",
-    "per_class_inputs",
-    "s4mim_loss",
-    "strong_augment",
-]
+__all__ = ["S4MIM", "per_class_inputs"]
 
 _MIM = ("classwise", "plain", "none")
 _MIM_INPUTS = ("per_class", "single")
@@ -239,7 +226,7 @@ class S4MIM(DeepLabV3PlusSemi):
         if self.semantic_mim == "consistency":
             target = torch.where(masked_n, labels_n.long(), ignore)
             if bool((target != ignore).any()):
-                terms["sem"] = F.cross_entropy(self.up(logits_m, size), target, ignore_index=ignore)
+                terms["sem"] = F.cross_entropy(self.upsample_logits(logits_m, size), target, ignore_index=ignore)
             else:
                 terms["sem"] = zero
         elif self.semantic_mim == "reconstruct":
@@ -249,7 +236,7 @@ class S4MIM(DeepLabV3PlusSemi):
             rec_logits = self.label_decoder(torch.cat([visible_probs, small], 1))
             target = torch.where(masked, labels.long(), ignore)
             if bool((target != ignore).any()):
-                terms["sem"] = F.cross_entropy(self.up(rec_logits, size), target, ignore_index=ignore)
+                terms["sem"] = F.cross_entropy(self.upsample_logits(rec_logits, size), target, ignore_index=ignore)
             else:
                 terms["sem"] = zero
         else:
@@ -288,43 +275,18 @@ class S4MIM(DeepLabV3PlusSemi):
         return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
 
 
-def s4mim_loss(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``loss_fn`` for `fastseg.engine.train` over `SemiSupervisedPairs` batches (UniMatch and S4MIM models)."""
-    return model.loss(batch)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Registered models
 # ----------------------------------------------------------------------------------------------------------------
-# The shapes-world models (64 x 64 inputs: a 4 x 4 map at stride 16) use small ASPP dilations and 8-pixel patches;
-# the full-size ones keep DeepLabV3+'s (6, 12, 18) and 16-pixel patches.
-_SMALL = {"aspp_channels": 128, "aspp_rates": (1, 2, 3), "low_level_channels": 32}
+# The shapes-world models (64 x 64 inputs: a 4 x 4 map at stride 16) use UniMatch's small DeepLabV3+ and 8-pixel
+# patches; the full-size ones keep DeepLabV3+'s ASPP dilations (6, 12, 18) and 16-pixel patches.
 
 
-@register_model
-def unimatch_resnet18(**kwargs: Any) -> DeepLabV3PlusSemi:
-    """UniMatch base on a compact DeepLabV3+ / ResNet-18 (the CPU-trainable shapes-world configuration)."""
-    for key, value in _SMALL.items():
-        kwargs.setdefault(key, value)
-    return DeepLabV3PlusSemi(backbone="resnet18", **kwargs)
-
-
-@register_model
-def unimatch_resnet50(**kwargs: Any) -> DeepLabV3PlusSemi:
-    """UniMatch base on DeepLabV3+ / ResNet-50."""
-    return DeepLabV3PlusSemi(backbone="resnet50", **kwargs)
-
-
-@register_model
-def unimatch_resnet101(**kwargs: Any) -> DeepLabV3PlusSemi:
-    """UniMatch base on DeepLabV3+ / ResNet-101 (UniMatch's Pascal / Cityscapes configuration)."""
-    return DeepLabV3PlusSemi(backbone="resnet101", **kwargs)
-
-
-@register_model
+@register_model(tag="shapes_small", differs_from_paper=SMALL_DEEPLAB_DIFFERS + "; 8-pixel masking patches (16 at "
+                "full size)")
 def s4mim_resnet18(**kwargs: Any) -> S4MIM:
     """S4MIM on a compact DeepLabV3+ / ResNet-18 (CPU-trainable; 8-pixel patches for the 64 x 64 shapes world)."""
-    for key, value in _SMALL.items():
+    for key, value in SMALL_DEEPLAB.items():
         kwargs.setdefault(key, value)
     kwargs.setdefault("patch_size", 8)
     return S4MIM(backbone="resnet18", **kwargs)
@@ -340,50 +302,3 @@ def s4mim_resnet50(**kwargs: Any) -> S4MIM:
 def s4mim_resnet101(**kwargs: Any) -> S4MIM:
     """S4MIM on DeepLabV3+ / ResNet-101 (the probable configuration of the paper)."""
     return S4MIM(backbone="resnet101", **kwargs)
-
-
-def build_training(model_name: str, world: Any = None, labelled_fraction: float = 1.0, seed: int = 0,
-                   train_length: int | None = None, pairs_length: int = 10**6, semi_supervised: bool | None = None,
-                   **model_kwargs: Any) -> tuple[nn.Module, Any, Any]:
-    """Model, training set and ``loss_fn`` for training ``model_name`` on the shapes world at ``labelled_fraction``.
-
-    UniMatch / S4MIM models (``semi_supervised`` None or True) get `SemiSupervisedPairs` of the labelled and unlabelled
-    subsets and `s4mim_loss`; any other model (or ``semi_supervised=False``: the supervised-only baseline) gets the
-    labelled subset alone and ``None`` (its own ``model.loss``).
-
-    Args:
-        model_name: a registered model.
-        world: a `fastseg.data.shapes.ShapesConfig` (default: the default world).
-        labelled_fraction: fraction of the train split that is labelled, in (0, 1].
-        seed: seeds the world and the pairing.
-        train_length: size of the train split the subsets come from (the shapes default: 4096).
-        pairs_length: number of items of the pairs dataset.
-        semi_supervised: force the semi-supervised (True) or supervised-only (False) recipe.
-        **model_kwargs: passed to `fastseg.create_model`.
-
-    Returns:
-        ``(model, train_set, loss_fn)`` for ``fastseg.engine.train(model, train_set, cfg, val_set, loss_fn=loss_fn)``.
-    """
-    from ..data.shapes import ShapesConfig, ShapesDataset
-    from ..registry import create_model
-
-    if not 0.0 < labelled_fraction <= 1.0:
-        raise ValueError(f"labelled_fraction must lie in (0, 1], got {labelled_fraction!r}")
-    world = world or ShapesConfig()
-    model = create_model(model_name, num_classes=world.num_classes, **model_kwargs)
-    labelled = ShapesDataset("train", length=train_length, config=world, seed=seed, subset="labelled",
-                             labelled_fraction=labelled_fraction)
-    if len(labelled) == 0:
-        raise ValueError(f"labelled_fraction={labelled_fraction} leaves no labelled image in a train split of "
-                         f"{train_length or 'default'} samples")
-    semi = isinstance(model, DeepLabV3PlusSemi) if semi_supervised is None else semi_supervised
-    if not semi:
-        return model, labelled, None
-    if not isinstance(model, DeepLabV3PlusSemi):
-        raise ValueError(f"{model_name} has no semi-supervised loss; use a unimatch_* or s4mim_* model")  # noqa: TRY004
-    if labelled_fraction >= 1.0:
-        raise ValueError("semi-supervised training needs unlabelled images: labelled_fraction must be < 1")
-    unlabelled = ShapesDataset("train", length=train_length, config=world, seed=seed, subset="unlabelled",
-                               labelled_fraction=labelled_fraction)
-    return model, SemiSupervisedPairs(labelled, unlabelled, length=pairs_length, seed=seed), s4mim_loss
-

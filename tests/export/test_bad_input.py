@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from fastseg.cli.export import add_export_commands  # noqa: F401  (import check: the CLI hook must exist)
 from fastseg.export import export, read_sidecar, resolve_shapes, verify
-from fastseg.export.cli import add_export_commands  # noqa: F401  (import check: the CLI hook must exist)
 from fastseg.export.sidecar import write_sidecar
 
 

@@ -162,7 +162,7 @@ def test_deploy_module_argmax_matches_predict():
 # ------------------------------------------------------------------------------------ bench provider, fp16
 def test_export_onnx_session_for_bench():
     """`fastseg bench`'s onnxruntime provider: a session over a temporary export at the images' shape."""
-    from fastseg.export import export_onnx_session
+    from fastseg.bench.runner import export_onnx_session
 
     images = torch.randn(1, 3, *STATIC_SIZE)
     session = export_onnx_session("fpn_resnet18", images, num_classes=5)

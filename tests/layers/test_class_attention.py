@@ -1,4 +1,5 @@
-"""Tests of fastseg.layers.class_attention against plain re-implementations of ECENet's and Mask2Former's code."""
+"""Tests of the class-attention layers (`fastseg.layers.class_attention`, and ECENet's SAU block in
+`fastseg.models.ecenet`) against plain re-implementations of ECENet's and Mask2Former's code."""
 
 from __future__ import annotations
 
@@ -8,12 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseg.kernels import interpreter_enabled
-from fastseg.layers.class_attention import (
-    ECENetSemanticsAttention,
-    ECENetTransferBlock,
-    MaskedCrossAttentionLayer,
-    attention_mask_from_logits,
-)
+from fastseg.layers.class_attention import MaskedCrossAttentionLayer, attention_mask_from_logits
+from fastseg.models.ecenet import ECENetSemanticsAttention, ECENetTransferBlock
 
 TRITON_IMPLS = ["torch", "auto"] + (["triton"] if torch.cuda.is_available() or interpreter_enabled() else [])
 

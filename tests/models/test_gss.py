@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import fastseg
+from fastseg.engine.recipes.gss import roundtrip_miou
 from fastseg.layers.vq import PaletteInverse
-from fastseg.models._gss_tokenizers import (
-    DalleDVAE,
-    MaskigeVQVAE,
-    convert_dalle_pickle,
-    map_pixels,
-    unmap_pixels,
-)
 from fastseg.models.gss import (
     GSSSegmenter,
     fill_ignore,
@@ -24,9 +18,15 @@ from fastseg.models.gss import (
     masks_to_maskige,
     palette_inverse_ref,
     palette_min_distance,
-    roundtrip_miou,
     token_ignore_mask,
     upsample_labels,
+)
+from fastseg.models.gss_tokenizers import (
+    DalleDVAE,
+    MaskigeVQVAE,
+    convert_dalle_pickle,
+    map_pixels,
+    unmap_pixels,
 )
 
 K = 12
@@ -329,7 +329,7 @@ def test_dalle_tokenizer_in_gss_geometry():
 def test_cli_commands(tmp_path, capsys):
     import argparse
 
-    from fastseg.gss_cli import add_gss_commands
+    from fastseg.cli.gss import add_gss_commands
 
     parser = argparse.ArgumentParser()
     add_gss_commands(parser.add_subparsers(dest="command"))

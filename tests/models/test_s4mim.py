@@ -6,22 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastseg.kernels import classwise_patch_mask
-from fastseg.kernels.classwise import normalize_patches_ref
 from torch.utils.data import default_collate
 
 import fastseg
+from fastseg.data.semi import SemiSupervisedPairs, _gaussian_blur, batch_generator, cutmix_boxes, strong_augment
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
-from fastseg.models._unimatch import _gaussian_blur, batch_generator, masked_pixel_ce
-from fastseg.models.s4mim import (
-    S4MIM,
-    SemiSupervisedPairs,
-    build_training,
-    cutmix_boxes,
-    per_class_inputs,
-    s4mim_loss,
-    strong_augment,
-)
+from fastseg.engine.recipes.semi import build_training, s4mim_loss
+from fastseg.kernels import classwise_patch_mask
+from fastseg.kernels.classwise import normalize_patches_ref
+from fastseg.models.s4mim import S4MIM, per_class_inputs
+from fastseg.models.unimatch import masked_pixel_ce
 
 K = 5
 SMALL = {"aspp_channels": 32, "low_level_channels": 16}

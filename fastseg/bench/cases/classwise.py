@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.bench.core import KernelCase, dtype_name, register_kernel_cases, require_compile, require_triton
-from fastseg.kernels._utils import run_triton_on_cpu
-from fastseg.kernels.classwise import (
+from fastseg.kernels import (
     classwise_masked_recon_loss,
     classwise_masked_recon_loss_ref,
     classwise_patch_mask,
     classwise_reduce,
     classwise_reduce_ref,
 )
+from fastseg.kernels._utils import run_triton_on_cpu
 
 FAMILY = "classwise"
 IGNORE = 255

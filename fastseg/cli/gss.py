@@ -1,4 +1,4 @@
-"""``fastseg gss ...``: the GSS stage commands (wired into `fastseg.cli` by ``add_gss_commands(subparsers)``).
+"""``fastseg gss ...``: the GSS stage commands (wired into `fastseg.cli.main` by ``add_gss_commands(subparsers)``).
 
 * ``fastseg gss roundtrip MODEL [--checkpoint F | --tokenizer-checkpoint F]``: the tokenizer's upper bound,
   GT -> maskige -> tokens -> maskige -> classes, as mIoU on the shapes world (`roundtrip_miou`).
@@ -12,17 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import parse_size, shapes_world
+
 __all__ = ["add_gss_commands"]
 
 
-def _world(args: argparse.Namespace):
-    from .data.shapes import ShapesConfig
-
-    return ShapesConfig(image_size=args.image_size)
-
-
 def _model(args: argparse.Namespace, num_classes: int):
-    from .registry import create_model
+    from ..registry import create_model
 
     kwargs = {}
     if getattr(args, "tokenizer_checkpoint", None):
@@ -35,8 +31,9 @@ def _model(args: argparse.Namespace, num_classes: int):
 
 
 def _roundtrip(model, args: argparse.Namespace, world) -> dict:
-    from .data.shapes import ShapesDataset
-    from .models.gss import palette_min_distance, roundtrip_miou
+    from ..data.shapes import ShapesDataset
+    from ..engine.recipes.gss import roundtrip_miou
+    from ..models.gss import palette_min_distance
 
     data = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
     res = roundtrip_miou(model.tokenizer, model.maskige_palette, (data[i] for i in range(len(data))),
@@ -51,7 +48,7 @@ def _roundtrip(model, args: argparse.Namespace, world) -> dict:
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
-    world = _world(args)
+    world = shapes_world(args)
     _roundtrip(_model(args, world.num_classes), args, world)
     return 0
 
@@ -59,11 +56,12 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 def cmd_fit_tokenizer(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import save_weights
-    from .data.shapes import ShapesDataset
-    from .models.gss import MaskigeVQVAE, train_maskige_vqvae
+    from ..checkpoint import save_weights
+    from ..data.shapes import ShapesDataset
+    from ..engine.recipes.gss import train_maskige_vqvae
+    from ..models.gss_tokenizers import MaskigeVQVAE
 
-    world = _world(args)
+    world = shapes_world(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
@@ -83,7 +81,7 @@ def cmd_fit_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_dalle(args: argparse.Namespace) -> int:
-    from .models.gss import convert_dalle_pickle
+    from ..models.gss_tokenizers import convert_dalle_pickle
 
     path = convert_dalle_pickle(args.src, args.dst, trust_pickle=args.trust_pickle, prefix=args.prefix)
     print(f"wrote {path}")
@@ -92,16 +90,12 @@ def cmd_convert_dalle(args: argparse.Namespace) -> int:
 
 def add_gss_commands(subparsers) -> None:
     """Add ``fastseg gss {roundtrip,fit-tokenizer,convert-dalle}`` to the ``fastseg`` sub-command parser."""
-    from .export.cli import (
-        parse_size as _size,  # the one size parser of the fastseg CLI
-    )
-
     gss = subparsers.add_parser("gss", help="GSS stages: tokenizer round trip, tokenizer fitting, DALL-E conversion")
     sub = gss.add_subparsers(dest="gss_command", required=True, metavar="GSS_COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="a gss_* model name, e.g. gss_ff_resnet18")
-        p.add_argument("--image-size", type=_size, default=(64, 64), metavar="H[,W]")
+        p.add_argument("--image-size", type=parse_size, default=(64, 64), metavar="H[,W]")
         p.add_argument("--split", default="val", choices=("train", "val", "test"))
         p.add_argument("--length", type=int, default=256, help="images for the round trip")
         p.add_argument("--batch-size", type=int, default=16)

@@ -39,9 +39,9 @@ def _import_engine_test_helpers():
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
-    import test_engine
+    import test_trainer
 
-    return test_engine
+    return test_trainer
 
 
 def _data():

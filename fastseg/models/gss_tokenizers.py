@@ -346,7 +346,7 @@ class MaskigeVQVAE(MaskigeTokenizer):
 
     Unlike the dVAE its tokens come from a nearest-code search, not an argmax: this is the stand-in for the DALL-E
     weights that cannot be downloaded here, and it changes the method (GSS's premise is an off-the-shelf posterior);
-    `train_maskige_vqvae` in `fastseg.models.gss` fits it on maskiges of the training masks.
+    `fastseg.engine.recipes.gss.train_maskige_vqvae` fits it on maskiges of the training masks.
 
     Args:
         vocab_size: codebook size.

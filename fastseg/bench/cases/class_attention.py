@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.bench.core import KernelCase, register_kernel_cases, require_compile, require_triton
-from fastseg.kernels.class_attention import (
+from fastseg.kernels import (
     masked_class_attention,
     masked_class_attention_ref,
     pixel_class_attention,

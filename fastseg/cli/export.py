@@ -6,32 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_export_commands", "cmd_export", "cmd_verify", "parse_ints", "parse_size"]
+from .common import parse_ints, parse_size
 
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    """``"64"`` -> (64, 64); ``"64,96"`` / ``"64x96"`` -> (64, 96); ``"1,64,96"`` -> (1, 64, 96)."""
-    try:
-        values = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 512,1024 or 1,512,1024; got {text!r}") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) not in (2, 3) or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected H,W or B,H,W with positive integers; got {text!r}")
-    return values
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    values = parse_ints(text)
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"a size is H,W (or one int), got {text!r}")
-    return values  # type: ignore[return-value]
+__all__ = ["add_export_commands", "cmd_export", "cmd_verify"]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .api import export
-    from .sidecar import read_sidecar, sidecar_path
+    from ..export.api import export
+    from ..export.sidecar import read_sidecar, sidecar_path
 
     path = _export_from_args(args, export)  # fastseg.cli.main reports the errors a user can cause
     sidecar = read_sidecar(path)
@@ -58,12 +40,12 @@ def _export_from_args(args: argparse.Namespace, export) -> Path:
 def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .verify import THRESHOLDS, Thresholds, verify
+    from ..export.verify import THRESHOLDS, Thresholds, verify
 
     base = THRESHOLDS.get(args.precision or "fp32", THRESHOLDS["fp32"]) if args.precision else None
     thresholds = None
     if any(v is not None for v in (args.max_err, args.min_agreement, args.min_cosine, args.max_miou_delta)) or base:
-        from .sidecar import read_sidecar
+        from ..export.sidecar import read_sidecar
 
         base = base or THRESHOLDS.get(read_sidecar(args.artefact).get("precision", "fp32"), THRESHOLDS["fp32"])
         thresholds = Thresholds(

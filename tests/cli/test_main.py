@@ -15,6 +15,13 @@ def test_list(capsys):
     assert main(["list", "no_such*"]) == 1
 
 
+def test_list_shows_the_tag_and_what_differs_from_the_paper(capsys):
+    assert main(["list", "ecenet_resnet*"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert ".shapes_small: head width 128 (paper: 256)" in lines["ecenet_resnet18"]
+    assert lines["ecenet_resnet50"] == "ecenet_resnet50"  # follows the paper: nothing to say
+
+
 def test_shapes_grid(tmp_path):
     out = tmp_path / "grid.png"
     assert main(["shapes", "--out", str(out), "--n", "4", "--columns", "2", "--image-size", "48,64"]) == 0
