@@ -696,7 +696,7 @@ def run_static(full: bool = False, out: Path | None = DEFAULT_OUT, targets: Sequ
     from .traffic import format_traffic_table, model_traffic, op_traffic
 
     report = static_report(full=full, targets=targets, workers=workers, progress=say)
-    report["traffic"] = op_traffic(report) if "sm_90" in report["targets"] else []
+    report["traffic"] = op_traffic(report, static_cases(full=False)) if "sm_90" in report["targets"] else []
     report["model_traffic"] = model_traffic(list(TRAFFIC_MODELS))
     table = format_static_table(report, table_targets)
     traffic = format_traffic_table(report["traffic"], report["model_traffic"])

@@ -288,13 +288,12 @@ def _roofline_ms(nbytes: float, flops: float, peak: DevicePeak, half: bool) -> f
     return max(nbytes / (peak.hbm_gbps * 1e9), flops / rate) * 1e3
 
 
-def op_traffic(report: dict[str, Any], target: str = "sm_90") -> list[dict[str, Any]]:
-    """(a), (b), (c) and roofline times per shipped case, in the half dtype the GPU benchmarks use (bf16; fp32 where
-    the op takes fp32 only), at the tiles the launcher picks on ``target``."""
-    from .static import static_cases
-
+def op_traffic(report: dict[str, Any], cases: list[Any], target: str = "sm_90") -> list[dict[str, Any]]:
+    """(a), (b), (c) and roofline times per case of ``cases`` (`fastseg.bench.static.StaticCase`), in the half
+    dtype the GPU benchmarks use (bf16; fp32 where the op takes fp32 only), at the tiles the launcher picks on
+    ``target`` (read from the static ``report``)."""
     rows = []
-    for case in static_cases(full=False):
+    for case in cases:
         dtype = "bfloat16" if "bfloat16" in case.dtypes else case.dtypes[0]
         launches = [r for r in report["rows"] if r["case"] == case.name and r["dtype"] == dtype
                     and r["target"] == target and "config" in r]
