@@ -569,8 +569,8 @@ def _pixel_class_attention_bwd_triton(
         heads, n, num_k, d, float(scale), 1.0 / heads, **cfg, **common,
     )
     # dk / dv: a class block of BLOCK_KB accumulates two (BLOCK_KB, d) fp32 tiles while streaming pixel tiles;
-    # fp32 (FMA dots, operands in registers) and d = 128 take half-size tiles to stay free of spills; fp16 / bf16
-    # 64 x 64 tiles need 8 warps (4 spilled ~0.5 KB on sm_80 / sm_86 / sm_87 / sm_89; static report).
+    # fp32 (FMA dots, operands in registers) and d = 128 take half-size tiles, and all need 8 warps, to stay free
+    # of spills (4 warps spilled ~0.5 KB in bf16 and ~1 KB in fp32 on sm_80..sm_90; static report).
     small = q.dtype == torch.float32 or block_d > 64
     block_kb = min(32 if small else 64, _pow2(num_k))
     k_blocks = triton.cdiv(num_k, block_kb)
@@ -581,7 +581,7 @@ def _pixel_class_attention_bwd_triton(
     _pixel_class_attention_bwd_dkdv_kernel[(k_blocks, bsz * heads, n_splits)](
         q, k, v, grad_out, dmean, lse2, delta, dk_part, dv_part, *_strides(q), *_strides(k), *_strides(v),
         bsz, heads, n, num_k, d, chunk, float(scale), 1.0 / heads,
-        BLOCK_N=block_n_kv, BLOCK_KB=block_kb, BLOCK_D=block_d, num_warps=4 if small else 8, **common,
+        BLOCK_N=block_n_kv, BLOCK_KB=block_kb, BLOCK_D=block_d, num_warps=8, **common,
     )
     dk.copy_(dk_part.sum(0))
     dv.copy_(dv_part.sum(0))
