@@ -272,6 +272,8 @@ def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
         f"cuda {env.get('cuda')}  onnxruntime {env.get('onnxruntime')}  fastseg {env['fastseg']} "
         f"({env.get('fastseg_commit') or 'no git'})"
     )
+    if env["device_type"] == "cpu":  # CPU timings depend on these; a shared machine must be read with them
+        header += f"\nCPU threads {env.get('cpu_threads')}  OMP_WAIT_POLICY {env.get('omp_wait_policy')}"
     cols = ["kind", "name", "provider", "shape", "dtype", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s", "% roof",
             "speed-up", "img/s"]
     lines = []

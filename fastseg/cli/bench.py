@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import parse_device, parse_size
@@ -23,6 +24,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_static(full=args.full)
         return 1 if any(problems(r) for r in report["rows"] if r["shipped"]) else 0
     device = parse_device(args.device)
+    as_command = os.path.basename(sys.argv[0]) in ("fastseg", "__main__.py")  # not when called in-process (tests)
+    if (device.type == "cpu" and as_command and os.environ.get("OMP_WAIT_POLICY") is None
+            and not os.environ.get("FASTSEG_NO_REEXEC")):
+        # OpenMP reads its wait policy once, when torch loads: spinning threads made every case 10-20x slower beside
+        # one other busy process. Run again with passive waiting (and say so in the table header).
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["FASTSEG_NO_REEXEC"] = "1"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fastseg.cli", *sys.argv[1:]])
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     env = environment(device)
     print(f"fastseg bench on {env['device']} ({device.type}); torch {env['torch']}, triton {env.get('triton')}")
@@ -76,6 +88,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", action="store_true",
                    help="also time each inference stage, reference vs fused (models with stages, e.g. gss_*)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the timed region (default: the cores this process may use)")
     p.add_argument("--json", help="write rows and environment as JSON")
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")
     p.add_argument("--static", action="store_true",
