@@ -14,6 +14,16 @@ Dispatch model (the same for every family):
     That is how the CPU-only CI tests the kernels.
 
 Inside an op's CPU kernel, ``use_triton(tensor)`` says which path to take.
+
+Besides the dispatch this module holds what every op file shares, so that no op file keeps its own copy:
+
+* the numerics policy: `dot_precision` (the ONE fp32 dot-precision rule) and `LOG2E`;
+* the launch-size helpers: `pow2` (power-of-two block sizes), `target_programs` (how many programs fill the
+  device) and `num_splits` (how to split a long axis over programs);
+* input checks with actionable ``ValueError`` s (`check_tensor`, `check_same_device`, `check_qkv` for the two
+  attention ops, `check_groups` / `check_label_values` for the class-wise ops) and the limits shared by several ops;
+* the one Triton kernel two ops share: `split_sum_kernel`, the fixed-order second pass of the deterministic
+  class-wise reductions.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -35,10 +47,14 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     HAS_TRITON = False
 
     class _NoTritonLanguage:
-        """Stands in for ``triton.language`` so that kernel signatures (``X: tl.constexpr``) still parse."""
+        """Stands in for ``triton.language`` so that kernel signatures (``X: tl.constexpr``) and module-level
+        constants (``tl.constexpr(1.0)``) still parse."""
 
-        constexpr = object
         dtype = object
+
+        @staticmethod
+        def constexpr(value=None):
+            return value
 
         def __getattr__(self, name: str):
             raise RuntimeError("Triton is not installed; use impl='torch' (the reference) or install triton")
@@ -73,6 +89,26 @@ __all__ = [
     "use_triton",
     "check_tensor",
     "check_same_device",
+    "check_qkv",
+    "kernel_fits",
+    "check_groups",
+    "check_label_values",
+    "resolve_deterministic",
+    "acc_dtype",
+    "kernel_dtype",
+    "FLOAT_DTYPES",
+    "LABEL_DTYPES",
+    "MAX_HEAD_DIM",
+    "MAX_CLASSWISE_CLASSES",
+    "LOG2E",
+    "REF_CHUNK_ELEMENTS",
+    "ref_chunk_rows",
+    "dot_precision",
+    "pow2",
+    "target_programs",
+    "num_splits",
+    "strides",
+    "split_sum",
     "GpuTarget",
     "gpu_target",
     "planning_target",
@@ -165,6 +201,217 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
         raise ValueError(f"{op}: all inputs must be on one device, got {listing}")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Shared constants and limits
+# --------------------------------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every op takes; classwise adds float64
+LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+MAX_HEAD_DIM = 128  # both attention kernels keep one head's d on chip (padded to a power of two)
+MAX_CLASSWISE_CLASSES = 65536
+# log2(e): the kernels use exp2 / log2 (one instruction each) on base-2 logits, x * LOG2E.
+LOG2E = tl.constexpr(1.4426950408889634)
+# Largest slice of an N x K score matrix a chunked reference holds at once (16 MB in fp32).
+REF_CHUNK_ELEMENTS = 2**22
+
+
+def ref_chunk_rows(k: int) -> int:
+    """Rows per chunk of a chunked reference over an N x K score matrix (at most `REF_CHUNK_ELEMENTS` alive)."""
+    return max(1, REF_CHUNK_ELEMENTS // max(k, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Numerics policy
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` of every ``tl.dot`` whose operands come from a tensor of ``dtype``.
+
+    fp32 (and fp64, which the kernels run in fp32) callers expect fp32 results: ``"ieee"`` (no TF32, which would cost
+    about 1e-3 relative error; DESIGN.md, reliability.md 1.5), so the kernels match their fp32 references. For fp16 /
+    bf16 operands Triton ignores the setting (half products, fp32 accumulation); ``"tf32"`` is passed for them.
+    """
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launch sizes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pow2(n: int, floor: int = 16, cap: int | None = None) -> int:
+    """``n`` rounded up to a power of two, at least ``floor`` (``tl.dot`` needs every dimension >= 16) and at most
+    ``cap``."""
+    size = max(floor, triton.next_power_of_2(max(int(n), 1)))
+    return size if cap is None else min(size, cap)
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs fill the device: ~4 waves of SMs on a GPU; a few in the interpreter, so that the split
+    paths are exercised by the CPU tests without making them slow."""
+    if device.type in ("cuda", "meta"):  # meta: a launch planned for a GPU by fastseg.bench.static
+        return 4 * gpu_target(device).sm_count
+    return 4
+
+
+def num_splits(n: int, block_n: int, other_programs: int, target: int, splits: int | None = None) -> tuple[int, int]:
+    """Split an axis of ``n`` elements over programs, in chunks that are multiples of ``block_n``, so that
+    ``other_programs * splits`` reaches ``target`` programs (``splits`` forces the count, as tests do).
+
+    Returns ``(splits, chunk)``: the number of non-empty chunks and their length.
+    """
+    tiles = triton.cdiv(n, block_n)
+    if splits is None:
+        splits = max(1, min(tiles, target // max(other_programs, 1)))
+    splits = max(1, min(int(splits), tiles))
+    chunk = triton.cdiv(tiles, splits) * block_n
+    return triton.cdiv(n, chunk), chunk
+
+
+def strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.stride())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks shared by the two attention ops
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> float:
+    """Check q (B, h, *, d), k and v (B, h, L, d) and return the logit scale (``d ** -0.5`` when None)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES, op=op)
+    check_same_device(op, q=q, k=k, v=v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"{op}: k and v must have the same shape (B, h, L, d), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"{op}: q (B, h, *, d) and k / v (B, h, *, d) must agree on batch, heads and head dim, got q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if scale is None:
+        return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def kernel_fits(op: str, impl: str, mode: str, problems: list[str]) -> str:
+    """Downgrade to the reference where a Triton kernel's limits are exceeded (impl='auto'), or refuse
+    (impl='triton')."""
+    if mode == "torch" or not problems:
+        return mode
+    if impl == "triton":
+        raise ValueError(f"{op}: the Triton kernel does not support {'; '.join(problems)}; use impl='torch' or 'auto'")
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks and helpers shared by the class-wise ops
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_groups(
+    op: str, labels: torch.Tensor, masked: torch.Tensor, spatial: tuple[int, ...], num_classes: int, ignore_index: int
+) -> None:
+    """Check labels / masked (B, H, W), num_classes and an ignore_index that names no class."""
+    check_tensor("labels", labels, ndim=3, dtypes=LABEL_DTYPES, op=op)
+    check_tensor("masked", masked, ndim=3, dtypes=(torch.bool,), op=op)
+    if tuple(labels.shape) != spatial or tuple(masked.shape) != spatial:
+        raise ValueError(
+            f"{op}: labels {tuple(labels.shape)} and masked {tuple(masked.shape)} must both have shape "
+            f"(B, H, W) = {spatial}"
+        )
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or not 1 <= num_classes <= MAX_CLASSWISE_CLASSES
+    ):
+        raise ValueError(f"{op}: num_classes must be an int in [1, {MAX_CLASSWISE_CLASSES}], got {num_classes!r}")
+    if not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"{op}: ignore_index must be an int outside [0, num_classes={num_classes}) so that it names "
+            f"no class, got {ignore_index!r}"
+        )
+
+
+def check_label_values(op: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` naming the first label outside ``[0, K)`` that is not ``ignore_index`` (one host sync)."""
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"{op}: labels contain the value {value}, outside [0, num_classes={num_classes}) and not "
+            f"ignore_index={ignore_index}"
+        )
+
+
+def resolve_deterministic(op: str, deterministic: bool | None, tensor: torch.Tensor) -> bool:
+    """``None`` follows ``torch.are_deterministic_algorithms_enabled()``; an explicit ``False`` on CUDA while that
+    flag is on raises PyTorch's alert (or warns in warn-only mode)."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not deterministic and tensor.is_cuda and torch.are_deterministic_algorithms_enabled():
+        # Our Triton atomics are invisible to PyTorch's own alert machinery, so raise the same alert by hand.
+        message = (
+            f"{op} with deterministic=False uses atomic adds and is not deterministic; pass deterministic=True "
+            f"or None while torch.use_deterministic_algorithms(True) is on"
+        )
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, stacklevel=3)
+        else:
+            raise RuntimeError(message)
+    return bool(deterministic)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / output dtype of the class-wise ops: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """fp64 runs in fp32; bf16 too under the interpreter, whose numpy back end has no bf16 arithmetic."""
+    if tensor.dtype == torch.float64 or (tensor.dtype == torch.bfloat16 and interpreter_enabled()):
+        return tensor.float()
+    return tensor
+
+
+@triton.jit
+def split_sum_kernel(
+    part_ptr,  # (B, S, N) fp32 per-split partials, contiguous
+    out_ptr,  # (B, N) fp32, contiguous
+    S,
+    N,
+    BLOCK: tl.constexpr,
+):
+    """out[b, i] = sum_s part[b, s, i], s in increasing order (the deterministic second pass)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    b = tl.program_id(1).to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(part_ptr + (b * S + s) * N + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + b * N + offs, acc, mask=mask)
+
+
+SPLIT_SUM_BLOCK = 1024
+
+
+def split_sum(part: torch.Tensor) -> torch.Tensor:
+    """``part.sum(1)`` of a contiguous fp32 ``(B, S, N)`` tensor in a fixed order (bitwise reproducible)."""
+    batch, splits, n = part.shape
+    out = torch.empty((batch, n), dtype=torch.float32, device=part.device)
+    split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK), batch)](part, out, splits, n, BLOCK=SPLIT_SUM_BLOCK)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class GpuTarget:
     """What a launcher's tiling may depend on: the compute capability and the number of SMs."""
@@ -175,7 +422,9 @@ class GpuTarget:
 
 
 # Set by `planning_target` while fastseg.bench.static records launches on meta tensors for a GPU that is not here.
-_PLANNING_TARGET: contextvars.ContextVar[GpuTarget | None] = contextvars.ContextVar("fastseg_planning_target", default=None)
+_PLANNING_TARGET: contextvars.ContextVar[GpuTarget | None] = contextvars.ContextVar(
+    "fastseg_planning_target", default=None
+)
 _DEFAULT_TARGET = GpuTarget((8, 0), 108, 163 * 1024)  # an A100: what the tables assume when nothing says otherwise
 
 

@@ -6,7 +6,7 @@ interpretation** of the abstract (E.4), with the unknown choices exposed as opti
 be dropped in:
 
 * masking unit and ratio (``patch_size``, ``ratio``), patch ownership by majority class (see
-  `fastseg.kernels.classwise_patch_mask`), fill of masked pixels (zeros, the per-image mean, or a learned token);
+  `fastseg.layers.masking.classwise_patch_mask`), fill of masked pixels (zeros, the per-image mean, or a learned token);
 * one masked image per input with a per-class loss (the "cheaper variant" of E.4.2: context from other classes is
   not removed from the input, only from the loss);
 * aggregation distance (``"cosine"`` or ``"mse"``) between the masked-part prototype and the **stop-gradient**
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseg.kernels import classwise_masked_recon_loss, classwise_mean, classwise_patch_mask, classwise_reduce
+from fastseg.kernels import classwise_masked_recon_loss, classwise_mean, classwise_reduce
+from fastseg.layers.masking import classwise_patch_mask
 
 __all__ = ["ClasswiseFeatureAggregationLoss", "ClasswiseMaskedInput", "ClasswiseMaskedReconLoss", "resize_labels"]
 

@@ -11,7 +11,7 @@ paper's choices can be dropped in:
 * base framework: UniMatch on DeepLabV3+ (`fastseg.models.unimatch`; probable, unconfirmed);
 * class map: ground truth on labelled images, the weak-view pseudo-label on unlabelled ones with pixels below ``tau``
   ignored (they define no class and are never masked alone);
-* masking (``patch_size``, ``mask_ratio``): `fastseg.kernels.classwise_patch_mask` masks a random ``mask_ratio`` of the
+* masking (``patch_size``, ``mask_ratio``): `fastseg.layers.masking.classwise_patch_mask` masks a random ``mask_ratio`` of the
   patches of every class region (patch ownership by majority class);
 * independence (``mim_input``): ``"per_class"`` builds one input per (image, class), ``x_c = x`` on the visible pixels
   of class c and ``fill`` everywhere else, so the masked pixels of c can only be inferred from visible pixels of c
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseg.kernels import classwise_patch_mask
+from fastseg.layers.masking import classwise_patch_mask
 
 from ..data.semi import batch_generator
 from ..layers.classwise import ClasswiseFeatureAggregationLoss, ClasswiseMaskedReconLoss

@@ -3,10 +3,14 @@ trained checkpoint), uint8 in-graph argmax, non-square size."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from fastseg.cli import main
 from fastseg.export import read_sidecar
+
+SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/conftest.py)
 
 pytestmark = pytest.mark.export
 
@@ -19,7 +23,7 @@ def checkpoint(tmp_path_factory):
     import fastseg
     from fastseg.checkpoint import save_weights
 
-    torch.manual_seed(123)
+    torch.manual_seed(SEED + 123)
     model = fastseg.create_model("fpn_resnet18", num_classes=12)
     return save_weights(model, tmp_path_factory.mktemp("ckpt") / "model.safetensors", {"num_classes": "12"})
 

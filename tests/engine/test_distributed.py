@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 
 from fastseg.engine import TrainConfig, cleanup_distributed, evaluate, init_distributed, train
 
+SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/conftest.py)
+
 WORLD_SIZE = 2
 PER_RANK_BATCH = 2
 STEPS = 5
@@ -53,7 +55,7 @@ def _data():
 def _model():
     TinySeg = _import_engine_test_helpers().TinySeg
 
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     # No dropout and no BatchNorm: per-rank batch statistics would legitimately differ from one big batch.
     return TinySeg(dropout=0.0, norm=False)
 
@@ -105,8 +107,12 @@ def test_ddp_two_cpu_processes(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["steps"] == STEPS
         assert got["eval"]["num_pixels"] == want["num_pixels"] == 7 * 11 * 12
-        assert got["eval"]["mIoU"] == want["mIoU"] and got["eval"]["aAcc"] == want["aAcc"]
-        assert got["final"]["mIoU"] == want["mIoU"]
+        # Each rank predicted its shard in batches of another size than the reference: a logit may round differently
+        # and flip a near-tie pixel, which moves aAcc by 1/924 and mIoU by about 1e-3 per pixel. Allow two such
+        # pixels; a shard counted twice or lost moves num_pixels (checked exactly above) and the metrics by far more.
+        assert got["eval"]["mIoU"] == pytest.approx(want["mIoU"], abs=3e-3)
+        assert got["eval"]["aAcc"] == pytest.approx(want["aAcc"], abs=2 / (7 * 11 * 12) + 1e-12)
+        assert got["final"]["mIoU"] == pytest.approx(want["mIoU"], abs=3e-3)
 
     # Only rank 0 logged: one start record, one record per step, no duplicates.
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]

@@ -29,12 +29,14 @@ from fastseg.models.gss_tokenizers import (
     unmap_pixels,
 )
 
+SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/conftest.py)
+
 K = 12
 
 
 @pytest.fixture(scope="module")
 def ff():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     return fastseg.create_model("gss_ff_resnet18", num_classes=K).eval()
 
 
@@ -62,9 +64,10 @@ def test_palette_bad_input():
 
 
 @pytest.mark.parametrize("impl", ["torch", "auto", "triton"])
-def test_maskige_round_trip_exact_on_clean_masks(impl):
-    pal = make_maskige_palette(K)
-    masks = torch.randint(0, K, (2, 9, 13))
+def test_maskige_round_trip_exact_on_clean_masks(impl, request):
+    device = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
+    pal = make_maskige_palette(K).to(device)
+    masks = torch.randint(0, K, (2, 9, 13)).to(device)
     masks[0, :3, :3] = 255
     maskige = masks_to_maskige(masks, pal)
     assert maskige.shape == (2, 3, 9, 13) and 0 <= maskige.min() and maskige.max() <= 1
@@ -138,17 +141,43 @@ def test_forward_is_soft_vote_and_predict_matches_class_map(ff):
     assert stages["tokens"].shape == (2, 16, 16) and stages["maskige"].shape == (2, 3, 64, 64)
 
 
-@pytest.mark.parametrize("impl", ["auto", "triton"])
-def test_fused_and_reference_inference_identical(impl):
-    torch.manual_seed(0)
-    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl=impl).eval()
-    x = torch.randn(1, 3, 32, 32)  # small: the Triton interpreter is slow
+def _near_ties(scores: torch.Tensor, dim: int, largest: bool, tol: float) -> torch.Tensor:
+    """Where the best and second-best of ``scores`` along ``dim`` are within ``tol``: an argmax / argmin there
+    depends on the accumulation order, so two correct implementations may pick either index."""
+    top2 = scores.topk(2, dim=dim, largest=largest).values
+    return (top2.narrow(dim, 0, 1) - top2.narrow(dim, 1, 1)).abs().squeeze(dim) <= tol
+
+
+def _assert_same_choice(fused: torch.Tensor, ref: torch.Tensor, ties: torch.Tensor, what: str) -> None:
+    differ = fused != ref
+    assert not (differ & ~ties).any(), f"{what}: {int((differ & ~ties).sum())} choices differ away from a near-tie"
+
+
+def _check_fused_stages(model, x: torch.Tensor) -> None:
+    """Each fused stage against its reference on the SAME input (so that one near-tie cannot cascade): the token
+    GEMM + argmax (fp32 sums in another order: ties within 1e-4 of the logit scale may go either way), the code
+    gather (one-hot x weights adds exact zeros: identical) and the nearest palette colour (ties likewise)."""
     with torch.no_grad():
-        fused, ref = model.stages(x, fused=True), model.stages(x, fused=False)
-    assert torch.equal(fused["tokens"], ref["tokens"])
-    assert torch.equal(fused["maskige"], ref["maskige"])  # gather == one-hot + 1x1 conv, bit for bit in fp32
-    assert torch.equal(fused["class_map"], ref["class_map"])
-    assert torch.equal(fused["output"], ref["output"])
+        _, feats = model.head_features(x)
+        logits = model.head.token_logits(feats)
+        tokens = model.token_ids(feats, fused=True)
+        ties = _near_ties(logits, 1, largest=True, tol=1e-4 * float(logits.abs().max()))
+        _assert_same_choice(tokens, model.token_ids(feats, fused=False), ties, "token ids")
+        maskige = model.decode_maskige(tokens, fused=True)
+        assert torch.equal(maskige, model.decode_maskige(tokens, fused=False))
+        rgb = maskige * 255.0
+        dist = ((rgb.permute(0, 2, 3, 1)[..., None, :] - model.maskige_palette[: model.num_classes]) ** 2).sum(-1)
+        ties = _near_ties(dist, -1, largest=False, tol=1e-3 * float(dist.max()))
+        classes = model.maskige_to_classes(maskige, fused=True)
+        _assert_same_choice(classes, model.maskige_to_classes(maskige, fused=False), ties, "palette inverse")
+        torch.testing.assert_close(model(x), model.vote(classes))  # forward is the fused pipeline
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_fused_and_reference_inference_agree(impl, request):
+    device = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
+    model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl=impl).eval().to(device)
+    _check_fused_stages(model, torch.randn(1, 3, 32, 32, device=device))  # small: the Triton interpreter is slow
 
 
 def test_palette_inverse_scale2_vote_matches_bilinear():
@@ -217,10 +246,27 @@ def test_roundtrip_miou_of_a_lossless_tokenizer_is_one(scale):
     assert res["images"] == 3 and res["mIoU"] == pytest.approx(1.0)
 
 
-def test_roundtrip_miou_runs(ff):
+def test_roundtrip_miou_of_the_model_tokenizer_is_recomputed(ff):
     masks = torch.randint(0, K, (3, 32, 32))
+    masks[:, :3] = 255
     res = roundtrip_miou(ff.tokenizer, ff.maskige_palette, [{"mask": m} for m in masks], K, batch_size=2)
-    assert res["images"] == 3 and 0.0 <= res["mIoU"] <= 1.0
+    assert res["images"] == 3
+    # The same pipeline by hand: maskige -> tokens -> decoded maskige -> nearest palette colour (fp64 brute force),
+    # then per-class IoU with boolean masks, ignore pixels excluded.
+    pal = ff.maskige_palette.double()
+    with torch.no_grad():
+        rec = ff.tokenizer.decode(ff.tokenizer.encode(masks_to_maskige(masks, ff.maskige_palette))).double() * 255
+    dist = ((rec.permute(0, 2, 3, 1)[..., None, :] - pal[:K]) ** 2).sum(-1)  # (B, H, W, K)
+    nearest = dist.argmin(-1)
+    top2 = dist.sort(-1).values[..., :2]
+    assert (top2[..., 1] - top2[..., 0]).min() > 1e-3  # no near-tie that fp32 rounding could flip
+    keep = masks != 255
+    ious = []
+    for c in range(K):
+        p, t = (nearest == c) & keep, (masks == c) & keep
+        if (p | t).any():
+            ious.append(float((p & t).sum() / (p | t).sum()))
+    assert res["mIoU"] == pytest.approx(sum(ious) / len(ious), abs=1e-9)
 
 
 def test_export_with_decompositions(ff):
@@ -241,7 +287,7 @@ def test_export_with_decompositions(ff):
 
 def _dalle_pickles(tmp_path):
     dall_e = pytest.importorskip("dall_e", reason="the dall-e package is needed for the parity test")
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     enc = dall_e.Encoder(n_hid=64, vocab_size=512, device=torch.device("cpu"))
     dec = dall_e.Decoder(n_hid=64, vocab_size=512, device=torch.device("cpu"))
     for p in list(enc.parameters()) + list(dec.parameters()):  # non-zero biases: a stronger check
@@ -273,7 +319,10 @@ def test_dalle_parity_with_official_package(tmp_path):
         logits = enc(their_map(x))
         torch.testing.assert_close(ours.encoder(map_pixels(x)), logits, rtol=1e-5, atol=1e-5)
         ids = ours.encode(x)
-        assert torch.equal(ids, logits.argmax(1)) and ids.shape == (2, 4, 4)
+        assert ids.shape == (2, 4, 4)
+        ties = _near_ties(logits, 1, largest=True, tol=1e-5 * float(logits.abs().max()))  # two implementations
+        _assert_same_choice(ids, logits.argmax(1), ties, "DALL-E code ids")
+        ids = logits.argmax(1)  # decode the official ids: the decoder comparison below does not hinge on a tie
         onehot = F.one_hot(ids, 512).permute(0, 3, 1, 2).float()
         theirs = their_unmap(torch.sigmoid(dec(onehot)[:, :3].float()))
         torch.testing.assert_close(ours.decode(ids), theirs, rtol=1e-5, atol=1e-5)
@@ -309,7 +358,7 @@ def test_converter_refuses_untrusted_pickles(tmp_path):
 
 def test_dalle_tokenizer_in_gss_geometry():
     # Paper geometry at test size: tokens at 1/4, maskige at 2x the input, 8x decoder.
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     head = {"channels": 16, "fused": 32, "depth": 2, "heads": 4, "window": 7, "hidden": 32, "pixel_channels": 16}
     model = GSSSegmenter("resnet18", num_classes=5, tokenizer="dalle", maskige_scale=2, head_kwargs=head,
                          tokenizer_kwargs={"n_hid": 64, "vocab_size": 512, "n_init": 32}).eval()
@@ -318,8 +367,7 @@ def test_dalle_tokenizer_in_gss_geometry():
         st = model.stages(x)
         assert st["tokens"].shape == (1, 8, 8) and st["maskige"].shape == (1, 3, 64, 64)
         assert model(x).shape == (1, 5, 32, 32)
-        ref = model.stages(x, fused=False)
-    assert torch.equal(st["class_map"], ref["class_map"])
+    _check_fused_stages(model, x)
     model.train()
     batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 5, (2, 32, 32))}  # BN: batch > 1
     out = model.loss(batch)
@@ -367,11 +415,6 @@ def test_dalle_mixed_precision_matches_official_on_cuda(tmp_path):
 
 
 @pytest.mark.gpu
-def test_fused_and_reference_inference_identical_on_cuda():
-    torch.manual_seed(0)
+def test_fused_and_reference_inference_agree_on_cuda():
     model = fastseg.create_model("gss_ff_resnet18", num_classes=K, impl="triton").cuda().eval()
-    x = torch.randn(2, 3, 128, 128, device="cuda")
-    with torch.no_grad():
-        fused, ref = model.stages(x, fused=True), model.stages(x, fused=False)
-    assert torch.equal(fused["tokens"], ref["tokens"])
-    assert torch.equal(fused["class_map"], ref["class_map"])
+    _check_fused_stages(model, torch.randn(2, 3, 128, 128, device="cuda"))

@@ -3,6 +3,8 @@ training step, and the guarantee that unlabelled masks never reach the loss."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +14,12 @@ import fastseg
 from fastseg.data.semi import SemiSupervisedPairs, _gaussian_blur, batch_generator, cutmix_boxes, strong_augment
 from fastseg.data.shapes import ShapesConfig, ShapesDataset
 from fastseg.engine.recipes.semi import build_training, s4mim_loss
-from fastseg.kernels import classwise_patch_mask
-from fastseg.kernels.classwise import normalize_patches_ref
+from fastseg.kernels.classwise_recon_loss import normalize_patches_ref
+from fastseg.layers.masking import classwise_patch_mask
 from fastseg.models.s4mim import S4MIM, per_class_inputs
 from fastseg.models.unimatch import masked_pixel_ce
+
+SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/conftest.py)
 
 K = 5
 SMALL = {"aspp_channels": 32, "low_level_channels": 16}
@@ -23,7 +27,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(1000 * SEED + seed)
 
 
 def _blocks_labels(b: int = 2, size: int = 32) -> torch.Tensor:
@@ -99,18 +103,26 @@ def test_masked_pixel_ce_against_plain_computation():
 # ---------------------------------------------------------------------------------------------------------------
 # UniMatch loss
 # ---------------------------------------------------------------------------------------------------------------
-def test_unimatch_loss_equals_a_plain_recomputation():
-    torch.manual_seed(0)
-    # tau = 0: a threshold would turn rounding-level differences into discrete flips of the kept pixels.
-    model = fastseg.create_model("unimatch_resnet18", num_classes=K, tau=0.0, **SMALL).eval()  # eval: no dropout
-    batch = _semi_batch(b_l=2, b_u=2)
-    out = model.loss(batch)
+def _threshold_in_a_gap(conf: torch.Tensor, min_gap: float = 1e-5) -> float:
+    """A confidence threshold in the widest gap between sorted confidences of the middle half (about half kept).
 
-    g = batch_generator(batch, torch.device("cpu"))
+    The model and the plain recomputation compute the same confidences in different batch compositions, so they
+    differ by fp32 rounding (~1e-7 on values below 1): a threshold at least ``min_gap / 2`` from every value keeps the
+    same pixels in both. ``tau = 0`` would keep every pixel and test no mask at all.
+    """
+    values = conf.flatten().sort().values
+    n = values.numel()
+    lo, hi = n // 4, 3 * n // 4
+    gaps = values[lo + 1 : hi + 1] - values[lo:hi]
+    i = lo + int(gaps.argmax())
+    assert float(gaps.max()) > min_gap, f"widest confidence gap near the median is {float(gaps.max()):.1e}"
+    return float((values[i] + values[i + 1]) / 2)
+
+
+def test_unimatch_loss_equals_a_plain_recomputation():
+    model = fastseg.create_model("unimatch_resnet18", num_classes=K, **SMALL).eval()  # eval: no dropout
+    batch = _semi_batch(b_l=2, b_u=2)
     u, u_mix, size = batch["image_u"], batch["image_u_mix"], (32, 32)
-    cfg = model.pretrained_cfg
-    strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, g) for _ in range(2)]
-    boxes = [cutmix_boxes(2, 32, 32, g, torch.device("cpu"), p=0.5) for _ in range(2)]
 
     def full(images):
         return F.interpolate(model(images), size=size, mode="bilinear", align_corners=False)
@@ -118,23 +130,38 @@ def test_unimatch_loss_equals_a_plain_recomputation():
     with torch.no_grad():
         conf_mix, lab_mix = full(u_mix).softmax(1).max(1)
         conf_u, lab_u = full(u).softmax(1).max(1)
+    # A threshold that drops about half of the pseudo-labels, so that the confidence mask is exercised.
+    model.tau = tau = _threshold_in_a_gap(torch.cat([conf_u, conf_mix]))
+    out = model.loss(batch)
+
+    g = batch_generator(batch, torch.device("cpu"))
+    cfg = model.pretrained_cfg
+    strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, g) for _ in range(2)]
+    boxes = [cutmix_boxes(2, 32, 32, g, torch.device("cpu"), p=0.5) for _ in range(2)]
+    with torch.no_grad():
         sup = F.cross_entropy(full(batch["image"]), batch["mask"], ignore_index=255)
         unsup = []
         for view, box in zip(strong, boxes):
             mixed = torch.where(box[:, None], view[2:], view[:2])
             target, conf = torch.where(box, lab_mix, lab_u), torch.where(box, conf_mix, conf_u)
             ce = F.cross_entropy(full(mixed), target, reduction="none")
-            unsup.append((ce * (conf >= 0.0)).sum() / ce.numel())
+            unsup.append((ce * (conf >= tau)).sum() / ce.numel())
         ce_fp = F.cross_entropy(full(u), lab_u, reduction="none")
-        fp = (ce_fp * (conf_u >= 0.0)).sum() / ce_fp.numel()
+        fp = (ce_fp * (conf_u >= tau)).sum() / ce_fp.numel()
+    kept = (conf_u >= tau).float().mean()
+    assert 0.1 < kept < 0.9, f"the threshold keeps {kept:.0%} of the pixels: the mask is not exercised"
+    torch.testing.assert_close(out["conf_ratio"], kept)
     expected = (sup + 0.25 * unsup[0] + 0.25 * unsup[1] + 0.5 * fp) / 2
     torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["s1"], unsup[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["s2"], unsup[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["fp"], fp, rtol=1e-4, atol=1e-5)
+    # The threshold matters: keeping every pixel gives a different fp term.
+    assert not torch.allclose(fp, ce_fp.mean(), rtol=1e-3)
 
 
 def test_loss_is_a_function_of_the_batch_seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = fastseg.create_model("s4mim_resnet18", num_classes=K, tau=0.0, **SMALL).eval()
     batch = _semi_batch()
     first, second = model.loss(batch)["loss"], model.loss(batch)["loss"]
@@ -207,7 +234,7 @@ def _plain_agg(feats, labels, masked, num_classes):
 @pytest.mark.parametrize("mim,mim_input,normalize", [("classwise", "per_class", False), ("classwise", "single", True),
                                                      ("plain", "single", False)])
 def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = fastseg.create_model("s4mim_resnet18", num_classes=K, mim=mim, mim_input=mim_input,
                                  normalize_target=normalize, impl="torch", **SMALL).eval()
     images = torch.randn(2, 3, 32, 32, generator=_gen(5))
@@ -240,39 +267,45 @@ def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
     torch.testing.assert_close(terms["sem"], ce, rtol=1e-4, atol=1e-6)
 
 
-def test_label_space_reconstruction_variant_trains_its_decoder():
-    torch.manual_seed(0)
+def test_label_space_reconstruction_variant_trains_its_decoder(gradient_check):
+    torch.manual_seed(SEED)
     model = fastseg.create_model("s4mim_resnet18", num_classes=K, semantic_mim="reconstruct", tau=0.0, **SMALL)
     out = model.loss(_semi_batch())
     assert torch.isfinite(out["loss"]) and out["sem"] > 0
     out["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.label_decoder.parameters())
-    assert model.backbone.body.conv1.weight.grad is not None
+    assert not gradient_check.silent(model.label_decoder)
+    grad = model.backbone.body.conv1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # the loss reaches the encoder's first layer
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fused kernels vs torch reference in a full training step
 # ---------------------------------------------------------------------------------------------------------------
-def test_training_step_triton_equals_torch():
-    torch.manual_seed(0)
+def test_training_step_triton_equals_torch(count_fastseg_ops, triton_device):
     kw = dict(num_classes=K, tau=0.0, **SMALL)
-    fused = fastseg.create_model("s4mim_resnet18", impl="triton", deterministic=True, **kw)
-    plain = fastseg.create_model("s4mim_resnet18", impl="torch", **kw)
+    fused = fastseg.create_model("s4mim_resnet18", impl="triton", deterministic=True, **kw).to(triton_device)
+    plain = fastseg.create_model("s4mim_resnet18", impl="torch", **kw).to(triton_device)
     plain.load_state_dict(fused.state_dict())
-    batch = _semi_batch(b_l=1, b_u=1, size=32)
-    results = []
+    batch = {k: v.to(triton_device) for k, v in _semi_batch(b_l=1, b_u=1, size=32).items()}
+    results, calls = [], []
     for model in (fused, plain):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         torch.manual_seed(1)  # the same dropout draws in both
-        out = model.loss(batch)
-        opt.zero_grad()
-        out["loss"].backward()
+        with count_fastseg_ops() as counted:
+            out = model.loss(batch)
+            opt.zero_grad()
+            out["loss"].backward()
+        calls.append(counted)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         results.append((out, grads, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (o1, g1, p1), (o2, g2, p2) = results
-    assert o1["rec"] > 0 and o1["agg"] > 0  # the fused ops did real work
+    # impl="triton" really launched the fused kernels (through the interpreter on CPU); impl="torch" called none.
+    # (The backward ops of the classwise family run their reference on the interpreter today: only the forward
+    # launches are asserted; see the issue-13 report.)
+    assert calls[0].triton["classwise_masked_recon_loss"] >= 1 and calls[0].triton["classwise_reduce"] >= 1, calls[0]
+    assert not calls[1].triton and not calls[1].reference, calls[1]
     for key in ("loss", "rec", "agg", "sem"):
         torch.testing.assert_close(o1[key], o2[key], rtol=1e-4, atol=1e-6)
     assert g1.keys() == g2.keys()
@@ -301,7 +334,7 @@ def test_unlabelled_masks_never_reach_the_loss():
     items = [clean[i] for i in range(2)]
     assert set(items[0]) == {"image", "mask", "image_u", "image_u_mix", "aug_seed"}
     assert all(bool(lab[clean.indices(i)[0]]["labelled"]) for i in range(20))
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = fastseg.create_model("s4mim_resnet18", num_classes=world.num_classes, tau=0.0, **SMALL).eval()
     a = s4mim_loss(model, default_collate(items))
     b = s4mim_loss(model, default_collate([corrupted[i] for i in range(2)]))
@@ -340,7 +373,7 @@ def test_engine_trains_on_pairs():
     from fastseg.engine import TrainConfig, train
 
     world = ShapesConfig(image_size=32)
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model, pairs, loss_fn = build_training("s4mim_resnet18", world=world, labelled_fraction=0.25, train_length=32,
                                            pairs_length=16, tau=0.0, **SMALL)
     cfg = TrainConfig(steps=2, batch_size=2, out_dir=None, progress=False, device="cpu", log_every=1)

@@ -36,11 +36,11 @@ from fastseg.bench.core import KernelCase, dtype_name, register_kernel_cases, re
 from fastseg.kernels import (
     classwise_masked_recon_loss,
     classwise_masked_recon_loss_ref,
-    classwise_patch_mask,
     classwise_reduce,
     classwise_reduce_ref,
 )
 from fastseg.kernels._utils import run_triton_on_cpu
+from fastseg.layers.masking import classwise_patch_mask
 
 FAMILY = "classwise"
 IGNORE = 255

@@ -1,49 +1,44 @@
-"""Nearest-code search and GEMM-with-argmax, fused in Triton (the `vq` kernel family).
+"""Nearest-code search, fused in Triton: ``vq_nearest(z, codebook) -> (index, sqdist)``.
 
-Two ops, both used by GSS (palette inverse, tokenizer quantisation, token head):
+Used by GSS (palette inverse, tokenizer quantisation) and every VQ layer.
 
-``vq_nearest(z (N, D), codebook (K, D)) -> (index int64 (N,), sqdist float32 (N,))``
-    ``index[n] = argmin_k ||z_n - e_k||^2`` and ``sqdist[n] = ||z_n - e_index[n]||^2``.
+``vq_nearest(z (N, D), codebook (K, D)) -> (index int64 (N,), sqdist float32 (N,))``::
 
-    Forward: one program owns ``BLOCK_N`` rows of z and streams the codebook in ``BLOCK_K`` tiles (and D in
-    ``BLOCK_D`` tiles when D is large). The cross term ``z . e`` comes from ``tl.dot`` with fp32 accumulation; the
-    score ``||e||^2 - 2 z . e`` (``||z||^2`` is constant per row, so it is dropped for the argmin) is reduced to a
-    running ``(min, argmin)`` per row in registers. No N x K buffer exists; HBM traffic is O(N D + K D).
+    index[n]  = argmin_k ||z_n - e_k||^2          sqdist[n] = ||z_n - e_index[n]||^2
 
-    Numerics:
-      * The expanded form cancels catastrophically when z and the codes sit far from the origin (|z| ~ 1e5) but close
-        to each other. Distances are translation invariant, so both sides are first centred on the mean of the
-        (finite) codes; the centred problem has small norms and the expanded form stays accurate.
-      * ``sqdist`` is not taken from the expanded form: the winner's distance is recomputed exactly as
-        ``sum((z - e)^2)`` in fp32 from the original inputs, so it is never negative and does not cancel.
-      * Ties resolve to the lowest index (as ``torch.argmin``): within a tile the smallest column among equal scores
-        is taken, across tiles a strict ``<`` keeps the earlier one.
-      * fp16 / bf16 inputs: the centred operands are multiplied in the input dtype with fp32 accumulation on GPU;
-        fp32 inputs use ``input_precision="ieee"`` (no TF32) so fp32 results match the reference. Triton's CPU
-        interpreter cannot multiply bf16, so there the operands are upcast to fp32.
+Forward: one program owns ``BLOCK_N`` rows of z and streams the codebook in ``BLOCK_K`` tiles (and D in ``BLOCK_D``
+tiles when D is large). The cross term ``z . e`` comes from ``tl.dot`` with fp32 accumulation; the score
+``||e||^2 - 2 z . e`` (``||z||^2`` is constant per row, so it is dropped for the argmin) is reduced to a running
+``(min, argmin)`` per row in registers. No N x K buffer exists; HBM traffic is O(N D + K D).
 
-    NaN / inf policy (the reference, the Triton kernel and the ONNX graph agree):
-      * a row of z containing NaN or +-inf gets ``index = 0`` and ``sqdist`` = its exact distance to code 0
-        (NaN or inf);
-      * a code containing NaN / inf never wins for a finite row while a finite code exists (its score is set to
-        +inf, and any NaN score is treated as +inf); if no candidate has a finite score the row gets ``index = 0``.
+Numerics:
+  * The expanded form cancels catastrophically when z and the codes sit far from the origin (|z| ~ 1e5) but close to
+    each other. Distances are translation invariant, so both sides are first centred on the mean of the (finite)
+    codes; the centred problem has small norms and the expanded form stays accurate.
+  * ``sqdist`` is not taken from the expanded form: the winner's distance is recomputed exactly as ``sum((z - e)^2)``
+    in fp32 from the original inputs, so it is never negative and does not cancel.
+  * Ties resolve to the lowest index (as ``torch.argmin``): within a tile the smallest column among equal scores is
+    taken, across tiles a strict ``<`` keeps the earlier one.
+  * fp16 / bf16 inputs: the centred operands are multiplied in the input dtype with fp32 accumulation on GPU; fp32
+    inputs follow the one dot-precision policy (`_utils.dot_precision`: IEEE, no TF32) so fp32 results match the
+    reference. Triton's CPU interpreter cannot multiply bf16, so there the operands are upcast to fp32.
 
-    Backward (``sqdist`` only; the index is not differentiable): with ``r_n = z_n - e_index[n]`` and upstream
-    gradient ``g_n``: ``grad_z[n] = 2 g_n r_n`` and ``grad_codebook = index_add_k(-2 g_n r_n)`` (fp32 atomics on GPU,
-    so the codebook gradient's summation order is not deterministic there).
+NaN / inf policy (the reference, the Triton kernel and the ONNX graph agree):
+  * a row of z containing NaN or +-inf gets ``index = 0`` and ``sqdist`` = its exact distance to code 0 (NaN or inf);
+  * a code containing NaN / inf never wins for a finite row while a finite code exists (its score is set to +inf,
+    and any NaN score is treated as +inf); if no candidate has a finite score the row gets ``index = 0``.
 
-    Limits: any N (N = 0 returns empty outputs), K >= 1 (tested to 65536), D >= 1 (tiled; tested to 512), K < 2**31.
-    Offsets are int64, so z may exceed 2**31 elements.
+Backward (``sqdist`` only; the index is not differentiable): with ``r_n = z_n - e_index[n]`` and upstream gradient
+``g_n``::
 
-``argmax_matmul(x (N, C), weight (K, C), bias (K,) | None) -> (index int64 (N,), value float32 (N,))``
-    ``index[n] = argmax_k (x_n . w_k + b_k)`` and ``value[n]`` the maximal logit: a 1x1-conv / linear head whose
-    logits are only ever arg-maxed (the GSS token head, 2048 -> 8192). Same tiling as above with a running
-    ``(max, argmax)`` epilogue across K tiles; the N x K logits are never written. Ties resolve to the lowest index
-    (as ``torch.argmax``). NaN logits are treated as -inf: a row whose logits are all NaN / -inf gets index 0 and
-    value -inf. **Inference only**: gradients are not supported (calling ``backward`` through it raises).
+    grad_z[n] = 2 g_n r_n          grad_codebook = index_add_k(-2 g_n r_n)
 
-The CPU path is the reference, which processes N in chunks so that at most ``2**22`` elements of the N x K matrix
-exist at once (a 2x-resolution maskige of a 512x512 image against 150 colours needs about 16 MB, not gigabytes).
+(fp32 atomics on GPU, so the codebook gradient's summation order is not deterministic there).
+
+Limits: any N (N = 0 returns empty outputs), K >= 1 (tested to 65536), D >= 1 (tiled; tested to 512), K < 2**31.
+Offsets are int64, so z may exceed 2**31 elements. The CPU path is the reference, which processes N in chunks so that
+at most ``REF_CHUNK_ELEMENTS = 2**22`` elements of the N x K matrix exist at once (a 2x-resolution maskige of a
+512x512 image against 150 colours needs about 16 MB, not gigabytes).
 """
 
 from __future__ import annotations
@@ -53,10 +48,14 @@ from collections.abc import Callable
 import torch
 
 from ._utils import (
+    FLOAT_DTYPES,
     check_same_device,
     check_tensor,
+    dot_precision,
     gpu_target,
     interpreter_enabled,
+    pow2,
+    ref_chunk_rows,
     resolve_impl,
     run_triton_on_cpu,
     tl,
@@ -64,26 +63,13 @@ from ._utils import (
     use_triton,
 )
 
-__all__ = ["vq_nearest", "vq_nearest_ref", "argmax_matmul", "argmax_matmul_ref", "DECOMPOSITIONS"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest slice of the N x K score matrix the reference holds at once (16 MB in fp32).
-CHUNK_ELEMENTS = 2**22
+__all__ = ["vq_nearest", "vq_nearest_ref", "DECOMPOSITIONS"]
 
 
-def _chunk_rows(k: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(k, 1))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _check_vq_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
+def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
     op = "vq_nearest"
-    check_tensor("z", z, ndim=2, dtypes=_FLOAT_DTYPES, op=op)
-    check_tensor("codebook", codebook, ndim=2, dtypes=_FLOAT_DTYPES, op=op)
+    check_tensor("z", z, ndim=2, dtypes=FLOAT_DTYPES, op=op)
+    check_tensor("codebook", codebook, ndim=2, dtypes=FLOAT_DTYPES, op=op)
     check_same_device(op, z=z, codebook=codebook)
     if z.dtype != codebook.dtype:
         raise ValueError(f"{op}: z and codebook must share a dtype, got {z.dtype} and {codebook.dtype}; cast one")
@@ -96,26 +82,8 @@ def _check_vq_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
-def _check_argmax_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    op = "argmax_matmul"
-    check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES, op=op)
-    check_tensor("weight", weight, ndim=2, dtypes=_FLOAT_DTYPES, op=op)
-    check_same_device(op, x=x, weight=weight, bias=bias)
-    if x.dtype != weight.dtype:
-        raise ValueError(f"{op}: x and weight must share a dtype, got {x.dtype} and {weight.dtype}; cast one")
-    if weight.shape[0] < 1 or weight.shape[1] < 1 or x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"{op}: x (N, C) and weight (K, C) need the same C >= 1 and K >= 1, got x {tuple(x.shape)} and weight "
-            f"{tuple(weight.shape)}"
-        )
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=_FLOAT_DTYPES, op=op)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{op}: bias must have K = {weight.shape[0]} entries, got shape {tuple(bias.shape)}")
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# References (oracle, CPU path, export graph)
+# Reference (oracle, CPU path) and decomposition (export graph)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -147,7 +115,7 @@ def _exact_sqdist(z: torch.Tensor, codebook: torch.Tensor, index: torch.Tensor) 
 
 
 def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch nearest-code search, chunked over N (at most ``CHUNK_ELEMENTS`` scores alive at once).
+    """Plain PyTorch nearest-code search, chunked over N (at most ``REF_CHUNK_ELEMENTS`` scores alive at once).
 
     Args:
         z: (N, D) float32 / float16 / bfloat16 query vectors.
@@ -158,13 +126,13 @@ def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
         distance, recomputed exactly. ``sqdist`` carries autograd to ``z`` and ``codebook``; see the module docstring
         for the NaN / inf policy.
     """
-    _check_vq_inputs(z, codebook)
+    _check_inputs(z, codebook)
     n, k = z.shape[0], codebook.shape[0]
     needs_grad = torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
     with torch.no_grad():
         centre, codes_c, code_sq = _prepare_codes(codebook.detach())
         index = torch.empty(n, dtype=torch.int64, device=z.device)
-        step = _chunk_rows(k)
+        step = ref_chunk_rows(k)
         for start in range(0, n, step):
             rows = z[start : start + step].detach().float() - centre
             scores = torch.addmm(code_sq, rows, codes_c.t(), alpha=-2.0)  # ||e||^2 - 2 z.e
@@ -205,60 +173,27 @@ def _vq_nearest_backward_ref(
     return grad_z.to(z.dtype).contiguous(), grad_codebook.to(codebook.dtype)
 
 
-def argmax_matmul_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch ``argmax(x @ weight.T + bias)``, in fp32, chunked over N. Inference only (no autograd).
-
-    Args:
-        x: (N, C) float32 / float16 / bfloat16 features.
-        weight: (K, C) weights of the head, same dtype as ``x``.
-        bias: optional (K,) bias.
-
-    Returns:
-        ``(index, value)``: int64 (N,) index of the largest logit (lowest index on ties, NaN logits ignored) and the
-        float32 largest logit (-inf when every logit of the row is NaN / -inf).
-    """
-    _check_argmax_inputs(x, weight, bias)
-    n, k = x.shape[0], weight.shape[0]
-    with torch.no_grad():
-        w = weight.float()
-        b = bias.float() if bias is not None else torch.zeros(k, dtype=torch.float32, device=x.device)
-        index = torch.empty(n, dtype=torch.int64, device=x.device)
-        value = torch.empty(n, dtype=torch.float32, device=x.device)
-        step = _chunk_rows(k)
-        for start in range(0, n, step):
-            logits = torch.addmm(b, x[start : start + step].float(), w.t())
-            logits.masked_fill_(torch.isnan(logits), float("-inf"))
-            best = torch.argmax(logits, dim=1)
-            index[start : start + step] = best
-            value[start : start + step] = logits.gather(1, best[:, None]).squeeze(1)
-    return index, value
-
-
-def _argmax_matmul_decomposition(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = x.float() @ weight.float().t()
-    if bias is not None:
-        logits = logits + bias.float()
-    logits = torch.where(torch.isnan(logits), torch.full_like(logits, float("-inf")), logits)
-    index = torch.argmax(logits, dim=1)
-    return index, logits.gather(1, index[:, None]).squeeze(1)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------------------
+# The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
+# fmt: off
 
 
 @triton.jit
 def _vq_nearest_fwd_kernel(
-    z_ptr, codes_ptr, centre_ptr, codes_c_ptr, code_sq_ptr, index_ptr, sqdist_ptr,
+    z_ptr,  # (N, D) any strides
+    codes_ptr,  # (K, D) the original codebook, any strides (for the exact distance)
+    centre_ptr,  # (D,) fp32 mean of the finite codes
+    codes_c_ptr,  # (K, D) centred codes, contiguous, in the dot's operand dtype
+    code_sq_ptr,  # (K,) fp32 squared norms of the centred codes (+inf for non-finite codes)
+    index_ptr,  # (N,) int64 out
+    sqdist_ptr,  # (N,) fp32 out
     N, K, D,
-    stride_zn, stride_zd, stride_cn, stride_cd,
+    stride_zn, stride_zd,
+    stride_codesk, stride_codesd,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    SINGLE_D: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -277,7 +212,7 @@ def _vq_nearest_fwd_kernel(
         dmask = offs_d < D
         # Its own name: a `zt` here (fp32) would make the distance loop's `zt` (input dtype) loop-carried, which
         # the compiler rejects for fp16 / bf16 ("Loop-carried variable zt ... re-assigned"); the interpreter
-        # does not type-check that, only `fastseg bench --static` / tests/bench/test_static.py see it.
+        # does not type-check that, only `fastseg bench --static` / tests/test_static.py see it.
         z_row = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
                         mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
         zc_full = z_row - tl.load(centre_ptr + offs_d, mask=dmask, other=0.0)[None, :]
@@ -297,10 +232,7 @@ def _vq_nearest_fwd_kernel(
                          mask=col_ok[None, :] & (offs_d < D)[:, None], other=0.0)  # fmt: skip
             if DOT_FP32:
                 et = et.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(zc_full, et, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(zc_full, et, acc)
+            acc = tl.dot(zc_full, et, acc, input_precision=DOT_PRECISION)
         else:
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
@@ -314,10 +246,7 @@ def _vq_nearest_fwd_kernel(
                     et = et.to(tl.float32)
                 else:
                     zc = zc.to(codes_c_ptr.dtype.element_ty)
-                if IEEE:
-                    acc = tl.dot(zc, et, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(zc, et, acc)
+                acc = tl.dot(zc, et, acc, input_precision=DOT_PRECISION)
         code_sq = tl.load(code_sq_ptr + cols, mask=col_ok, other=float("inf"))
         scores = code_sq[None, :] - 2.0 * acc
         scores = tl.where((scores == scores) & col_ok[None, :], scores, float("inf"))  # NaN never wins
@@ -335,7 +264,7 @@ def _vq_nearest_fwd_kernel(
         dd = d0 + offs_d
         m = row_ok[:, None] & (dd < D)[None, :]
         zt = tl.load(z_ptr + rows[:, None] * stride_zn + dd[None, :] * stride_zd, mask=m, other=0.0)
-        et = tl.load(codes_ptr + final[:, None] * stride_cn + dd[None, :] * stride_cd, mask=m, other=0.0)
+        et = tl.load(codes_ptr + final[:, None] * stride_codesk + dd[None, :] * stride_codesd, mask=m, other=0.0)
         diff = zt.to(tl.float32) - et.to(tl.float32)
         dist += tl.sum(tl.where(m, diff * diff, 0.0), axis=1)
     tl.store(index_ptr + rows, final, mask=row_ok)
@@ -344,65 +273,30 @@ def _vq_nearest_fwd_kernel(
 
 @triton.jit
 def _vq_nearest_bwd_kernel(
-    grad_ptr, z_ptr, codes_ptr, index_ptr, grad_z_ptr, grad_codes_ptr,
+    grad_ptr,  # (N,) upstream gradient of sqdist
+    z_ptr,  # (N, D) any strides
+    codes_ptr,  # (K, D) any strides
+    index_ptr,  # (N,) int64, contiguous
+    grad_z_ptr,  # (N, D) out, contiguous
+    grad_codes_ptr,  # (K, D) fp32 out, contiguous, zero-initialised (atomic adds)
     N, D,
-    stride_g, stride_zn, stride_zd, stride_cn, stride_cd,
+    stride_gradn,
+    stride_zn, stride_zd,
+    stride_codesk, stride_codesd,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
     m = row_ok[:, None] & (dd < D)[None, :]
-    g = tl.load(grad_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + rows * stride_gradn, mask=row_ok, other=0.0).to(tl.float32)
     idx = tl.load(index_ptr + rows, mask=row_ok, other=0)
     zt = tl.load(z_ptr + rows[:, None] * stride_zn + dd[None, :] * stride_zd, mask=m, other=0.0).to(tl.float32)
-    et = tl.load(codes_ptr + idx[:, None] * stride_cn + dd[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
+    et = tl.load(codes_ptr + idx[:, None] * stride_codesk + dd[None, :] * stride_codesd, mask=m,
+                 other=0.0).to(tl.float32)  # fmt: skip
     gz = 2.0 * (zt - et) * g[:, None]
     tl.store(grad_z_ptr + rows[:, None] * D + dd[None, :], gz.to(grad_z_ptr.dtype.element_ty), mask=m)
     tl.atomic_add(grad_codes_ptr + idx[:, None] * D + dd[None, :], -gz, mask=m)
-
-
-@triton.jit
-def _argmax_matmul_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, index_ptr, value_ptr,
-    N, K, C,
-    stride_xn, stride_xc, stride_wk, stride_wc, stride_b,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    offs_c = tl.arange(0, BLOCK_C)
-    best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + offs_c
-            cmask = cc < C
-            xt = tl.load(x_ptr + rows[:, None] * stride_xn + cc[None, :] * stride_xc,
-                         mask=row_ok[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-            wt = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_wk + cc[:, None] * stride_wc,
-                         mask=col_ok[None, :] & cmask[:, None], other=0.0)  # fmt: skip
-            if DOT_FP32:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        logits = tl.where((acc == acc) & col_ok[None, :], acc, float("-inf"))  # NaN logits never win
-        tile_max = tl.max(logits, axis=1)
-        tile_arg = tl.min(tl.where(logits == tile_max[:, None], cols[None, :], 2147483647), axis=1)
-        better = tile_max > best  # strict: ties keep the earlier tile's (lower) index
-        best = tl.where(better, tile_max, best)
-        best_idx = tl.where(better, tile_arg, best_idx)
-    tl.store(index_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
-    tl.store(value_ptr + rows, best, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -413,22 +307,21 @@ def _argmax_matmul_fwd_kernel(
 def _tile_config(d: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Fixed (not autotuned) tiles per architecture, checked by `fastseg bench --static` (no spills, shared memory
     within the block limit); small ones in the interpreter so that tests cross tile borders cheaply."""
-    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
+    block_d = pow2(d)
     if interpreter_enabled() and device.type == "cpu":
         return {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": min(block_d, 64), "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # ieee fp32 dot runs on CUDA cores: smaller tiles
         return {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": min(block_d, 32), "num_warps": 4, "num_stages": 2}
     block_d = min(block_d, 256)
     # 163 KB+ per block (A100, Orin, H100): 128 rows, 3 stages (180 registers, no spill at D=256). 99 KB parts
-    # (sm_86, L4): 64 rows, 2 stages (97 KB at 128 rows / 2 stages fits, but spills 4 B on sm_80-class register
-    # allocation; 64 rows: 65 KB, 105 registers).
+    # (sm_86, L4): 64 rows, 2 stages (128 rows x 2 stages is 97 KB and spilled 4 B on sm_80; 64 rows: 65 KB).
     big = gpu_target(device).smem_per_block >= 160 * 1024
     return {"BLOCK_N": 128 if big else 64, "BLOCK_K": 128 if block_d <= 64 else 64, "BLOCK_D": block_d,
             "num_warps": 8, "num_stages": 3 if big else 2}
 
 
 def _vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_vq_inputs(z, codebook)
+    _check_inputs(z, codebook)
     n, d = z.shape
     k = codebook.shape[0]
     index = torch.empty(n, dtype=torch.int64, device=z.device)
@@ -446,7 +339,7 @@ def _vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.T
         z, codebook, centre, codes_c, code_sq, index, sqdist,
         n, k, d,
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        SINGLE_D=d <= cfg["BLOCK_D"], DOT_FP32=dot_fp32, IEEE=z.dtype == torch.float32, **cfg,
+        SINGLE_D=d <= cfg["BLOCK_D"], DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision(z.dtype), **cfg,
     )  # fmt: skip
     return index, sqdist
 
@@ -458,7 +351,7 @@ def _vq_nearest_backward_triton(
     grad_z = torch.empty((n, d), dtype=z.dtype, device=z.device)
     grad_codes = torch.zeros(codebook.shape, dtype=torch.float32, device=z.device)
     if n > 0:
-        block_n, block_d = 32, min(64, max(16, triton.next_power_of_2(d)))
+        block_n, block_d = 32, pow2(d, cap=64)
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         _vq_nearest_bwd_kernel[grid](
             grad, z, codebook, index.contiguous(), grad_z, grad_codes,
@@ -469,38 +362,7 @@ def _vq_nearest_backward_triton(
     return grad_z, grad_codes.to(codebook.dtype)
 
 
-def _argmax_matmul_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_argmax_inputs(x, weight, bias)
-    n, c = x.shape
-    k = weight.shape[0]
-    index = torch.empty(n, dtype=torch.int64, device=x.device)
-    value = torch.empty(n, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return index, value
-    interpret = interpreter_enabled() and not x.is_cuda
-    cfg = _tile_config(c, x.dtype, x.device)
-    if not interpret and x.dtype != torch.float32:
-        # C (2048 for the token head) is always tiled here: the x tile is re-read per K tile from L2. A 32-wide C
-        # tile keeps 3 stages in 24 KB and the 8 warps free of spills on sm_80..sm_90 (`fastseg bench --static`;
-        # 64 spilled 16-32 B).
-        cfg.update(BLOCK_N=64, BLOCK_K=128, BLOCK_D=min(cfg["BLOCK_D"], 32), num_stages=3)
-    elif not interpret:
-        # The FMA dot's 64 x 64 tile spilled with 4 warps and with 8 warps x 32-wide C on sm_80 (static report).
-        cfg.update(num_warps=8, BLOCK_D=min(cfg["BLOCK_D"], 16))
-    block_c = cfg.pop("BLOCK_D")
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _argmax_matmul_fwd_kernel[grid](
-        x, weight, bias if bias is not None else value, index, value,
-        n, k, c,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None, BLOCK_C=block_c, DOT_FP32=x.dtype == torch.float32 or interpret,
-        IEEE=x.dtype == torch.float32, **cfg,
-    )  # fmt: skip
-    return index, value
-
-
+# fmt: on
 # --------------------------------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------------------------------
@@ -533,12 +395,12 @@ def _(grad, z, codebook, index):
     return z.new_empty(z.shape), codebook.new_empty(codebook.shape)
 
 
-def _vq_setup_context(ctx, inputs, output) -> None:
+def _vq_nearest_setup_context(ctx, inputs, output) -> None:
     z, codebook = inputs
     ctx.save_for_backward(z, codebook, output[0])
 
 
-def _vq_backward(ctx, grad_index, grad_sqdist):
+def _vq_nearest_backward(ctx, grad_index, grad_sqdist):
     z, codebook, index = ctx.saved_tensors
     if grad_sqdist is None:
         return None, None
@@ -546,42 +408,16 @@ def _vq_backward(ctx, grad_index, grad_sqdist):
     return (grad_z if ctx.needs_input_grad[0] else None, grad_codes if ctx.needs_input_grad[1] else None)
 
 
-_vq_nearest_op.register_autograd(_vq_backward, setup_context=_vq_setup_context)
+_vq_nearest_op.register_autograd(_vq_nearest_backward, setup_context=_vq_nearest_setup_context)
 
-
-@torch.library.custom_op("fastseg::argmax_matmul", mutates_args=())
-def _argmax_matmul_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x):
-        return _argmax_matmul_triton(x, weight, bias)
-    return argmax_matmul_ref(x, weight, bias)
-
-
-@_argmax_matmul_op.register_fake
-def _(x, weight, bias):
-    n = x.shape[0]
-    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
-
-
-def _argmax_matmul_backward(ctx, grad_index, grad_value):
-    raise RuntimeError(
-        "fastseg.kernels.argmax_matmul is inference-only and has no gradient; for training compute the logits "
-        "(e.g. F.linear / a 1x1 conv) and use cross-entropy on them"
-    )
-
-
-_argmax_matmul_op.register_autograd(_argmax_matmul_backward, setup_context=lambda ctx, inputs, output: None)
-
-# Export: torch.export(...).run_decompositions(DECOMPOSITIONS) replaces the custom ops by the dense references.
+# Export: torch.export(...).run_decompositions(DECOMPOSITIONS) replaces the custom op by the dense reference.
 DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {
     torch.ops.fastseg.vq_nearest.default: _vq_nearest_decomposition,
-    torch.ops.fastseg.argmax_matmul.default: _argmax_matmul_decomposition,
 }
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Functional entries
+# Functional entry
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -600,7 +436,7 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto") -> t
     Raises:
         ValueError: on wrong ranks, dtypes, devices, mismatched D, an empty codebook, or an unavailable ``impl``.
     """
-    _check_vq_inputs(z, codebook)
+    _check_inputs(z, codebook)
     mode = resolve_impl(impl, z)
     if mode == "torch":
         return vq_nearest_ref(z, codebook)
@@ -608,32 +444,3 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto") -> t
         with run_triton_on_cpu():
             return torch.ops.fastseg.vq_nearest(z, codebook)
     return torch.ops.fastseg.vq_nearest(z, codebook)  # no ContextVar.set() here: torch.compile cannot trace it
-
-
-def argmax_matmul(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``argmax_k (x @ weight.T + bias)`` with the argmax fused into the GEMM epilogue. Inference only.
-
-    Args:
-        x: (N, C) float32 / float16 / bfloat16 features (any strides).
-        weight: (K, C) weights, same dtype and device as ``x``.
-        bias: optional (K,) bias.
-        impl: ``"auto"``, ``"triton"`` or ``"torch"`` (see `vq_nearest`).
-
-    Returns:
-        ``(index, value)``: int64 (N,) argmax (lowest index on ties, NaN logits ignored) and float32 (N,) max logit.
-
-    Raises:
-        ValueError: on wrong ranks, dtypes, devices or shapes. Back-propagating through the result raises
-        ``RuntimeError``: the op has no gradient.
-    """
-    _check_argmax_inputs(x, weight, bias)
-    mode = resolve_impl(impl, x)
-    if mode == "torch":
-        return argmax_matmul_ref(x, weight, bias)
-    if mode == "interpret":
-        with run_triton_on_cpu():
-            return torch.ops.fastseg.argmax_matmul(x, weight, bias)
-    return torch.ops.fastseg.argmax_matmul(x, weight, bias)  # no ContextVar.set() here: torch.compile cannot trace it
-
