@@ -135,12 +135,12 @@ class StaticCase:
 
 # Kernels whose floor differs from their case's: the streaming helpers called by dot-based ops.
 KERNEL_KIND = {
-    "_split_sum_kernel": "stream",
+    "split_sum_kernel": "stream",
     "_masked_class_attention_combine_kernel": "stream",
     "_vq_nearest_bwd_kernel": "stream",
     "_classwise_reduce_bwd_kernel": "stream",
-    "_recon_loss_fwd_kernel": "stream",
-    "_recon_loss_bwd_kernel": "stream",
+    "_classwise_recon_loss_fwd_kernel": "stream",
+    "_classwise_recon_loss_bwd_kernel": "stream",
 }
 
 _ALL = ("float32", "float16", "bfloat16")
@@ -154,7 +154,7 @@ def _meta(*shape: int, dtype: Any) -> Any:
 
 def _vq_fwd(n: int, k: int, d: int) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
-        from fastseg.kernels import vq
+        from fastseg.kernels import vq_nearest as vq
 
         vq._vq_nearest_triton(_meta(n, d, dtype=dtype), _meta(k, d, dtype=dtype))
 
@@ -166,7 +166,7 @@ def _vq_bwd(n: int, k: int, d: int) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import vq
+        from fastseg.kernels import vq_nearest as vq
 
         grad, idx = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int64)
         vq._vq_nearest_backward_triton(grad, _meta(n, d, dtype=dtype), _meta(k, d, dtype=dtype), idx)
@@ -177,9 +177,9 @@ def _vq_bwd(n: int, k: int, d: int) -> Callable[[Any], None]:
 
 def _argmax(n: int, c: int, k: int) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
-        from fastseg.kernels import vq
+        from fastseg.kernels import argmax_matmul as am
 
-        vq._argmax_matmul_triton(_meta(n, c, dtype=dtype), _meta(k, c, dtype=dtype), _meta(k, dtype=dtype))
+        am._argmax_matmul_triton(_meta(n, c, dtype=dtype), _meta(k, c, dtype=dtype), _meta(k, dtype=dtype))
 
     launch.params = {"n": n, "c": c, "k": k}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
     return launch
@@ -187,7 +187,7 @@ def _argmax(n: int, c: int, k: int) -> Callable[[Any], None]:
 
 def _pca(b: int, h: int, n: int, k: int, d: int, mean: bool, backward: bool) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
-        from fastseg.kernels import class_attention as ca
+        from fastseg.kernels import pixel_class_attention as ca
 
         q, kk, v = _meta(b, h, n, d, dtype=dtype), _meta(b, h, k, d, dtype=dtype), _meta(b, h, k, d, dtype=dtype)
         if backward:
@@ -204,7 +204,7 @@ def _mca(b: int, h: int, nq: int, n: int, d: int, backward: bool) -> Callable[[A
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import class_attention as ca
+        from fastseg.kernels import masked_class_attention as ca
 
         q, k, v = _meta(b, h, nq, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype)
         mask = _meta(b, nq, n, dtype=torch.bool)
@@ -222,7 +222,7 @@ def _reduce(b: int, c: int, side: int, k: int, deterministic: bool, backward: bo
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import classwise as cw
+        from fastseg.kernels import classwise_reduce as cw
 
         labels, masked = _meta(b, side, side, dtype=torch.int64), _meta(b, side, side, dtype=torch.bool)
         if backward:
@@ -238,7 +238,7 @@ def _recon(b: int, c: int, side: int, k: int, patch: int, backward: bool) -> Cal
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import classwise as cw
+        from fastseg.kernels import classwise_recon_loss as cw
 
         pred, target = _meta(b, c, side, side, dtype=dtype), _meta(b, c, side, side, dtype=dtype)
         labels, masked = _meta(b, side, side, dtype=torch.int64), _meta(b, side, side, dtype=torch.bool)

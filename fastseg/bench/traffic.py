@@ -91,7 +91,7 @@ def _cfg(launches: list[dict], kernel: str) -> dict:
 
 
 def _vq(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import vq
+    from fastseg.kernels import vq_nearest as vq
 
     n, k, d = p["n"], p["k"], p["d"]
     if backward:
@@ -118,7 +118,7 @@ def _vq(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool)
 
 
 def _argmax(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import vq
+    from fastseg.kernels import argmax_matmul as vq
 
     n, c_, k = p["n"], p["c"], p["k"]
     c = _cfg(launches, "_argmax_matmul_fwd_kernel")
@@ -129,7 +129,7 @@ def _argmax(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: b
 
 
 def _pca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import class_attention as ca
+    from fastseg.kernels import pixel_class_attention as ca
 
     b, h, n, k, d, mean = p["b"], p["h"], p["n"], p["k"], p["d"], p["mean"]
     qkv = b * h * (n + 2 * k) * d * es
@@ -168,7 +168,7 @@ def _pca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
 
 
 def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import class_attention as ca
+    from fastseg.kernels import masked_class_attention as ca
 
     b, h, nq, n, d = p["b"], p["h"], p["nq"], p["n"], p["d"]
     mask = b * nq * n  # bool
@@ -204,7 +204,7 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
 
 
 def _reduce(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import classwise as cw
+    from fastseg.kernels import classwise_reduce as cw
 
     b, ch, side, k = p["b"], p["c"], p["side"], p["k"]
     hw = side * side
@@ -239,7 +239,7 @@ def _reduce(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: b
 
 
 def _recon(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import classwise as cw
+    from fastseg.kernels import classwise_recon_loss as cw
 
     b, ch, side, k, patch = p["b"], p["c"], p["side"], p["k"], p["patch"]
     hw = side * side
