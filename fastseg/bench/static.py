@@ -43,6 +43,13 @@ __all__ = [
     "OCCUPANCY_FLOOR",
 ]
 
+
+def _kernel_module(name: str) -> Any:
+    """``fastseg.kernels.<name>`` the module: ``from fastseg.kernels import <name>`` gives the op's function."""
+    import importlib
+
+    return importlib.import_module(f"fastseg.kernels.{name}")
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / "benchmarks" / "results" / "static" / "cache.json"
 
@@ -154,7 +161,7 @@ def _meta(*shape: int, dtype: Any) -> Any:
 
 def _vq_fwd(n: int, k: int, d: int) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
-        from fastseg.kernels import vq_nearest as vq
+        vq = _kernel_module("vq_nearest")  # the op's module (the package exports its function)
 
         vq._vq_nearest_triton(_meta(n, d, dtype=dtype), _meta(k, d, dtype=dtype))
 
@@ -166,7 +173,7 @@ def _vq_bwd(n: int, k: int, d: int) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import vq_nearest as vq
+        vq = _kernel_module("vq_nearest")  # the op's module (the package exports its function)
 
         grad, idx = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int64)
         vq._vq_nearest_backward_triton(grad, _meta(n, d, dtype=dtype), _meta(k, d, dtype=dtype), idx)
@@ -177,7 +184,7 @@ def _vq_bwd(n: int, k: int, d: int) -> Callable[[Any], None]:
 
 def _argmax(n: int, c: int, k: int) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
-        from fastseg.kernels import argmax_matmul as am
+        am = _kernel_module("argmax_matmul")  # the op's module (the package exports its function)
 
         am._argmax_matmul_triton(_meta(n, c, dtype=dtype), _meta(k, c, dtype=dtype), _meta(k, dtype=dtype))
 
@@ -187,7 +194,7 @@ def _argmax(n: int, c: int, k: int) -> Callable[[Any], None]:
 
 def _pca(b: int, h: int, n: int, k: int, d: int, mean: bool, backward: bool) -> Callable[[Any], None]:
     def launch(dtype: Any) -> None:
-        from fastseg.kernels import pixel_class_attention as ca
+        ca = _kernel_module("pixel_class_attention")  # the op's module (the package exports its function)
 
         q, kk, v = _meta(b, h, n, d, dtype=dtype), _meta(b, h, k, d, dtype=dtype), _meta(b, h, k, d, dtype=dtype)
         if backward:
@@ -204,7 +211,7 @@ def _mca(b: int, h: int, nq: int, n: int, d: int, backward: bool) -> Callable[[A
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import masked_class_attention as ca
+        ca = _kernel_module("masked_class_attention")  # the op's module (the package exports its function)
 
         q, k, v = _meta(b, h, nq, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype)
         mask = _meta(b, nq, n, dtype=torch.bool)
@@ -222,7 +229,7 @@ def _reduce(b: int, c: int, side: int, k: int, deterministic: bool, backward: bo
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import classwise_reduce as cw
+        cw = _kernel_module("classwise_reduce")  # the op's module (the package exports its function)
 
         labels, masked = _meta(b, side, side, dtype=torch.int64), _meta(b, side, side, dtype=torch.bool)
         if backward:
@@ -238,7 +245,7 @@ def _recon(b: int, c: int, side: int, k: int, patch: int, backward: bool) -> Cal
     def launch(dtype: Any) -> None:
         import torch
 
-        from fastseg.kernels import classwise_recon_loss as cw
+        cw = _kernel_module("classwise_recon_loss")  # the op's module (the package exports its function)
 
         pred, target = _meta(b, c, side, side, dtype=dtype), _meta(b, c, side, side, dtype=dtype)
         labels, masked = _meta(b, side, side, dtype=torch.int64), _meta(b, side, side, dtype=torch.bool)

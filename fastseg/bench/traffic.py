@@ -19,6 +19,7 @@ inputs and outputs once, as its fake kernel is dispatched on meta).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,13 @@ from torch.utils._pytree import tree_flatten
 from .roofline import DEVICE_PEAKS, DevicePeak
 
 __all__ = ["AtenBytes", "eager_bytes", "op_traffic", "model_traffic", "format_traffic_table", "ROOFLINE_DEVICES"]
+
+
+def _kernel_module(name: str) -> Any:
+    """``fastseg.kernels.<name>`` the module: ``from fastseg.kernels import <name>`` gives the op's function."""
+    import importlib
+
+    return importlib.import_module(f"fastseg.kernels.{name}")
 
 ROOFLINE_DEVICES = ("h100", "h200", "orin")
 
@@ -91,7 +99,7 @@ def _cfg(launches: list[dict], kernel: str) -> dict:
 
 
 def _vq(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import vq_nearest as vq
+    vq = _kernel_module("vq_nearest")  # the op's module (the package exports its function)
 
     n, k, d = p["n"], p["k"], p["d"]
     if backward:
@@ -118,7 +126,7 @@ def _vq(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool)
 
 
 def _argmax(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import argmax_matmul as vq
+    vq = _kernel_module("argmax_matmul")  # the op's module (the package exports its function)
 
     n, c_, k = p["n"], p["c"], p["k"]
     c = _cfg(launches, "_argmax_matmul_fwd_kernel")
@@ -129,7 +137,7 @@ def _argmax(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: b
 
 
 def _pca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import pixel_class_attention as ca
+    ca = _kernel_module("pixel_class_attention")  # the op's module (the package exports its function)
 
     b, h, n, k, d, mean = p["b"], p["h"], p["n"], p["k"], p["d"], p["mean"]
     qkv = b * h * (n + 2 * k) * d * es
@@ -168,7 +176,7 @@ def _pca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
 
 
 def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import masked_class_attention as ca
+    ca = _kernel_module("masked_class_attention")  # the op's module (the package exports its function)
 
     b, h, nq, n, d = p["b"], p["h"], p["nq"], p["n"], p["d"]
     mask = b * nq * n  # bool
@@ -204,7 +212,7 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
 
 
 def _reduce(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import classwise_reduce as cw
+    cw = _kernel_module("classwise_reduce")  # the op's module (the package exports its function)
 
     b, ch, side, k = p["b"], p["c"], p["side"], p["k"]
     hw = side * side
@@ -239,7 +247,7 @@ def _reduce(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: b
 
 
 def _recon(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
-    from fastseg.kernels import classwise_recon_loss as cw
+    cw = _kernel_module("classwise_recon_loss")  # the op's module (the package exports its function)
 
     b, ch, side, k, patch = p["b"], p["c"], p["side"], p["k"], p["patch"]
     hw = side * side
@@ -335,7 +343,7 @@ def model_traffic(names: list[str], image_size: int = 512, batch: int = 1) -> li
                         if hasattr(mod, "impl"):
                             mod.impl = impl
                 with torch.no_grad():
-                    row[f"{'eager' if impl == 'torch' else 'fused'}_bytes"] = eager_bytes(lambda: model(x))
+                    row[f"{'eager' if impl == 'torch' else 'fused'}_bytes"] = eager_bytes(functools.partial(model, x))
             row["eager_over_fused"] = row["eager_bytes"] / row["fused_bytes"]
         except Exception as why:  # noqa: BLE001 - reported in the table
             row["note"] = f"{type(why).__name__}: {str(why)[:100]}"
