@@ -41,6 +41,9 @@ __all__ = [
     "format_static_table",
     "save_static_plot",
     "OCCUPANCY_FLOOR",
+    "markdown_tables",
+    "run_static",
+    "problems",
 ]
 
 
@@ -593,7 +596,7 @@ def static_report(
             row = {**base, "kernel": job["kernel"], "config": job["config"], "grid": job["grid"],
                    "num_warps": job["num_warps"], "num_stages": job["num_stages"],
                    "kind": KERNEL_KIND.get(job["kernel"], kinds[item["case"]]), "key": job["key"],
-                   **{k: v for k, v in res.items() if k not in ("ptxas_log", "error_detail")}}
+                   **{k: v for k, v in res.items() if k not in ("ptxas_log", "error_detail", "case")}}
             if res.get("ok"):
                 arch = ARCHS[item["target"]]
                 row.update(occupancy(arch, job["num_warps"], res["regs"] or 0, res["shared"]))
@@ -691,6 +694,74 @@ def save_static_plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+README_BEGIN = "<!-- static-report:begin (rendered by fastseg.bench.static.markdown_tables from " \
+    "benchmarks/results/static/static.json) -->"
+README_END = "<!-- static-report:end -->"
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    if not row.get("ok"):
+        return "**fails to compile**"
+    tc = "wgmma" if row["wgmma"] else ("mma" if row["mma_sync"] else ("FMA" if row["dot_operands"] else "-"))
+    spill = f", **spills {row['spill_stores']} B**" if row["spill_stores"] else ""
+    return f"{row['regs']} / {row['shared'] / 1024:.0f} KB / {tc} / {row['occupancy']:.0%}{spill}"
+
+
+def markdown_tables(report: dict[str, Any], targets: Sequence[str] = ("sm_87", "sm_90"),
+                    dtypes: Sequence[str] = ("bfloat16", "float32")) -> str:
+    """README tables: every shipped kernel launch on ``targets`` (registers / shared memory / tensor-core
+    instructions / theoretical occupancy, spills if any) and the traffic model."""
+    rows = [r for r in report["rows"] if r["shipped"] and r["dtype"] in dtypes]
+    keys: list[tuple[str, str, str]] = []
+    by_key: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["case"], r["kernel"], r["dtype"])
+        if key not in keys:
+            keys.append(key)
+        by_key.setdefault((*key, r["target"]), r)  # a kernel launched twice per case: the first launch
+    names = {t: f"{t} ({report['targets'][t]['device']})" for t in targets}
+    out = [f"| op [shape] | kernel | dtype | {' | '.join(names[t] for t in targets)} |",
+           "|---|---|---|" + "---|" * len(targets)]
+    for case, kernel, dtype in keys:
+        cells = " | ".join(_cell(by_key.get((case, kernel, dtype, t))) for t in targets)
+        out.append(f"| `{case}` | `{kernel.strip('_')}` | {dtype} | {cells} |")
+    bad = [r for r in report["rows"] if r["shipped"] and problems(r)]
+    out += ["", f"Cells: registers per thread / shared memory per block / tensor-core instructions in the PTX / "
+                f"theoretical occupancy. All {len(report['rows'])} shipped launches x targets (sm_80, sm_86, sm_87, "
+                f"sm_89, sm_90; fp32, fp16, bf16): {len(bad)} with a problem. Triton {report['triton']}.", ""]
+    traffic = report.get("traffic") or []
+    if traffic:
+        out += ["| op [shape] | dtype | (a) min MB | (b) kernel MB | (c) eager MB | b / a | c / b | "
+                "roofline of (a): H100 / H200 / AGX Orin, ms |", "|---|---|---|---|---|---|---|---|"]
+        for t in traffic:
+            eager = "-" if t["eager_bytes"] is None else f"{t['eager_bytes'] / 1e6:,.0f}"
+            ratio = "-" if t["eager_over_kernel"] is None else f"{t['eager_over_kernel']:.1f}"
+            out.append(f"| `{t['case']}` | {t['dtype']} | {t['min_bytes'] / 1e6:,.1f} | {t['kernel_bytes'] / 1e6:,.0f} "
+                       f"| {eager} | {t['kernel_over_min']:.2f} | {ratio} | {t['roofline_ms_h100']:.3f} / "
+                       f"{t['roofline_ms_h200']:.3f} / {t['roofline_ms_orin']:.2f} |")
+    models = [m for m in report.get("model_traffic") or [] if "eager_bytes" in m]
+    if models:
+        out += ["", "| model forward, 1 x 3 x 512 x 512 | eager MB | fused MB | eager / fused |", "|---|---|---|---|"]
+        for m in models:
+            out.append(f"| `{m['model']}` | {m['eager_bytes'] / 1e6:,.0f} | {m['fused_bytes'] / 1e6:,.0f} | "
+                       f"{m['eager_over_fused']:.2f} |")
+    return "\n".join(out)
+
+
+def render_readme(report: dict[str, Any], readme: Path) -> None:
+    """Replace the block between `README_BEGIN` and `README_END` in ``readme`` by `markdown_tables` (atomically)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no static-report block ({README_BEGIN!r} ... {README_END!r})")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(f"{head}{README_BEGIN}\n{markdown_tables(report)}\n{README_END}{tail}")
+    tmp.replace(readme)
+
+
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "static"
 TRAFFIC_MODELS = ("fpn_resnet18", "ecenet_resnet18", "gss_ff_resnet18", "s4mim_resnet18")
 
@@ -737,7 +808,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--targets", nargs="*", default=None, choices=list(ARCHS))
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--readme", action="store_true",
+                   help="only re-render README.md's static tables from <out>/static.json (no compiling)")
     args = p.parse_args(argv)
+    if args.readme:
+        render_readme(json.loads((Path(args.out) / "static.json").read_text()), REPO_ROOT / "README.md")
+        return 0
     report = run_static(full=args.full, out=Path(args.out), targets=args.targets, workers=args.workers)
     return 0 if not any(problems(r) for r in report["rows"] if r["shipped"]) else 1
 
