@@ -110,6 +110,24 @@ def _pixel_class_attention_bwd_ref(
 # The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
 # fmt: off
 @triton.jit
+def _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd, stride_vk, stride_vd, scale,
+                NEGATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One class tile: its offsets and mask, its k and v rows, and the base-2 logits ``sign * scale * q k^T * log2(e)``
+    of the pixel tile ``q`` against it (``-inf`` for padded classes: they get no weight)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < NUM_K
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_head + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_head + offs_k[:, None] * stride_vk + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_K), fp32
+    if NEGATE:
+        a = -s * LOG2E
+    else:
+        a = s * LOG2E
+    return offs_k, k_ok, k, v, tl.where(k_ok[None, :], a, float("-inf"))
+
+
+@triton.jit
 def _pixel_class_attention_fwd_kernel(
     q_ptr,  # (B, H, N, D) any strides
     k_ptr,  # (B, H, NUM_K, D) any strides
@@ -143,17 +161,8 @@ def _pixel_class_attention_fwd_kernel(
         l = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < NUM_K
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_head + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_head + offs_k[:, None] * stride_vk + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_K), fp32
-            if NEGATE:
-                a = -s * LOG2E
-            else:
-                a = s * LOG2E
-            a = tl.where(k_ok[None, :], a, float("-inf"))  # padded classes get no weight
+            offs_k, k_ok, k, v, a = _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd,
+                                             stride_vk, stride_vd, scale, NEGATE, DOT_PRECISION, BLOCK_K)
             m_new = tl.maximum(m, tl.max(a, axis=1))
             # A row whose logits so far are all -inf keeps m = -inf: shift by 0 so that exp2 gives 0, not NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -220,17 +229,8 @@ def _pixel_class_attention_bwd_dq_kernel(
     l = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < NUM_K
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_head + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_head + offs_k[:, None] * stride_vk + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        if NEGATE:
-            a = -s * LOG2E
-        else:
-            a = s * LOG2E
-        a = tl.where(k_ok[None, :], a, float("-inf"))
+        offs_k, k_ok, k, v, a = _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd,
+                                         stride_vk, stride_vd, scale, NEGATE, DOT_PRECISION, BLOCK_K)
         m_new = tl.maximum(m, tl.max(a, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
         alpha = tl.exp2(m - m_safe)
@@ -243,16 +243,8 @@ def _pixel_class_attention_bwd_dq_kernel(
     delta = t / l
     dq = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < NUM_K
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_head + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_head + offs_k[:, None] * stride_vk + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        if NEGATE:
-            a = -s * LOG2E
-        else:
-            a = s * LOG2E
+        offs_k, k_ok, k, v, a = _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd,
+                                         stride_vk, stride_vd, scale, NEGATE, DOT_PRECISION, BLOCK_K)
         p = tl.where(k_ok[None, :], tl.exp2(a - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
