@@ -410,6 +410,8 @@ def _recon_loss_setup_context(ctx, inputs, output):
     pred, target, labels, masked = inputs[:4]
     ctx.save_for_backward(pred, target, labels, masked, output[2])
     ctx.normalize_target, ctx.patch_size = inputs[6], inputs[7]
+    # The backward runs outside the forward's run_triton_on_cpu() context: remember which path the forward took.
+    ctx.triton_on_cpu = not pred.is_cuda and use_triton(pred)
 
 
 def _recon_loss_backward(ctx, grad_per_class, grad_total, grad_counts):
@@ -419,8 +421,9 @@ def _recon_loss_backward(ctx, grad_per_class, grad_total, grad_counts):
     # d loss / d err[b, k]: per_class = err / (n C), total = sum(per_class) / #present
     weight = (grad_per_class + grad_total / num_present) / (counts * pred.shape[1]).clamp(min=1)
     weight = torch.where(present, weight, 0.0)
-    grad = torch.ops.fastseg.classwise_masked_recon_loss_backward(weight, pred, target, labels, masked,
-                                                                  ctx.normalize_target, ctx.patch_size)
+    with run_triton_on_cpu(ctx.triton_on_cpu):
+        grad = torch.ops.fastseg.classwise_masked_recon_loss_backward(weight, pred, target, labels, masked,
+                                                                      ctx.normalize_target, ctx.patch_size)
     return grad, None, None, None, None, None, None, None, None
 
 

@@ -357,11 +357,14 @@ def _classwise_reduce_setup_context(ctx, inputs, output):
     features, labels, masked = inputs[:3]
     ctx.save_for_backward(labels, masked)
     ctx.channels, ctx.dtype = features.shape[1], features.dtype
+    # The backward runs outside the forward's run_triton_on_cpu() context: remember which path the forward took.
+    ctx.triton_on_cpu = not features.is_cuda and use_triton(features)
 
 
 def _classwise_reduce_backward(ctx, grad_sums, grad_counts):
     labels, masked = ctx.saved_tensors
-    grad = torch.ops.fastseg.classwise_reduce_backward(grad_sums, labels, masked, ctx.channels, ctx.dtype)
+    with run_triton_on_cpu(ctx.triton_on_cpu):
+        grad = torch.ops.fastseg.classwise_reduce_backward(grad_sums, labels, masked, ctx.channels, ctx.dtype)
     return grad, None, None, None, None, None
 
 
