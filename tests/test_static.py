@@ -86,16 +86,3 @@ def test_occupancy_model_matches_the_calculator():
     assert occupancy(l4, 4, 32, 60 * 1024)["blocks_per_sm"] == 1
     # Over the per-block limit: cannot launch at all.
     assert occupancy(l4, 4, 32, 100 * 1024)["blocks_per_sm"] == 0
-
-
-def test_readme_static_tables_are_rendered_from_the_stored_report():
-    import json
-    from pathlib import Path
-
-    from fastseg.bench.static import README_BEGIN, README_END, markdown_tables
-
-    root = Path(__file__).resolve().parents[1]
-    report = json.loads((root / "benchmarks/results/static/static.json").read_text())
-    readme = (root / "README.md").read_text()
-    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
-    assert block == markdown_tables(report).strip(), "README static tables differ: re-render them from static.json"

@@ -694,11 +694,6 @@ def save_static_plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-README_BEGIN = "<!-- static-report:begin (rendered by fastseg.bench.static.markdown_tables from " \
-    "benchmarks/results/static/static.json) -->"
-README_END = "<!-- static-report:end -->"
-
-
 def _cell(row: dict[str, Any] | None) -> str:
     if row is None:
         return "-"
@@ -750,18 +745,6 @@ def markdown_tables(report: dict[str, Any], targets: Sequence[str] = ("sm_87", "
     return "\n".join(out)
 
 
-def render_readme(report: dict[str, Any], readme: Path) -> None:
-    """Replace the block between `README_BEGIN` and `README_END` in ``readme`` by `markdown_tables` (atomically)."""
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{readme} has no static-report block ({README_BEGIN!r} ... {README_END!r})")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    tmp = readme.with_suffix(".tmp")
-    tmp.write_text(f"{head}{README_BEGIN}\n{markdown_tables(report)}\n{README_END}{tail}")
-    tmp.replace(readme)
-
-
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "static"
 TRAFFIC_MODELS = ("fpn_resnet18", "ecenet_resnet18", "gss_ff_resnet18", "s4mim_resnet18")
 
@@ -808,12 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--targets", nargs="*", default=None, choices=list(ARCHS))
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--readme", action="store_true",
-                   help="only re-render README.md's static tables from <out>/static.json (no compiling)")
     args = p.parse_args(argv)
-    if args.readme:
-        render_readme(json.loads((Path(args.out) / "static.json").read_text()), REPO_ROOT / "README.md")
-        return 0
     report = run_static(full=args.full, out=Path(args.out), targets=args.targets, workers=args.workers)
     return 0 if not any(problems(r) for r in report["rows"] if r["shipped"]) else 1
 

@@ -225,6 +225,13 @@ def render_loader(name: str, root: Path) -> str:
     return render_loader_markdown(_load(root / RESULTS / f"{name}.json")) + "\n"
 
 
+def render_static(name: str, root: Path) -> str:
+    """The compile report of every shipped kernel launch for sm_87 / sm_90 and the traffic model (`fastseg.bench.static`)."""
+    from ..bench.static import markdown_tables
+
+    return markdown_tables(_load(root / RESULTS / name / "static.json")) + "\n"
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "experiment": render_experiment,
     "curve": render_curve,
@@ -234,6 +241,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "mask2former": render_mask2former,
     "pading": render_pading,
     "loader": render_loader,
+    "static": render_static,
 }
 
 

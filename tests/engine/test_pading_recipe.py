@@ -51,15 +51,11 @@ def test_harmonic_mean():
 
 
 @pytest.mark.parametrize("name,runs", [("pading_shapes", 12), ("pading_shapes_long", 9)])
-def test_readme_claims_tables_are_the_rendered_json(name, runs):
-    import importlib.util
+def test_claims_records_are_complete(name, runs):
+    """The records README renders (tests/experiments checks the rendering) hold every declared run."""
     import json
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("pading_shapes", root / "benchmarks/experiments/pading_shapes.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     report = json.loads((root / f"benchmarks/results/experiments/{name}.json").read_text())
     assert report["complete"] and len(report["runs"]) == runs and {r["seed"] for r in report["runs"]} == {0, 1, 2}
-    assert script.render_table(report) in (root / "README.md").read_text()
