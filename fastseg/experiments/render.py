@@ -232,6 +232,27 @@ def render_static(name: str, root: Path) -> str:
     return markdown_tables(_load(root / RESULTS / name / "static.json")) + "\n"
 
 
+def render_bench(name: str, root: Path) -> str:
+    """A `fastseg bench --json` record: one row per timed case, each provider's median ms and speed-up over the
+    reference; the cases no provider could time here are counted, not listed."""
+    record = _load(root / RESULTS / f"{name}.json")
+    env, args = record["environment"], record["arguments"]
+    cases: dict[tuple[str, str], list[str]] = {}
+    untimed = 0
+    for row in record["rows"]:
+        if row["median_ms"] is None:
+            untimed += 1
+            continue
+        speedup = "" if row.get("speedup") is None else f" ({row['speedup']:.2f}×)"
+        cases.setdefault((row["name"], row["shape"]), []).append(f"{row['provider']} {row['median_ms']:.1f}{speedup}")
+    lines = ["| case | shape | median ms per provider (speed-up over the reference) |", "|---|---|---|"]
+    lines += [f"| `{case}` | {shape} | {' · '.join(cells)} |" for (case, shape), cells in cases.items()]
+    lines += ["", f"{env['device']}, {env.get('cpu_threads')} threads, torch {env['torch']}, fastseg commit "
+              f"{env.get('fastseg_commit')}; {untimed} provider rows not timed on this device (Triton needs a GPU, or the "
+              f"provider is not installed). Command: `fastseg {args['command']}` with the arguments stored in the record."]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "experiment": render_experiment,
     "curve": render_curve,
@@ -242,6 +263,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "pading": render_pading,
     "loader": render_loader,
     "static": render_static,
+    "bench": render_bench,
 }
 
 
