@@ -11,8 +11,11 @@ paper's choices can be dropped in:
 * base framework: UniMatch on DeepLabV3+ (`fastseg.models.unimatch`; probable, unconfirmed);
 * class map: ground truth on labelled images, the weak-view pseudo-label on unlabelled ones with pixels below ``tau``
   ignored (they define no class and are never masked alone);
-* masking (``patch_size``, ``mask_ratio``): `fastseg.layers.masking.classwise_patch_mask` masks a random ``mask_ratio`` of the
-  patches of every class region (patch ownership by majority class);
+* masking (``patch_size``, ``mask_ratio``, ``mask_ownership``): `fastseg.layers.masking.classwise_patch_mask` masks a
+  random ``mask_ratio`` of the patches of every class region. ``"pixel"`` (default): a class's patches are all those
+  containing its pixels and a chosen patch hides only that class's pixels, so masking class c never hides a minority
+  class's pixels in the same patch, and classes thinner than a patch are masked too; ``"majority"`` (the rule
+  before issue 18): a patch belongs to its majority class and hides all its pixels;
 * independence (``mim_input``): ``"per_class"`` builds one input per (image, class), ``x_c = x`` on the visible pixels
   of class c and ``fill`` everywhere else, so the masked pixels of c can only be inferred from visible pixels of c
   (up to CNN padding effects); at most ``max_classes_per_image`` classes per image are drawn to bound the cost;
@@ -115,6 +118,8 @@ class S4MIM(DeepLabV3PlusSemi):
         mim_input: ``"per_class"`` (independent per-class inputs) or ``"single"`` (one masked image per input image).
         patch_size: masking unit in pixels.
         mask_ratio: fraction of each class region's patches (of the image's, for plain MIM) to mask.
+        mask_ownership: ``"pixel"`` (a chosen patch hides only its class's pixels) or ``"majority"`` (a patch belongs
+            to its majority class and hides all its pixels); class-wise MIM only.
         max_classes_per_image: cap on the per-class inputs per image (None: all classes with masked pixels).
         fill: value of removed pixels, ``"zero"`` (the dataset mean) or ``"mean"`` (the image's mean).
         normalize_target: MAE-style per-patch normalised reconstruction targets.
@@ -136,6 +141,7 @@ class S4MIM(DeepLabV3PlusSemi):
         mim_input: str = "per_class",
         patch_size: int = 16,
         mask_ratio: float = 0.5,
+        mask_ownership: str = "pixel",
         max_classes_per_image: int | None = 3,
         fill: str = "zero",
         normalize_target: bool = True,
@@ -150,6 +156,7 @@ class S4MIM(DeepLabV3PlusSemi):
         super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
         for name, value, allowed in (("mim", mim, _MIM), ("mim_input", mim_input, _MIM_INPUTS),
                                      ("semantic_mim", semantic_mim, _SEMANTIC), ("fill", fill, _FILLS),
+                                     ("mask_ownership", mask_ownership, ("pixel", "majority")),
                                      ("mim_on", mim_on, ("both", "labelled", "unlabelled")),
                                      ("impl", impl, ("auto", "triton", "torch"))):
             if value not in allowed:
@@ -163,7 +170,7 @@ class S4MIM(DeepLabV3PlusSemi):
         if len(weights) != 3 or any(w < 0 for w in weights):
             raise ValueError(f"S4MIM: weights must be three non-negative numbers (rec, agg, sem), got {weights!r}")
         self.mim, self.mim_input, self.semantic_mim, self.fill, self.mim_on = mim, mim_input, semantic_mim, fill, mim_on
-        self.patch_size, self.mask_ratio = patch_size, float(mask_ratio)
+        self.patch_size, self.mask_ratio, self.mask_ownership = patch_size, float(mask_ratio), mask_ownership
         self.max_classes_per_image = max_classes_per_image
         self.weights = tuple(float(w) for w in weights)
         self.impl = impl
@@ -206,7 +213,7 @@ class S4MIM(DeepLabV3PlusSemi):
                                           ignore_index=ignore, num_classes=1)
         else:
             masked = classwise_patch_mask(labels, self.patch_size, self.mask_ratio, generator=generator,
-                                          ignore_index=ignore, num_classes=k)
+                                          ignore_index=ignore, num_classes=k, ownership=self.mask_ownership)
         if self.mim == "classwise" and self.mim_input == "per_class":
             inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, k, self.max_classes_per_image,
                                                         generator, self.fill, ignore)

@@ -384,7 +384,7 @@ def test_engine_trains_on_pairs():
 @pytest.mark.parametrize("kwargs,match", [({"mim": "random"}, "mim"), ({"semantic_mim": "x"}, "semantic_mim"),
                                           ({"mask_ratio": 0.0}, "mask_ratio"), ({"patch_size": 0}, "patch_size"),
                                           ({"impl": "cuda"}, "impl"), ({"weights": (1.0, -1.0, 0.0)}, "weights"),
-                                          ({"tau": 1.5}, "tau")])
+                                          ({"tau": 1.5}, "tau"), ({"mask_ownership": "patch"}, "mask_ownership")])
 def test_bad_options_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastseg.create_model("s4mim_resnet18", num_classes=K, **SMALL, **kwargs)
