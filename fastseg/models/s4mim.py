@@ -18,7 +18,12 @@ paper's choices can be dropped in:
   before issue 18): a patch belongs to its majority class and hides all its pixels;
 * independence (``mim_input``): ``"per_class"`` builds one input per (image, class), ``x_c = x`` on the visible pixels
   of class c and ``fill`` everywhere else, so the masked pixels of c can only be inferred from visible pixels of c
-  (up to CNN padding effects); at most ``max_classes_per_image`` classes per image are drawn to bound the cost;
+  (up to CNN padding effects). The cost is bounded by a per-step budget of ``ceil(mim_budget * B)`` inputs for the
+  B images of the MIM branch: every (image, class) pair gets an input while they fit, and when they do not, the
+  budget is shared class-balanced (`select_class_slots`: round-robin over the classes present, random images),
+  so every class present in the batch gets MIM before any class gets a second input (on Cityscapes-like data,
+  ~12 classes per image, a cap per image would leave most classes of an image out). ``max_classes_per_image`` (3
+  before issue 18, default None now) keeps the old per-image cap for the ablation;
   ``"single"`` is the cheaper variant with one masked image and a per-class loss only (context is not isolated);
 * reconstruction: a SimMIM-style light decoder (1x1 conv to 3 * 4 * 4 channels + pixel shuffle) on the DeepLab
   decoder features, the loss `fastseg.kernels.classwise_masked_recon_loss` (mean over (image, class) groups of the MSE
@@ -45,6 +50,7 @@ model, the training set and the loss for ``fastseg train MODEL --labelled-fracti
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -58,7 +64,7 @@ from ..layers.classwise import ClasswiseFeatureAggregationLoss, ClasswiseMaskedR
 from ..registry import register_model
 from .unimatch import SMALL_DEEPLAB, SMALL_DEEPLAB_DIFFERS, DeepLabV3PlusSemi
 
-__all__ = ["S4MIM", "per_class_inputs"]
+__all__ = ["S4MIM", "per_class_inputs", "select_class_slots"]
 
 _MIM = ("classwise", "plain", "none")
 _MIM_INPUTS = ("per_class", "single")
@@ -66,9 +72,57 @@ _SEMANTIC = ("consistency", "reconstruct", "none")
 _FILLS = ("zero", "mean")
 
 
+def select_class_slots(present: torch.Tensor, generator: torch.Generator | None = None, max_inputs: int | None = None,
+                       max_classes_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the (image, class) slots of the per-class MIM inputs among the ``present`` pairs.
+
+    Two optional limits, applied in this order:
+
+    * ``max_classes_per_image``: keep at most this many classes per image, drawn uniformly (the cap used before
+      issue 18, kept for the ablation);
+    * ``max_inputs``: a per-step budget. When more pairs remain, they are taken **class-balanced**: every class's
+      pairs are put in a random order, then the slots are filled round-robin over the classes (all first picks of
+      every class in random class order, then all second picks, ...), so that each class present in the batch
+      gets a slot before any class gets a second one (max-min fair shares), and the images of a class are drawn
+      uniformly.
+
+    Args:
+        present: ``(B, K)`` bool, the pairs that may get an input.
+        generator: draws the random orders (``B * K`` keys when the cap is set, one key per remaining pair when the
+            budget binds, nothing otherwise).
+        max_inputs: the per-step budget (None: no budget).
+        max_classes_per_image: the per-image cap (None: no cap).
+
+    Returns:
+        ``(source image (N,), class (N,))`` in (image, class) order.
+    """
+    if max_inputs is not None and max_inputs < 0:
+        raise ValueError(f"select_class_slots: max_inputs must be >= 0 or None, got {max_inputs!r}")
+    b, k = present.shape
+    if max_classes_per_image is not None:
+        keys = torch.rand(b, k, generator=generator, device=present.device)
+        keys = torch.where(present, keys, 2.0)
+        rank = keys.argsort(1).argsort(1)
+        present = present & (rank < max_classes_per_image)
+    src, cls = present.nonzero(as_tuple=True)
+    n = src.numel()
+    if max_inputs is not None and n > max_inputs:
+        keys = torch.rand(n, generator=generator, device=present.device, dtype=torch.float64)
+        order = torch.argsort(keys)
+        order = order[torch.argsort(cls[order], stable=True)]  # by class, then by random key
+        counts = torch.bincount(cls, minlength=k)
+        starts = torch.cumsum(counts, 0) - counts
+        round_ = torch.empty_like(order)
+        round_[order] = torch.arange(n, device=present.device) - starts[cls[order]]
+        # the round a pair is picked in, ties inside a round broken by the (uniform) key: a random class order
+        take = torch.argsort(round_.double() + keys)[:max_inputs].sort().values
+        src, cls = src[take], cls[take]
+    return src, cls
+
+
 def per_class_inputs(images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, num_classes: int,
                      max_classes_per_image: int | None, generator: torch.Generator | None = None,
-                     fill: str = "zero", ignore_index: int = 255
+                     fill: str = "zero", ignore_index: int = 255, max_inputs: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One input per (image, class) with masked pixels: the visible pixels of that class, ``fill`` elsewhere.
 
@@ -81,6 +135,7 @@ def per_class_inputs(images: torch.Tensor, labels: torch.Tensor, masked: torch.T
         generator: draws the kept classes.
         fill: ``"zero"`` (0 after normalisation: the dataset mean) or ``"mean"`` (the image's channel mean).
         ignore_index: label of pixels in no class.
+        max_inputs: per-step budget of inputs, filled class-balanced (`select_class_slots`); None: no budget.
 
     Returns:
         ``(inputs (N, C, H, W), labels_n (N, H, W), source image index (N,), class (N,))`` where ``labels_n`` keeps
@@ -95,12 +150,7 @@ def per_class_inputs(images: torch.Tensor, labels: torch.Tensor, masked: torch.T
     hist = torch.zeros(b, num_classes + 1, dtype=torch.int64, device=labels.device)
     hist.scatter_add_(1, index, torch.ones_like(index))
     present = hist[:, :num_classes] > 0  # classes with at least one masked pixel: the only ones with a loss
-    if max_classes_per_image is not None:
-        keys = torch.rand(b, num_classes, generator=generator, device=labels.device)
-        keys = torch.where(present, keys, 2.0)
-        rank = keys.argsort(1).argsort(1)
-        present &= rank < max_classes_per_image
-    src, cls = present.nonzero(as_tuple=True)
+    src, cls = select_class_slots(present, generator, max_inputs, max_classes_per_image)
     region = lab[src] == cls.view(-1, 1, 1)
     keep = (region & ~masked[src]).unsqueeze(1)
     base = images[src]
@@ -120,7 +170,9 @@ class S4MIM(DeepLabV3PlusSemi):
         mask_ratio: fraction of each class region's patches (of the image's, for plain MIM) to mask.
         mask_ownership: ``"pixel"`` (a chosen patch hides only its class's pixels) or ``"majority"`` (a patch belongs
             to its majority class and hides all its pixels); class-wise MIM only.
-        max_classes_per_image: cap on the per-class inputs per image (None: all classes with masked pixels).
+        mim_budget: per-step budget of per-class inputs, as a multiple of the number of images in the MIM branch
+            (``ceil(mim_budget * B)`` inputs, filled class-balanced when the pairs do not fit); None: no budget.
+        max_classes_per_image: cap on the per-class inputs per image (None: no cap; 3 before issue 18).
         fill: value of removed pixels, ``"zero"`` (the dataset mean) or ``"mean"`` (the image's mean).
         normalize_target: MAE-style per-patch normalised reconstruction targets.
         agg_distance: ``"cosine"`` or ``"mse"``.
@@ -142,7 +194,8 @@ class S4MIM(DeepLabV3PlusSemi):
         patch_size: int = 16,
         mask_ratio: float = 0.5,
         mask_ownership: str = "pixel",
-        max_classes_per_image: int | None = 3,
+        mim_budget: float | None = 4.0,
+        max_classes_per_image: int | None = None,
         fill: str = "zero",
         normalize_target: bool = True,
         agg_distance: str = "cosine",
@@ -167,11 +220,14 @@ class S4MIM(DeepLabV3PlusSemi):
             raise ValueError(f"S4MIM: patch_size must be a positive int, got {patch_size!r}")
         if max_classes_per_image is not None and max_classes_per_image < 1:
             raise ValueError(f"S4MIM: max_classes_per_image must be >= 1 or None, got {max_classes_per_image!r}")
+        if mim_budget is not None and not mim_budget > 0:
+            raise ValueError(f"S4MIM: mim_budget must be > 0 or None, got {mim_budget!r}")
         if len(weights) != 3 or any(w < 0 for w in weights):
             raise ValueError(f"S4MIM: weights must be three non-negative numbers (rec, agg, sem), got {weights!r}")
         self.mim, self.mim_input, self.semantic_mim, self.fill, self.mim_on = mim, mim_input, semantic_mim, fill, mim_on
         self.patch_size, self.mask_ratio, self.mask_ownership = patch_size, float(mask_ratio), mask_ownership
         self.max_classes_per_image = max_classes_per_image
+        self.mim_budget = None if mim_budget is None else float(mim_budget)
         self.weights = tuple(float(w) for w in weights)
         self.impl = impl
         stride = self.pretrained_cfg.output_stride
@@ -194,6 +250,10 @@ class S4MIM(DeepLabV3PlusSemi):
                     nn.Conv2d(hidden, k, 1))
 
     # -- the MIM branch -----------------------------------------------------------------------------------------
+    def budget(self, num_images: int) -> int | None:
+        """Per-step budget of per-class MIM inputs for ``num_images`` images in the MIM branch."""
+        return None if self.mim_budget is None else max(1, math.ceil(self.mim_budget * num_images))
+
     def mim_terms(self, images: torch.Tensor, labels: torch.Tensor, logits_full: torch.Tensor,
                   generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``rec``, ``agg``, ``sem`` losses of the MIM branch on ``images`` with class map ``labels``.
@@ -216,7 +276,7 @@ class S4MIM(DeepLabV3PlusSemi):
                                           ignore_index=ignore, num_classes=k, ownership=self.mask_ownership)
         if self.mim == "classwise" and self.mim_input == "per_class":
             inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, k, self.max_classes_per_image,
-                                                        generator, self.fill, ignore)
+                                                        generator, self.fill, ignore, self.budget(images.shape[0]))
             masked_n, targets, recon_labels = masked[src], images[src], labels_n
         else:
             fill = images.new_zeros(()) if self.fill == "zero" else images.mean((2, 3), keepdim=True)
@@ -225,7 +285,7 @@ class S4MIM(DeepLabV3PlusSemi):
             recon_labels = labels if self.mim == "classwise" else torch.zeros_like(labels)
         zero = images.new_zeros(())
         if inputs.shape[0] == 0:  # nothing masked anywhere (e.g. every pixel ignored)
-            return {"rec": zero, "agg": zero, "sem": zero, "mask_ratio": zero}
+            return {"rec": zero, "agg": zero, "sem": zero, "mask_ratio": zero, "mim_inputs": zero}
         logits_m, feats_m = self.run(inputs)
         recon = self.recon_head(feats_m)[..., : size[0], : size[1]]
         terms = {"rec": self.recon_loss(recon, targets, recon_labels, masked_n),
@@ -249,6 +309,7 @@ class S4MIM(DeepLabV3PlusSemi):
         else:
             terms["sem"] = zero
         terms["mask_ratio"] = masked.float().mean().detach()
+        terms["mim_inputs"] = images.new_tensor(float(inputs.shape[0]))  # encoder inputs of the MIM branch
         return terms
 
     def _combine(self, base: torch.Tensor, mim: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -278,7 +339,7 @@ class S4MIM(DeepLabV3PlusSemi):
             mim = self.mim_terms(mim_images, mim_labels, mim_logits, generator)
             out = dict(terms)
             out["loss"] = self._combine(terms["loss"], mim)
-        out.update({name: mim[name] for name in ("rec", "agg", "sem", "mask_ratio")})
+        out.update({name: mim[name] for name in ("rec", "agg", "sem", "mask_ratio", "mim_inputs")})
         return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
 
 

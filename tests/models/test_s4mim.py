@@ -16,7 +16,7 @@ from fastseg.data.shapes import ShapesConfig, ShapesDataset
 from fastseg.engine.recipes.semi import build_training, s4mim_loss
 from fastseg.kernels.classwise_recon_loss import normalize_patches_ref
 from fastseg.layers.masking import classwise_patch_mask
-from fastseg.models.s4mim import S4MIM, per_class_inputs
+from fastseg.models.s4mim import S4MIM, per_class_inputs, select_class_slots
 from fastseg.models.unimatch import masked_pixel_ce
 
 SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/conftest.py)
@@ -205,6 +205,70 @@ def test_per_class_inputs_isolate_each_class():
     assert torch.equal(torch.bincount(capped, minlength=2), torch.tensor([1, 1]))
 
 
+def _fair_share_ok(counts: torch.Tensor, available: torch.Tensor) -> bool:
+    """Max-min fairness: a class with fewer slots than the most served one (minus one) got all it had."""
+    top = int(counts.max())
+    return bool(((counts == available) | (counts >= top - 1)).all())
+
+
+def test_select_class_slots_shares_the_budget_class_balanced():
+    g = _gen(11)
+    present = torch.rand(8, 12, generator=g) < 0.7
+    present[:, 11] = False
+    present[3, 11] = True  # a rare class, present in one image only
+    available = present.sum(0)
+    for budget in (5, 12, 20, 40):
+        src, cls = select_class_slots(present, _gen(12), max_inputs=budget)
+        assert src.numel() == min(budget, int(present.sum()))
+        assert present[src, cls].all() and len(set(zip(src.tolist(), cls.tolist()))) == src.numel()
+        counts = torch.bincount(cls, minlength=12)
+        if budget >= 12:  # every class present in the batch gets MIM, the rare one included
+            assert bool((counts > 0).all())
+        else:
+            assert int((counts > 0).sum()) == budget  # one slot per class until the classes run out
+        assert _fair_share_ok(counts, available), (budget, counts, available)
+    # random: another generator picks other images (and other classes when fewer slots than classes)
+    picks = {tuple(select_class_slots(present, _gen(s), max_inputs=9)[0].tolist()) for s in range(5)}
+    assert len(picks) > 1
+    # within the budget every pair gets an input and nothing is drawn
+    g = _gen(13)
+    state = g.get_state()
+    src, cls = select_class_slots(present, g, max_inputs=1000)
+    assert torch.equal(torch.stack([src, cls]), torch.stack(present.nonzero(as_tuple=True)))
+    assert torch.equal(g.get_state(), state)
+    # the old per-image cap, kept as an option, leaves classes out that the budget covers
+    src_cap, cls_cap = select_class_slots(present, _gen(12), max_classes_per_image=1)
+    assert torch.equal(torch.bincount(src_cap, minlength=8), torch.ones(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="max_inputs"):
+        select_class_slots(present, max_inputs=-1)
+
+
+def _many_class_labels(b: int = 2, size: int = 40, classes: int = 10) -> torch.Tensor:
+    """Cityscapes-like class maps: ``classes`` vertical stripes per image (each image its own class order)."""
+    assert size % classes == 0
+    cols = torch.arange(size) // (size // classes)
+    return torch.stack([torch.randperm(classes, generator=_gen(20 + i))[cols].expand(size, size)
+                        for i in range(b)])
+
+
+def test_default_budget_covers_every_class_where_the_old_cap_did_not():
+    torch.manual_seed(SEED)
+    images = torch.randn(2, 3, 40, 40, generator=_gen(5))
+    labels = _many_class_labels(classes=10)
+    kw = dict(num_classes=12, impl="torch", **SMALL)
+    model = fastseg.create_model("s4mim_resnet18", **kw).eval()
+    with torch.no_grad():
+        terms = model.mim_terms(images, labels, model(images), _gen(7))
+    # 20 (image, class) pairs, a budget of 4 per image = 8 inputs (class-balanced: `select_class_slots`)
+    assert model.budget(2) == 8 and int(terms["mim_inputs"]) == 8
+    capped = fastseg.create_model("s4mim_resnet18", max_classes_per_image=3, mim_budget=None, **kw).eval()
+    with torch.no_grad():
+        assert int(capped.mim_terms(images, labels, capped(images), _gen(7))["mim_inputs"]) == 6
+    unbounded = fastseg.create_model("s4mim_resnet18", mim_budget=None, **kw).eval()
+    with torch.no_grad():
+        assert int(unbounded.mim_terms(images, labels, unbounded(images), _gen(7))["mim_inputs"]) == 20
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # S4MIM losses against plain PyTorch
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +312,8 @@ def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
     else:
         masked = classwise_patch_mask(labels, 8, 0.5, generator=g, num_classes=K)
     if mim_input == "per_class":
-        inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, K, 3, g)
+        # default since issue 18: no per-image cap, a budget of 4 inputs per image (8 here: every pair fits)
+        inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, K, None, g, max_inputs=model.budget(2))
         masked_n, targets = masked[src], images[src]
     else:
         inputs, labels_n, masked_n, targets = torch.where(masked[:, None], 0.0, images), labels, masked, images
@@ -384,7 +449,8 @@ def test_engine_trains_on_pairs():
 @pytest.mark.parametrize("kwargs,match", [({"mim": "random"}, "mim"), ({"semantic_mim": "x"}, "semantic_mim"),
                                           ({"mask_ratio": 0.0}, "mask_ratio"), ({"patch_size": 0}, "patch_size"),
                                           ({"impl": "cuda"}, "impl"), ({"weights": (1.0, -1.0, 0.0)}, "weights"),
-                                          ({"tau": 1.5}, "tau"), ({"mask_ownership": "patch"}, "mask_ownership")])
+                                          ({"tau": 1.5}, "tau"), ({"mask_ownership": "patch"}, "mask_ownership"),
+                                          ({"mim_budget": 0.0}, "mim_budget")])
 def test_bad_options_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastseg.create_model("s4mim_resnet18", num_classes=K, **SMALL, **kwargs)
