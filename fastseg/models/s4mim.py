@@ -16,15 +16,18 @@ paper's choices can be dropped in:
   containing its pixels and a chosen patch hides only that class's pixels, so masking class c never hides a minority
   class's pixels in the same patch, and classes thinner than a patch are masked too; ``"majority"`` (the rule
   before issue 18): a patch belongs to its majority class and hides all its pixels;
-* independence (``mim_input``): ``"per_class"`` builds one input per (image, class), ``x_c = x`` on the visible pixels
-  of class c and ``fill`` everywhere else, so the masked pixels of c can only be inferred from visible pixels of c
-  (up to CNN padding effects). The cost is bounded by a per-step budget of ``ceil(mim_budget * B)`` inputs for the
-  B images of the MIM branch: every (image, class) pair gets an input while they fit, and when they do not, the
-  budget is shared class-balanced (`select_class_slots`: round-robin over the classes present, random images),
-  so every class present in the batch gets MIM before any class gets a second input (on Cityscapes-like data,
-  ~12 classes per image, a cap per image would leave most classes of an image out). ``max_classes_per_image`` (3
-  before issue 18, default None now) keeps the old per-image cap for the ablation;
-  ``"single"`` is the cheaper variant with one masked image and a per-class loss only (context is not isolated);
+* independence (``mim_input``): ``"per_class"`` builds one input per (image, class) slot, ``x_c = x`` on the visible
+  pixels of class c and ``fill`` everywhere else, so the masked pixels of c can only be inferred from visible pixels
+  of c (up to CNN padding effects); ``"single"`` is the cheaper variant with one masked image per image and a
+  per-class loss only (context is not isolated);
+* slots and budget (``mim_budget``, ``max_classes_per_image``): a slot is any (image, class) with a pixel of the
+  class. The cost is bounded by a per-step budget of ``ceil(mim_budget * B)`` inputs for the B images of the MIM
+  branch: every slot gets an input while they fit, and when they do not, the budget is shared class-balanced
+  (`select_class_slots`: round-robin over the classes present, random images), so every class present in the batch
+  gets MIM before any class gets a second input (on Cityscapes-like data, ~12 classes per image, a cap per image
+  leaves most classes of an image out). ``max_classes_per_image`` (3 before issue 18, default None now) keeps the
+  old per-image cap for the ablation. A slot whose class gets no masked pixel (a class touching a single patch at
+  ratio 0.5: probability 1/2) costs an input and adds no loss;
 * reconstruction: a SimMIM-style light decoder (1x1 conv to 3 * 4 * 4 channels + pixel shuffle) on the DeepLab
   decoder features, the loss `fastseg.kernels.classwise_masked_recon_loss` (mean over (image, class) groups of the MSE
   over the masked pixels of the class; MAE per-patch normalised targets when ``normalize_target``);
@@ -32,11 +35,21 @@ paper's choices can be dropped in:
   inputs, masked-part prototype vs stop-gradient visible-part prototype, ``agg_distance`` cosine or mse;
 * label-space MIM (``semantic_mim``): ``"consistency"`` (MaskMatch-style: the prediction on the masked input must
   match the class map on the masked pixels) or ``"reconstruct"`` (the class probabilities predicted on the full image
-  are masked with the same class-wise mask and a light label decoder must reconstruct the masked part of the class map
+  are masked with the same class-wise mask (plain MIM: its image-level mask) and a light label decoder must reconstruct the masked part of the class map
   from the visible part; gradients reach the segmenter through the visible probabilities), or ``"none"``;
-* ablation ``mim="plain"``: image-level MIM (random patches of the whole image irrespective of classes, one input,
-  one MSE per image); aggregation and label-space MIM keep using the class map with that mask; ``mim="none"`` turns the
-  MIM branch off (then the model is UniMatch);
+* ablation ``mim="plain"``: image-level MIM. It differs from class-wise MIM in exactly two things, which together
+  are what "class-wise" means: (a) **the mask**: a random ``mask_ratio`` of the patches of the whole image,
+  irrespective of classes (ignored pixels included), instead of ``mask_ratio`` of each class region's patches;
+  (b) **the visible context**: the whole image but its masked patches, instead of the visible pixels of the input's
+  class only. Everything else is shared (`S4MIM.mim_batch`): the same (image, class) slots, chosen from the class
+  map before any mask is drawn (same budget, same random draws), hence the same number of encoder inputs; with
+  ``mim_input="per_class"`` one input per slot (plain: each with its own image-level mask) and every loss of input
+  n restricted to the pixels of its class: the reconstruction over its masked pixels, the aggregation of its masked
+  vs visible pixels, the label-space term on its masked pixels; the same fill, decoder, loss modules and weights.
+  With ``mim_input="single"`` both run one input per image, the losses over all labelled masked pixels per
+  (image, class). (Before issue 18 plain MIM ran one input per image where class-wise ran up to three, and its
+  reconstruction loss was one group per image over every masked pixel, ignored ones included.) ``mim="none"``
+  turns the MIM branch off (then the model is UniMatch);
 * total: ``L = L_UniMatch + w_rec L_rec + w_agg L_agg + w_sem L_sem`` with placeholder weights (none are published).
 
 ``model.loss(batch)`` on a plain labelled batch (``"image"``, ``"mask"``) returns the supervised CE plus the MIM terms
@@ -143,21 +156,41 @@ def per_class_inputs(images: torch.Tensor, labels: torch.Tensor, masked: torch.T
     """
     if fill not in _FILLS:
         raise ValueError(f"per_class_inputs: fill must be one of {_FILLS}, got {fill!r}")
-    b = images.shape[0]
+    present = class_presence(labels, num_classes, masked)  # classes with a masked pixel: the only ones with a loss
+    src, cls = select_class_slots(present, generator, max_inputs, max_classes_per_image)
+    inputs, labels_n = class_inputs(images, labels, masked, src, cls, fill, ignore_index)
+    return inputs, labels_n, src, cls
+
+
+def fill_value(images: torch.Tensor, fill: str) -> torch.Tensor:
+    """The value of removed pixels: 0 (``"zero"``: the dataset mean after normalisation) or each image's channel
+    mean (``"mean"``), broadcastable against ``images``."""
+    return images.new_zeros(()) if fill == "zero" else images.mean((2, 3), keepdim=True)
+
+
+def class_presence(labels: torch.Tensor, num_classes: int, where: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, K)`` bool: the classes with at least one pixel in image b (restricted to ``where`` when given)."""
+    b = labels.shape[0]
     lab = labels.long()
     valid = (lab >= 0) & (lab < num_classes)
-    index = torch.where(valid & masked, lab, num_classes).view(b, -1)
+    if where is not None:
+        valid &= where
+    index = torch.where(valid, lab, num_classes).view(b, -1)
     hist = torch.zeros(b, num_classes + 1, dtype=torch.int64, device=labels.device)
     hist.scatter_add_(1, index, torch.ones_like(index))
-    present = hist[:, :num_classes] > 0  # classes with at least one masked pixel: the only ones with a loss
-    src, cls = select_class_slots(present, generator, max_inputs, max_classes_per_image)
-    region = lab[src] == cls.view(-1, 1, 1)
+    return hist[:, :num_classes] > 0
+
+
+def class_inputs(images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, src: torch.Tensor,
+                 cls: torch.Tensor, fill: str = "zero", ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-class inputs of the slots ``(src, cls)``: image ``src[n]`` on the visible (not ``masked``) pixels of
+    class ``cls[n]``, ``fill`` elsewhere; and their class maps (class ``cls[n]`` only, ``ignore_index`` elsewhere)."""
+    lab = labels.long()[src]
+    region = lab == cls.view(-1, 1, 1)
     keep = (region & ~masked[src]).unsqueeze(1)
     base = images[src]
-    fill_value = base.new_zeros(()) if fill == "zero" else base.mean((2, 3), keepdim=True)
-    inputs = torch.where(keep, base, fill_value)
-    labels_n = torch.where(region, lab[src], torch.full_like(lab[src], ignore_index))
-    return inputs, labels_n, src, cls
+    inputs = torch.where(keep, base, fill_value(base, fill))
+    return inputs, torch.where(region, lab, torch.full_like(lab, ignore_index))
 
 
 class S4MIM(DeepLabV3PlusSemi):
@@ -236,8 +269,7 @@ class S4MIM(DeepLabV3PlusSemi):
             # SimMIM-style light decoder: stride-4 decoder features -> 3 * s * s channels -> pixel shuffle to pixels.
             self.recon_head = nn.Sequential(nn.Conv2d(self.decoder_channels, 3 * stride * stride, 1),
                                             nn.PixelShuffle(stride))
-            recon_classes = k if mim == "classwise" else 1
-            self.recon_loss = ClasswiseMaskedReconLoss(recon_classes, normalize_target=normalize_target,
+            self.recon_loss = ClasswiseMaskedReconLoss(k, normalize_target=normalize_target,
                                                        patch_size=patch_size, ignore_index=ignore,
                                                        deterministic=deterministic, impl=impl)
             self.agg_loss = ClasswiseFeatureAggregationLoss(k, distance=agg_distance, ignore_index=ignore,
@@ -254,6 +286,51 @@ class S4MIM(DeepLabV3PlusSemi):
         """Per-step budget of per-class MIM inputs for ``num_images`` images in the MIM branch."""
         return None if self.mim_budget is None else max(1, math.ceil(self.mim_budget * num_images))
 
+    def image_mask(self, num: int, height: int, width: int, generator: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+        """Plain MIM's mask: a random ``mask_ratio`` of the patches of the whole image, irrespective of classes."""
+        whole = torch.zeros(num, height, width, dtype=torch.long, device=device)
+        return classwise_patch_mask(whole, self.patch_size, self.mask_ratio, generator=generator, num_classes=1)
+
+    def mim_batch(self, images: torch.Tensor, labels: torch.Tensor,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The MIM branch's encoder inputs and the pixel sets its losses use.
+
+        Returns a dict: ``inputs`` (N, C, H, W); ``source`` (N,) image of each input; ``targets`` (N, C, H, W) its
+        unmasked image; ``labels`` (N, H, W) the class map the losses of input n see (per-class inputs: its class
+        only, ``ignore_index`` elsewhere); ``masked`` (N, H, W) the pixels hidden from input n (filled); ``image_mask``
+        (B, H, W) one mask per image (the label-space reconstruction term's). Class-wise and plain MIM build the
+        same slots and differ only in the mask and the visible context (module docstring).
+        """
+        k, ignore = self.num_classes, self.ignore_index
+        b, _, height, width = images.shape
+        classwise, dev = self.mim == "classwise", images.device
+        if self.mim_input == "per_class":
+            # Slots first, from the class map alone: both variants get the same ones for the same batch and seed.
+            src, cls = select_class_slots(class_presence(labels, k), generator, self.budget(b),
+                                          self.max_classes_per_image)
+        else:
+            src = torch.arange(b, device=dev)
+        if classwise:
+            image_mask = classwise_patch_mask(labels, self.patch_size, self.mask_ratio, generator=generator,
+                                              ignore_index=ignore, num_classes=k, ownership=self.mask_ownership)
+        else:
+            image_mask = self.image_mask(b, height, width, generator, dev)
+        targets = images[src]
+        if self.mim_input == "single":
+            labels_n, masked_n = labels.long(), image_mask
+            inputs = torch.where(masked_n.unsqueeze(1), fill_value(targets, self.fill), targets)
+        elif classwise:  # only the class's visible pixels are kept; only its pixels count as hidden
+            inputs, labels_n = class_inputs(images, labels, image_mask, src, cls, self.fill, ignore)
+            masked_n = image_mask[src] & (labels_n != ignore)
+        else:  # an independent image-level mask per input; the whole image is visible but its masked patches
+            masked_n = self.image_mask(src.numel(), height, width, generator, dev)
+            lab = labels.long()[src]
+            labels_n = torch.where(lab == cls.view(-1, 1, 1), lab, torch.full_like(lab, ignore))
+            inputs = torch.where(masked_n.unsqueeze(1), fill_value(targets, self.fill), targets)
+        return {"inputs": inputs, "source": src, "targets": targets, "labels": labels_n, "masked": masked_n,
+                "image_mask": image_mask}
+
     def mim_terms(self, images: torch.Tensor, labels: torch.Tensor, logits_full: torch.Tensor,
                   generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``rec``, ``agg``, ``sem`` losses of the MIM branch on ``images`` with class map ``labels``.
@@ -265,30 +342,17 @@ class S4MIM(DeepLabV3PlusSemi):
                 ``semantic_mim="reconstruct"``.
             generator: the batch's generator.
         """
-        k, ignore = self.num_classes, self.ignore_index
+        ignore = self.ignore_index
         size = tuple(images.shape[-2:])
-        if self.mim == "plain":
-            mask_labels = torch.zeros_like(labels)
-            masked = classwise_patch_mask(mask_labels, self.patch_size, self.mask_ratio, generator=generator,
-                                          ignore_index=ignore, num_classes=1)
-        else:
-            masked = classwise_patch_mask(labels, self.patch_size, self.mask_ratio, generator=generator,
-                                          ignore_index=ignore, num_classes=k, ownership=self.mask_ownership)
-        if self.mim == "classwise" and self.mim_input == "per_class":
-            inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, k, self.max_classes_per_image,
-                                                        generator, self.fill, ignore, self.budget(images.shape[0]))
-            masked_n, targets, recon_labels = masked[src], images[src], labels_n
-        else:
-            fill = images.new_zeros(()) if self.fill == "zero" else images.mean((2, 3), keepdim=True)
-            inputs = torch.where(masked.unsqueeze(1), fill, images)
-            labels_n, masked_n, targets = labels, masked, images
-            recon_labels = labels if self.mim == "classwise" else torch.zeros_like(labels)
+        mb = self.mim_batch(images, labels, generator)
+        inputs, targets, labels_n, masked_n, masked = (mb["inputs"], mb["targets"], mb["labels"], mb["masked"],
+                                                       mb["image_mask"])
         zero = images.new_zeros(())
-        if inputs.shape[0] == 0:  # nothing masked anywhere (e.g. every pixel ignored)
+        if inputs.shape[0] == 0:  # no class anywhere (e.g. every pixel ignored)
             return {"rec": zero, "agg": zero, "sem": zero, "mask_ratio": zero, "mim_inputs": zero}
         logits_m, feats_m = self.run(inputs)
         recon = self.recon_head(feats_m)[..., : size[0], : size[1]]
-        terms = {"rec": self.recon_loss(recon, targets, recon_labels, masked_n),
+        terms = {"rec": self.recon_loss(recon, targets, labels_n, masked_n),
                  "agg": self.agg_loss(feats_m, labels_n, masked_n)}
         if self.semantic_mim == "consistency":
             target = torch.where(masked_n, labels_n.long(), ignore)

@@ -296,25 +296,35 @@ def _plain_agg(feats, labels, masked, num_classes):
 
 
 @pytest.mark.parametrize("mim,mim_input,normalize", [("classwise", "per_class", False), ("classwise", "single", True),
-                                                     ("plain", "single", False)])
+                                                     ("plain", "single", False), ("plain", "per_class", False)])
 def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
     torch.manual_seed(SEED)
     model = fastseg.create_model("s4mim_resnet18", num_classes=K, mim=mim, mim_input=mim_input,
                                  normalize_target=normalize, impl="torch", **SMALL).eval()
     images = torch.randn(2, 3, 32, 32, generator=_gen(5))
     labels = _blocks_labels()
-    labels[0, :3, :5] = 4  # a small extra region that owns no patch
+    labels[0, :3, :5] = 4  # a small extra region inside one patch
     terms = model.mim_terms(images, labels, model(images), _gen(7))
 
+    # The documented procedure, recomputed (issue 18: both variants share the slots and the loss definitions).
     g = _gen(7)
+    slots = [(b, k) for b in range(2) for k in range(K) if (labels[b] == k).any()]
+    assert len(slots) <= model.budget(2)  # every slot fits the default budget: no draw for the selection
+    src, cls = torch.tensor([b for b, _ in slots]), torch.tensor([k for _, k in slots])
     if mim == "plain":
         masked = classwise_patch_mask(torch.zeros_like(labels), 8, 0.5, generator=g, num_classes=1)
     else:
         masked = classwise_patch_mask(labels, 8, 0.5, generator=g, num_classes=K)
     if mim_input == "per_class":
-        # default since issue 18: no per-image cap, a budget of 4 inputs per image (8 here: every pair fits)
-        inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, K, None, g, max_inputs=model.budget(2))
-        masked_n, targets = masked[src], images[src]
+        region = labels[src] == cls.view(-1, 1, 1)
+        labels_n, targets = torch.where(region, labels[src], 255), images[src]
+        if mim == "plain":  # an independent image-level mask per input, the rest of the image visible
+            masked_n = classwise_patch_mask(torch.zeros_like(labels_n), 8, 0.5, generator=g, num_classes=1)
+            visible = ~masked_n
+        else:  # only the class's own pixels are hidden, only its visible pixels kept
+            masked_n = masked[src] & region
+            visible = region & ~masked_n
+        inputs = torch.where(visible[:, None], targets, 0.0)
     else:
         inputs, labels_n, masked_n, targets = torch.where(masked[:, None], 0.0, images), labels, masked, images
     with torch.no_grad():
@@ -322,14 +332,62 @@ def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
         pred = model.recon_head(feats)
     if normalize:
         targets = normalize_patches_ref(targets, 8)
-    recon_labels = torch.zeros_like(labels_n) if mim == "plain" else labels_n
-    torch.testing.assert_close(terms["rec"], _plain_recon(pred, targets, recon_labels, masked_n,
-                                                          1 if mim == "plain" else K), rtol=1e-4, atol=1e-6)
+    # the reconstruction covers the labelled masked pixels per (input, class), for plain MIM too (was: one group per
+    # image over every masked pixel, issue 18)
+    torch.testing.assert_close(terms["rec"], _plain_recon(pred, targets, labels_n, masked_n, K), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(terms["agg"], _plain_agg(feats, labels_n, masked_n, K), rtol=1e-4, atol=1e-6)
     up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
     sel = masked_n & (labels_n != 255)
     ce = F.cross_entropy(up.permute(0, 2, 3, 1)[sel], labels_n[sel])
     torch.testing.assert_close(terms["sem"], ce, rtol=1e-4, atol=1e-6)
+    assert int(terms["mim_inputs"]) == inputs.shape[0]
+
+
+@pytest.mark.parametrize("mim_input", ["per_class", "single"])
+def test_plain_and_classwise_mim_differ_only_in_mask_and_context(mim_input):
+    """Same slots, inputs budget, targets and loss pixel sets (by class); only the mask and the context differ."""
+    kw = dict(num_classes=12, impl="torch", mim_input=mim_input, **SMALL)
+    images = torch.randn(2, 3, 40, 40, generator=_gen(5))
+    labels = _many_class_labels(classes=10)  # 20 slots for a budget of 8: the class-balanced draw binds
+    labels[1, :, :6] = 255
+    batches = {}
+    for mim in ("classwise", "plain"):
+        model = fastseg.create_model("s4mim_resnet18", mim=mim, **kw)
+        batches[mim] = model.mim_batch(images, labels, _gen(7))
+    cw, pl = batches["classwise"], batches["plain"]
+    expected_n = 8 if mim_input == "per_class" else 2
+    for key in ("source", "targets", "labels"):
+        assert torch.equal(cw[key], pl[key]), key
+    assert cw["inputs"].shape == pl["inputs"].shape and cw["inputs"].shape[0] == expected_n
+    lab = cw["labels"]
+    for n in range(expected_n):
+        own = lab[n] != 255
+        # class-wise: hides only pixels of the input's class (single: of labelled classes) ...
+        assert not (cw["masked"][n] & ~own).any()
+        if mim_input == "per_class":  # ... and keeps no pixel of another class
+            assert (cw["inputs"][n][:, ~own] == 0).all()
+        else:  # ... and (single input, the cheap variant) keeps every visible pixel as plain does
+            visible = ~cw["masked"][n]
+            torch.testing.assert_close(cw["inputs"][n][:, visible], cw["targets"][n][:, visible])
+        # plain: hides whole patches anywhere (other classes and ignored pixels too) and keeps every visible pixel
+        blocks = pl["masked"][n].view(5, 8, 5, 8)
+        assert torch.equal(blocks.all(3).all(1), blocks.any(3).any(1))
+        visible = ~pl["masked"][n]
+        torch.testing.assert_close(pl["inputs"][n][:, visible], cw["targets"][n][:, visible])
+    assert (pl["masked"] & (lab == 255)).any()  # plain masks beyond the input's class
+    if mim_input == "per_class":  # the same mask ratio on each side: about half of the loss pixels are hidden
+        for mb in (cw, pl):
+            share = (mb["masked"] & (lab != 255)).sum() / (lab != 255).sum()
+            assert 0.3 < float(share) < 0.7, float(share)
+
+
+def test_plain_mim_runs_as_many_encoder_inputs_as_classwise():
+    outs = {}
+    for mim in ("classwise", "plain"):
+        torch.manual_seed(SEED)
+        model = fastseg.create_model("s4mim_resnet18", num_classes=K, mim=mim, tau=0.0, **SMALL).eval()
+        outs[mim] = model.loss(_semi_batch(b_l=2, b_u=2))
+    assert int(outs["plain"]["mim_inputs"]) == int(outs["classwise"]["mim_inputs"]) > 4  # was 4 vs up to 12
 
 
 def test_label_space_reconstruction_variant_trains_its_decoder(gradient_check):
