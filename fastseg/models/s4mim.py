@@ -28,6 +28,15 @@ paper's choices can be dropped in:
   leaves most classes of an image out). ``max_classes_per_image`` (3 before issue 18, default None now) keeps the
   old per-image cap for the ablation. A slot whose class gets no masked pixel (a class touching a single patch at
   ratio 0.5: probability 1/2) costs an input and adds no loss;
+* which pixels to reconstruct (``mask_signal``): in a per-class input the masked pixels of class c and the removed
+  pixels of other classes hold the same ``fill``, so without a signal the network cannot tell which blank pixels it
+  must reconstruct. ``"indicator"`` (default) gives it a binary mask channel (1 on the input's masked pixels),
+  implemented as a zero-initialised extra input channel of the first convolution (a conv with conv1's geometry
+  whose output is added to conv1's, only in the MIM branch). We chose it over a learned RGB mask token
+  (``"token"``, also available) because any RGB value is also a possible image colour, so a token stays ambiguous
+  with real pixels of that colour (and equals the other-class fill until it has moved away from 0), while the
+  indicator is a value no real pixel sets; it starts at zero, so ImageNet weights and every forward outside the MIM
+  branch (supervised, UniMatch, inference, export) are unchanged. ``"none"``: both hold ``fill`` (before issue 18);
 * reconstruction: a SimMIM-style light decoder (1x1 conv to 3 * 4 * 4 channels + pixel shuffle) on the DeepLab
   decoder features, the loss `fastseg.kernels.classwise_masked_recon_loss` (mean over (image, class) groups of the MSE
   over the masked pixels of the class; MAE per-patch normalised targets when ``normalize_target``);
@@ -75,6 +84,7 @@ from fastseg.layers.masking import classwise_patch_mask
 from ..data.semi import batch_generator
 from ..layers.classwise import ClasswiseFeatureAggregationLoss, ClasswiseMaskedReconLoss
 from ..registry import register_model
+from ._base import crop_to
 from .unimatch import SMALL_DEEPLAB, SMALL_DEEPLAB_DIFFERS, DeepLabV3PlusSemi
 
 __all__ = ["S4MIM", "per_class_inputs", "select_class_slots"]
@@ -83,6 +93,7 @@ _MIM = ("classwise", "plain", "none")
 _MIM_INPUTS = ("per_class", "single")
 _SEMANTIC = ("consistency", "reconstruct", "none")
 _FILLS = ("zero", "mean")
+_MASK_SIGNALS = ("indicator", "token", "none")
 
 
 def select_class_slots(present: torch.Tensor, generator: torch.Generator | None = None, max_inputs: int | None = None,
@@ -207,6 +218,9 @@ class S4MIM(DeepLabV3PlusSemi):
             (``ceil(mim_budget * B)`` inputs, filled class-balanced when the pairs do not fit); None: no budget.
         max_classes_per_image: cap on the per-class inputs per image (None: no cap; 3 before issue 18).
         fill: value of removed pixels, ``"zero"`` (the dataset mean) or ``"mean"`` (the image's mean).
+        mask_signal: how the network tells the pixels to reconstruct from other removed pixels: ``"indicator"`` (a
+            binary mask channel, as a zero-initialised extra input channel of the first convolution), ``"token"``
+            (a learned RGB value replaces the masked pixels) or ``"none"`` (both are ``fill``, before issue 18).
         normalize_target: MAE-style per-patch normalised reconstruction targets.
         agg_distance: ``"cosine"`` or ``"mse"``.
         semantic_mim: ``"consistency"``, ``"reconstruct"`` or ``"none"``.
@@ -230,6 +244,7 @@ class S4MIM(DeepLabV3PlusSemi):
         mim_budget: float | None = 4.0,
         max_classes_per_image: int | None = None,
         fill: str = "zero",
+        mask_signal: str = "indicator",
         normalize_target: bool = True,
         agg_distance: str = "cosine",
         semantic_mim: str = "consistency",
@@ -243,6 +258,7 @@ class S4MIM(DeepLabV3PlusSemi):
         for name, value, allowed in (("mim", mim, _MIM), ("mim_input", mim_input, _MIM_INPUTS),
                                      ("semantic_mim", semantic_mim, _SEMANTIC), ("fill", fill, _FILLS),
                                      ("mask_ownership", mask_ownership, ("pixel", "majority")),
+                                     ("mask_signal", mask_signal, _MASK_SIGNALS),
                                      ("mim_on", mim_on, ("both", "labelled", "unlabelled")),
                                      ("impl", impl, ("auto", "triton", "torch"))):
             if value not in allowed:
@@ -258,6 +274,7 @@ class S4MIM(DeepLabV3PlusSemi):
         if len(weights) != 3 or any(w < 0 for w in weights):
             raise ValueError(f"S4MIM: weights must be three non-negative numbers (rec, agg, sem), got {weights!r}")
         self.mim, self.mim_input, self.semantic_mim, self.fill, self.mim_on = mim, mim_input, semantic_mim, fill, mim_on
+        self.mask_signal = mask_signal if mim != "none" else "none"
         self.patch_size, self.mask_ratio, self.mask_ownership = patch_size, float(mask_ratio), mask_ownership
         self.max_classes_per_image = max_classes_per_image
         self.mim_budget = None if mim_budget is None else float(mim_budget)
@@ -265,6 +282,18 @@ class S4MIM(DeepLabV3PlusSemi):
         self.impl = impl
         stride = self.pretrained_cfg.output_stride
         k, ignore = self.num_classes, self.ignore_index
+        self._pending_indicator: torch.Tensor | None = None
+        if self.mask_signal == "indicator":
+            # The indicator is a 4th input channel of the first convolution: conv1([x; m]) = conv1(x) + conv_m(m).
+            # conv_m has conv1's geometry and starts at zero (the pretrained RGB path is unchanged); a forward hook
+            # adds it to conv1's output only while `run_mim` passes a mask, so every other forward is untouched.
+            stem = self.backbone.body.conv1
+            self.mask_indicator = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
+                                            stem.dilation, bias=False)
+            nn.init.zeros_(self.mask_indicator.weight)
+            stem.register_forward_hook(self._add_mask_indicator)
+        elif self.mask_signal == "token":
+            self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))  # SimMIM-style, learned (starts at the fill 0)
         if mim != "none":
             # SimMIM-style light decoder: stride-4 decoder features -> 3 * s * s channels -> pixel shuffle to pixels.
             self.recon_head = nn.Sequential(nn.Conv2d(self.decoder_channels, 3 * stride * stride, 1),
@@ -285,6 +314,27 @@ class S4MIM(DeepLabV3PlusSemi):
     def budget(self, num_images: int) -> int | None:
         """Per-step budget of per-class MIM inputs for ``num_images`` images in the MIM branch."""
         return None if self.mim_budget is None else max(1, math.ceil(self.mim_budget * num_images))
+
+    def _add_mask_indicator(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self._pending_indicator is None:
+            return None  # any forward outside `run_mim`: conv1's output as it is
+        return output + self.mask_indicator(self._pending_indicator.to(output.dtype))
+
+    def run_mim(self, inputs: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run` on MIM inputs, telling the network which pixels are ``masked`` when ``mask_signal="indicator"``."""
+        if self.mask_signal != "indicator":
+            return self.run(inputs)
+        padded, (h, w) = self.pad_input(inputs)
+        indicator = masked[:, None].to(padded.dtype)
+        pad_h, pad_w = padded.shape[-2] - indicator.shape[-2], padded.shape[-1] - indicator.shape[-1]
+        indicator = F.pad(indicator, (0, pad_w, 0, pad_h))  # padding is not masked
+        self._pending_indicator = indicator
+        try:
+            c1, c4 = self.encode(padded)
+        finally:
+            self._pending_indicator = None
+        logits, feats = self.decode(c1, c4)
+        return crop_to(logits, (h, w)), crop_to(feats, (h, w))
 
     def image_mask(self, num: int, height: int, width: int, generator: torch.Generator,
                    device: torch.device) -> torch.Tensor:
@@ -328,6 +378,8 @@ class S4MIM(DeepLabV3PlusSemi):
             lab = labels.long()[src]
             labels_n = torch.where(lab == cls.view(-1, 1, 1), lab, torch.full_like(lab, ignore))
             inputs = torch.where(masked_n.unsqueeze(1), fill_value(targets, self.fill), targets)
+        if self.mask_signal == "token":
+            inputs = torch.where(masked_n.unsqueeze(1), self.mask_token.to(inputs.dtype), inputs)
         return {"inputs": inputs, "source": src, "targets": targets, "labels": labels_n, "masked": masked_n,
                 "image_mask": image_mask}
 
@@ -350,7 +402,7 @@ class S4MIM(DeepLabV3PlusSemi):
         zero = images.new_zeros(())
         if inputs.shape[0] == 0:  # no class anywhere (e.g. every pixel ignored)
             return {"rec": zero, "agg": zero, "sem": zero, "mask_ratio": zero, "mim_inputs": zero}
-        logits_m, feats_m = self.run(inputs)
+        logits_m, feats_m = self.run_mim(inputs, masked_n)
         recon = self.recon_head(feats_m)[..., : size[0], : size[1]]
         terms = {"rec": self.recon_loss(recon, targets, labels_n, masked_n),
                  "agg": self.agg_loss(feats_m, labels_n, masked_n)}

@@ -304,6 +304,8 @@ def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
     images = torch.randn(2, 3, 32, 32, generator=_gen(5))
     labels = _blocks_labels()
     labels[0, :3, :5] = 4  # a small extra region inside one patch
+    with torch.no_grad():  # a trained-looking mask indicator (it starts at zero), so that its input matters
+        model.mask_indicator.weight.normal_(generator=_gen(9))
     terms = model.mim_terms(images, labels, model(images), _gen(7))
 
     # The documented procedure, recomputed (issue 18: both variants share the slots and the loss definitions).
@@ -328,7 +330,7 @@ def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
     else:
         inputs, labels_n, masked_n, targets = torch.where(masked[:, None], 0.0, images), labels, masked, images
     with torch.no_grad():
-        logits, feats = model.run(inputs)
+        logits, feats = model.run_mim(inputs, masked_n)  # the indicator marks exactly the hidden pixels
         pred = model.recon_head(feats)
     if normalize:
         targets = normalize_patches_ref(targets, 8)
@@ -379,6 +381,58 @@ def test_plain_and_classwise_mim_differ_only_in_mask_and_context(mim_input):
         for mb in (cw, pl):
             share = (mb["masked"] & (lab != 255)).sum() / (lab != 255).sum()
             assert 0.3 < float(share) < 0.7, float(share)
+
+
+def test_mask_indicator_is_a_zero_initialised_fourth_input_channel():
+    from fastseg.models.backbones import create_backbone
+
+    torch.manual_seed(SEED)
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, impl="torch", **SMALL).eval()
+    images = torch.randn(2, 3, 32, 32, generator=_gen(5))
+    masked = torch.rand(2, 32, 32, generator=_gen(6)) < 0.3
+    with torch.no_grad():
+        before = model(images)
+        for a, b in zip(model.run_mim(images, masked), model.run(images)):  # zero-initialised: no effect yet
+            torch.testing.assert_close(a, b)
+        model.mask_indicator.weight.normal_(generator=_gen(9))
+        logits, feats = model.run_mim(images, masked)
+        # independent reference: the same encoder with a 4-channel first convolution on [image; mask]
+        body = create_backbone("resnet18", output_stride=16).body.eval()
+        body.load_state_dict(model.backbone.body.state_dict())
+        conv1 = torch.nn.Conv2d(4, 64, 7, 2, 3, bias=False)
+        conv1.weight.copy_(torch.cat([model.backbone.body.conv1.weight, model.mask_indicator.weight], 1))
+        body.conv1 = conv1
+        stages = body(torch.cat([images, masked[:, None].float()], 1))
+        ref_logits, ref_feats = model.decode(stages[0], stages[-1])
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats, ref_feats, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(logits, model.run(images)[0], atol=1e-3)  # the signal reaches the output
+        # outside the MIM branch the indicator is never applied (inference, supervised and UniMatch passes)
+        torch.testing.assert_close(model(images), before)
+    # it is learned: the MIM loss reaches it
+    train = fastseg.create_model("s4mim_resnet18", num_classes=K, tau=0.0, **SMALL)
+    train.loss(_semi_batch())["loss"].backward()
+    assert train.mask_indicator.weight.grad is not None and train.mask_indicator.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("signal", ["indicator", "token", "none"])
+def test_masked_pixels_differ_from_other_class_fill(signal):
+    """A per-class input's masked pixels and other classes' removed pixels: told apart unless mask_signal="none"."""
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, impl="torch", mask_signal=signal, **SMALL)
+    if signal == "token":
+        with torch.no_grad():
+            model.mask_token.copy_(torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1))
+    images = torch.randn(2, 3, 32, 32, generator=_gen(5))
+    mb = model.mim_batch(images, _blocks_labels(), _gen(7))
+    inputs, hidden, own = mb["inputs"], mb["masked"], mb["labels"] != 255
+    other = ~own  # other classes' (and ignored) pixels, removed from the input
+    assert hidden.any() and other.any()
+    assert (inputs.permute(0, 2, 3, 1)[other] == 0).all()  # other-class fill: 0
+    if signal == "token":
+        assert torch.equal(inputs.permute(0, 2, 3, 1)[hidden], model.mask_token.view(1, 3).expand(int(hidden.sum()), 3))
+    else:  # the same value as the other-class fill: only the indicator (if any) tells them apart
+        assert (inputs.permute(0, 2, 3, 1)[hidden] == 0).all()
+        assert hasattr(model, "mask_indicator") == (signal == "indicator")
 
 
 def test_plain_mim_runs_as_many_encoder_inputs_as_classwise():
@@ -508,7 +562,8 @@ def test_engine_trains_on_pairs():
                                           ({"mask_ratio": 0.0}, "mask_ratio"), ({"patch_size": 0}, "patch_size"),
                                           ({"impl": "cuda"}, "impl"), ({"weights": (1.0, -1.0, 0.0)}, "weights"),
                                           ({"tau": 1.5}, "tau"), ({"mask_ownership": "patch"}, "mask_ownership"),
-                                          ({"mim_budget": 0.0}, "mim_budget")])
+                                          ({"mim_budget": 0.0}, "mim_budget"),
+                                          ({"mask_signal": "noise"}, "mask_signal")])
 def test_bad_options_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastseg.create_model("s4mim_resnet18", num_classes=K, **SMALL, **kwargs)
