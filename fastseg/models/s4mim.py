@@ -208,13 +208,14 @@ class S4MIM(DeepLabV3PlusSemi):
     """UniMatch + class-wise MIM (see the module docstring for what is verified and what is interpretation).
 
     Args (beyond `DeepLabV3PlusSemi`'s):
-        mim: ``"classwise"`` (S4MIM), ``"plain"`` (image-level MIM, the ablation) or ``"none"``.
+        mim: ``"classwise"`` (S4MIM), ``"plain"`` (image-level MIM, the ablation: the same inputs and losses, another
+            mask and context; module docstring) or ``"none"``.
         mim_input: ``"per_class"`` (independent per-class inputs) or ``"single"`` (one masked image per input image).
         patch_size: masking unit in pixels.
         mask_ratio: fraction of each class region's patches (of the image's, for plain MIM) to mask.
         mask_ownership: ``"pixel"`` (a chosen patch hides only its class's pixels) or ``"majority"`` (a patch belongs
             to its majority class and hides all its pixels); class-wise MIM only.
-        mim_budget: per-step budget of per-class inputs, as a multiple of the number of images in the MIM branch
+        mim_budget: per-step budget of per-class inputs (``mim_input="per_class"``), as a multiple of the number of images in the MIM branch
             (``ceil(mim_budget * B)`` inputs, filled class-balanced when the pairs do not fit); None: no budget.
         max_classes_per_image: cap on the per-class inputs per image (None: no cap; 3 before issue 18).
         fill: value of removed pixels, ``"zero"`` (the dataset mean) or ``"mean"`` (the image's mean).
