@@ -9,7 +9,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastseg" / "version.py"
 
 # `kernels/` is installed as `fastseg.kernels`: a top-level `kernels` would clash with an existing PyPI distribution.
 SUBPACKAGES = [
-    "layers", "models", "data", "engine", "engine.recipes", "metrics", "export", "bench", "bench.cases", "cli",
+    "layers", "models", "data", "data.datasets", "engine", "engine.recipes", "metrics", "export", "bench",
+    "bench.cases", "cli",
 ]
 
 setup(
@@ -30,16 +31,24 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "scipy",  # Mask2Former's Hungarian matcher (linear_sum_assignment)
         # Triton runs the fused kernels on CUDA and, with TRITON_INTERPRET=1, on the CPU in tests.
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "coco": ["pycocotools>=2.0"],  # mask AP and the COCO panoptic / instance writers
+        # SemPLeS: CLIP architectures and the bundled BPE tokenizer (weights only from local files); the dense CRF of
+        # the pseudo masks is optional (pydensecrf, used when importable).
+        "semples": ["open_clip_torch>=2.20"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "faiss-cpu"],
+        # Real datasets on disk: SBD's .mat annotations (scipy) and COCO polygons / RLE (pycocotools).
+        "data": ["scipy", "pycocotools"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "torchmetrics>=1.0",
+            "pycocotools>=2.0",
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.1",
@@ -48,6 +57,11 @@ setup(
             # GSS's DALL-E dVAE is checked against the official package (its metadata omits attrs).
             "dall-e",
             "attrs",
+            # The dataset readers' fixtures: SBD .mat files and COCO RLE / polygons.
+            "scipy",
+            "pycocotools",
+            # SemPLeS' frozen CLIP and PADing's clip:CHECKPOINT class embeddings (open_clip; offline tokenizer).
+            "open_clip_torch>=2.20",
             # Lint / format (pyproject.toml) and the type check of fastseg/export/tensorrt.py. The TensorRT stubs
             # (tensorrt-stubs) are not listed: they require the tensorrt wheel itself, and in site-packages they make
             # `import tensorrt` succeed; scripts/typecheck_tensorrt.py installs them outside sys.path instead.

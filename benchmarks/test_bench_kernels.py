@@ -1,12 +1,14 @@
 """Kernel benchmarks: every registered `KernelCase` x provider (fastseg Triton, reference, torch.compile, peers).
 
-The cases live in `fastseg.bench.cases_*` so that `fastseg bench` prints exactly what this suite measures.
+The cases live in `fastseg.bench.cases_*` so that `fastseg bench` prints exactly what this suite measures. Every
+provider's output is compared with the reference provider's first (`compare_outputs`): a provider that returns a
+wrong result fails here, in the smoke run too, instead of being timed.
 """
 
 import pytest
 import torch
 
-from fastseg.bench.core import ProviderUnavailable, kernel_cases, synchronize
+from fastseg.bench.core import ProviderUnavailable, compare_outputs, kernel_cases, synchronize
 from fastseg.bench.env import case_extra_info
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,6 +27,14 @@ def test_kernel(benchmark, case, provider):
         fn = case.providers[provider](inputs)
     except ProviderUnavailable as why:
         pytest.skip(str(why))
+
+    if provider != case.reference:
+        try:
+            ref = case.providers[case.reference](inputs)()
+        except ProviderUnavailable as why:
+            pytest.skip(f"reference provider {case.reference!r} unavailable: {why}")
+        mismatch = compare_outputs(fn(), ref, case.dtype)
+        assert mismatch is None, f"{case.name}: provider {provider!r} disagrees with {case.reference!r}: {mismatch}"
 
     def synced():
         out = fn()

@@ -74,6 +74,12 @@ class PretrainedCfg:
         tag: the registered variant (timm's pretrained tag: ``ecenet_resnet18.shapes_small`` has tag
             ``shapes_small``); empty for an entrypoint that follows its paper.
         differs_from_paper: what this configuration changes from the paper's (empty when nothing does).
+        stuff_classes, thing_classes: the panoptic split (class ids); empty when unknown (panoptic / instance
+            post-processing then treats every class as a thing).
+        label_divisor: panoptic ids are ``class_id * label_divisor + instance_id`` (stuff: instance 0).
+        seen_classes, unseen_classes: the zero-shot split (class ids; empty when the model is not zero-shot).
+        class_embeddings: where a zero-shot model's class embeddings come from (``"attributes"``, ``"file:PATH"``,
+            ``"clip:CHECKPOINT"``; `fastseg.models.class_embeddings`); empty otherwise.
     """
 
     num_classes: int
@@ -90,6 +96,12 @@ class PretrainedCfg:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     tag: str = ""
     differs_from_paper: str = ""
+    stuff_classes: tuple[int, ...] = ()
+    thing_classes: tuple[int, ...] = ()
+    label_divisor: int = 1000
+    seen_classes: tuple[int, ...] = ()
+    unseen_classes: tuple[int, ...] = ()
+    class_embeddings: str = ""
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -105,6 +117,24 @@ class PretrainedCfg:
             )
         self.class_names = tuple(self.class_names)
         self.palette = tuple(tuple(int(c) for c in rgb) for rgb in self.palette)  # type: ignore[misc]
+        self.stuff_classes = tuple(int(c) for c in self.stuff_classes)
+        self.thing_classes = tuple(int(c) for c in self.thing_classes)
+        bad = [c for c in self.stuff_classes + self.thing_classes if not 0 <= c < self.num_classes]
+        if bad or set(self.stuff_classes) & set(self.thing_classes):
+            raise ValueError(
+                f"PretrainedCfg: stuff_classes {self.stuff_classes} and thing_classes {self.thing_classes} must be "
+                f"disjoint class ids in [0, {self.num_classes})"
+            )
+        self.seen_classes = tuple(int(c) for c in self.seen_classes)
+        self.unseen_classes = tuple(int(c) for c in self.unseen_classes)
+        bad = [c for c in self.seen_classes + self.unseen_classes if not 0 <= c < self.num_classes]
+        if bad or set(self.seen_classes) & set(self.unseen_classes):
+            raise ValueError(
+                f"PretrainedCfg: seen_classes {self.seen_classes} and unseen_classes {self.unseen_classes} must be "
+                f"disjoint class ids in [0, {self.num_classes})"
+            )
+        if self.label_divisor < 1:
+            raise ValueError(f"PretrainedCfg: label_divisor must be >= 1, got {self.label_divisor}")
         if 0 <= self.ignore_index < self.num_classes:
             raise ValueError(f"ignore_index {self.ignore_index} is a class id; it must lie outside [0, {self.num_classes})")
 
@@ -115,7 +145,8 @@ class PretrainedCfg:
     def from_dict(cls, data: dict[str, Any]) -> PretrainedCfg:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        for key in ("class_names", "mean", "std", "input_size"):
+        for key in ("class_names", "mean", "std", "input_size", "stuff_classes", "thing_classes", "seen_classes",
+                    "unseen_classes"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         if "palette" in kwargs:

@@ -17,6 +17,8 @@ import importlib
 
 from ._utils import HAS_TRITON, IMPLS, interpreter_enabled
 from .argmax_matmul import argmax_matmul, argmax_matmul_ref
+from .attention_fusion import attention_fusion, attention_fusion_ref
+from .cam_masked_pairs import cam_masked_pairs, cam_masked_pairs_ref
 from .classwise_recon_loss import classwise_masked_recon_loss, classwise_masked_recon_loss_ref
 from .classwise_reduce import classwise_mean, classwise_reduce, classwise_reduce_ref
 from .masked_class_attention import masked_class_attention, masked_class_attention_ref
@@ -30,6 +32,8 @@ OPS = (
     "masked_class_attention",
     "classwise_reduce",
     "classwise_recon_loss",
+    "attention_fusion",
+    "cam_masked_pairs",
 )  # one module each
 
 # Every op's forward -> its reference decomposition; fastseg.export lowers the custom ops with these so that ONNX files
@@ -57,4 +61,8 @@ __all__ = [
     "classwise_mean",
     "classwise_masked_recon_loss",
     "classwise_masked_recon_loss_ref",
+    "attention_fusion",
+    "attention_fusion_ref",
+    "cam_masked_pairs",
+    "cam_masked_pairs_ref",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import os
 import warnings
@@ -108,6 +109,9 @@ __all__ = [
     "num_splits",
     "strides",
     "split_sum",
+    "GpuTarget",
+    "gpu_target",
+    "planning_target",
 ]
 
 IMPLS = ("auto", "triton", "torch")
@@ -246,8 +250,8 @@ def pow2(n: int, floor: int = 16, cap: int | None = None) -> int:
 def target_programs(device: torch.device) -> int:
     """How many programs fill the device: ~4 waves of SMs on a GPU; a few in the interpreter, so that the split
     paths are exercised by the CPU tests without making them slow."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type in ("cuda", "meta"):  # meta: a launch planned for a GPU by fastseg.bench.static
+        return 4 * gpu_target(device).sm_count
     return 4
 
 
@@ -406,3 +410,39 @@ def split_sum(part: torch.Tensor) -> torch.Tensor:
     out = torch.empty((batch, n), dtype=torch.float32, device=part.device)
     split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK), batch)](part, out, splits, n, BLOCK=SPLIT_SUM_BLOCK)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """What a launcher's tiling may depend on: the compute capability and the number of SMs."""
+
+    capability: tuple[int, int]
+    sm_count: int
+    smem_per_block: int  # bytes of shared memory one block may use (opt-in maximum)
+
+
+# Set by `planning_target` while fastseg.bench.static records launches on meta tensors for a GPU that is not here.
+_PLANNING_TARGET: contextvars.ContextVar[GpuTarget | None] = contextvars.ContextVar(
+    "fastseg_planning_target", default=None
+)
+_DEFAULT_TARGET = GpuTarget((8, 0), 108, 163 * 1024)  # an A100: what the tables assume when nothing says otherwise
+
+
+def gpu_target(device: torch.device) -> GpuTarget:
+    """The GPU a launch runs on: the CUDA device, else the target being planned for (static reports on meta
+    tensors), else an A100 (the interpreter, whose tiling does not depend on it)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+        return GpuTarget((props.major, props.minor), props.multi_processor_count, smem)
+    return _PLANNING_TARGET.get() or _DEFAULT_TARGET
+
+
+@contextlib.contextmanager
+def planning_target(target: GpuTarget) -> Iterator[None]:
+    """Launchers called inside this context (on meta tensors) pick the tiles they would pick on ``target``."""
+    token = _PLANNING_TARGET.set(target)
+    try:
+        yield
+    finally:
+        _PLANNING_TARGET.reset(token)

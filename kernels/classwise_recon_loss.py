@@ -16,7 +16,8 @@ labels), ``t = (target - mean) / sqrt(var + eps)`` with the unbiased variance (`
 1) and ``eps = 1e-6``, as in MAE (``target.var(-1)`` of the patchified image). The target never receives a gradient.
 
 Kernels. ``_classwise_recon_loss_fwd_kernel`` / ``_classwise_recon_loss_bwd_kernel``: one program per (patch,
-image) holds the whole patch (all channels) in registers, normalises the target, and reduces squared errors per
+image) holds the patch's pixels as [patch^2] vectors and streams the channels (two passes for the target's mean and
+variance, one for the error), so registers do not grow with C; it normalises the target and reduces squared errors per
 class with a one-hot over the few class ids present in the patch (atomics in fast mode, per-patch partials summed in
 a fixed order by `_utils.split_sum` in deterministic mode).
 
@@ -144,45 +145,60 @@ def _recon_loss_backward_ref(weight, pred, target, labels, masked, normalize_tar
 # The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
 # fmt: off
 @triton.jit
-def _load_patch(
-    pred_ptr,  # (B, C, H, W) any strides
-    target_ptr,  # (B, C, H, W) any strides
+def _patch_pixels(
     labels_ptr,  # (B, H, W) integer labels, any strides
     masked_ptr,  # (B, H, W) uint8 view of the bool mask, any strides
-    b, patch, patches_w, C, H, W, num_classes, eps,
-    stride_predb, stride_predc, stride_predh, stride_predw,
-    stride_targetb, stride_targetc, stride_targeth, stride_targetw,
+    b, patch, patches_w, H, W, num_classes,
     stride_labelsb, stride_labelsh, stride_labelsw,
     stride_maskedb, stride_maskedh, stride_maskedw,
-    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr,
+    PATCH: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Loads one patch: pred and (normalised) target as [BLOCK_C, BLOCK_P^2] fp32, the class id per pixel (-1 for
-    pixels outside the patch, unmasked or unlabelled) and the in-bounds mask."""
+    """The pixels of one patch as [BLOCK_P^2] vectors: row, column, in-bounds mask, and the class id (-1 for pixels
+    outside the patch, unmasked or unlabelled)."""
     r = tl.arange(0, BLOCK_P * BLOCK_P)
     row = (patch // patches_w) * PATCH + r // BLOCK_P
     col = (patch % patches_w) * PATCH + r % BLOCK_P
     inside = (r // BLOCK_P < PATCH) & (r % BLOCK_P < PATCH) & (row < H) & (col < W)
-    c = tl.arange(0, BLOCK_C).to(tl.int64)
-    m2 = (c < C)[:, None] & inside[None, :]
-    t = tl.load(target_ptr + b * stride_targetb + c[:, None] * stride_targetc + row[None, :] * stride_targeth
-                + col[None, :] * stride_targetw, mask=m2, other=0.0).to(tl.float32)
-    if NORMALIZE:
-        n = tl.sum(m2.to(tl.float32))
-        centred = tl.where(m2, t - tl.sum(t) / n, 0.0)
-        var = tl.sum(centred * centred) / tl.maximum(n - 1.0, 1.0)
-        t = centred / tl.sqrt(var + eps)
-    x = tl.load(pred_ptr + b * stride_predb + c[:, None] * stride_predc + row[None, :] * stride_predh
-                + col[None, :] * stride_predw, mask=m2, other=0.0).to(tl.float32)
     lab = tl.load(labels_ptr + b * stride_labelsb + row * stride_labelsh + col * stride_labelsw, mask=inside, other=0)
     msk = tl.load(masked_ptr + b * stride_maskedb + row * stride_maskedh + col * stride_maskedw, mask=inside, other=0)
     sel = inside & (msk != 0) & (lab >= 0) & (lab < num_classes)
-    k = tl.where(sel, lab.to(tl.int32), -1)
-    return x, t, k, m2
+    return row, col, inside, tl.where(sel, lab.to(tl.int32), -1)
+
+
+@triton.jit
+def _patch_stats(
+    target_ptr,  # (B, C, H, W) any strides
+    b, row, col, inside, C, eps,
+    stride_targetb, stride_targetc, stride_targeth, stride_targetw,
+    NORMALIZE: tl.constexpr,
+):
+    """Mean and 1 / std of the target over the patch's pixels and channels: two passes over the channels (the
+    centred sum of squares does not cancel); (0, 1) without normalisation."""
+    mean = 0.0
+    rstd = 1.0
+    if NORMALIZE:
+        t_ptrs = target_ptr + b * stride_targetb + row * stride_targeth + col * stride_targetw
+        acc = tl.zeros(row.shape, dtype=tl.float32)
+        for _ in range(C):
+            acc += tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32)
+            t_ptrs += stride_targetc
+        n = C * tl.sum(inside.to(tl.float32))
+        mean = tl.sum(acc) / n
+        t_ptrs = target_ptr + b * stride_targetb + row * stride_targeth + col * stride_targetw
+        acc = tl.zeros(row.shape, dtype=tl.float32)
+        for _ in range(C):
+            centred = tl.where(inside, tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += centred * centred
+            t_ptrs += stride_targetc
+        rstd = 1.0 / tl.sqrt(tl.sum(acc) / tl.maximum(n - 1.0, 1.0) + eps)
+    return mean, rstd
 
 
 @triton.jit
 def _classwise_recon_loss_fwd_kernel(
-    pred_ptr, target_ptr, labels_ptr, masked_ptr,  # as in _load_patch
+    pred_ptr,  # (B, C, H, W) any strides
+    target_ptr,  # (B, C, H, W) any strides
+    labels_ptr, masked_ptr,  # as in _patch_pixels
     err_ptr,  # fp32 out: (B, K) zero-initialised (fast) or (B, PATCHES, K) zero-initialised partials (deterministic)
     cnt_ptr,  # int32 out, same layout as err_ptr
     C, H, W, num_classes, patches_w, eps,
@@ -191,21 +207,30 @@ def _classwise_recon_loss_fwd_kernel(
     stride_targetb, stride_targetc, stride_targeth, stride_targetw,
     stride_labelsb, stride_labelsh, stride_labelsw,
     stride_maskedb, stride_maskedh, stride_maskedw,
-    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     NORMALIZE: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
+    # One program per (patch, image); the channels are streamed (a [BLOCK_P^2] vector per channel), so registers do
+    # not grow with C: at 16 channels x 64 x 64 the former whole-patch tile spilled 16-33 KB per thread.
     patch = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    x, t, k, m2 = _load_patch(
-        pred_ptr, target_ptr, labels_ptr, masked_ptr, b, patch, patches_w, C, H, W, num_classes, eps,
-        stride_predb, stride_predc, stride_predh, stride_predw,
-        stride_targetb, stride_targetc, stride_targeth, stride_targetw,
-        stride_labelsb, stride_labelsh, stride_labelsw,
-        stride_maskedb, stride_maskedh, stride_maskedw,
-        PATCH, BLOCK_P, BLOCK_C, NORMALIZE,
+    row, col, inside, k = _patch_pixels(
+        labels_ptr, masked_ptr, b, patch, patches_w, H, W, num_classes,
+        stride_labelsb, stride_labelsh, stride_labelsw, stride_maskedb, stride_maskedh, stride_maskedw,
+        PATCH, BLOCK_P,
     )
-    diff = tl.where(m2, x - t, 0.0)
-    err = tl.sum(diff * diff, axis=0)
+    mean, rstd = _patch_stats(target_ptr, b, row, col, inside, C, eps,
+                              stride_targetb, stride_targetc, stride_targeth, stride_targetw, NORMALIZE)
+    err = tl.zeros(row.shape, dtype=tl.float32)
+    x_ptrs = pred_ptr + b * stride_predb + row * stride_predh + col * stride_predw  # one channel per step
+    t_ptrs = target_ptr + b * stride_targetb + row * stride_targeth + col * stride_targetw
+    for _ in range(C):
+        x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
+        t = tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32)
+        diff = tl.where(inside, x - (t - mean) * rstd, 0.0)
+        err += diff * diff
+        x_ptrs += stride_predc
+        t_ptrs += stride_targetc
     base = b * stride_errb + patch * stride_errpatch
     # Only the class ids present in this patch: [k_lo, k_hi] (an empty range when no pixel is selected).
     k_lo = tl.min(tl.where(k >= 0, k, num_classes))
@@ -226,34 +251,37 @@ def _classwise_recon_loss_fwd_kernel(
 @triton.jit
 def _classwise_recon_loss_bwd_kernel(
     weight_ptr,  # (B, K) fp32 contiguous: d loss / d err of each group
-    pred_ptr, target_ptr, labels_ptr, masked_ptr,  # as in _load_patch
+    pred_ptr, target_ptr, labels_ptr, masked_ptr,  # as in the forward
     grad_ptr,  # (B, C, H, W) contiguous out
     C, H, W, num_classes, patches_w, eps,
     stride_predb, stride_predc, stride_predh, stride_predw,
     stride_targetb, stride_targetc, stride_targeth, stride_targetw,
     stride_labelsb, stride_labelsh, stride_labelsw,
     stride_maskedb, stride_maskedh, stride_maskedw,
-    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr,
+    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     patch = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    x, t, k, m2 = _load_patch(
-        pred_ptr, target_ptr, labels_ptr, masked_ptr, b, patch, patches_w, C, H, W, num_classes, eps,
-        stride_predb, stride_predc, stride_predh, stride_predw,
-        stride_targetb, stride_targetc, stride_targeth, stride_targetw,
-        stride_labelsb, stride_labelsh, stride_labelsw,
-        stride_maskedb, stride_maskedh, stride_maskedw,
-        PATCH, BLOCK_P, BLOCK_C, NORMALIZE,
+    row, col, inside, k = _patch_pixels(
+        labels_ptr, masked_ptr, b, patch, patches_w, H, W, num_classes,
+        stride_labelsb, stride_labelsh, stride_labelsw, stride_maskedb, stride_maskedh, stride_maskedw,
+        PATCH, BLOCK_P,
     )
+    mean, rstd = _patch_stats(target_ptr, b, row, col, inside, C, eps,
+                              stride_targetb, stride_targetc, stride_targeth, stride_targetw, NORMALIZE)
     w = tl.load(weight_ptr + b * num_classes + k, mask=k >= 0, other=0.0)  # d loss / d err of the pixel's group
-    # Unselected pixels get an exact 0 (a where, not 0 * (x - t), which is NaN where x or t is).
-    g = tl.where(m2 & (k >= 0)[None, :], 2.0 * w[None, :] * (x - t), 0.0)
-    r = tl.arange(0, BLOCK_P * BLOCK_P)
-    row = (patch // patches_w) * PATCH + r // BLOCK_P
-    col = (patch % patches_w) * PATCH + r % BLOCK_P
-    c = tl.arange(0, BLOCK_C).to(tl.int64)
-    tl.store(grad_ptr + b * C * H * W + c[:, None] * H * W + row[None, :] * W + col[None, :],
-             g.to(grad_ptr.dtype.element_ty), mask=m2)
+    x_ptrs = pred_ptr + b * stride_predb + row * stride_predh + col * stride_predw  # one channel per step
+    t_ptrs = target_ptr + b * stride_targetb + row * stride_targeth + col * stride_targetw
+    g_ptrs = grad_ptr + b * C * H * W + row * W + col
+    for _ in range(C):
+        x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
+        t = tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32)
+        # Unselected pixels get an exact 0 (a where, not 0 * (x - t), which is NaN where x or t is).
+        g = tl.where(inside & (k >= 0), 2.0 * w * (x - (t - mean) * rstd), 0.0)
+        tl.store(g_ptrs, g.to(grad_ptr.dtype.element_ty), mask=inside)
+        x_ptrs += stride_predc
+        t_ptrs += stride_targetc
+        g_ptrs += H * W
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,6 +290,20 @@ def _classwise_recon_loss_bwd_kernel(
 def _tile(normalize_target: bool, patch_size: int) -> int:
     # Without normalisation the patch size plays no role and any tile works; 16 x 16 keeps registers modest.
     return patch_size if normalize_target else 16
+
+
+def _warps(tile: int, backward: bool = False) -> int:
+    # A 64 x 64 patch is 4096 pixels per [BLOCK_P^2] vector: 8 warps keep 16 per thread (the backward spilled 8 B
+    # with 8 warps on sm_90 and is clean with 16; fastseg bench --static).
+    if tile <= 32:
+        return 4
+    return 16 if backward else 8
+
+
+def _class_tile(tile: int) -> int:
+    # The per-class reduction materialises a [patch^2, BLOCK_K] one-hot: keep it at 8K elements (a 64 x 64 patch with
+    # 16 classes per step spilled 1.9 KB per thread; fastseg bench --static).
+    return max(2, min(16, 8192 // triton.next_power_of_2(tile) ** 2))
 
 
 def _triton_supported(channels: int, normalize_target: bool, patch_size: int) -> bool:
@@ -295,8 +337,8 @@ def _recon_loss_triton(pred, target, labels, masked, num_classes, normalize_targ
         pred32, target32, labels, masked_u8, err, cnt,
         channels, height, width, num_classes, cols, _NORM_EPS, *err_strides,
         *_patch_strides(pred32, target32, labels, masked_u8),
-        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_C=triton.next_power_of_2(channels), BLOCK_K=16,
-        NORMALIZE=normalize_target, DETERMINISTIC=deterministic, num_warps=4,
+        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_K=_class_tile(tile),
+        NORMALIZE=normalize_target, DETERMINISTIC=deterministic, num_warps=_warps(tile),
     )
     if deterministic:
         sums = split_sum(err)
@@ -322,8 +364,8 @@ def _recon_loss_backward_triton(weight, pred, target, labels, masked, normalize_
         weight.float().contiguous(), pred32, target32, labels, masked_u8, out,
         channels, height, width, weight.shape[1], cols, _NORM_EPS,
         *_patch_strides(pred32, target32, labels, masked_u8),
-        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile), BLOCK_C=triton.next_power_of_2(channels),
-        NORMALIZE=normalize_target, num_warps=4,
+        PATCH=tile, BLOCK_P=triton.next_power_of_2(tile),
+        NORMALIZE=normalize_target, num_warps=_warps(tile, backward=True),
     )
     return grad.copy_(out) if out is not grad else grad
 
@@ -368,6 +410,8 @@ def _recon_loss_setup_context(ctx, inputs, output):
     pred, target, labels, masked = inputs[:4]
     ctx.save_for_backward(pred, target, labels, masked, output[2])
     ctx.normalize_target, ctx.patch_size = inputs[6], inputs[7]
+    # The backward runs outside the forward's run_triton_on_cpu() context: remember which path the forward took.
+    ctx.triton_on_cpu = not pred.is_cuda and use_triton(pred)
 
 
 def _recon_loss_backward(ctx, grad_per_class, grad_total, grad_counts):
@@ -377,8 +421,9 @@ def _recon_loss_backward(ctx, grad_per_class, grad_total, grad_counts):
     # d loss / d err[b, k]: per_class = err / (n C), total = sum(per_class) / #present
     weight = (grad_per_class + grad_total / num_present) / (counts * pred.shape[1]).clamp(min=1)
     weight = torch.where(present, weight, 0.0)
-    grad = torch.ops.fastseg.classwise_masked_recon_loss_backward(weight, pred, target, labels, masked,
-                                                                  ctx.normalize_target, ctx.patch_size)
+    with run_triton_on_cpu(ctx.triton_on_cpu):
+        grad = torch.ops.fastseg.classwise_masked_recon_loss_backward(weight, pred, target, labels, masked,
+                                                                      ctx.normalize_target, ctx.patch_size)
     return grad, None, None, None, None, None, None, None, None
 
 

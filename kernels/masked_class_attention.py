@@ -336,12 +336,17 @@ def _masked_class_attention_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _blocks(num_q: int, d: int) -> tuple[int, int, int]:
-    """``(BLOCK_Q, BLOCK_N, BLOCK_D)`` of every kernel of the op."""
+def _blocks(num_q: int, d: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_Q, BLOCK_N, BLOCK_D, num_warps)`` of the forward or the backward kernels; checked by
+    `fastseg bench --static` on sm_80..sm_90: fp32 (FMA dots, operands in registers) needs 8 warps, and 32 x 32
+    tiles in the backward, to stay free of spills; the fp16 / bf16 backward spilled with 4 warps."""
     block_d = pow2(d)
     block_q = min(64, pow2(num_q))
     block_n = 64 if block_d <= 64 else 32
-    return block_q, block_n, block_d
+    if dtype == torch.float32 and backward:
+        block_q, block_n = min(32, block_q), 32
+    num_warps = 8 if (dtype == torch.float32 or backward) else 4
+    return block_q, block_n, block_d, num_warps
 
 
 def _mask_args(mask: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -361,7 +366,7 @@ def _masked_class_attention_fwd_triton(
     lse = q.new_empty((bsz, heads, num_q), dtype=torch.float32)
     if out.numel() == 0 or n == 0:  # no query, or no pixel to attend to: zero output, lse = log(0)
         return out.zero_(), lse.fill_(float("-inf"))
-    block_q, block_n, block_d = _blocks(num_q, d)
+    block_q, block_n, block_d, num_warps = _blocks(num_q, d, q.dtype, backward=False)
     q_blocks = triton.cdiv(num_q, block_q)
     n_splits, chunk = num_splits(n, block_n, q_blocks * bsz * heads, target_programs(q.device), splits)
     mask_u8, row_any, mask_strides = _mask_args(mask, q)
@@ -377,7 +382,7 @@ def _masked_class_attention_fwd_triton(
         *strides(q), *strides(k), *strides(v), *mask_strides,
         bsz, heads, num_q, n, d, chunk, float(scale),
         HAS_MASK=mask is not None, FINAL=final, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
     if not final:
         _masked_class_attention_combine_kernel[(q_blocks, bsz * heads)](
@@ -403,11 +408,11 @@ def _masked_class_attention_bwd_triton(
         delta = delta - grad_lse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
-    block_q, block_n, block_d = _blocks(num_q, d)
+    block_q, block_n, block_d, num_warps = _blocks(num_q, d, q.dtype, backward=True)
     mask_u8, row_any, mask_strides = _mask_args(mask, q)
     args = (*strides(q), *strides(k), *strides(v), *mask_strides)
     common = dict(HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(q.dtype), BLOCK_Q=block_q,
-                  BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+                  BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     _masked_class_attention_bwd_kernel[(triton.cdiv(n, block_n), bsz * heads, 1)](
         q, k, v, mask_u8, row_any, grad_out, lse, delta, dk, dv, lse, *args,
         bsz, heads, num_q, n, d, n, float(scale), COMPUTE_DQ=False, **common,

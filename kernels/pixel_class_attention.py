@@ -8,16 +8,17 @@ Pixels are the queries; K class embeddings are the keys and values. Per batch ``
 
 ECENet computes ``softmax(rowmax(A) - A)`` with ``A = q k^T * scale`` (= softmax(-A)) and uses the head-mean of the
 *positive-sense, scaled* logits ``A`` as the stage mask; ``logits_mean`` is exactly that. Backward (recomputing ``P``
-from q and k, all K classes on chip)::
+from q and k, class tile by class tile)::
 
     dP = dout @ v^T     dA = P * (dP - rowsum(P * dP))     dS = sign * dA + dM^T / h
     dq = scale * dS @ k      dk = scale * dS^T @ q       dv = P^T @ dout
 
-Kernels. One program owns a tile of pixels and every class (K <= 256), so the forward is a single pass with no online
-softmax; when the mean is requested the program also loops over the heads, which keeps the head-mean free of atomics.
-The backward is two kernels: dq per pixel tile (it also writes the per-pixel base-2 log-sum-exp and
-``rowsum(P * dP)``), and dk / dv per class block with the pixels split into chunks whose fp32 partial sums are added
-afterwards (deterministic, no atomics).
+Kernels. One forward program owns a tile of pixels and streams the classes in tiles with an online softmax (shared
+memory holds a few k / v tiles, not all K classes); when the mean is requested the program also loops over the heads,
+which keeps the head-mean free of atomics (a second pass over class tiles sums ``q_h k_h^T`` over heads).
+The backward is two kernels: dq per pixel tile, two passes over class tiles (it also writes the per-pixel base-2
+log-sum-exp and ``rowsum(P * dP)``), and dk / dv per class block with the pixels split into chunks whose fp32
+partial sums are added afterwards (deterministic, no atomics).
 
 NaN / inf policy: none is imposed; non-finite values propagate as in the reference, and the Triton kernel and the
 reference agree on them (tests/kernels/test_pixel_class_attention.py checks it). A pixel whose softmax input
@@ -43,6 +44,7 @@ from ._utils import (
     MAX_HEAD_DIM,
     check_qkv,
     dot_precision,
+    gpu_target,
     kernel_fits,
     num_splits,
     pow2,
@@ -108,6 +110,24 @@ def _pixel_class_attention_bwd_ref(
 # The kernels and launchers keep their hand layout (one line per group of arguments): no formatter.
 # fmt: off
 @triton.jit
+def _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd, stride_vk, stride_vd, scale,
+                NEGATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One class tile: its offsets and mask, its k and v rows, and the base-2 logits ``sign * scale * q k^T * log2(e)``
+    of the pixel tile ``q`` against it (``-inf`` for padded classes: they get no weight)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < NUM_K
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_head + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_head + offs_k[:, None] * stride_vk + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_K), fp32
+    if NEGATE:
+        a = -s * LOG2E
+    else:
+        a = s * LOG2E
+    return offs_k, k_ok, k, v, tl.where(k_ok[None, :], a, float("-inf"))
+
+
+@triton.jit
 def _pixel_class_attention_fwd_kernel(
     q_ptr,  # (B, H, N, D) any strides
     k_ptr,  # (B, H, NUM_K, D) any strides
@@ -119,42 +139,57 @@ def _pixel_class_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vk, stride_vd,
     H, N, NUM_K, D, HEADS_PER_PROGRAM, scale, inv_heads,
     NEGATE: tl.constexpr, WRITE_MEAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KV_STAGES: tl.constexpr,
 ):
+    # Classes are streamed in BLOCK_K tiles with an online softmax, so shared memory holds KV_STAGES k / v tiles
+    # (not every class of every head): bf16 d=64 fits an L4's 99 KB and d=128 fits everywhere.
     pid_n = tl.program_id(0)
     groups = H // HEADS_PER_PROGRAM
     b = (tl.program_id(1) // groups).to(tl.int64)
     h0 = (tl.program_id(1) % groups) * HEADS_PER_PROGRAM
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok, k_ok, d_ok = offs_n < N, offs_k < NUM_K, offs_d < D
-    mean_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for i in range(0, HEADS_PER_PROGRAM):
+    n_ok, d_ok = offs_n < N, offs_d < D
+    nd_mask = n_ok[:, None] & d_ok[None, :]
+    q_rows = q_ptr + b * stride_qb + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    for i in tl.range(0, HEADS_PER_PROGRAM, num_stages=1):
         h = (h0 + i).to(tl.int64)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_k[:, None] * stride_vk + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_K), fp32
-        if WRITE_MEAN:
-            mean_acc += s
-        if NEGATE:
-            a = -s * LOG2E
-        else:
-            a = s * LOG2E
-        a = tl.where(k_ok[None, :], a, float("-inf"))  # padded classes get no weight
-        p = tl.exp2(a - tl.max(a, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        o_ptrs = out_ptr + ((b * H + h) * N + offs_n[:, None]) * D + offs_d[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        q = tl.load(q_rows + h * stride_qh, mask=nd_mask, other=0.0)
+        k_head = k_ptr + b * stride_kb + h * stride_kh
+        v_head = v_ptr + b * stride_vb + h * stride_vh
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
+            offs_k, k_ok, k, v, a = _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd,
+                                             stride_vk, stride_vd, scale, NEGATE, DOT_PRECISION, BLOCK_K)
+            m_new = tl.maximum(m, tl.max(a, axis=1))
+            # A row whose logits so far are all -inf keeps m = -inf: shift by 0 so that exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(a - m_safe[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m = m_new
+        o_ptrs = out_ptr + ((b * H + h) * N + offs_n[:, None]) * D + offs_d[None, :]  # out is contiguous
+        tl.store(o_ptrs, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=nd_mask)
     if WRITE_MEAN:
-        m_ptrs = mean_ptr + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None]
-        tl.store(m_ptrs, (mean_acc * inv_heads).to(mean_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+        # Head-mean of the logits per class tile: sum_h q_h k_h^T is one reduction over (head, d); the q tiles are
+        # re-read from L1 / L2 per class tile (K / BLOCK_K times), which costs no HBM traffic.
+        for k0 in range(0, NUM_K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < NUM_K
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k_rows = k_ptr + b * stride_kb + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd
+            mean_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for i in tl.range(0, HEADS_PER_PROGRAM, num_stages=KV_STAGES):
+                h = (h0 + i).to(tl.int64)
+                q = tl.load(q_rows + h * stride_qh, mask=nd_mask, other=0.0)
+                k = tl.load(k_rows + h * stride_kh, mask=kv_mask, other=0.0)
+                mean_acc = tl.dot(q, tl.trans(k), mean_acc, input_precision=DOT_PRECISION)
+            m_ptrs = mean_ptr + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None]  # mean is contiguous (B, K, N)
+            tl.store(m_ptrs, (mean_acc * (scale * inv_heads)).to(mean_ptr.dtype.element_ty),
+                     mask=n_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -172,47 +207,56 @@ def _pixel_class_attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vk, stride_vd,
     H, N, NUM_K, D, scale, inv_heads,
     NEGATE: tl.constexpr, HAS_DMEAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KV_STAGES: tl.constexpr,
 ):
+    # Two passes over class tiles (shared memory holds KV_STAGES k / v tiles, registers BLOCK_N x BLOCK_K tiles,
+    # whatever K): pass 1 gets the row max m, the sum l and t = sum_k exp(a - m) dP (all rescaled online), so that
+    # lse = m + log2(l) and delta = rowsum(P * dP) = t / l; pass 2 forms dS per tile and accumulates dq.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok, k_ok, d_ok = offs_n < N, offs_k < NUM_K, offs_d < D
+    n_ok, d_ok = offs_n < N, offs_d < D
     nd_mask = n_ok[:, None] & d_ok[None, :]
-    kv_mask = k_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=nd_mask, other=0.0)
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_k[:, None] * stride_vk + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
-    row = (bh * N + offs_n[:, None]) * D + offs_d[None, :]
+    row = (bh * N + offs_n[:, None]) * D + offs_d[None, :]  # dout and dq are contiguous (B, H, N, D)
     do = tl.load(dout_ptr + row, mask=nd_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-    if NEGATE:
-        a = -s * LOG2E
-    else:
-        a = s * LOG2E
-    a = tl.where(k_ok[None, :], a, float("-inf"))
-    m = tl.max(a, axis=1)
-    p = tl.exp2(a - m[:, None])
-    denom = tl.sum(p, axis=1)
-    p = p / denom[:, None]
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    delta = tl.sum(p * dp, axis=1)
-    ds = p * (dp - delta[:, None])
-    if NEGATE:
-        ds = -ds
-    if HAS_DMEAN:
-        dm = tl.load(dmean_ptr + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None],
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        ds += dm.to(tl.float32) * inv_heads
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale
-    tl.store(dq_ptr + row, dq.to(dq_ptr.dtype.element_ty), mask=nd_mask)
-    tl.store(lse2_ptr + bh * N + offs_n, m + tl.log2(denom), mask=n_ok)
+    k_head = k_ptr + b * stride_kb + h * stride_kh
+    v_head = v_ptr + b * stride_vb + h * stride_vh
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
+        offs_k, k_ok, k, v, a = _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd,
+                                         stride_vk, stride_vd, scale, NEGATE, DOT_PRECISION, BLOCK_K)
+        m_new = tl.maximum(m, tl.max(a, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
+        alpha = tl.exp2(m - m_safe)
+        e = tl.exp2(a - m_safe[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        l = l * alpha + tl.sum(e, axis=1)
+        t = t * alpha + tl.sum(e * dp, axis=1)
+        m = m_new
+    lse2 = m + tl.log2(l)
+    delta = t / l
+    dq = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for k0 in tl.range(0, NUM_K, BLOCK_K, num_stages=KV_STAGES):
+        offs_k, k_ok, k, v, a = _class_tile(q, k_head, v_head, k0, NUM_K, offs_d, d_ok, stride_kk, stride_kd,
+                                         stride_vk, stride_vd, scale, NEGATE, DOT_PRECISION, BLOCK_K)
+        p = tl.where(k_ok[None, :], tl.exp2(a - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if NEGATE:
+            ds = -ds
+        if HAS_DMEAN:
+            dm = tl.load(dmean_ptr + (b * NUM_K + offs_k[None, :]) * N + offs_n[:, None],
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            ds += dm.to(tl.float32) * inv_heads
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    tl.store(dq_ptr + row, (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
+    tl.store(lse2_ptr + bh * N + offs_n, lse2, mask=n_ok)  # base-2 log-sum-exp of sign * S
     tl.store(delta_ptr + bh * N + offs_n, delta, mask=n_ok)
 
 
@@ -283,13 +327,22 @@ def _pixel_class_attention_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _blocks(num_k: int, d: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_K, BLOCK_D, num_warps)`` of the forward and the dq kernel."""
-    block_k, block_d = pow2(num_k), pow2(d)
-    # Keep the (BLOCK_N x BLOCK_K) fp32 logits tile around 8K elements: 32 pixels at K=256, 128 at K<=64.
-    block_n = max(16, min(128, 8192 // block_k))
-    num_warps = 4 if block_k * block_d <= 64 * 64 else 8
-    return block_n, block_k, block_d, num_warps
+def _tiles(num_k: int, d: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Forward tiles: pixels x class tile, k / v tiles pipelined as deep as the GPU's shared memory allows."""
+    block_d = pow2(d)
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units with operands in registers: small tiles, no spills
+        block_n, block_k = 32, min(32, pow2(num_k))
+    else:
+        block_n, block_k = 64, min(64, pow2(num_k))
+    size = torch.finfo(dtype).bits // 8
+    per_stage = 2 * block_k * block_d * size  # one k and one v tile
+    fixed = (block_n * block_d + block_n * block_k) * size  # q and p staged through shared memory for the dots
+    budget = gpu_target(device).smem_per_block
+    # fp32: 2 stages (3 spilled 4 B on sm_90 with the head-mean pass; static report).
+    stages = max(1, min(2 if dtype == torch.float32 else 3, (budget - fixed) // per_stage))
+    # fp16 / bf16: 8 warps (4 spilled 16 B on sm_80 with the head-mean pass; static report).
+    num_warps = 4 if dtype == torch.float32 else 8
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "KV_STAGES": stages, "num_warps": num_warps}
 
 
 def _pixel_class_attention_fwd_triton(
@@ -303,14 +356,13 @@ def _pixel_class_attention_fwd_triton(
         return out, mean
     if num_k == 0:  # softmax over no class: no weight anywhere (the reference gives zeros too)
         return out.zero_(), mean
-    block_n, block_k, block_d, num_warps = _blocks(num_k, d)
+    cfg = _tiles(num_k, d, q.dtype, q.device)
     heads_per_program = heads if return_logits_mean else 1  # the head-mean needs every head in one program
-    grid = (triton.cdiv(n, block_n), bsz * (heads // heads_per_program))
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), bsz * (heads // heads_per_program))
     _pixel_class_attention_fwd_kernel[grid](
         q, k, v, out, mean, *strides(q), *strides(k), *strides(v),
         heads, n, num_k, d, heads_per_program, float(scale), 1.0 / heads,
-        NEGATE=bool(negate), WRITE_MEAN=bool(return_logits_mean), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
+        NEGATE=bool(negate), WRITE_MEAN=bool(return_logits_mean), DOT_PRECISION=dot_precision(q.dtype), **cfg,
     )
     return out, mean
 
@@ -327,25 +379,29 @@ def _pixel_class_attention_bwd_triton(
     grad_out = grad_out.contiguous()
     has_dmean = grad_mean is not None and grad_mean.numel() > 0
     dmean = grad_mean.contiguous() if has_dmean else grad_out  # dummy pointer when absent
-    block_n, block_k, block_d, num_warps = _blocks(num_k, d)
+    cfg = _tiles(num_k, d, q.dtype, q.device)  # the forward's tiles (two k / v tiles per stage)
+    block_d = cfg["BLOCK_D"]
     lse2 = q.new_empty((bsz, heads, n), dtype=torch.float32)
     delta = torch.empty_like(lse2)
-    common = dict(NEGATE=bool(negate), HAS_DMEAN=has_dmean, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
-    _pixel_class_attention_bwd_dq_kernel[(triton.cdiv(n, block_n), bsz * heads)](
+    common = dict(NEGATE=bool(negate), HAS_DMEAN=has_dmean, DOT_PRECISION=dot_precision(q.dtype))
+    _pixel_class_attention_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), bsz * heads)](
         q, k, v, grad_out, dmean, dq, lse2, delta, *strides(q), *strides(k), *strides(v),
-        heads, n, num_k, d, float(scale), 1.0 / heads,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **common,
+        heads, n, num_k, d, float(scale), 1.0 / heads, **cfg, **common,
     )
-    block_kb = min(64, block_k)
+    # dk / dv: a class block of BLOCK_KB accumulates two (BLOCK_KB, d) fp32 tiles while streaming pixel tiles;
+    # fp32 (FMA dots, operands in registers) and d = 128 take half-size tiles, and all need 8 warps, to stay free
+    # of spills (4 warps spilled ~0.5 KB in bf16 and ~1 KB in fp32 on sm_80..sm_90; static report).
+    small = q.dtype == torch.float32 or block_d > 64
+    block_kb = min(32 if small else 64, pow2(num_k))
     k_blocks = triton.cdiv(num_k, block_kb)
-    block_n_kv = 64 if block_d <= 64 else 32
+    block_n_kv = 32 if small else 64
     n_splits, chunk = num_splits(n, block_n_kv, k_blocks * bsz * heads, target_programs(q.device), splits)
     dk_part = q.new_empty((n_splits, bsz, heads, num_k, d), dtype=torch.float32)
     dv_part = torch.empty_like(dk_part)
     _pixel_class_attention_bwd_dkdv_kernel[(k_blocks, bsz * heads, n_splits)](
         q, k, v, grad_out, dmean, lse2, delta, dk_part, dv_part, *strides(q), *strides(k), *strides(v),
         bsz, heads, n, num_k, d, chunk, float(scale), 1.0 / heads,
-        BLOCK_N=block_n_kv, BLOCK_KB=block_kb, num_warps=4, **common,
+        BLOCK_N=block_n_kv, BLOCK_KB=block_kb, BLOCK_D=block_d, num_warps=8, **common,
     )
     dk.copy_(dk_part.sum(0))
     dv.copy_(dv_part.sum(0))

@@ -52,6 +52,7 @@ from ._utils import (
     check_same_device,
     check_tensor,
     dot_precision,
+    gpu_target,
     interpreter_enabled,
     pow2,
     ref_chunk_rows,
@@ -209,9 +210,12 @@ def _vq_nearest_fwd_kernel(
 
     if SINGLE_D:  # the whole row fits one tile: centre it once, keep it in registers for every code tile
         dmask = offs_d < D
-        zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                     mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        zc_full = zt - tl.load(centre_ptr + offs_d, mask=dmask, other=0.0)[None, :]
+        # Its own name: a `zt` here (fp32) would make the distance loop's `zt` (input dtype) loop-carried, which
+        # the compiler rejects for fp16 / bf16 ("Loop-carried variable zt ... re-assigned"); the interpreter
+        # does not type-check that, only `fastseg bench --static` / tests/test_static.py see it.
+        z_row = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                        mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        zc_full = z_row - tl.load(centre_ptr + offs_d, mask=dmask, other=0.0)[None, :]
         if DOT_FP32:
             zc_full = tl.where(row_ok[:, None] & dmask[None, :], zc_full, 0.0)
         else:
@@ -300,16 +304,20 @@ def _vq_nearest_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _tile_config(d: int, dtype: torch.dtype) -> dict[str, int]:
-    """Fixed (not autotuned) tiles: small ones in the interpreter so that tests cross tile borders cheaply."""
+def _tile_config(d: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Fixed (not autotuned) tiles per architecture, checked by `fastseg bench --static` (no spills, shared memory
+    within the block limit); small ones in the interpreter so that tests cross tile borders cheaply."""
     block_d = pow2(d)
-    if interpreter_enabled():
+    if interpreter_enabled() and device.type == "cpu":
         return {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": min(block_d, 64), "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # ieee fp32 dot runs on CUDA cores: smaller tiles
         return {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": min(block_d, 32), "num_warps": 4, "num_stages": 2}
     block_d = min(block_d, 256)
-    return {"BLOCK_N": 128, "BLOCK_K": 128 if block_d <= 64 else 64, "BLOCK_D": block_d, "num_warps": 8,
-            "num_stages": 2}  # fmt: skip
+    # 163 KB+ per block (A100, Orin, H100): 128 rows, 3 stages (180 registers, no spill at D=256). 99 KB parts
+    # (sm_86, L4): 64 rows, 2 stages (128 rows x 2 stages is 97 KB and spilled 4 B on sm_80; 64 rows: 65 KB).
+    big = gpu_target(device).smem_per_block >= 160 * 1024
+    return {"BLOCK_N": 128 if big else 64, "BLOCK_K": 128 if block_d <= 64 else 64, "BLOCK_D": block_d,
+            "num_warps": 8, "num_stages": 3 if big else 2}
 
 
 def _vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +333,7 @@ def _vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.T
     # code_sq holds the norms of the operands the dot really sees (rounded to bf16 / fp16 on the GPU fast path)
     centre, codes_c, code_sq = _prepare_codes(codebook, torch.float32 if dot_fp32 else z.dtype)
     centre, codes_c, code_sq = centre.contiguous(), codes_c.contiguous(), code_sq.contiguous()
-    cfg = _tile_config(d, z.dtype)
+    cfg = _tile_config(d, z.dtype, z.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _vq_nearest_fwd_kernel[grid](
         z, codebook, centre, codes_c, code_sq, index, sqdist,

@@ -9,6 +9,8 @@
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ def main() -> None:
         metrics = matrix.compute()
         results[name] = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
         print(f"{name:13s} mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+    results["command"] = shlex.join(["python", *sys.argv])
     results["majority_class"] = cfg.class_names[majority]
     results["val_length"] = args.val_length
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ __all__ = [
     "kernel_families",
     "measure",
     "synchronize",
+    "compare_outputs",
 ]
 
 
@@ -195,3 +196,41 @@ def measure(
         if len(samples) >= 3 and time.perf_counter() - started > max_seconds:
             break
     return Timing(samples)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def compare_outputs(out: Any, ref: Any, dtype: torch.dtype) -> str | None:
+    """Why ``out`` (a provider's result) disagrees with ``ref`` (the reference provider's), or None.
+
+    Floating tensors: max |out - ref| within ``atol + rtol * max |ref|`` (rtol 1e-3 for fp32 inputs, 3e-2 for fp16 /
+    bf16: a provider may round differently, never by a visible amount). Integer tensors (indices): at least 99 % equal
+    (a near-tie may legitimately resolve differently under another summation order); shapes must match exactly.
+    """
+    outs, refs = _tensors(out), _tensors(ref)
+    if len(outs) != len(refs):
+        return f"returns {len(outs)} tensors, the reference {len(refs)}"
+    rtol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        if tuple(o.shape) != tuple(r.shape):
+            return f"output {i}: shape {tuple(o.shape)} != reference {tuple(r.shape)}"
+        if o.numel() == 0:
+            continue
+        if o.is_floating_point() or r.is_floating_point():
+            o64, r64 = o.detach().double().cpu(), r.detach().double().cpu()
+            finite = torch.isfinite(r64)
+            if not torch.equal(finite, torch.isfinite(o64)):
+                return f"output {i}: NaN / inf where the reference has none (or the reverse)"
+            scale = r64[finite].abs().max().item() if finite.any() else 0.0
+            err = (o64 - r64)[finite].abs().max().item() if finite.any() else 0.0
+            if err > 1e-5 + rtol * scale:
+                return f"output {i}: max |error| {err:.3g} > {1e-5 + rtol * scale:.3g} (max |ref| {scale:.3g})"
+        else:
+            agree = (o.cpu() == r.cpu()).double().mean().item()
+            if agree < 0.99:
+                return f"output {i}: only {agree:.1%} of the integer outputs equal the reference's"
+    return None

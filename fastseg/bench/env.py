@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -72,6 +73,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "fastseg_commit": git_commit(),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "<unset: spinning>"),
     }
     if device.type == "cuda":
         info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))

@@ -272,6 +272,8 @@ def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
         f"cuda {env.get('cuda')}  onnxruntime {env.get('onnxruntime')}  fastseg {env['fastseg']} "
         f"({env.get('fastseg_commit') or 'no git'})"
     )
+    if env["device_type"] == "cpu":  # CPU timings depend on these; a shared machine must be read with them
+        header += f"\nCPU threads {env.get('cpu_threads')}  OMP_WAIT_POLICY {env.get('omp_wait_policy')}"
     cols = ["kind", "name", "provider", "shape", "dtype", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s", "% roof",
             "speed-up", "img/s"]
     lines = []
@@ -306,7 +308,8 @@ def save_json(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path, a
 
 
 def save_plot(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path) -> None:
-    """One horizontal bar chart of median times (log scale) with p20-p80 error bars, grouped by case."""
+    """One panel per op: time per call for each shape (ordered by the bytes the op must move), a line per provider,
+    and the device's bandwidth roofline (min bytes / peak GB/s) as a dashed line; models get one bar panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,21 +318,50 @@ def save_plot(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path) -
     done = [r for r in rows if r.ok]
     if not done:
         raise ValueError("nothing was measured, so there is nothing to plot")
-    labels = [f"{r.name} {r.shape} [{r.provider}]" for r in done]
-    medians = [r.median_ms for r in done]
-    errors = [[r.median_ms - r.p20_ms for r in done], [r.p80_ms - r.median_ms for r in done]]
-    fig, ax = plt.subplots(figsize=(11, 0.28 * len(done) + 1.5))
+    kernels = [r for r in done if r.kind == "kernel" and r.gbps]
+    models = [r for r in done if r.kind != "kernel" or not r.gbps]
+    ops = sorted({r.name for r in kernels})
+    panels = len(ops) + (1 if models else 0)
+    cols = min(3, panels)
+    nrows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
     providers = sorted({r.provider for r in done})
-    palette = plt.get_cmap("tab20").colors
+    palette = plt.get_cmap("tab10").colors
     colour_of = {p: palette[i % len(palette)] for i, p in enumerate(providers)}
-    ax.barh(range(len(done)), medians, xerr=errors, color=[colour_of[r.provider] for r in done])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour_of[p]) for p in providers]
-    ax.legend(handles, providers, fontsize=7, loc="lower right", title="provider", title_fontsize=7)
-    ax.set_yticks(range(len(done)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("median time per call (ms, log scale; bars p20-p80)")
-    ax.set_title(f"fastseg bench on {env['device']} - torch {env['torch']}", fontsize=9)
+    peak_gbps = (env.get("peak") or {}).get("hbm_gbps")
+    for ax, op in zip(axes.flat, ops):
+        sub = [r for r in kernels if r.name == op]
+        # Shapes in order of the bytes they must move (GB/s x ms = MB; one value per shape, whatever the provider).
+        mb_of: dict[str, float] = {}
+        for r in sub:
+            mb_of.setdefault(r.shape, r.gbps * r.median_ms)
+        shapes = sorted(mb_of, key=mb_of.get)
+        xs = {shape: i for i, shape in enumerate(shapes)}
+        for provider in sorted({r.provider for r in sub}):
+            pts = sorted((xs[r.shape], r.median_ms) for r in sub if r.provider == provider)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=provider, color=colour_of[provider])
+        if peak_gbps:
+            ax.plot(range(len(shapes)), [mb_of[sh] / peak_gbps for sh in shapes], "k--", lw=1, marker="_", ms=18,
+                    label=f"roofline ({peak_gbps:.0f} GB/s)")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shapes)), [f"{sh}\n{mb_of[sh]:.0f} MB" for sh in shapes], fontsize=5, rotation=15)
+        ax.set_xlim(-0.5, len(shapes) - 0.5)
+        ax.set_title(op, fontsize=9)
+        ax.set_ylabel("median ms per call (log)", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.grid(True, which="both", lw=0.3)
+    if models:
+        ax = axes.flat[len(ops)]
+        labels = [f"{r.name} [{r.provider}]" for r in models]
+        values = [r.images_per_s or 1e3 / r.median_ms for r in models]
+        ax.barh(range(len(models)), values, color=[colour_of[r.provider] for r in models])
+        ax.set_yticks(range(len(models)), labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel("images / s (or calls / s)", fontsize=8)
+        ax.set_title("models and stages", fontsize=9)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    fig.suptitle(f"fastseg bench on {env['device']} - torch {env['torch']}", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

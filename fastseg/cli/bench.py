@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import parse_device, parse_size
@@ -17,7 +18,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.runner import environment, format_table, run_kernels, run_models, run_stages, save_json, save_plot
     from ..registry import list_models
 
+    if args.static:  # compile reports for NVIDIA targets + traffic model; no timing, no GPU needed
+        from ..bench.static import problems, run_static
+
+        report = run_static(full=args.full)
+        return 1 if any(problems(r) for r in report["rows"] if r["shipped"]) else 0
     device = parse_device(args.device)
+    as_command = os.path.basename(sys.argv[0]) in ("fastseg", "__main__.py")  # not when called in-process (tests)
+    if (device.type == "cpu" and as_command and os.environ.get("OMP_WAIT_POLICY") is None
+            and not os.environ.get("FASTSEG_NO_REEXEC")):
+        # OpenMP reads its wait policy once, when torch loads: spinning threads made every case 10-20x slower beside
+        # one other busy process. Run again with passive waiting (and say so in the table header).
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["FASTSEG_NO_REEXEC"] = "1"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fastseg.cli", *sys.argv[1:]])
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     env = environment(device)
     print(f"fastseg bench on {env['device']} ({device.type}); torch {env['torch']}, triton {env.get('triton')}")
@@ -47,6 +64,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"plot: {args.plot}")
         except ValueError as err:
             print(f"no plot: {err}", file=sys.stderr)
+    if device.type != "cuda" and args.static_after:
+        # Without a GPU, show what the kernels would do on one: the static report (cached compiles) after the timings.
+        from ..bench.static import run_static
+
+        print()
+        run_static(full=False, out=None, table_targets=("sm_87", "sm_90"))
     return 0 if any(r.ok for r in rows) else 1
 
 
@@ -65,6 +88,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", action="store_true",
                    help="also time each inference stage, reference vs fused (models with stages, e.g. gss_*)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the timed region (default: the cores this process may use)")
     p.add_argument("--json", help="write rows and environment as JSON")
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")
+    p.add_argument("--static", action="store_true",
+                   help="only the static GPU report: every Triton kernel compiled for sm_80/86/87/89/90 (registers, "
+                        "spills, shared memory, tensor cores, occupancy) and the traffic model; no GPU needed")
+    p.add_argument("--no-static", dest="static_after", action="store_false",
+                   help="on a CPU-only machine, do not print the static report after the timings")
     p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "ecenet_resnet18"])

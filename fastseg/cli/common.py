@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-__all__ = ["add_world_args", "model_kwargs", "parse_device", "parse_ints", "parse_size", "shapes_world"]
+__all__ = ["add_world_args", "model_kwargs", "parse_device", "parse_ints", "parse_size", "shapes_world", "train_config"]
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -29,12 +29,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return values  # type: ignore[return-value]
 
 
-def model_kwargs(pairs: list[str]) -> dict[str, Any]:
+def model_kwargs(pairs: list[str] | None, flag: str = "--model-arg") -> dict[str, Any]:
     """``["impl=torch", "fpn_channels=64"]`` -> kwargs, values parsed as JSON when they parse."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         try:
             out[key] = json.loads(value)
@@ -54,9 +54,23 @@ def parse_device(name: str):
 
 
 def shapes_world(args: argparse.Namespace):
-    from ..data.shapes import ShapesConfig
+    from ..data.shapes import ShapesConfig, zero_shot_config
 
+    if getattr(args, "world", "default") == "zero-shot":
+        return zero_shot_config(image_size=args.image_size)
     return ShapesConfig(image_size=args.image_size)
+
+
+def train_config(args: argparse.Namespace, out_dir):
+    """The `TrainConfig` of ``fastseg train``'s optimisation options."""
+    from ..engine import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+        save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
+        num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
+    )
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
@@ -64,3 +78,5 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=parse_size, default=(64, 64), metavar="H[,W]", help="shapes-world image size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model option (repeatable)")
+    p.add_argument("--world", choices=["default", "zero-shot"], default="default",
+                   help="shapes world: default, or zero-shot (a fifth texture, snow, as unseen stuff)")

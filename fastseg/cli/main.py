@@ -1,5 +1,6 @@
 """The ``fastseg`` command: the parser and the dispatch; each command group lives in its own module
-(`train`: list / train / eval / predict / shapes; `export`: export / verify; `bench`; `gss`).
+(`train`: list / train / eval / predict / shapes; `data`: the --data options and `datasets`; `export`: export /
+verify; `bench`; `gss`; `semples`: clip and semples).
 
 Every sub-command works offline on the built-in shapes world by default.
 """
@@ -10,8 +11,10 @@ import argparse
 import sys
 
 from .bench import add_bench_command
+from .data import add_datasets_command
 from .export import add_export_commands
 from .gss import add_gss_commands
+from .semples import add_semples_commands
 from .train import add_train_commands
 
 __all__ = ["build_parser", "main"]
@@ -24,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_commands(sub)  # list, train, eval, predict, shapes
     add_bench_command(sub)  # bench
+    add_datasets_command(sub)  # datasets [NAME --data-root DIR]
     add_export_commands(sub)  # export, verify
     add_gss_commands(sub)  # gss roundtrip | fit-tokenizer | convert-dalle
+    add_semples_commands(sub)  # clip train | eval; semples weaktr | match | prompts | refine | evaluate | pseudo-masks
     return parser
 
 

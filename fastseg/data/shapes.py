@@ -7,12 +7,15 @@ supervision the five methods need from one generator:
   square, triangle, star, ring, cross, ellipse, diamond), with ``ignore_index`` on a thin band around each thing
   where the anti-aliased edge makes the label ambiguous;
 * **instances** (``"instances"``): panoptic-style ids, 0 for stuff, 1..n for things in paint order, and
-  ``"instance_classes"`` giving the class of each id;
+  ``"instance_classes"`` giving the class of each id; with ``panoptic=True`` also ``"panoptic"``, the map in the
+  common ``class_id * LABEL_DIVISOR + instance_id`` encoding (stuff: instance 0; ignore pixels: ``VOID`` = -1),
+  written as COCO panoptic / instance files by `fastseg.data.coco`;
 * **image-level labels** (``"image_labels"``): multi-hot of the classes present in the mask (weak supervision);
 * **labelled / unlabelled subsets** of the train split by fraction (semi-supervision); the unlabelled subset still
   carries its masks for evaluation, with ``"labelled"`` False saying they must not be trained on;
 * **seen / unseen classes** with plain-English names (zero-shot; text embeddings are made from the names), and an
   ``unseen`` mode that either keeps, ignores or never draws the unseen classes (the ZSS and ZSP training protocols);
+  `zero_shot_config` adds a fifth texture (snow) as an unseen *stuff* class next to the two unseen things;
 * **class-dependent co-occurrence**: each thing class prefers one stuff texture and sits on it with probability
   ``cooccurrence`` (0.8 by default, chance is 1/4), the spurious background correlation SemPLeS must suppress.
 
@@ -48,6 +51,7 @@ from ..registry import default_palette
 __all__ = [
     "CLASS_NAMES",
     "IGNORE_INDEX",
+    "LABEL_DIVISOR",
     "MEAN",
     "PALETTE",
     "SEEN_CLASSES",
@@ -55,16 +59,21 @@ __all__ = [
     "STUFF_CLASSES",
     "THING_CLASSES",
     "UNSEEN_CLASSES",
+    "VOID",
     "ShapesConfig",
     "ShapesDataset",
     "benchmark_generation",
     "make_palette",
+    "panoptic_map",
     "pretrained_cfg_fields",
     "unnormalize",
+    "zero_shot_config",
 ]
 
-# Every texture and shape the renderer knows. A config picks a subset (in any order) as its class list.
-KNOWN_STUFF: tuple[str, ...] = ("sky", "grass", "water", "sand")
+# Every texture and shape the renderer knows. A config picks a subset (in any order) as its class list. "snow" is
+# the optional fifth texture (zero-shot unseen stuff); the default world keeps the first four.
+KNOWN_STUFF: tuple[str, ...] = ("sky", "grass", "water", "sand", "snow")
+DEFAULT_STUFF: tuple[str, ...] = KNOWN_STUFF[:4]
 KNOWN_THINGS: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "ellipse", "diamond")
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -75,6 +84,8 @@ DEFAULT_LENGTHS: dict[str, int] = {"train": 4096, "val": 512, "test": 512}
 MEAN: tuple[float, float, float] = (0.450, 0.571, 0.495)
 STD: tuple[float, float, float] = (0.276, 0.172, 0.260)
 IGNORE_INDEX = 255
+LABEL_DIVISOR = 1000  # panoptic id = class_id * LABEL_DIVISOR + instance_id
+VOID = -1  # panoptic id of ignore pixels
 
 # Hand-picked, mutually distinct colours for the default 12 classes (stuff first, then things); further
 # classes get golden-ratio hues from `make_palette`.
@@ -129,7 +140,7 @@ class ShapesConfig:
     """
 
     image_size: int | tuple[int, int] = 64
-    stuff_classes: tuple[str, ...] = KNOWN_STUFF
+    stuff_classes: tuple[str, ...] = DEFAULT_STUFF
     thing_classes: tuple[str, ...] = KNOWN_THINGS
     unseen_classes: tuple[str, ...] = ("ellipse", "diamond")
     min_instances: int = 1
@@ -265,7 +276,35 @@ def pretrained_cfg_fields(config: ShapesConfig = _DEFAULT) -> dict[str, Any]:
         "thing_classes": list(config.thing_ids),
         "seen_classes": list(config.seen_ids),
         "unseen_classes": list(config.unseen_ids),
+        "label_divisor": LABEL_DIVISOR,
     }
+
+
+def zero_shot_config(**overrides: Any) -> ShapesConfig:
+    """The world with a fifth texture (snow) as unseen stuff beside the unseen things ellipse and diamond, so
+    zero-shot panoptic covers stuff as well as things (class ids: 5 stuff, then 8 things)."""
+    fields: dict[str, Any] = {"stuff_classes": KNOWN_STUFF, "unseen_classes": ("snow", "ellipse", "diamond")}
+    fields.update(overrides)
+    return ShapesConfig(**fields)
+
+
+def panoptic_map(
+    mask: np.ndarray | torch.Tensor, instances: np.ndarray | torch.Tensor, ignore_index: int = IGNORE_INDEX,
+    label_divisor: int = LABEL_DIVISOR,
+) -> np.ndarray | torch.Tensor:
+    """``class_id * label_divisor + instance_id`` from a sample's ``mask`` and ``instances`` (same type out).
+
+    Stuff pixels have instance 0, so a stuff class is one segment per image; ``ignore_index`` pixels (the boundary
+    band, unnameable slivers, unseen classes in ``unseen="ignore"`` mode) become ``VOID`` (-1).
+    """
+    if tuple(mask.shape) != tuple(instances.shape):
+        raise ValueError(f"mask {tuple(mask.shape)} and instances {tuple(instances.shape)} differ in shape")
+    pan = mask * label_divisor + instances
+    void = mask == ignore_index
+    if isinstance(pan, torch.Tensor):
+        return pan.masked_fill(void, VOID)
+    pan[void] = VOID
+    return pan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,7 +461,19 @@ def _texture_sand(rng: _Draws, h: int, w: int) -> np.ndarray:
     return base * shade
 
 
+def _texture_snow(rng: _Draws, h: int, w: int) -> np.ndarray:
+    base = _hsv(rng.uniform(0.55, 0.62), rng.uniform(0.03, 0.12), rng.uniform(0.85, 0.97))
+    # Wind-blown drifts (low frequency, blue-grey shadows) and fine crystalline grain with sparkles.
+    drifts = _lowfreq(rng, h, w, 4)
+    shade = 1 - 0.07 * np.clip(drifts, 0, None) + 0.025 * rng.normal(h, w)
+    img = base * shade
+    img[2] += 0.03 * np.clip(-drifts, 0, None)  # bluish hollows
+    sparkle = rng.normal(h, w) > 2.2
+    return img + 0.12 * sparkle
+
+
 _TEXTURES: dict[str, Callable[[_Draws, int, int], np.ndarray]] = {
+    "snow": _texture_snow,
     "sky": _texture_sky,
     "grass": _texture_grass,
     "water": _texture_water,
@@ -525,6 +576,7 @@ class ShapesDataset(Dataset):
             ignore_index and drops their instances and image labels (zero-shot semantic training: only seen
             labels); "exclude" never draws unseen classes (zero-shot panoptic training, where images containing
             an unseen class are dropped).
+        panoptic: also return ``"panoptic"`` (see below). Off by default: existing samples stay as they were.
 
     Each sample is a dict:
         image: float32 (3, H, W), normalised with MEAN / STD.
@@ -534,6 +586,8 @@ class ShapesDataset(Dataset):
         image_labels: float32 (K,), multi-hot of the classes present in mask.
         labelled: bool scalar tensor; False means the mask is for evaluation only and must not be trained on.
         index: int, the sample's index within its split.
+        panoptic: int64 (H, W), only with ``panoptic=True``: ``class_id * LABEL_DIVISOR + instance_id``, -1 (VOID)
+            on ignore pixels (`panoptic_map`).
     """
 
     def __init__(
@@ -546,6 +600,7 @@ class ShapesDataset(Dataset):
         labelled_fraction: float = 1.0,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         unseen: Literal["keep", "ignore", "exclude"] = "keep",
+        panoptic: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
@@ -572,6 +627,11 @@ class ShapesDataset(Dataset):
         self._fraction = Fraction(labelled_fraction).limit_denominator(1_000_000)
         self.transform = transform
         self.unseen = unseen
+        self.panoptic = bool(panoptic)
+        if self.panoptic and self.config.max_instances >= LABEL_DIVISOR:
+            raise ValueError(f"panoptic ids need max_instances < LABEL_DIVISOR ({LABEL_DIVISOR}), got "
+                             f"{self.config.max_instances}")
+        self.label_divisor = LABEL_DIVISOR
 
         cfg = self.config
         self.class_names = cfg.class_names
@@ -689,7 +749,7 @@ class ShapesDataset(Dataset):
             np.where(mask == self.ignore_index, self.num_classes, mask).ravel(), minlength=self.num_classes + 1
         )
         labels = (counts[: self.num_classes] > 0).astype(np.float32)
-        return {
+        sample = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "mask": torch.from_numpy(mask),
             "instances": torch.from_numpy(instances),
@@ -698,6 +758,9 @@ class ShapesDataset(Dataset):
             "labelled": torch.from_numpy(np.array(self.is_labelled(index))),  # 0-d bool; from_numpy is 4x cheaper
             "index": index,
         }
+        if self.panoptic:
+            sample["panoptic"] = torch.from_numpy(panoptic_map(mask, instances, self.ignore_index, LABEL_DIVISOR))
+        return sample
 
     def _pick_thing(self, rng: _Draws, main_stuff: int) -> int:
         pool = self._thing_pool

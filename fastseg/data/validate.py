@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_sample"]
+__all__ = ["check_sample", "describe_bad_labels"]
 
 
 def _to_numpy(x: Any, what: str) -> np.ndarray:
@@ -98,11 +98,21 @@ def check_sample(
         raise ValueError(f"{where}mask must hold integer class ids, got dtype {m.dtype}")
     if m.size == 0:
         return
-    bad = ((m < 0) | (m >= num_classes)) & (m != ignore_index)
-    if bad.any():
-        values = np.unique(m[bad])
-        shown = ", ".join(str(int(v)) for v in values[:5]) + (", ..." if values.size > 5 else "")
+    problem = describe_bad_labels(m, num_classes, ignore_index)
+    if problem:
         raise ValueError(
-            f"{where}mask holds label {int(values[0])} ({int(bad.sum())} pixels; offending values: {shown}); "
-            f"valid labels are 0..{num_classes - 1} and ignore_index {ignore_index}"
+            f"{where}mask holds {problem}; valid labels are 0..{num_classes - 1} and ignore_index {ignore_index}"
         )
+
+
+def describe_bad_labels(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> str | None:
+    """``None`` if every label is in ``[0, num_classes)`` or ``ignore_index``; else a phrase naming the first bad
+    value, the number of bad pixels and up to five offending values."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if not bad.any():
+        return None
+    values = np.unique(labels[bad])
+    shown = ", ".join(str(int(v)) for v in values[:5]) + (", ..." if values.size > 5 else "")
+    return f"label {int(values[0])} ({int(bad.sum())} pixels; offending values: {shown})"

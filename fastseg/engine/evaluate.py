@@ -1,5 +1,10 @@
 """Evaluation loop: a dataset-level confusion matrix over ``model.predict``, reduced across DDP ranks.
 
+Real datasets carry an ``eval_protocol`` (whole image, sliding window, multi-scale + flip; see
+:mod:`fastseg.engine.inference`); such datasets, or an explicit ``protocol=``, are evaluated one image at a time at
+the label's own size, since their images differ in size. The built-in shapes world keeps the batched
+``model.predict`` path.
+
 Each rank evaluates the strided shard ``rank, rank + world_size, ...`` of the dataset, so every sample is counted
 exactly once, and the ``K x K`` matrices are summed with one ``all_reduce``; the result equals the single-process
 one exactly (integer counts).
@@ -7,6 +12,8 @@ one exactly (integer counts).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,10 +22,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.transforms import EvalProtocol
 from ..metrics.confusion import ConfusionMatrix
 from .distributed import get_rank, get_world_size, resolve_device
+from .inference import predict_image
 
-__all__ = ["batch_to_device", "evaluate", "evaluate_confusion", "model_cfg_value", "split_batch"]
+__all__ = [
+    "batch_to_device",
+    "evaluate",
+    "evaluate_confusion",
+    "model_cfg_value",
+    "resolve_protocol",
+    "seen_unseen_miou",
+    "split_batch",
+]
 
 
 def model_cfg_value(model: nn.Module, key: str, default: Any = None) -> Any:
@@ -63,6 +80,41 @@ def _resolve_num_classes(model: nn.Module, num_classes: int | None) -> int:
     return int(num_classes)
 
 
+def resolve_protocol(dataset: Dataset, protocol: EvalProtocol | str | None) -> EvalProtocol | None:
+    """The protocol to evaluate ``dataset`` with: an explicit :class:`EvalProtocol`; a mode name (``"whole"``,
+    ``"slide"``, ``"ms_flip"``) applied to the dataset's own ``eval_protocol``; or, for ``None``, the dataset's
+    ``eval_protocol`` (``None`` for datasets without one, e.g. the shapes world: batched ``model.predict``)."""
+    if isinstance(protocol, EvalProtocol):
+        return protocol
+    default = getattr(dataset, "eval_protocol", None)
+    if protocol is None:
+        return default
+    if not isinstance(protocol, str):
+        raise ValueError(f"protocol must be an EvalProtocol, a mode name or None, got {type(protocol).__name__}")  # noqa: TRY004
+    return (default if default is not None else EvalProtocol()).with_mode(protocol)
+
+
+def seen_unseen_miou(iou: Sequence[float], unseen: Sequence[int]) -> dict[str, float]:
+    """Zero-shot summary (PADing / ZegFormer): mIoU over the seen and the unseen classes and their harmonic mean
+    ``hIoU = 2 s u / (s + u)``; classes with nothing to measure (NaN IoU) are left out. Empty without unseen classes."""
+    if not unseen:
+        return {}
+    unseen_set = {int(c) for c in unseen}
+
+    def mean(ids: list[int]) -> float:
+        values = [iou[c] for c in ids if not math.isnan(iou[c])]
+        return sum(values) / len(values) if values else float("nan")
+
+    seen = mean([c for c in range(len(iou)) if c not in unseen_set])
+    novel = mean(sorted(unseen_set))
+    harmonic = 2 * seen * novel / (seen + novel) if seen + novel > 0 else float("nan")
+    return {"mIoU_seen": seen, "mIoU_unseen": novel, "hIoU": harmonic}
+
+
+def _first(batch: list[Any]) -> Any:
+    return batch[0]
+
+
 @torch.inference_mode()
 def evaluate_confusion(
     model: nn.Module,
@@ -74,11 +126,13 @@ def evaluate_confusion(
     progress: bool = True,
     num_workers: int = 0,
     amp: str = "none",
+    protocol: EvalProtocol | str | None = None,
 ) -> ConfusionMatrix:
     """Run ``model.predict`` over ``dataset`` and return the (all-reduced) confusion matrix.
 
     Arguments as in :func:`evaluate`. The model is put in eval mode and restored to its previous mode afterwards.
     """
+    protocol = resolve_protocol(dataset, protocol)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     num_classes = _resolve_num_classes(model, num_classes)
@@ -98,11 +152,12 @@ def evaluate_confusion(
     # the training run's dropout / augmentation stream whenever evaluation runs in the middle of it.
     loader = DataLoader(
         shard,
-        batch_size=batch_size,
+        batch_size=batch_size if protocol is None else 1,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=target_device.type == "cuda",
         generator=torch.Generator().manual_seed(0),
+        collate_fn=None if protocol is None else _first,  # images differ in size: one at a time
     )
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=target_device)
     was_training = model.training
@@ -114,13 +169,17 @@ def evaluate_confusion(
         show = progress and rank == 0 and sys.stderr.isatty()
         for batch in tqdm(loader, desc="eval", disable=not show, leave=False):
             images, masks = split_batch(batch)
+            if protocol is not None:
+                images, masks = images[None], masks[None]
             images = images.to(target_device, non_blocking=True)
             masks = masks.to(target_device, non_blocking=True)
-            if autocast_dtype is not None and target_device.type == "cuda":
-                with torch.autocast("cuda", dtype=autocast_dtype):
+            autocast = (torch.autocast("cuda", dtype=autocast_dtype)
+                        if autocast_dtype is not None and target_device.type == "cuda" else contextlib.nullcontext())
+            with autocast:
+                if protocol is None:
                     pred = model.predict(images)
-            else:
-                pred = model.predict(images)
+                else:
+                    pred = predict_image(model, images, protocol, out_size=tuple(masks.shape[-2:]))
             matrix.update(pred, masks)
     finally:
         model.train(was_training)
@@ -138,6 +197,7 @@ def evaluate(
     num_workers: int = 0,
     amp: str = "none",
     class_names: Sequence[str] | None = None,
+    protocol: EvalProtocol | str | None = None,
 ) -> dict[str, Any]:
     """Dataset-level mIoU / mAcc / aAcc / fwIoU and per-class IoU / Acc of ``model.predict`` on ``dataset``.
 
@@ -155,15 +215,19 @@ def evaluate(
         num_workers: DataLoader workers.
         amp: ``"none" | "bf16" | "fp16"`` autocast for the forward pass (CUDA only; ignored on CPU).
         class_names: Names for the ``"table"`` entry; defaults to ``model.pretrained_cfg.class_names``.
+        protocol: How each image is predicted (see :func:`resolve_protocol`): ``None`` uses the dataset's
+            ``eval_protocol`` when it has one, a mode name (``"whole"``, ``"slide"``, ``"ms_flip"``) adapts it.
 
     Returns:
         The :meth:`ConfusionMatrix.compute` dict (``mIoU``, ``mAcc``, ``aAcc``, ``fwIoU``, ``IoU``, ``Acc``,
-        ``num_pixels``) plus ``"table"``, the printable per-class table.
+        ``num_pixels``) plus ``"table"``, the printable per-class table, and for datasets with zero-shot
+        ``unseen_classes`` ``mIoU_seen``, ``mIoU_unseen`` and ``hIoU`` (:func:`seen_unseen_miou`).
     """
     matrix = evaluate_confusion(
-        model, dataset, batch_size, device, num_classes, ignore_index, progress, num_workers, amp
+        model, dataset, batch_size, device, num_classes, ignore_index, progress, num_workers, amp, protocol
     )
     metrics = matrix.compute()
+    metrics.update(seen_unseen_miou(metrics["IoU"], getattr(dataset, "unseen_classes", ())))
     names = class_names if class_names is not None else model_cfg_value(model, "class_names")
     if names is not None and len(names) != matrix.num_classes:
         names = None

@@ -378,6 +378,10 @@ def _weights_metadata(model: nn.Module, step: int) -> dict[str, str]:
     names = model_cfg_value(model, "class_names")
     if names is not None:
         metadata["class_names"] = json.dumps(list(names))
+    if "architecture" not in metadata and isinstance(getattr(model, "model_name", None), str):
+        metadata["architecture"] = model.model_name
+    # Recipes mark what a checkpoint is (e.g. PADing's seen-only stage 1) through ``model.checkpoint_metadata``.
+    metadata.update({str(k): str(v) for k, v in (getattr(model, "checkpoint_metadata", None) or {}).items()})
     return metadata
 
 

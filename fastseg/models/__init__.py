@@ -1,6 +1,6 @@
 """fastseg models: one file per method; importing this package registers every model."""
 
-from . import ecenet, fpn, gss, s4mim, unimatch  # noqa: F401  (each registers its models on import)
+from . import ecenet, fpn, gss, mask2former, pading, s4mim, unimatch, weaktr  # noqa: F401  (each registers its models on import)
 from ._base import SegmentationModel
 from .backbones import create_backbone, list_backbones
 

@@ -17,6 +17,11 @@ Data flow (C = head width, K = classes, levels at strides 4, 8, 16, 32)::
     total = M4 + mask_3 + mask_2 + mask_1 (bilinear to 1/4)
     logits = conv_seg(dropout(F)) + diagonal(softmax(trans(E)))[..., None, None] * sigmoid(total)
 
+The class-embedding term of the logits is, for class k, one scalar per image (the k-th diagonal entry of the
+softmax of the class scores of the final embeddings, in [0, 1]) times the sigmoid of class k's summed mask logits:
+not a weighted sum of masks, and bounded to [0, 1] per pixel. The embeddings also shape the pixel features through
+the SAU attention, which feeds the classifier.
+
 Losses (the port has no training code; spec B.4 marks the mask and diversity losses as inferred): pixel
 cross-entropy on the logits, the mask loss ``5 * BCE + 2 * Dice`` of the first three masks against the one-hot
 ground truth, and the diversity loss (weight 0.2) on the diverse branch of every FR block.
@@ -238,8 +243,12 @@ class ECENetTransferBlock(nn.Module):
 
     ``a, mask = cross_attn(norm_low(x), norm_high(e)); x = x + a; x = x + mlp(norm_mlp(x))`` with
     ``mlp = 1x1 C->4C, dw3x3 4C, GELU, Dropout, 1x1 4C->C`` (indices 0, 1, 4 carry weights, as in the checkpoint).
-    Which of ``norm_low`` / ``norm_high`` normalises pixels vs classes is our reading of the port (pixels are the
-    "low" level); swap them when converting weights if the original proves otherwise.
+    ``norm_low`` normalises the pixel features (the query input) and ``norm_high`` the class embeddings (the key /
+    value input), as spec B.3.2 prescribes (q-input = LN(X), kv-input = LN(E)). The names alone do not say which is
+    which; a related public mmseg head with the same block (``CFTBlock``: ``norm_low``, ``norm_high``, ``cross_attn``
+    with a depthwise-separable q and softmax(max - A), ``norm_mlp`` + Mix-FFN) applies ``norm_low`` to the
+    lower-level (pixel, query) input and ``norm_high`` to the key / value input, which agrees. That head uses
+    LayerNorm eps 1e-6; ECENet's eps is not in our sources, so PyTorch's default (1e-5) is kept.
     """
 
     def __init__(
@@ -331,12 +340,20 @@ def mask_loss(
     ignore_index: int = 255,
     bce_weight: float = 5.0,
     dice_weight: float = 2.0,
+    dice_classes: str = "all",
 ) -> tuple[Tensor, Tensor]:
     """ECENet's ``SDTLoss`` as inferred in spec B.4: BCE and Dice of sigmoid(mask logits) vs the one-hot ground truth.
 
     Ignored pixels count nowhere. BCE is the mean over valid pixels and classes; Dice is ``1 - (2 sum(p t) + 1) /
-    (sum p + sum t + 1)`` per image and class, averaged over both (every class, present or not: an absent class is
-    pushed towards an empty mask).
+    (sum p + sum t + 1)`` per image and class, then averaged over the (image, class) pairs that ``dice_classes``
+    selects:
+
+    * ``"all"``: every class of every image. An absent class's term is ``1 - 1 / (sum p + 1)`` (pushes its mask
+      towards empty), and the mean over K dilutes the present classes' terms by about K / (classes present).
+    * ``"present"``: only the classes that have at least one valid (non-ignored) ground-truth pixel in that image,
+      as Mask2Former's Dice covers only the masks matched to ground truth; absent classes are then pushed down by
+      the BCE term alone. A class that only the prediction contains does not count (a false positive costs BCE,
+      not Dice). With no valid pixel in the batch, the Dice term is 0.
 
     Args:
         mask_logits: (B, K, H, W) at label size.
@@ -344,12 +361,15 @@ def mask_loss(
         num_classes: K.
         ignore_index: label that counts nowhere.
         bce_weight, dice_weight: the weights (5 and 2, the Mask2Former convention the config's values match).
+        dice_classes: ``"all"`` or ``"present"`` (see above).
 
     Returns:
         ``(bce_weight * bce, dice_weight * dice)``.
     """
     if mask_logits.shape[0] != target.shape[0] or mask_logits.shape[-2:] != target.shape[-2:]:
         raise ValueError(f"mask_loss: logits {tuple(mask_logits.shape)} do not match target {tuple(target.shape)}")
+    if dice_classes not in ("all", "present"):
+        raise ValueError(f"mask_loss: dice_classes must be 'all' or 'present', got {dice_classes!r}")
     valid = (target != ignore_index).unsqueeze(1).to(mask_logits.dtype)  # (B, 1, H, W)
     onehot = F.one_hot(torch.where(target == ignore_index, 0, target).long(), num_classes).permute(0, 3, 1, 2)
     onehot = onehot.to(mask_logits.dtype) * valid
@@ -357,8 +377,12 @@ def mask_loss(
     bce = bce_map.sum() / (valid.sum() * num_classes).clamp_min(1.0)
     prob = torch.sigmoid(mask_logits) * valid
     inter = (prob * onehot).flatten(2).sum(-1)
-    dice = 1.0 - (2.0 * inter + 1.0) / (prob.flatten(2).sum(-1) + onehot.flatten(2).sum(-1) + 1.0)
-    return bce_weight * bce, dice_weight * dice.mean()
+    area = onehot.flatten(2).sum(-1)  # (B, K) valid ground-truth pixels per image and class
+    dice = 1.0 - (2.0 * inter + 1.0) / (prob.flatten(2).sum(-1) + area + 1.0)
+    if dice_classes == "all":
+        return bce_weight * bce, dice_weight * dice.mean()
+    present = (area > 0).to(dice.dtype)
+    return bce_weight * bce, dice_weight * (dice * present).sum() / present.sum().clamp_min(1.0)
 
 
 def diversity_loss(diverse_features: Sequence[Tensor]) -> Tensor:
@@ -394,14 +418,21 @@ class ECENet(SegmentationModel):
         ratio: pooled-mask size factor, L = int(sqrt(K) * ratio) bumped to odd (1 in the official config).
         dropout: Dropout2d before ``conv_seg`` (0.1).
         ghost_up: ghost pixel-shuffle upsampling of the coarse levels (True, the paper); False = bilinear.
-        class_embeddings: True = ECENet. False = the ablation without the class-embedding path: no ECE (mask learner
-            and pooled-mask embeddings) and no gated updates; the SAU stages attend to a learned K x C class table
-            (implicit queries, as in query-based heads), which also feeds the final ``trans`` scores. The mask loss
-            then sees the first two stage masks (there is no 1/32 mask). Our construction, not the paper's.
+        class_embeddings: True = ECENet. False = the ablation without *explicit* class embeddings (our
+            construction, not the paper's). Removed: ECE (the 1/32 mask learner and every pooled-mask embedding)
+            and the gated updates, i.e. everything that makes the class embeddings depend on the image. Kept: the
+            three SAU stages, which attend to one learned, image-independent K x C class table (implicit queries, as
+            in query-based heads) and still produce stage masks (the head-mean attention logits); the mask loss on
+            those masks (the first two, there is no 1/32 mask); and the final fusion, where the per-class scalar
+            ``diag(softmax(trans(table)))`` is then the same for every image. So the ablation measures
+            image-conditioned embeddings from pooled masks against a static learned table, not "class path vs none".
         embedding_mode: ``"matrix"`` (pooled masks as one matrix product, export-friendly) or ``"pool"``
             (``adaptive_avg_pool2d``); the same numbers.
         mask_loss_weight: weight of the mask loss (1.0); 0 disables it.
         mask_bce_weight, mask_dice_weight: its BCE / Dice weights (5, 2; config values).
+        mask_dice_classes: **inferred**. ``"all"`` (default): the Dice term averages over all K classes of every
+            image, absent ones included; ``"present"``: only over the classes present in each image's ground truth
+            (the Mask2Former convention); see `mask_loss`.
         mask_loss_on: **inferred**. ``"sum"`` (default): the loss sees ``wo_mask`` = sum of the first three masks
             (M4, mask_3, mask_2) upsampled to 1/4, which is what the port's training forward returns; ``"each"``:
             the mean of the loss over the three masks separately.
@@ -427,6 +458,7 @@ class ECENet(SegmentationModel):
         mask_loss_weight: float = 1.0,
         mask_bce_weight: float = 5.0,
         mask_dice_weight: float = 2.0,
+        mask_dice_classes: str = "all",
         mask_loss_on: str = "sum",
         div_loss_weight: float = 0.2,
         impl: str = "auto",
@@ -435,6 +467,8 @@ class ECENet(SegmentationModel):
         super().__init__()
         if mask_loss_on not in ("sum", "each"):
             raise ValueError(f"mask_loss_on must be 'sum' or 'each', got {mask_loss_on!r}")
+        if mask_dice_classes not in ("all", "present"):
+            raise ValueError(f"mask_dice_classes must be 'all' or 'present', got {mask_dice_classes!r}")
         if impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
         self.backbone = create_backbone(backbone, checkpoint=backbone_checkpoint)
@@ -448,6 +482,7 @@ class ECENet(SegmentationModel):
         self.class_embeddings, self.ghost_up = class_embeddings, ghost_up
         self.mask_loss_weight, self.mask_bce_weight, self.mask_dice_weight = mask_loss_weight, mask_bce_weight, mask_dice_weight
         self.mask_loss_on, self.div_loss_weight = mask_loss_on, div_loss_weight
+        self.mask_dice_classes = mask_dice_classes
 
         in_channels = self.backbone.channels
         self.layer_slcts = nn.ModuleList(FeatureReconstruction(c) for c in in_channels)
@@ -482,8 +517,10 @@ class ECENet(SegmentationModel):
         """Everything the head computes on padded ``images``.
 
         Returns a dict with ``logits`` (B, K, H/4, W/4), ``masks`` (the 3 or 4 mask logits at 1/4, coarsest first:
-        M4, mask_3, mask_2, mask_1; without class embeddings the 3 stage masks) and ``diverse`` (the FR diverse
-        features x2' per level, for the diversity loss).
+        M4, mask_3, mask_2, mask_1; without class embeddings the 3 stage masks), ``diverse`` (the FR diverse
+        features x2' per level, for the diversity loss) and ``class_term``, the class-embedding part of the logits:
+        ``diag(softmax(trans(E)))[k] * sigmoid(sum of masks)[k]``, a per-image, per-class scalar in [0, 1] times a
+        sigmoid, so it moves each logit by at most 1 (``logits = conv_seg(dropout(F)) + class_term``).
         """
         feats = self.backbone(images)
         recon, diverse = [], []
@@ -521,8 +558,9 @@ class ECENet(SegmentationModel):
         total = torch.stack(masks, 0).sum(0)
         scores = torch.softmax(self.trans(emb), dim=-1)  # (B, K, K): class embedding k classified as class j
         diag = torch.diagonal(scores, dim1=1, dim2=2)  # (B, K): P[b, k, k]
-        logits = self.conv_seg(self.dropout(fused)) + diag[:, :, None, None] * torch.sigmoid(total)
-        return {"logits": logits, "masks": masks, "diverse": diverse}
+        class_term = diag[:, :, None, None] * torch.sigmoid(total)  # in [0, 1]: one scalar per image and class
+        logits = self.conv_seg(self.dropout(fused)) + class_term
+        return {"logits": logits, "masks": masks, "diverse": diverse, "class_term": class_term}
 
     def forward_logits(self, images: Tensor) -> Tensor:
         return self.forward_head(images)["logits"]
@@ -548,7 +586,7 @@ class ECENet(SegmentationModel):
             for group in groups:
                 b, d = mask_loss(
                     self.upsample_logits(group, (h, w)), target, self.num_classes, self.ignore_index,
-                    self.mask_bce_weight, self.mask_dice_weight,
+                    self.mask_bce_weight, self.mask_dice_weight, self.mask_dice_classes,
                 )
                 bce, dice = bce + b / len(groups), dice + d / len(groups)
             total = total + self.mask_loss_weight * (bce + dice)

@@ -8,10 +8,15 @@ predicted tokens to a maskige and inverts X.
 Stages (each a documented call; DESIGN.md's multi-stage contract):
 
 1. Posterior of X (no training): `make_maskige_palette` (the paper's jittered-RGB-grid rule, greys avoided,
-   `palette_min_distance` reported). The tokenizer is frozen: the DALL-E dVAE (`DalleDVAE`, spec A.3.1; weights
-   converted with `convert_dalle_pickle`) or, on this machine, a small maskige VQ-VAE trained once by
-   `fastseg.engine.recipes.gss.train_maskige_vqvae`; `fastseg.engine.recipes.gss.roundtrip_miou` measures the
-   tokenizer's upper bound (GT -> maskige -> tokens -> maskige -> classes).
+   `palette_min_distance` reported). The tokenizer is frozen: the DALL-E dVAE architecture (`DalleDVAE`, spec
+   A.3.1; OpenAI's DALL-E ``encoder.pkl`` / ``decoder.pkl`` weights convert with `convert_dalle_pickle` -- these
+   are the tokenizer's weights, not GSS checkpoints, for which fastseg has no converter) or, on this machine, a
+   small VQ-VAE (`MaskigeVQVAE`) fitted once, either on **images only**
+   (`fastseg.engine.recipes.gss.fit_image_tokenizer`: GSS's premise, a tokenizer never trained on masks) or on
+   maskiges with a class-aware palette term (`fastseg.engine.recipes.gss.train_maskige_vqvae`: ours, not the
+   paper's); ``tokenizer_trained_on`` says which, when the weights file records it.
+   `fastseg.engine.recipes.gss.roundtrip_miou` measures the tokenizer's upper bound (GT -> maskige -> tokens ->
+   maskige -> classes).
 2. Latent prior (GSS-FF): ``model.loss(batch)`` with ``model.stage == "prior"``: 0.8 x token CE + 0.2 x auxiliary
    pixel CE, ignore pixels filled by the auxiliary prediction, tokens ignored only when their whole patch is ignore
    (spec A.4; `upsample_labels`, `fill_ignore`, `token_ignore_mask`, `GSSSegmenter.make_targets`).
@@ -35,6 +40,9 @@ What ``model(images)`` returns (the "logits" of the contract), at the input reso
 
 Geometry: tokens at 1/4 of the input; the DALL-E tokenizer downsamples by 8, so its maskige is at 2x the input
 (``maskige_scale=2``); the small VQ-VAE downsamples by 4 with maskiges at the input resolution (``maskige_scale=1``).
+
+`TOKENIZER_TRAINED_ON` is the safetensors metadata key of a tokenizer weights file saying what it was fitted on
+(``"images"``: `fit_image_tokenizer`; ``"masks"``: `train_maskige_vqvae`).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from .gss_tokenizers import (
 )
 
 __all__ = [
+    "TOKENIZER_TRAINED_ON",
     "DalleDVAE",
     "GSSInverseHead",
     "GSSPriorHead",
@@ -81,6 +90,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 # Maskige: X and X^-1
 # --------------------------------------------------------------------------------------------------------------------
+
+TOKENIZER_TRAINED_ON = "gss_tokenizer_trained_on"  # metadata key: "images" (GSS's premise) or "masks" (ours)
 
 
 def make_maskige_palette(
@@ -295,6 +306,9 @@ class GSSSegmenter(SegmentationModel):
         tokenizer: ``"vqvae"`` (small `MaskigeVQVAE`), ``"dalle"`` (`DalleDVAE`) or a `MaskigeTokenizer` instance.
         tokenizer_kwargs: constructor options of the named tokenizer.
         tokenizer_checkpoint: local safetensors file with the tokenizer's weights (keys of the tokenizer module).
+            Its `TOKENIZER_TRAINED_ON` metadata (written by ``fastseg gss fit-tokenizer``) becomes
+            ``model.tokenizer_trained_on``: ``"images"`` (the faithful, image-only fit), ``"masks"`` (ours,
+            class-aware) or ``"unknown"``; ``None`` without a checkpoint.
         maskige_scale: maskige resolution / input resolution; the tokenizer must downsample by ``4 * maskige_scale``.
         head_kwargs: `GSSPriorHead` options (channels, fused, depth, heads, window, hidden, pixel_channels, ...).
         inverse_kwargs: `GSSInverseHead` options (FT-W only).
@@ -348,10 +362,12 @@ class GSSSegmenter(SegmentationModel):
                 f"tokens sit at 1/4 of the input, so a maskige at {self.maskige_scale}x the input needs a tokenizer "
                 f"downsampling by {4 * self.maskige_scale}; this one downsamples by {self.tokenizer.downsample}"
             )
+        self.tokenizer_trained_on: str | None = None
         if tokenizer_checkpoint is not None:
-            from ..checkpoint import load_weights
+            from ..checkpoint import load_weights, read_metadata
 
             load_weights(self.tokenizer, tokenizer_checkpoint)
+            self.tokenizer_trained_on = read_metadata(tokenizer_checkpoint).get(TOKENIZER_TRAINED_ON, "unknown")
         self.tokenizer.requires_grad_(False)
         self.head = GSSPriorHead(list(self.backbone.channels), self.tokenizer.vocab_size, k, impl=impl,
                                  **dict(head_kwargs or {}))
@@ -551,9 +567,11 @@ def _paper(backbone: str, variant: str, depth: int, inverse_depth: int = 2, **kw
 
 
 _SMALL_DIFFERS = (
-    "small maskige VQ-VAE (vocab 512, 32-d codes, downsampling 4, maskige at the input resolution) instead of the "
-    "DALL-E dVAE (8192 codes, downsampling 8, maskige at 2x); head scaled down (128 / 256 channels, 8 heads, window 8, "
-    "hidden 512; paper: 384 / 512, 16 heads, window 7, hidden 2048); ResNet-18 backbone"
+    "small VQ-VAE tokenizer (vocab 512, 32-d codes, downsampling 4, maskige at the input resolution) fitted by fastseg "
+    "instead of the off-the-shelf DALL-E dVAE (8192 codes, downsampling 8, maskige at 2x): fitted on images only "
+    "(fit-tokenizer --on images, the paper's premise of a tokenizer never trained on masks) or on maskiges with a "
+    "class-aware palette term (--on masks, ours, not the paper's); head scaled down (128 / 256 channels, 8 heads, "
+    "window 8, hidden 512; paper: 384 / 512, 16 heads, window 7, hidden 2048); ResNet-18 backbone"
 )
 
 

@@ -1,4 +1,4 @@
-"""Maskige tokenizers for GSS behind one interface: the DALL-E dVAE and a small VQ-VAE that fastseg trains itself.
+"""Maskige tokenizers for GSS behind one interface: the DALL-E dVAE and a small VQ-VAE that fastseg fits itself.
 
 Interface (`MaskigeTokenizer`): a maskige is an RGB image in [0, 1] (palette colours / 255) at ``downsample`` times
 the token grid.
@@ -26,8 +26,9 @@ state dict loads without renaming.
   input conv and the encoder's output conv, which stay fp32; on CPU everything is fp32. Results then differ from an
   fp32 run at fp16 level (ties in the encoder argmax may flip).
 
-The official weights are pickled modules (``encoder.pkl`` / ``decoder.pkl``): `convert_dalle_pickle` turns them into
-safetensors, and only unpickles arbitrary objects when called with ``trust_pickle=True``.
+OpenAI's DALL-E weights are pickled modules (``encoder.pkl`` / ``decoder.pkl``): `convert_dalle_pickle` turns them
+into safetensors, and only unpickles arbitrary objects when called with ``trust_pickle=True``. These are the frozen
+tokenizer's weights; GSS's own checkpoints (mmseg ``.pth`` files of the prior head) have no converter here.
 """
 
 from __future__ import annotations
@@ -276,7 +277,9 @@ class DalleDVAE(MaskigeTokenizer):
 def convert_dalle_pickle(
     src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False, prefix: str = ""
 ) -> Path:
-    """Convert an official DALL-E ``encoder.pkl`` / ``decoder.pkl`` (a pickled module) to a safetensors file.
+    """Convert OpenAI's DALL-E dVAE ``encoder.pkl`` / ``decoder.pkl`` (pickled modules) to a safetensors file.
+
+    These are the weights of GSS's frozen tokenizer, not a GSS checkpoint (fastseg has no converter for those).
 
     A pickled module can run arbitrary code when loaded. Files holding only tensors (a plain state dict) are read
     with ``torch.load(weights_only=True)``; anything else is refused unless ``trust_pickle=True`` is given, which
@@ -345,8 +348,10 @@ class MaskigeVQVAE(MaskigeTokenizer):
     (`VectorQuantizer`, i.e. `vq_nearest`), nearest-upsampling conv decoder, output in [0, 1] through a sigmoid.
 
     Unlike the dVAE its tokens come from a nearest-code search, not an argmax: this is the stand-in for the DALL-E
-    weights that cannot be downloaded here, and it changes the method (GSS's premise is an off-the-shelf posterior);
-    `fastseg.engine.recipes.gss.train_maskige_vqvae` fits it on maskiges of the training masks.
+    weights that cannot be downloaded here. It is fitted once, then frozen, in one of two ways:
+    `fastseg.engine.recipes.gss.fit_image_tokenizer` on images only (GSS's premise: an image tokenizer never trained
+    on masks), or `fastseg.engine.recipes.gss.train_maskige_vqvae` on maskiges of the training masks with a
+    class-aware palette term (ours; it departs from the premise).
 
     Args:
         vocab_size: codebook size.

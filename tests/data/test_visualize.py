@@ -95,3 +95,17 @@ def test_render_grid_errors(tmp_path):
         render_grid(ds, n=2, columns=0, path=tmp_path / "x.png")
     with pytest.raises(ValueError, match="nothing to render"):
         render_grid(ds, n=2, path=tmp_path / "x.png", start=5)
+
+
+def test_overlay_panoptic_instance_distinct_colours_and_void():
+    from fastseg.data.visualize import overlay_panoptic
+
+    image = np.full((4, 6, 3), 100, np.uint8)
+    pan = np.array([[5001, 5001, 5002, 5002, -1, -1]] * 4)  # two instances of class 5, then void
+    palette = np.tile(np.array([[200, 40, 40]], np.uint8), (8, 1))
+    out = overlay_panoptic(image, pan, palette, alpha=1.0)
+    assert (out[:, 4:] == 100).all()  # void keeps the image
+    assert not np.array_equal(out[0, 0], out[0, 3])  # same class, different instances: different colours
+    assert (out[:, 1] == 0).all()  # boundary between the two instances is drawn black
+    with pytest.raises(ValueError, match="palette has 8 colours"):
+        overlay_panoptic(image, np.full((4, 6), 9000), palette)

@@ -12,10 +12,11 @@ import pytest
 import fastseg
 
 # Models exported in the default tier, per case. fpn_resnet18 gets every case (smallest graph); fpn_mit_b0 (a
-# transformer, ~1.7x the export time) the static case. Everything else is `slow`, including full-size models such
+# transformer, ~1.7x the export time) and mask2former_resnet18 (deformable attention as GridSample, the masked
+# attention op through its decomposition) the static case. Everything else is `slow`, including full-size models such
 # as fpn_resnet101 and fpn_swin_tiny (a timm Swin-T alone takes ~200 s to export here).
 FAST = {
-    "static": {"fpn_resnet18", "fpn_mit_b0"},
+    "static": {"fpn_resnet18", "fpn_mit_b0", "mask2former_resnet18"},
     "argmax": {"fpn_resnet18"},
     "dynamic": {"fpn_resnet18"},
     "aoti": {"fpn_resnet18"},

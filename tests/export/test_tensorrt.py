@@ -18,7 +18,6 @@ from fastseg.export import (
     trtexec_command,
 )
 
-
 # Rows of the operator matrix the list cites (onnx-tensorrt docs/operators.md at the 10.1 GA tag), written out here
 # so that the test does not take its expectation from the file it checks: 'Y' rows the exporter relies on or that are
 # easy to lose, and 'N' rows that must never be reported as supported.

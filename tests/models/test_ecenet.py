@@ -115,6 +115,55 @@ def test_mask_loss_matches_a_hand_computation():
     assert got_dice.item() == pytest.approx(2.0 * (dice0 + dice1) / 2, rel=1e-6)
 
 
+def test_mask_loss_dice_over_present_classes_matches_a_hand_computation():
+    # two images, three classes, two pixels each. Image 0: classes 0 and 1 (class 2 absent); image 1: class 2 and an
+    # ignored pixel (classes 0 and 1 absent, and class 0 is predicted there: a false positive).
+    logits = torch.tensor([
+        [[[1.0, -2.0]], [[-1.0, 2.0]], [[0.5, 0.0]]],
+        [[[3.0, 0.0]], [[-3.0, 0.0]], [[1.5, 9.0]]],
+    ])  # (2, 3, 1, 2)
+    target = torch.tensor([[[0, 1]], [[2, 255]]])
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))
+
+    def dice(probs, truth):
+        inter = sum(p * t for p, t in zip(probs, truth))
+        return 1 - (2 * inter + 1) / (sum(probs) + sum(truth) + 1)
+
+    # image 1 counts only its first pixel (the second is ignored everywhere)
+    d = {
+        (0, 0): dice([sig(1.0), sig(-2.0)], [1, 0]), (0, 1): dice([sig(-1.0), sig(2.0)], [0, 1]),
+        (0, 2): dice([sig(0.5), sig(0.0)], [0, 0]),
+        (1, 0): dice([sig(3.0)], [0]), (1, 1): dice([sig(-3.0)], [0]), (1, 2): dice([sig(1.5)], [1]),
+    }
+    _, every = mask_loss(logits, target, 3, 255, dice_weight=2.0, dice_classes="all")
+    _, present = mask_loss(logits, target, 3, 255, dice_weight=2.0, dice_classes="present")
+    assert every.item() == pytest.approx(2.0 * sum(d.values()) / 6, rel=1e-6)
+    assert present.item() == pytest.approx(2.0 * (d[0, 0] + d[0, 1] + d[1, 2]) / 3, rel=1e-6)
+    # the BCE term does not depend on the option
+    assert mask_loss(logits, target, 3, dice_classes="present")[0] == mask_loss(logits, target, 3)[0]
+    # nothing valid: no present class, the Dice term is 0 (not NaN)
+    _, none = mask_loss(logits, torch.full_like(target, 255), 3, dice_classes="present")
+    assert none.item() == 0.0
+    with pytest.raises(ValueError, match="dice_classes"):
+        mask_loss(logits, target, 3, dice_classes="absent")
+
+
+def test_model_uses_the_dice_option():
+    torch.manual_seed(SEED)
+    model, batch = _tiny(mask_dice_classes="present").eval(), _batch()
+    batch["mask"][0] = torch.where(batch["mask"][0] == 255, 255, batch["mask"][0] % 2)  # image 0: classes 0, 1 only
+    got = model.loss(batch)
+    with torch.no_grad():
+        out = model.forward_head(batch["image"])
+        wo_mask = F.interpolate(sum(out["masks"][:3]), size=(64, 64), mode="bilinear", align_corners=False)
+        _, present = mask_loss(wo_mask, batch["mask"], K, 255, dice_classes="present")
+        _, every = mask_loss(wo_mask, batch["mask"], K, 255, dice_classes="all")
+    torch.testing.assert_close(got["mask_dice"], present)
+    assert abs(float(present - every)) > 1e-3  # the option changes the loss on this batch
+    with pytest.raises(ValueError, match="mask_dice_classes"):
+        _tiny(mask_dice_classes="some")
+
+
 def test_mask_loss_checks_shapes():
     with pytest.raises(ValueError, match="do not match"):
         mask_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long), 2)
@@ -208,6 +257,62 @@ def test_without_class_embeddings_has_no_ece_path_and_trains(gradient_check):
     gradient_check.prepare(model)
     model.loss(_batch())["loss"].backward()
     assert not gradient_check.silent(model)
+
+
+def test_sau_normalises_pixels_with_norm_low_and_classes_with_norm_high():
+    # Spec B.3.2: q-input = LN(X) (pixels, per pixel over channels), kv-input = LN(E) (class embeddings).
+    model = _tiny().eval()
+    block = model.transfer[2]  # the first SAU stage (1/16), fed the lateral L3 and the ECE embeddings
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            seen.setdefault(name, (inputs, output))
+        return hook
+
+    for name, module in [("low", block.norm_low), ("high", block.norm_high), ("attn", block.cross_attn),
+                         ("l3", model.laterals[2]), ("ece", model.token_emb[3])]:
+        module.register_forward_hook(keep(name))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert seen["low"][0][0] is seen["l3"][1] and seen["high"][0][0] is seen["ece"][1]
+    q_in, kv_in = seen["attn"][0]
+    assert q_in is seen["low"][1] and kv_in is seen["high"][1]
+    # both are LayerNorms over channels: zero mean, unit variance per pixel / per class (affine weights at init)
+    torch.testing.assert_close(q_in.mean(1), torch.zeros_like(q_in.mean(1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kv_in.mean(-1), torch.zeros_like(kv_in.mean(-1)), atol=1e-5, rtol=0)
+
+
+def test_class_term_is_bounded_and_the_ablation_keeps_masks_and_fusion():
+    torch.manual_seed(SEED)
+    x = torch.randn(2, 3, 64, 64)
+    for model in (_tiny().eval(), _tiny(class_embeddings=False).eval()):
+        with torch.no_grad():
+            out = model.forward_head(x)
+        term = out["class_term"]
+        assert term.min() >= 0 and term.max() <= 1  # moves each logit by at most 1
+        with torch.no_grad():
+            scores = torch.softmax(model.trans(_final_embeddings(model, x)), -1)
+        diag = torch.diagonal(scores, dim1=1, dim2=2)
+        torch.testing.assert_close(term, diag[:, :, None, None] * torch.stack(out["masks"]).sum(0).sigmoid())
+    # Without class embeddings the per-class scalar is the same for every image (a static table).
+    ablation = _tiny(class_embeddings=False).eval()
+    emb = _final_embeddings(ablation, x)
+    assert torch.equal(emb[0], emb[1])
+
+
+def _final_embeddings(model: ECENet, x: torch.Tensor) -> torch.Tensor:
+    """The class embeddings that reach ``trans`` (captured by a hook)."""
+    seen = {}
+
+    def hook(module, inputs, output):  # returns None: the output is left as it is
+        seen.setdefault("emb", inputs[0])
+
+    handle = model.trans.register_forward_hook(hook)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen["emb"]
 
 
 def test_bilinear_instead_of_ghost_upsampling():

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import fastseg
-from fastseg.engine.recipes.gss import roundtrip_miou
+from fastseg.engine.recipes.gss import fit_image_tokenizer, roundtrip_miou, train_maskige_vqvae
 from fastseg.layers.vq import PaletteInverse
 from fastseg.models.gss import (
+    TOKENIZER_TRAINED_ON,
     GSSSegmenter,
     fill_ignore,
     make_maskige_palette,
@@ -269,6 +270,91 @@ def test_roundtrip_miou_of_the_model_tokenizer_is_recomputed(ff):
     assert res["mIoU"] == pytest.approx(sum(ious) / len(ious), abs=1e-9)
 
 
+# ---- the two tokenizer fits: images only (GSS's premise) and class-aware on masks (ours) ---------------------------
+
+
+def _tiny_vqvae() -> MaskigeVQVAE:
+    return MaskigeVQVAE(vocab_size=16, code_dim=4, width=8, downsample=4)
+
+
+def _image_batches(masks_seed: int) -> list[dict[str, torch.Tensor]]:
+    """Two dataset-like batches: normalised images (the same every call) and masks drawn from ``masks_seed``."""
+    g = torch.Generator().manual_seed(SEED)
+    images = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(2)]
+    gm = torch.Generator().manual_seed(masks_seed)
+    return [{"image": im, "mask": torch.randint(0, K, (2, 16, 16), generator=gm)} for im in images]
+
+
+def _fit(kind: str, batches, steps: int = 4) -> MaskigeVQVAE:
+    torch.manual_seed(SEED)  # the codebook initialisation draws from the global generator
+    tok = _tiny_vqvae()
+    if kind.startswith("images"):
+        fit_image_tokenizer(tok, batches, steps=steps, colour_augment=kind == "images+augment")
+    else:
+        train_maskige_vqvae(tok, make_maskige_palette(K), [b["mask"] for b in batches], steps=steps)
+    return tok
+
+
+def test_image_tokenizer_fit_never_reads_labels():
+    # GSS's premise: the tokenizer is fitted on images only. Corrupting every mask must not change a single bit of
+    # the fitted weights (the same computation run twice), while the fit does move the weights away from the init.
+    clean = _fit("images", _image_batches(masks_seed=1))
+    corrupt = _image_batches(masks_seed=2)
+    for b in corrupt:
+        b["mask"] = torch.full_like(b["mask"], 255) if b is corrupt[0] else b["mask"].flip(-1)
+    again = _fit("images", corrupt)
+    torch.manual_seed(SEED)
+    init = _tiny_vqvae().state_dict()
+    for key, value in clean.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    assert not torch.equal(clean.state_dict()["enc.0.weight"], init["enc.0.weight"])
+    assert not any(p.requires_grad for p in clean.parameters()) and not clean.training  # left frozen
+    # A fit without any "mask" key at all, and one on [0, 1] tensors, are the same fit.
+    no_masks = _fit("images", [{"image": b["image"]} for b in _image_batches(masks_seed=1)])
+    assert torch.equal(no_masks.state_dict()["dec.0.weight"], clean.state_dict()["dec.0.weight"])
+    from fastseg.data.shapes import unnormalize
+
+    tensors = _fit("images", [unnormalize(b["image"]) for b in _image_batches(masks_seed=1)])
+    assert torch.equal(tensors.state_dict()["dec.0.weight"], clean.state_dict()["dec.0.weight"])
+    # The label-free colour augmentation keeps that property, and does change the fit.
+    aug_clean = _fit("images+augment", _image_batches(masks_seed=1))
+    aug_corrupt = _fit("images+augment", corrupt)
+    for key, value in aug_clean.state_dict().items():
+        assert torch.equal(value, aug_corrupt.state_dict()[key]), key
+    assert not torch.equal(aug_clean.state_dict()["enc.0.weight"], clean.state_dict()["enc.0.weight"])
+    # The control: the class-aware fit (ours) does read the masks, so the same corruption changes its weights.
+    ours_clean = _fit("masks", _image_batches(masks_seed=1))
+    ours_corrupt = _fit("masks", _image_batches(masks_seed=2))
+    assert not torch.equal(ours_clean.state_dict()["enc.0.weight"], ours_corrupt.state_dict()["enc.0.weight"])
+
+
+def test_image_tokenizer_fit_rejects_bad_batches():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fit_image_tokenizer(_tiny_vqvae(), [torch.randn(2, 3, 16, 16) * 3], steps=1)
+    with pytest.raises(ValueError, match="'image'"):
+        fit_image_tokenizer(_tiny_vqvae(), [{"mask": torch.zeros(2, 16, 16)}], steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        fit_image_tokenizer(_tiny_vqvae(), [torch.rand(2, 3, 16, 16)], steps=0)
+
+
+@pytest.mark.parametrize("kind", ["images", "masks"])
+def test_roundtrip_runs_with_both_tokenizers(kind):
+    tok = _fit(kind, _image_batches(masks_seed=1), steps=3)
+    masks = torch.randint(0, K, (3, 16, 16))
+    masks[:, :2] = 255
+    pal = make_maskige_palette(K)
+    res = roundtrip_miou(tok, pal, [{"mask": m} for m in masks], K, batch_size=2)
+    assert res["images"] == 3 and 0.0 <= res["mIoU"] <= 1.0
+    # The metric is that of the tokenizer's own reconstruction: recompute the class map by hand.
+    with torch.no_grad():
+        rec = tok.decode(tok.encode(masks_to_maskige(masks, pal))) * 255
+    nearest = palette_inverse_ref(rec, pal[:K])
+    dist = ((rec.permute(0, 2, 3, 1)[..., None, :] - pal[:K]) ** 2).sum(-1).sort(-1).values
+    assert (dist[..., 1] - dist[..., 0]).min() > 1e-2  # no near-tie that another summation order could flip
+    keep = masks != 255
+    assert res["aAcc"] == pytest.approx(float((nearest == masks)[keep].float().mean()), abs=1e-6)
+
+
 def test_export_with_decompositions(ff):
     from fastseg.kernels import DECOMPOSITIONS
 
@@ -391,6 +477,36 @@ def test_cli_commands(tmp_path, capsys):
     args = parser.parse_args(["gss", "roundtrip", "fpn_resnet18", "--length", "2"])
     with pytest.raises(ValueError, match="not a GSS model"):
         args.func(args)
+
+
+@pytest.mark.parametrize("on", ["images", "masks"])
+def test_cli_fit_tokenizer_records_what_it_was_fitted_on(on, tmp_path, capsys):
+    import argparse
+    import json
+
+    from fastseg.checkpoint import read_metadata
+    from fastseg.cli.gss import add_gss_commands
+
+    parser = argparse.ArgumentParser()
+    add_gss_commands(parser.add_subparsers(dest="command"))
+    out = tmp_path / f"tok_{on}.safetensors"
+    args = parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--on", on, "--out", str(out), "--steps", "2",
+                              "--batch-size", "2", "--length", "2", "--json", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    assert read_metadata(out)[TOKENIZER_TRAINED_ON] == on
+    assert json.loads((tmp_path / "r.json").read_text())["tokenizer_trained_on"] == on
+    assert f"tokenizer fitted on {on}" in capsys.readouterr().out
+    model = fastseg.create_model("gss_ff_resnet18", tokenizer_checkpoint=str(out))
+    assert model.tokenizer_trained_on == on
+    assert fastseg.create_model("gss_ff_resnet18").tokenizer_trained_on is None
+    with pytest.raises(ValueError, match="exists"):
+        args.func(args)
+    assert parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--out", "x"]).on == "images"  # the default
+    args = parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--on", "masks", "--colour-augment",
+                              "--out", str(tmp_path / "never.safetensors")])
+    with pytest.raises(ValueError, match="--on images only"):
+        args.func(args)
+    assert not (tmp_path / "never.safetensors").exists()
 
 
 @pytest.mark.gpu

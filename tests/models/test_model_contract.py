@@ -27,14 +27,29 @@ SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/
 LARGE = ("*resnet50", "*resnet101", "*swin_*", "*mit_b[1-5]")
 # One small model per family runs torch.compile and ONNX export + onnxruntime parity in the default tier (measured
 # on this loaded 2-core machine: 15-80 s per compile, 30-200 s per export; the rest run under `-m slow`). FPN's
-# ONNX parity runs in the default tier of tests/export/test_onnx_export.py (fpn_resnet18, fpn_mit_b0), not again.
-REPRESENTATIVES = {"ecenet_resnet18", "fpn_resnet18", "gss_ff_resnet18", "s4mim_resnet18", "unimatch_resnet18"}
-ONNX_ELSEWHERE = {"fpn_resnet18"}
+# ONNX parity runs in the default tier of tests/export/test_onnx_export.py (fpn_resnet18, fpn_mit_b0,
+# mask2former_resnet18), not again.
+REPRESENTATIVES = {"ecenet_resnet18", "fpn_resnet18", "gss_ff_resnet18", "mask2former_resnet18", "s4mim_resnet18",
+                   "unimatch_resnet18"}
+ONNX_ELSEWHERE = {"fpn_resnet18", "mask2former_resnet18"}
 # Semi-supervised methods train on labelled + unlabelled batches: their loss needs the unlabelled images.
 SEMI_SUPERVISED = ("s4mim_*", "unimatch_*")
-# Trainable parameters that legitimately receive no gradient from model.loss(batch), with the reason. Empty: every
-# trainable parameter of every registered model is reached (a new entry needs a reason a reviewer accepts).
-UNUSED_PARAMETERS: dict[str, dict[str, str]] = {}
+# Trainable parameters that legitimately receive no gradient from model.loss(batch), with the reason (a new entry
+# needs a reason a reviewer accepts).
+_ZERO_AT_INIT_LEVEL_EMBED = {
+    "pixel_decoder.level_embed": "exactly zero at initialisation only: the level embeddings enter the deformable "
+    "encoder solely through the queries of the sampling-offset and attention-weight projections, whose weights "
+    "Deformable DETR's init sets to zero (tests/models/test_mask2former.py checks it gets gradient after one step)",
+}
+UNUSED_PARAMETERS: dict[str, dict[str, str]] = {
+    name: _ZERO_AT_INIT_LEVEL_EMBED for name in fastseg.list_models("mask2former_*")
+}
+# Models whose predict() is not argmax(resize(logits)), with the reason; for them predict must still agree with the
+# resized logits on most pixels (the two differ along edges only).
+PREDICT_NOT_RESIZED_LOGITS = {
+    "mask2former_*": "official Mask2Former inference resizes the mask logits before the sigmoid (2.4 mIoU points "
+                     "better on the shapes world; see fastseg/models/mask2former.py)",
+}
 # Models whose logits do not depend on the input at initialisation, with the reason: output-level comparisons cannot
 # tell two inputs apart on them (the stage-level checks live in their own test file). Checked to stay true.
 CONSTANT_AT_INIT = {
@@ -92,7 +107,7 @@ class TestModelContract:
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
     @pytest.mark.parametrize("size", [(61, 83), (33, 47), (64, 96)])
-    def test_predict_at_any_size(self, model, size):
+    def test_predict_at_any_size(self, name, model, size):
         model.eval()
         x = torch.randn(2, 3, *size)
         pred = model.predict(x)
@@ -101,7 +116,8 @@ class TestModelContract:
         with torch.no_grad():  # the class ids are those of the logits, resized to the input
             logits = F.interpolate(model(x), size=size, mode="bilinear", align_corners=False)
         agreement = (pred == logits.argmax(1)).float().mean().item()
-        assert agreement >= 0.999, f"predict agrees with argmax(logits) on {agreement:.2%} of the pixels"
+        least = 0.8 if _matches(name, PREDICT_NOT_RESIZED_LOGITS) else 0.999
+        assert agreement >= least, f"predict agrees with argmax(logits) on {agreement:.2%} of the pixels"
 
     def test_odd_size_logits_are_those_of_the_replicate_extended_image(self, name, model):
         # The contract (fastseg/models/_base.py): an odd-size image gives the logits of the image extended to the
@@ -152,16 +168,18 @@ class TestModelContract:
 
         model.eval()
         path = save_weights(model, tmp_path / "model.safetensors")
-        other = _build(name, seed=SEED + 1).eval()
+        state = model.state_dict()
+        other = _build(name, seed=SEED + 1).state_dict()
+        # Built from another seed, the weights differ: a load that did nothing would fail the equalities below.
+        assert any(not torch.equal(state[k], other[k]) for k in state if state[k].is_floating_point())
+        loaded = _build(name, seed=SEED + 1, checkpoint_path=path).eval()
+        loaded_state = loaded.state_dict()
+        assert state.keys() == loaded_state.keys()
+        differ = [k for k in state if not torch.equal(state[k], loaded_state[k])]
+        assert not differ, f"tensors that did not round-trip: {differ[:8]}"
         x = torch.randn(1, 3, 64, 64)
         with torch.no_grad():
-            ref = model(x)
-            assert not torch.equal(other(x), ref)  # a model that loaded nothing would show here
-            loaded = _build(name, seed=SEED + 1, checkpoint_path=path).eval()
-            assert torch.equal(loaded(x), ref)  # same weights, same computation: identical
-        state, loaded_state = model.state_dict(), loaded.state_dict()
-        assert state.keys() == loaded_state.keys()
-        assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+            assert torch.equal(loaded(x), model(x))  # same weights, same computation: identical
 
     @pytest.mark.parametrize("compile_case", [
         pytest.param((n, backend), id=f"{n}-{backend}",

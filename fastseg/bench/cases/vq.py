@@ -78,7 +78,11 @@ def _faiss_provider(device: torch.device) -> Callable[[dict], Callable[[], Any]]
         index = faiss.IndexFlatL2(inputs["codebook"].shape[1])
         index.add(inputs["codebook"].float().contiguous().numpy())
         queries = inputs["z"].float().contiguous().numpy()
-        return lambda: index.search(queries, 1)
+        def search() -> tuple[torch.Tensor, torch.Tensor]:
+            dist, idx = index.search(queries, 1)
+            return torch.from_numpy(idx[:, 0]), torch.from_numpy(dist[:, 0])  # zero-copy views, as the others
+
+        return search
 
     return factory
 
@@ -150,7 +154,11 @@ def _head_case(
 
     def matmul_argmax(x: dict) -> Callable[[], Any]:
         # the obvious PyTorch head: write the logits in the input dtype, then max over K
-        return _no_grad(lambda: torch.nn.functional.linear(x["x"], x["weight"], x["bias"]).max(1))
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            value, index = torch.nn.functional.linear(x["x"], x["weight"], x["bias"]).max(1)
+            return index, value  # the reference's order: (index, value)
+
+        return _no_grad(run)
 
     elem = torch.empty((), dtype=dtype).element_size()
     return KernelCase(

@@ -1,0 +1,297 @@
+"""Declared comparisons, run one job at a time, resumable, into one JSON per comparison.
+
+An :class:`Experiment` names its variants, its budget (steps, batch, optimiser; the same for every variant), its
+seeds and the claims it checks. :func:`run_experiment` runs every missing ``(variant, seed)`` job in order and
+rewrites the JSON after each, so an interrupted sweep keeps what finished; a job interrupted halfway resumes from
+its last training checkpoint (``runs/experiments/<name>/<variant>-seed<k>/``). The JSON records every command that
+added to it, the configuration, versions, the machine and every per-seed number, and the summary and claims derived
+from them (recomputed from the runs, never edited by hand).
+
+Same seed = same training images and data order for every variant, so differences between variants at one seed are
+paired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_write
+
+RESULTS_DIR = Path("benchmarks/results/experiments")
+RUNS_DIR = Path("runs/experiments")
+FORMAT = "fastseg.experiments/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What every variant of one comparison trains with (equal budgets are the point)."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float | None = None
+    val_length: int = 128
+    eval_every: int = 0  # > 0 records a validation curve (mIoU vs step) for every run
+    image_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One arm of a comparison: a registered model, its keyword arguments and the recipe that trains it."""
+
+    name: str
+    model: str
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe: str = "supervised"  # a key of fastseg.experiments.recipes.RECIPES
+    recipe_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    label: str = ""  # how tables name it; defaults to ``name``
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """``better`` beats ``worse`` on ``metric`` by more than ``margin`` (paired by seed); a negative margin reads
+    "is no more than -margin below" (e.g. ECENet >= FPN - 1 point is ``margin=-0.01``)."""
+
+    text: str
+    better: str
+    worse: str
+    margin: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    variants: tuple[Variant, ...]
+    budget: Budget
+    seeds: tuple[int, ...] = (0, 1, 2)
+    metric: str = "mIoU"
+    claims: tuple[Claim, ...] = ()
+    notes: str = ""
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise KeyError(f"experiment {self.name!r} has no variant {name!r}; it has {[v.name for v in self.variants]}")
+
+    def result_path(self, results_dir: str | os.PathLike = RESULTS_DIR) -> Path:
+        return Path(results_dir) / f"{self.name}.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    return {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        # Other processes slow a 2-core machine a lot; the 1/5/15-minute load when the command started says how busy
+        # it was (wall-clock figures of a busy machine are not speed measurements).
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def versions() -> dict[str, str]:
+    from ..version import __version__
+
+    return {"fastseg": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summaries and claims: derived from the runs, never stored by hand
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(experiment: Experiment, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, std and per-seed values of the experiment's metric for every variant with at least one run."""
+    out: dict[str, Any] = {}
+    for variant in experiment.variants:
+        by_seed = {r["seed"]: r[experiment.metric] for r in runs if r["variant"] == variant.name}
+        if by_seed:
+            mean, std = _mean_std(list(by_seed.values()))
+            out[variant.name] = {"n": len(by_seed), "mean": mean, "std": std,
+                                 "per_seed": {str(s): by_seed[s] for s in sorted(by_seed)}}
+    return out
+
+
+def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """Paired differences ``better - worse`` per seed and a verdict.
+
+    Verdicts: ``"holds"`` (mean difference above the margin and every seed's too), ``"holds on average"`` (mean above,
+    some seed not), ``"does not hold"``, ``"incomplete"`` (fewer seeds than declared have both runs).
+    """
+    value = {(r["variant"], r["seed"]): r[metric] for r in runs}
+    diffs = {s: value[(claim.better, s)] - value[(claim.worse, s)]
+             for s in seeds if (claim.better, s) in value and (claim.worse, s) in value}
+    result: dict[str, Any] = {"text": claim.text, "better": claim.better, "worse": claim.worse, "margin": claim.margin,
+                              "paired_differences": {str(s): d for s, d in sorted(diffs.items())}}
+    if len(diffs) < len(seeds):
+        result["verdict"] = "incomplete"
+        return result
+    mean, std = _mean_std(list(diffs.values()))
+    result.update(mean_difference=mean, std_difference=std)
+    if mean > claim.margin:
+        result["verdict"] = "holds" if all(d > claim.margin for d in diffs.values()) else "holds on average"
+    else:
+        result["verdict"] = "does not hold"
+    return result
+
+
+def derive(experiment: Experiment, record: dict[str, Any]) -> dict[str, Any]:
+    runs = record.get("runs", [])
+    record["summary"] = summarise(experiment, runs)
+    record["claims"] = [judge_claim(c, runs, experiment.metric, experiment.seeds) for c in experiment.claims]
+    declared = {(v.name, s) for v in experiment.variants for s in experiment.seeds}
+    record["complete"] = declared <= {(r["variant"], r["seed"]) for r in runs}
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSON file
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_record(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it from git before resuming") from err
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {record.get('format')!r}, expected {FORMAT!r}")
+    return record
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
+    text = json.dumps(record, indent=1, default=_json_default) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def new_record(experiment: Experiment) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "experiment": experiment.name,
+        "title": experiment.title,
+        "metric": experiment.metric,
+        "notes": experiment.notes,
+        "config": {
+            "budget": dataclasses.asdict(experiment.budget),
+            "seeds": list(experiment.seeds),
+            "variants": [dataclasses.asdict(v) for v in experiment.variants],
+        },
+        "commands": [],
+        "runs": [],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------
+
+Job = Callable[[Experiment, Variant, int, Path], dict[str, Any]]
+
+
+def pending_jobs(experiment: Experiment, record: dict[str, Any], variants: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[tuple[Variant, int]]:
+    done = {(r["variant"], r["seed"]) for r in record.get("runs", [])}
+    chosen = [experiment.variant(v) for v in variants] if variants else list(experiment.variants)
+    seed_list = list(seeds) if seeds else list(experiment.seeds)
+    # Seed-major order: after each full seed every variant has the same number of runs (a fair partial table).
+    return [(v, s) for s in seed_list for v in chosen if (v.name, s) not in done]
+
+
+def run_experiment(
+    experiment: Experiment,
+    job: Job,
+    results_dir: str | os.PathLike = RESULTS_DIR,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    max_minutes: float | None = None,
+    threads: int | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every missing ``(variant, seed)`` of ``experiment``, saving the JSON after each job.
+
+    A configuration that differs from the one already recorded in the JSON is refused: runs of two budgets in one
+    table would not be comparable. ``max_minutes`` starts no new job after that much wall-clock time.
+    """
+    path = experiment.result_path(results_dir)
+    record = load_record(path)
+    fresh = new_record(experiment)
+    if record and record["config"] != fresh["config"]:
+        raise ValueError(
+            f"{path} holds runs of another configuration of {experiment.name!r}; move it away or restore the "
+            f"declaration it was made with (recorded: {record['config']}, declared now: {fresh['config']})"
+        )
+    record = record or fresh
+    if threads:
+        torch.set_num_threads(threads)
+    record["commands"].append(command or shlex.join([Path(sys.executable).name, "-m", "fastseg.experiments",
+                                                     *sys.argv[1:]]))
+    record["versions"] = versions()
+    record["machine"] = machine_info(torch.get_num_threads())
+    todo = pending_jobs(experiment, record, variants, seeds)
+    log(f"[{experiment.name}] {len(todo)} job(s) to run -> {path}")
+    start = time.monotonic()
+    for variant, seed in todo:
+        if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
+            log(f"[{experiment.name}] stopping: --max-minutes {max_minutes} reached; rerun to continue")
+            break
+        job_dir = Path(runs_dir) / experiment.name / f"{variant.name}-seed{seed}"
+        t0 = time.perf_counter()
+        result = job(experiment, variant, seed, job_dir)
+        result = {"variant": variant.name, "seed": seed, **result, "wall_s": round(time.perf_counter() - t0, 1),
+                  "torch_threads": torch.get_num_threads()}
+        record["runs"].append(result)
+        save_record(path, derive(experiment, record))
+        log(f"[{experiment.name}] {variant.name} seed {seed}: {experiment.metric} = "
+            f"{result[experiment.metric]:.4f} ({result['wall_s']:.0f} s)")
+    save_record(path, derive(experiment, record))
+    return record

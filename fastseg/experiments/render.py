@@ -1,0 +1,262 @@
+"""README tables rendered from committed JSON, so no figure in README can drift from its file.
+
+README marks each generated block::
+
+    <!-- render: experiment ecenet_vs_fpn -->
+    ...generated markdown...
+    <!-- /render -->
+
+The text between the markers is replaced by what the named renderer makes from the JSON; everything else in README
+is left as written. ``python -m fastseg.experiments render`` rewrites README; ``--check`` only compares and fails on
+any difference (the test suite runs that check).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path("benchmarks/results")
+_BLOCK = re.compile(r"(<!-- render: (?P<kind>[\w-]+)(?P<arg>[^>]*?) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"README renders {path}, which does not exist")
+    return json.loads(path.read_text())
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _code(command: str) -> str:
+    return f"`{command}`"
+
+
+def render_experiment(name: str, root: Path) -> str:
+    """Variant table (mean ± std and per seed, in %), each claim's verdict with its paired differences, commands."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    cfg = record["config"]
+    budget, seeds = cfg["budget"], cfg["seeds"]
+    metric = record["metric"]
+    labels = {v["name"]: v.get("label") or v["name"] for v in cfg["variants"]}
+    lines = [
+        f"{record['title']}: {budget['steps']} steps × {budget['batch_size']} images, seeds {seeds}, "
+        f"{budget['val_length']} validation images; {record.get('machine', {}).get('cpu', 'CPU')}."
+        + ("" if record.get("complete") else " **Incomplete: runs are still missing.**"),
+        "",
+        f"| variant | val {metric} % (mean ± std) | per seed |",
+        "|---|---|---|",
+    ]
+    for variant, s in record["summary"].items():
+        per_seed = " / ".join(_pct(v) for v in s["per_seed"].values())
+        std = "" if s["std"] is None else f" ± {_pct(s['std'])}"
+        lines.append(f"| {labels[variant]} | {_pct(s['mean'])}{std} (n={s['n']}) | {per_seed} |")
+    if record.get("claims"):
+        lines.append("")
+        for claim in record["claims"]:
+            diffs = ", ".join(f"{float(d) * 100:+.2f}" for d in claim["paired_differences"].values()) or "none yet"
+            mean = claim.get("mean_difference")
+            mean_text = "" if mean is None else f"; mean {mean * 100:+.2f}"
+            lines.append(f"- {claim['text']}: **{claim['verdict']}** (paired differences per seed, points: {diffs}"
+                         f"{mean_text})")
+    lines += ["", "Commands: " + "; ".join(_code(c) for c in record["commands"])]
+    return "\n".join(lines) + "\n"
+
+
+def render_curve(name: str, root: Path) -> str:
+    """The validation curve (mIoU at each evaluation) of every run of an experiment, one column per run."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    runs = record["runs"]
+    steps = sorted({int(p[0]) for r in runs for p in r.get("curve_mIoU", [])})
+    heads = [f"{r['variant']} seed {r['seed']}" for r in runs]
+    lines = ["| step | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for step in steps:
+        cells = []
+        for r in runs:
+            value = dict((int(p[0]), p[1]) for p in r.get("curve_mIoU", [])).get(step)
+            cells.append(_pct(value, 1))
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", "Command: " + "; ".join(_code(c) for c in record["commands"])]
+    return "\n".join(lines) + "\n"
+
+
+def render_trivial(name: str, root: Path) -> str:
+    """Trivial predictors' mIoU on the validation split (what a trained model must beat)."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    rows = [
+        ("majority class everywhere", record["majority"]),
+        ("each image's true majority class (cheats)", record["stuff-oracle"]),
+    ]
+    lines = ["| trivial predictor | val mIoU % | val aAcc % |", "|---|---|---|"]
+    lines += [f"| {label} | {_pct(m['mIoU'])} | {_pct(m['aAcc'])} |" for label, m in rows]
+    lines += ["", f"{record['val_length']} validation images; command: {_code(record['command'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_gss(name: str, root: Path) -> str:
+    """The GSS shapes-world record: tokenizer round trip, GSS-FF / FT-W vs FPN at one short budget, one seed."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    r = record["results"]
+    ff, ftw, fpn = r["gss_ff_resnet18"], r["gss_ftw_resnet18"], r["fpn_resnet18"]
+    lines = [
+        "| stage | budget | val mIoU % |",
+        "|---|---|---|",
+        f"| class-aware VQ-VAE tokenizer round trip (GT → maskige → tokens → maskige → classes; trained on label maps, "
+        f"our setting, not the paper's) | {r['tokenizer_total_steps']} steps × {r['tokenizer']['batch_size']} | "
+        f"{_pct(r['tokenizer_continued_runs'][-1]['roundtrip_mIoU'])} |",
+        f"| `gss_ff_resnet18` (training-free inverse) | {ff['steps']} steps × {ff['batch_size']} | {_pct(ff['mIoU'])} |",
+        f"| `fpn_resnet18`, same budget | {fpn['steps']} steps × {fpn['batch_size']} | {_pct(fpn['mIoU'])} |",
+        f"| `gss_ftw_resnet18` (learned inverse, from the FF weights) | +{ftw['steps']} steps × {ftw['batch_size']} | "
+        f"{_pct(ftw['mIoU'])} |",
+        "",
+        "One seed. Commands: " + "; ".join(_code(c) for c in record["commands"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_gss_stages(name: str, root: Path) -> str:
+    """Per-stage latency of one GSS-FF forward, reference ops vs fused ops (their CPU kernels), from the GSS record."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    stages = record["results"]["stages_512"]
+    ref, fused = stages["reference"], stages["fused"]
+    lines = ["| stage | reference ms | fused ms |", "|---|---|---|"]
+    for key in ("backbone", "head", "token_argmax", "decoder", "palette_inverse", "total"):
+        lines.append(f"| {key.replace('_', ' ')} | {ref[key + '_ms']:.0f} | {fused[key + '_ms']:.0f} |")
+    same = "identical" if stages["identical_class_maps"] else "different"
+    lines += ["", f"One {stages['size']}×{stages['size']} image, batch {stages['batch']}; the two paths give {same} "
+              f"class maps. Command: the last of the GSS commands above (`--phases ... stages`)."]
+    return "\n".join(lines) + "\n"
+
+
+def render_mask2former(name: str, root: Path) -> str:
+    """Mask2Former's three tasks from one panoptic training, beside the FPN baseline at the same budget."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    m2f = record["runs"]["mask2former_resnet18"]
+    metrics = m2f["metrics"]
+    pan, ins, sem = metrics["panoptic"], metrics["instance"], metrics["semantic"]
+    fpn = record["runs"]["fpn_resnet18"]["metrics"]
+    b = record["budget"]
+    lines = [
+        "| task | metric | value % |",
+        "|---|---|---|",
+        f"| panoptic | PQ / SQ / RQ | **{_pct(pan['PQ'], 1)}** / {_pct(pan['SQ'], 1)} / {_pct(pan['RQ'], 1)} |",
+        f"| | PQ things / stuff | {_pct(pan['things']['PQ'], 1)} / {_pct(pan['stuff']['PQ'], 1)} |",
+        f"| instance | mask AP / AP50 / AP75 | **{_pct(ins['AP'], 1)}** / {_pct(ins['AP50'], 1)} / "
+        f"{_pct(ins['AP75'], 1)} |",
+        f"| semantic | mIoU (`fpn_resnet18` at the same budget: {_pct(fpn['mIoU'], 1)}) | **{_pct(sem['mIoU'], 1)}** |",
+        "",
+        f"{b['steps']} steps × {b['batch_size']} images, one seed. Commands: {_code(m2f['train']['command'])}; "
+        f"{_code(m2f['eval']['command'])}; the whole record: {_code(record['command'])}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# PADing's claims tables (benchmarks/experiments/pading_shapes.py writes the JSON)
+PADING_LABELS = {
+    "seen_only": "seen-only Mask2Former classifier (no stage 2)",
+    "pading": "PADing (primitive generator + structure losses)",
+    "gmmn": "GMMN generator (MLP, noise concatenated; no primitives)",
+    "no_structure": "PADing without structure losses (lambda_s = 0)",
+}
+
+
+def _pading_cell(stats: dict | None) -> str:
+    if not stats:
+        return "n/a"
+    per = " / ".join("nan" if math.isnan(v) else f"{100 * v:.1f}" for v in stats["per_seed"])
+    std = "" if math.isnan(stats["std"]) else f" ± {100 * stats['std']:.1f}"
+    return f"{100 * stats['mean']:.1f}{std} ({per})"
+
+
+def render_pading_table(report: dict) -> str:
+    """The README table: per variant and metric, seen / unseen / harmonic in percent, mean ± std (per seed)."""
+    summary = report["summary"]
+    lines = ["| variant | metric | seen | unseen | harmonic |", "|---|---|---|---|---|"]
+    for variant, label in PADING_LABELS.items():
+        for metric in ("mIoU", "PQ", "AP50") if variant in summary else ():
+            cells = [_pading_cell(summary[variant].get(f"{metric}_{side}")) for side in ("seen", "unseen", "harmonic")]
+            lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_pading(name: str, root: Path) -> str:
+    return render_pading_table(_load(root / RESULTS / "experiments" / f"{name}.json")) + "\n"
+
+
+# The data loader's throughput (benchmarks/loader_throughput.py writes the JSON)
+def render_loader_markdown(record: dict) -> str:
+    """The README's loader table and its caption, from a JSON record of this script (tests compare the two)."""
+    cfg, load = record["config"], record["load_average_1min"]
+    lines = ["| DataLoader workers | images / s | ms / image |", "|---|---|---|"]
+    for row in record["results"]:
+        cpu = f" ({row['cpu_ms_per_image']:.0f} ms of CPU)" if "cpu_ms_per_image" in row else ""
+        lines.append(f"| {row['workers']} | {row['images_per_s']:.1f} | {row['ms_per_image']:.0f}{cpu} |")
+    first = record["results"][0]
+    text = "\n".join(lines) + "\n\n"
+    text += (
+        f"Measured by `{record['command']}` ({cfg['images']} images {cfg['image_size'][0]} x {cfg['image_size'][1]}, "
+        f"crops {cfg['crop_size'][0]} x {cfg['crop_size'][1]}, batch {cfg['batch_size']}) on "
+        f"{record['environment']['device']} with {record['cpu_count']} cores shared with other jobs (1-minute load "
+        f"{load['before']:.1f} before, {load['after']:.1f} after), so extra workers find no free core and the wall "
+        f"figures are lower bounds."
+    )
+    if "cpu_ms_per_image" in first:
+        text += (
+            f" The CPU time per image, {first['cpu_ms_per_image']:.0f} ms, is about "
+            f"{first['images_per_s_per_uncontended_core']:.0f} images / s per free core."
+        )
+    step = record.get("train_step")
+    if step:
+        text += (
+            f" A `{step['model']}` training step on the same CPU takes {step['ms_per_image']:.0f} ms per image "
+            f"({step['threads']} thread), so one loader process keeps "
+            f"{step['ms_per_image'] / first['ms_per_image']:.0f}x ahead of it here."
+        )
+    return text
+
+
+def render_loader(name: str, root: Path) -> str:
+    return render_loader_markdown(_load(root / RESULTS / f"{name}.json")) + "\n"
+
+
+RENDERERS: dict[str, Callable[[str, Path], str]] = {
+    "experiment": render_experiment,
+    "curve": render_curve,
+    "trivial": render_trivial,
+    "gss": render_gss,
+    "gss-stages": render_gss_stages,
+    "mask2former": render_mask2former,
+    "pading": render_pading,
+    "loader": render_loader,
+}
+
+
+def render_text(text: str, root: Path) -> str:
+    """``text`` with every render block regenerated."""
+
+    def replace(match: re.Match[str]) -> str:
+        kind, arg = match["kind"], match["arg"].strip()
+        if kind not in RENDERERS:
+            raise ValueError(f"README asks for renderer {kind!r}; known: {sorted(RENDERERS)}")
+        return match.group(1) + RENDERERS[kind](arg, root) + match.group(5)
+
+    return _BLOCK.sub(replace, text)
+
+
+def render_readme(root: str | Path = ".", check: bool = False) -> bool:
+    """Re-render README.md under ``root``; with ``check`` only compare. Returns True when README was up to date."""
+    root = Path(root)
+    readme = root / "README.md"
+    text = readme.read_text()
+    rendered = render_text(text, root)
+    if rendered == text:
+        return True
+    if not check:
+        readme.write_text(rendered)
+    return False

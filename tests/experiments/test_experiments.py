@@ -1,0 +1,127 @@
+"""The experiments harness: resumable runs, refused budget changes, claim verdicts, and README rendering."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from fastseg.experiments.core import (
+    Budget,
+    Claim,
+    Experiment,
+    Variant,
+    judge_claim,
+    load_record,
+    run_experiment,
+    summarise,
+)
+from fastseg.experiments.declarations import EXPERIMENTS
+from fastseg.experiments.recipes import run_job
+from fastseg.experiments.render import render_readme, render_text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = Experiment(
+    name="tiny",
+    title="tiny",
+    variants=(Variant("a", "fpn_resnet18"), Variant("b", "fpn_resnet18")),
+    budget=Budget(steps=2, batch_size=2, warmup_steps=0, val_length=4, eval_every=1, image_size=32),
+    seeds=(0, 1),
+    claims=(Claim("b beats a", "b", "a"),),
+)
+
+
+def _runs(values: dict[tuple[str, int], float]) -> list[dict]:
+    return [{"variant": v, "seed": s, "mIoU": x} for (v, s), x in values.items()]
+
+
+def test_judge_claim_verdicts():
+    seeds = (0, 1, 2)
+    every = _runs({("b", 0): 0.6, ("a", 0): 0.5, ("b", 1): 0.55, ("a", 1): 0.5, ("b", 2): 0.51, ("a", 2): 0.5})
+    claim = Claim("b beats a", "b", "a")
+    verdict = judge_claim(claim, every, "mIoU", seeds)
+    assert verdict["verdict"] == "holds"
+    assert verdict["mean_difference"] == pytest.approx((0.1 + 0.05 + 0.01) / 3)
+    assert verdict["paired_differences"] == pytest.approx({"0": 0.1, "1": 0.05, "2": 0.01})
+    mixed = _runs({("b", 0): 0.7, ("a", 0): 0.5, ("b", 1): 0.45, ("a", 1): 0.5, ("b", 2): 0.5, ("a", 2): 0.5})
+    assert judge_claim(claim, mixed, "mIoU", seeds)["verdict"] == "holds on average"
+    assert judge_claim(Claim("a beats b", "a", "b"), mixed, "mIoU", seeds)["verdict"] == "does not hold"
+    # "no more than 1 point below": a -0.5 point gap holds, a -2 point gap does not.
+    within = Claim("b >= a - 1pt", "b", "a", margin=-0.01)
+    near = _runs({("b", s): 0.495 for s in seeds} | {("a", s): 0.5 for s in seeds})
+    far = _runs({("b", s): 0.48 for s in seeds} | {("a", s): 0.5 for s in seeds})
+    assert judge_claim(within, near, "mIoU", seeds)["verdict"] == "holds"
+    assert judge_claim(within, far, "mIoU", seeds)["verdict"] == "does not hold"
+    assert judge_claim(claim, every[:3], "mIoU", seeds)["verdict"] == "incomplete"
+
+
+def test_summary_mean_std_per_seed():
+    runs = _runs({("a", 0): 0.5, ("a", 1): 0.7, ("b", 0): 0.6})
+    summary = summarise(TINY, runs)
+    assert summary["a"]["mean"] == pytest.approx(0.6)
+    assert summary["a"]["std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert summary["b"] == {"n": 1, "mean": 0.6, "std": None, "per_seed": {"0": 0.6}}
+
+
+def test_run_resume_and_refused_budget_change(tmp_path):
+    calls = []
+
+    def fake_job(experiment, variant, seed, job_dir):
+        calls.append((variant.name, seed))
+        return {"mIoU": 0.5 + 0.1 * (variant.name == "b") + 0.01 * seed}
+
+    record = run_experiment(TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", seeds=[0],
+                            command="first", log=lambda _: None)
+    assert calls == [("a", 0), ("b", 0)] and not record["complete"]
+    record = run_experiment(TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="second",
+                            log=lambda _: None)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]  # seed 0 was not run again
+    saved = load_record(tmp_path / "tiny.json")
+    assert saved["complete"] and saved["commands"] == ["first", "second"]
+    assert saved["claims"][0]["verdict"] == "holds"
+    changed = dataclasses.replace(TINY, budget=dataclasses.replace(TINY.budget, steps=3))
+    with pytest.raises(ValueError, match="another configuration"):
+        run_experiment(changed, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
+    assert load_record(tmp_path / "tiny.json") == saved  # the refused run wrote nothing
+
+
+def test_supervised_recipe_trains_and_records_a_curve(tmp_path):
+    experiment = dataclasses.replace(TINY, variants=TINY.variants[:1], seeds=(0,), claims=())
+    record = run_experiment(experiment, run_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="t",
+                            log=lambda _: None)
+    (run,) = record["runs"]
+    assert 0.0 <= run["mIoU"] <= 1.0 and len(run["IoU"]) == 12
+    assert [step for step, _ in run["curve_mIoU"]] == [1, 2]  # eval_every=1 over 2 steps
+    assert run["curve_mIoU"][-1][1] == pytest.approx(run["mIoU"])  # the final point is the reported figure
+
+
+def test_declarations_are_consistent():
+    for name, experiment in EXPERIMENTS.items():
+        assert name == experiment.name
+        names = [v.name for v in experiment.variants]
+        assert len(set(names)) == len(names), name
+        for claim in experiment.claims:
+            assert claim.better in names and claim.worse in names, (name, claim)
+
+
+def test_render_block_from_json(tmp_path):
+    record_dir = tmp_path / "benchmarks" / "results" / "experiments"
+    record_dir.mkdir(parents=True)
+
+    def fake_job(experiment, variant, seed, job_dir):
+        return {"mIoU": {"a": 0.5, "b": 0.625}[variant.name] + 0.0125 * seed}
+
+    run_experiment(TINY, fake_job, results_dir=record_dir, runs_dir=tmp_path / "runs", command="python run", log=print)
+    text = "before\n<!-- render: experiment tiny -->\nstale\n<!-- /render -->\nafter\n"
+    out = render_text(text, tmp_path)
+    assert out.startswith("before\n<!-- render: experiment tiny -->\n") and out.endswith("<!-- /render -->\nafter\n")
+    assert "stale" not in out
+    assert "| a | 50.62 ± 0.88 (n=2) | 50.00 / 51.25 |" in out
+    assert "- b beats a: **holds** (paired differences per seed, points: +12.50, +12.50; mean +12.50)" in out
+    assert "`python run`" in out
+
+
+def test_readme_matches_the_committed_results():
+    """README's rendered blocks equal what `python -m fastseg.experiments render` makes from the committed JSON."""
+    assert render_readme(ROOT, check=True), "README drifted from benchmarks/results: run `python -m fastseg.experiments render`"
