@@ -5,8 +5,8 @@ S4MIM's method section and code are not public (specs/pading_semples_s4mim.md, E
 interpretation** of the abstract (E.4), with the unknown choices exposed as options so that the paper's real ones can
 be dropped in:
 
-* masking unit and ratio (``patch_size``, ``ratio``), patch ownership by majority class (see
-  `fastseg.layers.masking.classwise_patch_mask`), fill of masked pixels (zeros, the per-image mean, or a learned token);
+* masking unit and ratio (``patch_size``, ``ratio``), pixel-level masking within a patch's class or whole patches
+  owned by their majority class (``ownership``, see `fastseg.layers.masking.classwise_patch_mask`), fill of masked pixels (zeros, the per-image mean, or a learned token);
 * one masked image per input with a per-class loss (the "cheaper variant" of E.4.2: context from other classes is
   not removed from the input, only from the loss);
 * aggregation distance (``"cosine"`` or ``"mse"``) between the masked-part prototype and the **stop-gradient**
@@ -47,18 +47,23 @@ class ClasswiseMaskedInput(nn.Module):
             ``"token"`` (a learned per-channel value, MAE/SimMIM style).
         in_channels: image channels (for the token).
         ignore_index: unlabelled pixels; patches made only of them are never masked.
+        ownership: ``"pixel"`` (a chosen patch hides only its class's pixels) or ``"majority"`` (a patch belongs to
+            its majority class and hides all its pixels).
 
     Forward: ``(images (B, C, H, W), labels (B, H, W), generator=None) -> (masked_images, masked (B, H, W) bool)``.
     """
 
     def __init__(self, patch_size: int = 16, ratio: float = 0.5, fill: str = "zero", in_channels: int = 3,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, ownership: str = "pixel") -> None:
         super().__init__()
         if fill not in _FILLS:
             raise ValueError(f"ClasswiseMaskedInput: fill must be one of {_FILLS}, got {fill!r}")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ClasswiseMaskedInput: ratio must lie in [0, 1], got {ratio!r}")
+        if ownership not in ("pixel", "majority"):
+            raise ValueError(f"ClasswiseMaskedInput: ownership must be 'pixel' or 'majority', got {ownership!r}")
         self.patch_size, self.ratio, self.fill, self.ignore_index = patch_size, ratio, fill, ignore_index
+        self.ownership = ownership
         self.mask_token = nn.Parameter(torch.zeros(1, in_channels, 1, 1)) if fill == "token" else None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor,
@@ -67,7 +72,7 @@ class ClasswiseMaskedInput(nn.Module):
             raise ValueError(f"ClasswiseMaskedInput: images (B, C, H, W) and labels (B, H, W) must agree, got "
                              f"{tuple(images.shape)} and {tuple(labels.shape)}")
         masked = classwise_patch_mask(labels, self.patch_size, self.ratio, generator=generator,
-                                      ignore_index=self.ignore_index)
+                                      ignore_index=self.ignore_index, ownership=self.ownership)
         if self.fill == "zero":
             fill = images.new_zeros(())
         elif self.fill == "mean":
@@ -77,7 +82,7 @@ class ClasswiseMaskedInput(nn.Module):
         return torch.where(masked.unsqueeze(1), fill, images), masked
 
     def extra_repr(self) -> str:
-        return f"patch_size={self.patch_size}, ratio={self.ratio}, fill={self.fill!r}"
+        return f"patch_size={self.patch_size}, ratio={self.ratio}, fill={self.fill!r}, ownership={self.ownership!r}"
 
 
 class ClasswiseMaskedReconLoss(nn.Module):

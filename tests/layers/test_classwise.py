@@ -52,6 +52,8 @@ def test_masked_input_token_learns_and_bad_options_raise():
         ClasswiseMaskedInput(fill="noise")
     with pytest.raises(ValueError, match="ratio"):
         ClasswiseMaskedInput(ratio=2.0)
+    with pytest.raises(ValueError, match="ownership"):
+        ClasswiseMaskedInput(ownership="patch")
     with pytest.raises(ValueError, match="must agree"):
         builder(torch.randn(1, 3, 6, 6), torch.zeros(1, 5, 6, dtype=torch.long))
 

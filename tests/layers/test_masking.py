@@ -1,5 +1,5 @@
 """Tests of `fastseg.layers.masking.classwise_patch_mask` (S4MIM's class-wise patch masking, plain PyTorch) against
-an independent loop oracle of patch ownership."""
+independent loop oracles: patch ownership by majority class, and pixel-level masking within a patch's class."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def patch_owners(labels, patch, num_classes):
 def test_patch_mask_respects_class_regions_and_ratio(ratio, patch):
     labels = region_labels(3, 23, 30, 6, ignore_frac=0.05)
     labels[2, :10, :10] = IGNORE  # whole all-ignore patches
-    masked = classwise_patch_mask(labels, patch, ratio, generator=torch.Generator().manual_seed(1), num_classes=6)
+    # The majority rule masks whole patches (it was the default before issue 18; "pixel" is now).
+    masked = classwise_patch_mask(labels, patch, ratio, generator=torch.Generator().manual_seed(1), num_classes=6,
+                                  ownership="majority")
     assert masked.shape == labels.shape and masked.dtype == torch.bool
     owners = patch_owners(labels, patch, 6)
     rows, cols = owners.shape[1:]
@@ -58,6 +60,48 @@ def test_patch_mask_respects_class_regions_and_ratio(ratio, patch):
             n = int((owners[b] == k).sum())
             m = int(patch_masked[b][owners[b] == k].sum())
             assert abs(m - ratio * n) < 1.0, (b, k, n, m)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("patch", [1, 4, 5])
+def test_pixel_mask_hides_only_the_chosen_class_and_respects_the_ratio(ratio, patch):
+    labels = region_labels(3, 23, 30, 6, ignore_frac=0.05)
+    labels[2, :10, :10] = IGNORE
+    masked = classwise_patch_mask(labels, patch, ratio, generator=torch.Generator().manual_seed(1), num_classes=6)
+    assert masked.shape == labels.shape and masked.dtype == torch.bool
+    assert not masked[labels == IGNORE].any()  # ignored pixels are never hidden, even inside a chosen patch
+    rows, cols = -(-23 // patch), -(-30 // patch)
+    for b in range(3):
+        for k in range(6):
+            candidates = chosen = 0
+            for r in range(rows):
+                for c in range(cols):
+                    sl = (slice(r * patch, (r + 1) * patch), slice(c * patch, (c + 1) * patch))
+                    of_k = labels[b][sl] == k
+                    if not of_k.any():
+                        continue
+                    candidates += 1
+                    hidden = masked[b][sl][of_k]
+                    assert hidden.all() or not hidden.any(), (b, k, r, c)  # a class's pixels of a patch go together
+                    chosen += int(hidden.all())
+            assert abs(chosen - ratio * candidates) < 1.0, (b, k, candidates, chosen)
+
+
+def test_pixel_mask_keeps_minority_pixels_visible_where_majority_hides_them():
+    # One 4 x 4 patch: 12 pixels of class 0 and a 4-pixel column of class 1 (the minority).
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, :, 3] = 1
+    gen = lambda: torch.Generator().manual_seed(0)
+    majority = classwise_patch_mask(labels, 4, 1.0, generator=gen(), num_classes=2, ownership="majority")
+    assert majority.all()  # the patch belongs to class 0 and hides class 1's column with it
+    for k in (0, 1):  # ratio 1 of class k only (the other class's pixels are ignored): only class k is hidden
+        only_k = torch.where(labels == k, labels, IGNORE)
+        pixel = classwise_patch_mask(only_k, 4, 1.0, generator=gen(), num_classes=2)
+        assert torch.equal(pixel, labels == k)
+    # the thin class is a candidate of its own, so it is masked at ratio 1 (majority never masks it on its own)
+    assert classwise_patch_mask(labels, 4, 1.0, generator=gen(), num_classes=2).all()
+    with pytest.raises(ValueError, match="ownership"):
+        classwise_patch_mask(labels, 4, 0.5, ownership="patch")
 
 
 def test_patch_mask_is_reproducible_random_and_handles_edges():

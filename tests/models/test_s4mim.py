@@ -16,7 +16,7 @@ from fastseg.data.shapes import ShapesConfig, ShapesDataset
 from fastseg.engine.recipes.semi import build_training, s4mim_loss
 from fastseg.kernels.classwise_recon_loss import normalize_patches_ref
 from fastseg.layers.masking import classwise_patch_mask
-from fastseg.models.s4mim import S4MIM, per_class_inputs
+from fastseg.models.s4mim import S4MIM, per_class_inputs, select_class_slots
 from fastseg.models.unimatch import masked_pixel_ce
 
 SEED = int(os.environ.get("FASTSEG_TEST_SEED", "0"))  # the suite's seed (tests/conftest.py)
@@ -205,6 +205,70 @@ def test_per_class_inputs_isolate_each_class():
     assert torch.equal(torch.bincount(capped, minlength=2), torch.tensor([1, 1]))
 
 
+def _fair_share_ok(counts: torch.Tensor, available: torch.Tensor) -> bool:
+    """Max-min fairness: a class with fewer slots than the most served one (minus one) got all it had."""
+    top = int(counts.max())
+    return bool(((counts == available) | (counts >= top - 1)).all())
+
+
+def test_select_class_slots_shares_the_budget_class_balanced():
+    g = _gen(11)
+    present = torch.rand(8, 12, generator=g) < 0.7
+    present[:, 11] = False
+    present[3, 11] = True  # a rare class, present in one image only
+    available = present.sum(0)
+    for budget in (5, 12, 20, 40):
+        src, cls = select_class_slots(present, _gen(12), max_inputs=budget)
+        assert src.numel() == min(budget, int(present.sum()))
+        assert present[src, cls].all() and len(set(zip(src.tolist(), cls.tolist()))) == src.numel()
+        counts = torch.bincount(cls, minlength=12)
+        if budget >= 12:  # every class present in the batch gets MIM, the rare one included
+            assert bool((counts > 0).all())
+        else:
+            assert int((counts > 0).sum()) == budget  # one slot per class until the classes run out
+        assert _fair_share_ok(counts, available), (budget, counts, available)
+    # random: another generator picks other images (and other classes when fewer slots than classes)
+    picks = {tuple(select_class_slots(present, _gen(s), max_inputs=9)[0].tolist()) for s in range(5)}
+    assert len(picks) > 1
+    # within the budget every pair gets an input and nothing is drawn
+    g = _gen(13)
+    state = g.get_state()
+    src, cls = select_class_slots(present, g, max_inputs=1000)
+    assert torch.equal(torch.stack([src, cls]), torch.stack(present.nonzero(as_tuple=True)))
+    assert torch.equal(g.get_state(), state)
+    # the old per-image cap, kept as an option, leaves classes out that the budget covers
+    src_cap, cls_cap = select_class_slots(present, _gen(12), max_classes_per_image=1)
+    assert torch.equal(torch.bincount(src_cap, minlength=8), torch.ones(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="max_inputs"):
+        select_class_slots(present, max_inputs=-1)
+
+
+def _many_class_labels(b: int = 2, size: int = 40, classes: int = 10) -> torch.Tensor:
+    """Cityscapes-like class maps: ``classes`` vertical stripes per image (each image its own class order)."""
+    assert size % classes == 0
+    cols = torch.arange(size) // (size // classes)
+    return torch.stack([torch.randperm(classes, generator=_gen(20 + i))[cols].expand(size, size)
+                        for i in range(b)])
+
+
+def test_default_budget_covers_every_class_where_the_old_cap_did_not():
+    torch.manual_seed(SEED)
+    images = torch.randn(2, 3, 40, 40, generator=_gen(5))
+    labels = _many_class_labels(classes=10)
+    kw = dict(num_classes=12, impl="torch", **SMALL)
+    model = fastseg.create_model("s4mim_resnet18", **kw).eval()
+    with torch.no_grad():
+        terms = model.mim_terms(images, labels, model(images), _gen(7))
+    # 20 (image, class) pairs, a budget of 4 per image = 8 inputs (class-balanced: `select_class_slots`)
+    assert model.budget(2) == 8 and int(terms["mim_inputs"]) == 8
+    capped = fastseg.create_model("s4mim_resnet18", max_classes_per_image=3, mim_budget=None, **kw).eval()
+    with torch.no_grad():
+        assert int(capped.mim_terms(images, labels, capped(images), _gen(7))["mim_inputs"]) == 6
+    unbounded = fastseg.create_model("s4mim_resnet18", mim_budget=None, **kw).eval()
+    with torch.no_grad():
+        assert int(unbounded.mim_terms(images, labels, unbounded(images), _gen(7))["mim_inputs"]) == 20
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # S4MIM losses against plain PyTorch
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,39 +296,152 @@ def _plain_agg(feats, labels, masked, num_classes):
 
 
 @pytest.mark.parametrize("mim,mim_input,normalize", [("classwise", "per_class", False), ("classwise", "single", True),
-                                                     ("plain", "single", False)])
+                                                     ("plain", "single", False), ("plain", "per_class", False)])
 def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
     torch.manual_seed(SEED)
     model = fastseg.create_model("s4mim_resnet18", num_classes=K, mim=mim, mim_input=mim_input,
                                  normalize_target=normalize, impl="torch", **SMALL).eval()
     images = torch.randn(2, 3, 32, 32, generator=_gen(5))
     labels = _blocks_labels()
-    labels[0, :3, :5] = 4  # a small extra region that owns no patch
+    labels[0, :3, :5] = 4  # a small extra region inside one patch
+    with torch.no_grad():  # a trained-looking mask indicator (it starts at zero), so that its input matters
+        model.mask_indicator.weight.normal_(generator=_gen(9))
     terms = model.mim_terms(images, labels, model(images), _gen(7))
 
+    # The documented procedure, recomputed (issue 18: both variants share the slots and the loss definitions).
     g = _gen(7)
+    slots = [(b, k) for b in range(2) for k in range(K) if (labels[b] == k).any()]
+    assert len(slots) <= model.budget(2)  # every slot fits the default budget: no draw for the selection
+    src, cls = torch.tensor([b for b, _ in slots]), torch.tensor([k for _, k in slots])
     if mim == "plain":
         masked = classwise_patch_mask(torch.zeros_like(labels), 8, 0.5, generator=g, num_classes=1)
     else:
         masked = classwise_patch_mask(labels, 8, 0.5, generator=g, num_classes=K)
     if mim_input == "per_class":
-        inputs, labels_n, src, _ = per_class_inputs(images, labels, masked, K, 3, g)
-        masked_n, targets = masked[src], images[src]
+        region = labels[src] == cls.view(-1, 1, 1)
+        labels_n, targets = torch.where(region, labels[src], 255), images[src]
+        if mim == "plain":  # an independent image-level mask per input, the rest of the image visible
+            masked_n = classwise_patch_mask(torch.zeros_like(labels_n), 8, 0.5, generator=g, num_classes=1)
+            visible = ~masked_n
+        else:  # only the class's own pixels are hidden, only its visible pixels kept
+            masked_n = masked[src] & region
+            visible = region & ~masked_n
+        inputs = torch.where(visible[:, None], targets, 0.0)
     else:
         inputs, labels_n, masked_n, targets = torch.where(masked[:, None], 0.0, images), labels, masked, images
     with torch.no_grad():
-        logits, feats = model.run(inputs)
+        logits, feats = model.run_mim(inputs, masked_n)  # the indicator marks exactly the hidden pixels
         pred = model.recon_head(feats)
     if normalize:
         targets = normalize_patches_ref(targets, 8)
-    recon_labels = torch.zeros_like(labels_n) if mim == "plain" else labels_n
-    torch.testing.assert_close(terms["rec"], _plain_recon(pred, targets, recon_labels, masked_n,
-                                                          1 if mim == "plain" else K), rtol=1e-4, atol=1e-6)
+    # the reconstruction covers the labelled masked pixels per (input, class), for plain MIM too (was: one group per
+    # image over every masked pixel, issue 18)
+    torch.testing.assert_close(terms["rec"], _plain_recon(pred, targets, labels_n, masked_n, K), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(terms["agg"], _plain_agg(feats, labels_n, masked_n, K), rtol=1e-4, atol=1e-6)
     up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
     sel = masked_n & (labels_n != 255)
     ce = F.cross_entropy(up.permute(0, 2, 3, 1)[sel], labels_n[sel])
     torch.testing.assert_close(terms["sem"], ce, rtol=1e-4, atol=1e-6)
+    assert int(terms["mim_inputs"]) == inputs.shape[0]
+
+
+@pytest.mark.parametrize("mim_input", ["per_class", "single"])
+def test_plain_and_classwise_mim_differ_only_in_mask_and_context(mim_input):
+    """Same slots, inputs budget, targets and loss pixel sets (by class); only the mask and the context differ."""
+    kw = dict(num_classes=12, impl="torch", mim_input=mim_input, **SMALL)
+    images = torch.randn(2, 3, 40, 40, generator=_gen(5))
+    labels = _many_class_labels(classes=10)  # 20 slots for a budget of 8: the class-balanced draw binds
+    labels[1, :, :6] = 255
+    batches = {}
+    for mim in ("classwise", "plain"):
+        model = fastseg.create_model("s4mim_resnet18", mim=mim, **kw)
+        batches[mim] = model.mim_batch(images, labels, _gen(7))
+    cw, pl = batches["classwise"], batches["plain"]
+    expected_n = 8 if mim_input == "per_class" else 2
+    for key in ("source", "targets", "labels"):
+        assert torch.equal(cw[key], pl[key]), key
+    assert cw["inputs"].shape == pl["inputs"].shape and cw["inputs"].shape[0] == expected_n
+    lab = cw["labels"]
+    for n in range(expected_n):
+        own = lab[n] != 255
+        # class-wise: hides only pixels of the input's class (single: of labelled classes) ...
+        assert not (cw["masked"][n] & ~own).any()
+        if mim_input == "per_class":  # ... and keeps no pixel of another class
+            assert (cw["inputs"][n][:, ~own] == 0).all()
+        else:  # ... and (single input, the cheap variant) keeps every visible pixel as plain does
+            visible = ~cw["masked"][n]
+            torch.testing.assert_close(cw["inputs"][n][:, visible], cw["targets"][n][:, visible])
+        # plain: hides whole patches anywhere (other classes and ignored pixels too) and keeps every visible pixel
+        blocks = pl["masked"][n].view(5, 8, 5, 8)
+        assert torch.equal(blocks.all(3).all(1), blocks.any(3).any(1))
+        visible = ~pl["masked"][n]
+        torch.testing.assert_close(pl["inputs"][n][:, visible], cw["targets"][n][:, visible])
+    assert (pl["masked"] & (lab == 255)).any()  # plain masks beyond the input's class
+    if mim_input == "per_class":  # the same mask ratio on each side: about half of the loss pixels are hidden
+        for mb in (cw, pl):
+            share = (mb["masked"] & (lab != 255)).sum() / (lab != 255).sum()
+            assert 0.3 < float(share) < 0.7, float(share)
+
+
+def test_mask_indicator_is_a_zero_initialised_fourth_input_channel():
+    from fastseg.models.backbones import create_backbone
+
+    torch.manual_seed(SEED)
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, impl="torch", **SMALL).eval()
+    images = torch.randn(2, 3, 32, 32, generator=_gen(5))
+    masked = torch.rand(2, 32, 32, generator=_gen(6)) < 0.3
+    with torch.no_grad():
+        before = model(images)
+        for a, b in zip(model.run_mim(images, masked), model.run(images)):  # zero-initialised: no effect yet
+            torch.testing.assert_close(a, b)
+        model.mask_indicator.weight.normal_(generator=_gen(9))
+        logits, feats = model.run_mim(images, masked)
+        # independent reference: the same encoder with a 4-channel first convolution on [image; mask]
+        body = create_backbone("resnet18", output_stride=16).body.eval()
+        body.load_state_dict(model.backbone.body.state_dict())
+        conv1 = torch.nn.Conv2d(4, 64, 7, 2, 3, bias=False)
+        conv1.weight.copy_(torch.cat([model.backbone.body.conv1.weight, model.mask_indicator.weight], 1))
+        body.conv1 = conv1
+        stages = body(torch.cat([images, masked[:, None].float()], 1))
+        ref_logits, ref_feats = model.decode(stages[0], stages[-1])
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats, ref_feats, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(logits, model.run(images)[0], atol=1e-3)  # the signal reaches the output
+        # outside the MIM branch the indicator is never applied (inference, supervised and UniMatch passes)
+        torch.testing.assert_close(model(images), before)
+    # it is learned: the MIM loss reaches it
+    train = fastseg.create_model("s4mim_resnet18", num_classes=K, tau=0.0, **SMALL)
+    train.loss(_semi_batch())["loss"].backward()
+    assert train.mask_indicator.weight.grad is not None and train.mask_indicator.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("signal", ["indicator", "token", "none"])
+def test_masked_pixels_differ_from_other_class_fill(signal):
+    """A per-class input's masked pixels and other classes' removed pixels: told apart unless mask_signal="none"."""
+    model = fastseg.create_model("s4mim_resnet18", num_classes=K, impl="torch", mask_signal=signal, **SMALL)
+    if signal == "token":
+        with torch.no_grad():
+            model.mask_token.copy_(torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1))
+    images = torch.randn(2, 3, 32, 32, generator=_gen(5))
+    mb = model.mim_batch(images, _blocks_labels(), _gen(7))
+    inputs, hidden, own = mb["inputs"], mb["masked"], mb["labels"] != 255
+    other = ~own  # other classes' (and ignored) pixels, removed from the input
+    assert hidden.any() and other.any()
+    assert (inputs.permute(0, 2, 3, 1)[other] == 0).all()  # other-class fill: 0
+    if signal == "token":
+        assert torch.equal(inputs.permute(0, 2, 3, 1)[hidden], model.mask_token.view(1, 3).expand(int(hidden.sum()), 3))
+    else:  # the same value as the other-class fill: only the indicator (if any) tells them apart
+        assert (inputs.permute(0, 2, 3, 1)[hidden] == 0).all()
+        assert hasattr(model, "mask_indicator") == (signal == "indicator")
+
+
+def test_plain_mim_runs_as_many_encoder_inputs_as_classwise():
+    outs = {}
+    for mim in ("classwise", "plain"):
+        torch.manual_seed(SEED)
+        model = fastseg.create_model("s4mim_resnet18", num_classes=K, mim=mim, tau=0.0, **SMALL).eval()
+        outs[mim] = model.loss(_semi_batch(b_l=2, b_u=2))
+    assert int(outs["plain"]["mim_inputs"]) == int(outs["classwise"]["mim_inputs"]) > 4  # was 4 vs up to 12
 
 
 def test_label_space_reconstruction_variant_trains_its_decoder(gradient_check):
@@ -385,7 +562,9 @@ def test_engine_trains_on_pairs():
 @pytest.mark.parametrize("kwargs,match", [({"mim": "random"}, "mim"), ({"semantic_mim": "x"}, "semantic_mim"),
                                           ({"mask_ratio": 0.0}, "mask_ratio"), ({"patch_size": 0}, "patch_size"),
                                           ({"impl": "cuda"}, "impl"), ({"weights": (1.0, -1.0, 0.0)}, "weights"),
-                                          ({"tau": 1.5}, "tau")])
+                                          ({"tau": 1.5}, "tau"), ({"mask_ownership": "patch"}, "mask_ownership"),
+                                          ({"mim_budget": 0.0}, "mim_budget"),
+                                          ({"mask_signal": "noise"}, "mask_signal")])
 def test_bad_options_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastseg.create_model("s4mim_resnet18", num_classes=K, **SMALL, **kwargs)
