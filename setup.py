@@ -1,4 +1,5 @@
 """fastseg: fused-kernel semantic segmentation (GSS, ECENet, PADing, SemPLeS, S4MIM) with export and benchmarks."""
+
 import re
 from pathlib import Path
 
@@ -9,8 +10,17 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastseg" / "version.py"
 
 # `kernels/` is installed as `fastseg.kernels`: a top-level `kernels` would clash with an existing PyPI distribution.
 SUBPACKAGES = [
-    "layers", "models", "data", "data.datasets", "engine", "engine.recipes", "metrics", "export", "bench",
-    "bench.cases", "cli",
+    "layers",
+    "models",
+    "data",
+    "data.datasets",
+    "engine",
+    "engine.recipes",
+    "metrics",
+    "export",
+    "bench",
+    "bench.cases",
+    "cli",
 ]
 
 setup(

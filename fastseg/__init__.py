@@ -1,8 +1,8 @@
 """fastseg: fused-kernel semantic segmentation with export and benchmarks.
 
-    >>> import fastseg
-    >>> fastseg.list_models("fpn*")
-    >>> model = fastseg.create_model("fpn_resnet18", num_classes=12)
+>>> import fastseg
+>>> fastseg.list_models("fpn*")
+>>> model = fastseg.create_model("fpn_resnet18", num_classes=12)
 """
 
 from . import models  # noqa: F401  (registers every model; registry.py never imports fastseg.models)

@@ -37,9 +37,7 @@ __all__ = [
 ]
 
 
-def default_palette(
-    num_classes: int, base: Sequence[tuple[int, int, int]] = ()
-) -> tuple[tuple[int, int, int], ...]:
+def default_palette(num_classes: int, base: Sequence[tuple[int, int, int]] = ()) -> tuple[tuple[int, int, int], ...]:
     """The one palette function: ``base`` colours first (a dataset's hand-picked ones), then distinct colours from a
     golden-ratio hue walk (alternating saturation / value so that neighbours stay apart) for the remaining classes."""
     if num_classes < 0:
@@ -136,7 +134,9 @@ class PretrainedCfg:
         if self.label_divisor < 1:
             raise ValueError(f"PretrainedCfg: label_divisor must be >= 1, got {self.label_divisor}")
         if 0 <= self.ignore_index < self.num_classes:
-            raise ValueError(f"ignore_index {self.ignore_index} is a class id; it must lie outside [0, {self.num_classes})")
+            raise ValueError(
+                f"ignore_index {self.ignore_index} is a class id; it must lie outside [0, {self.num_classes})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,8 +145,16 @@ class PretrainedCfg:
     def from_dict(cls, data: dict[str, Any]) -> PretrainedCfg:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        for key in ("class_names", "mean", "std", "input_size", "stuff_classes", "thing_classes", "seen_classes",
-                    "unseen_classes"):
+        for key in (
+            "class_names",
+            "mean",
+            "std",
+            "input_size",
+            "stuff_classes",
+            "thing_classes",
+            "seen_classes",
+            "unseen_classes",
+        ):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         if "palette" in kwargs:
@@ -164,9 +172,7 @@ class _Entry:
 _MODEL_ENTRYPOINTS: dict[str, _Entry] = {}
 
 
-def register_model(
-    fn: Callable[..., nn.Module] | None = None, *, tag: str = "", differs_from_paper: str = ""
-) -> Any:
+def register_model(fn: Callable[..., nn.Module] | None = None, *, tag: str = "", differs_from_paper: str = "") -> Any:
     """Decorator: register a model entrypoint under its function name.
 
     ``@register_model`` for an entrypoint that follows its paper; ``@register_model(tag="shapes_small",

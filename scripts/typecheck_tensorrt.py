@@ -31,8 +31,20 @@ def stubs_dir() -> Path:
 
 
 def install(target: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                    f"tensorrt-stubs=={STUBS_VERSION}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            f"tensorrt-stubs=={STUBS_VERSION}",
+        ],
+        check=True,
+    )
 
 
 def repair(target: Path) -> int:

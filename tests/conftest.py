@@ -36,7 +36,9 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_trt = False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is visible (torch.cuda.is_available() is False)")
-    skip_trt = pytest.mark.skip(reason="needs TensorRT (`import tensorrt` failed; it cannot be installed on this machine)")
+    skip_trt = pytest.mark.skip(
+        reason="needs TensorRT (`import tensorrt` failed; it cannot be installed on this machine)"
+    )
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
@@ -59,7 +61,6 @@ def _seed_and_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     yield
-
 
 
 class FastsegOpCalls:
@@ -135,8 +136,11 @@ def _wake_zero_initialised_scales(model: torch.nn.Module) -> list[str]:
 
 def _parameters_without_gradient(model: torch.nn.Module) -> list[str]:
     """Trainable parameters whose gradient is missing, all zero or not finite (call after ``backward``)."""
-    return [n for n, p in model.named_parameters()
-            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0 or not p.grad.isfinite().all())]
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0 or not p.grad.isfinite().all())
+    ]
 
 
 @pytest.fixture

@@ -165,7 +165,9 @@ def test_shape_mismatch_is_an_error_even_when_not_strict(tmp_path):
     model = _net(out_channels=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for strict in (True, False):
-        with pytest.raises(ValueError, match=r"2 shape mismatch\(es\).*'3.weight: file \(6, 8, 1, 1\) vs model \(4, 8, 1, 1\)'"):
+        with pytest.raises(
+            ValueError, match=r"2 shape mismatch\(es\).*'3.weight: file \(6, 8, 1, 1\) vs model \(4, 8, 1, 1\)'"
+        ):
             ckpt.load_weights(model, tmp_path / "w6.safetensors", strict=strict)
     # Nothing was half-loaded.
     for key, value in model.state_dict().items():
@@ -242,8 +244,10 @@ def test_failed_write_leaves_previous_file_intact(tmp_path):
 @pytest.mark.parametrize("kind", ["weights", "state"])
 def test_save_interrupted_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch, kind):
     target = tmp_path / ("last.safetensors" if kind == "weights" else "last_state.pt")
-    save = (lambda: ckpt.save_weights(_net(), target)) if kind == "weights" else (
-        lambda: ckpt.save_training_state(target, {"step": 1, "x": torch.ones(100)})
+    save = (
+        (lambda: ckpt.save_weights(_net(), target))
+        if kind == "weights"
+        else (lambda: ckpt.save_training_state(target, {"step": 1, "x": torch.ones(100)}))
     )
     save()
     before = target.read_bytes()

@@ -48,8 +48,12 @@ RANKS: dict[str, int] = {
     "cli": 6,
 }
 # Groups that may import nothing of fastseg but themselves (and, for the bottom, each other).
-ISOLATED = {"kernels": {"kernels"}, "version": {"version"}, "registry": {"version", "registry", "checkpoint"},
-            "checkpoint": {"version", "registry", "checkpoint"}}
+ISOLATED = {
+    "kernels": {"kernels"},
+    "version": {"version"},
+    "registry": {"version", "registry", "checkpoint"},
+    "checkpoint": {"version", "registry", "checkpoint"},
+}
 
 
 def package_modules(root: Path = ROOT) -> dict[str, Path]:
@@ -130,8 +134,9 @@ def upward_imports(graph: Mapping[str, Iterable[str]]) -> list[str]:
             if src_group in ISOLATED and dst_group not in ISOLATED[src_group]:
                 problems.append(f"{src} imports {dst}: {src_group} may import only {sorted(ISOLATED[src_group])}")
             elif RANKS.get(dst_group, 99) > RANKS[src_group]:
-                problems.append(f"{src} ({src_group or 'fastseg'}) imports {dst} ({dst_group or 'fastseg'}), "
-                                f"a higher layer")
+                problems.append(
+                    f"{src} ({src_group or 'fastseg'}) imports {dst} ({dst_group or 'fastseg'}), a higher layer"
+                )
     return problems
 
 
@@ -185,15 +190,18 @@ def _synthetic_modules(tmp_path: Path, files: Mapping[str, str]) -> dict[str, se
 
 
 def test_checker_finds_a_lazy_cycle_and_resolves_relative_imports(tmp_path):
-    graph = _synthetic_modules(tmp_path, {
-        "fastseg/__init__.py": "",
-        "fastseg/export/__init__.py": "",
-        "fastseg/export/api.py": "from .onnx import export_onnx_file\n",
-        # the cycle of old: hidden inside a function body
-        "fastseg/export/onnx.py": "def session():\n    from .api import export\n    return export\n",
-        "fastseg/export/sidecar.py": "from ..version import __version__\n",
-        "fastseg/version.py": "",
-    })
+    graph = _synthetic_modules(
+        tmp_path,
+        {
+            "fastseg/__init__.py": "",
+            "fastseg/export/__init__.py": "",
+            "fastseg/export/api.py": "from .onnx import export_onnx_file\n",
+            # the cycle of old: hidden inside a function body
+            "fastseg/export/onnx.py": "def session():\n    from .api import export\n    return export\n",
+            "fastseg/export/sidecar.py": "from ..version import __version__\n",
+            "fastseg/version.py": "",
+        },
+    )
     assert graph["fastseg.export.api"] == {"fastseg.export.onnx"}
     assert graph["fastseg.export.onnx"] == {"fastseg.export.api"}
     assert graph["fastseg.export.sidecar"] == {"fastseg.version"}
@@ -202,16 +210,19 @@ def test_checker_finds_a_lazy_cycle_and_resolves_relative_imports(tmp_path):
 
 
 def test_checker_finds_the_registry_cycle_and_upward_imports(tmp_path):
-    graph = _synthetic_modules(tmp_path, {
-        "fastseg/__init__.py": "from .registry import create_model\n",
-        "fastseg/registry.py": "def list_models():\n    import fastseg.models  # noqa\n",
-        "fastseg/models/__init__.py": "from . import fpn\n",
-        "fastseg/models/fpn.py": "from ..registry import register_model\nfrom fastseg.engine.trainer import train\n",
-        "fastseg/engine/__init__.py": "",
-        "fastseg/engine/trainer.py": "",
-        "fastseg/layers/__init__.py": "",
-        "fastseg/layers/blocks.py": "import fastseg.kernels.vq\n",
-    })
+    graph = _synthetic_modules(
+        tmp_path,
+        {
+            "fastseg/__init__.py": "from .registry import create_model\n",
+            "fastseg/registry.py": "def list_models():\n    import fastseg.models  # noqa\n",
+            "fastseg/models/__init__.py": "from . import fpn\n",
+            "fastseg/models/fpn.py": "from ..registry import register_model\nfrom fastseg.engine.trainer import train\n",
+            "fastseg/engine/__init__.py": "",
+            "fastseg/engine/trainer.py": "",
+            "fastseg/layers/__init__.py": "",
+            "fastseg/layers/blocks.py": "import fastseg.kernels.vq\n",
+        },
+    )
     (tmp_path / "kernels" / "__init__.py").write_text("")
     (tmp_path / "kernels" / "vq.py").write_text("from fastseg.registry import PretrainedCfg\n")
     graph = import_graph(tmp_path)
@@ -220,18 +231,24 @@ def test_checker_finds_the_registry_cycle_and_upward_imports(tmp_path):
     problems = upward_imports(graph)
     assert len(problems) == 3, problems
     assert any("fastseg.registry imports fastseg.models" in p for p in problems)
-    assert any("fastseg.models.fpn (models) imports fastseg.engine.trainer (engine), a higher layer" in p
-               for p in problems)
+    assert any(
+        "fastseg.models.fpn (models) imports fastseg.engine.trainer (engine), a higher layer" in p for p in problems
+    )
     assert any("fastseg.kernels.vq imports fastseg.registry: kernels may import only" in p for p in problems)
 
 
 def test_checker_accepts_a_clean_graph():
-    graph = {"fastseg.cli.main": {"fastseg.engine.trainer", "fastseg.registry"},
-             "fastseg.engine.trainer": {"fastseg.models.fpn", "fastseg.data.shapes", "fastseg.checkpoint"},
-             "fastseg.models.fpn": {"fastseg.layers.blocks", "fastseg.registry"},
-             "fastseg.layers.blocks": {"fastseg.kernels"}, "fastseg.kernels": set(),
-             "fastseg.registry": {"fastseg.version"}, "fastseg.version": set(), "fastseg.checkpoint": set(),
-             "fastseg.data.shapes": set()}
+    graph = {
+        "fastseg.cli.main": {"fastseg.engine.trainer", "fastseg.registry"},
+        "fastseg.engine.trainer": {"fastseg.models.fpn", "fastseg.data.shapes", "fastseg.checkpoint"},
+        "fastseg.models.fpn": {"fastseg.layers.blocks", "fastseg.registry"},
+        "fastseg.layers.blocks": {"fastseg.kernels"},
+        "fastseg.kernels": set(),
+        "fastseg.registry": {"fastseg.version"},
+        "fastseg.version": set(),
+        "fastseg.checkpoint": set(),
+        "fastseg.data.shapes": set(),
+    }
     assert find_cycles(graph) == []
     assert upward_imports(graph) == []
     graph["fastseg.version"] = {"fastseg.version"}  # a module importing itself is a cycle too

@@ -42,8 +42,14 @@ def test_every_shipped_config_compiles_for_every_target(report):
 
 
 def test_no_register_spills(report):
-    bad = _failures(report, lambda r: r.get("ok") and (r["spill_stores"] or r["spill_loads"])
-                    and f"{r['spill_stores']} B spill stores, {r['regs']} registers")
+    bad = _failures(
+        report,
+        lambda r: (
+            r.get("ok")
+            and (r["spill_stores"] or r["spill_loads"])
+            and f"{r['spill_stores']} B spill stores, {r['regs']} registers"
+        ),
+    )
     assert not bad, "\n".join(bad)
 
 
@@ -60,16 +66,23 @@ def test_half_precision_dots_use_tensor_cores(report):
 
 
 def test_shared_memory_within_each_targets_block_limit(report):
-    bad = _failures(report, lambda r: r.get("ok") and r["shared"] > r["smem_limit"]
-                    and f"{r['shared']} B > {r['smem_limit']} B")
+    bad = _failures(
+        report, lambda r: r.get("ok") and r["shared"] > r["smem_limit"] and f"{r['shared']} B > {r['smem_limit']} B"
+    )
     assert not bad, "\n".join(bad)
 
 
 def test_occupancy_floor_per_kernel_kind(report):
     from fastseg.bench.static import OCCUPANCY_FLOOR
 
-    bad = _failures(report, lambda r: r.get("ok") and r["warps_per_sm"] < OCCUPANCY_FLOOR[r["kind"]]
-                    and f"{r['warps_per_sm']} warps/SM < {OCCUPANCY_FLOOR[r['kind']]} ({r['limiter']})")
+    bad = _failures(
+        report,
+        lambda r: (
+            r.get("ok")
+            and r["warps_per_sm"] < OCCUPANCY_FLOOR[r["kind"]]
+            and f"{r['warps_per_sm']} warps/SM < {OCCUPANCY_FLOOR[r['kind']]} ({r['limiter']})"
+        ),
+    )
     assert not bad, "\n".join(bad)
 
 

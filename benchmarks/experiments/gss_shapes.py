@@ -49,16 +49,33 @@ def _write(report: dict) -> None:
 def _train(model, args, world, steps: int, seed: int) -> tuple[dict, float]:
     train_set = ShapesDataset("train", length=steps * args.batch_size, config=world, seed=seed + 1)
     val_set = ShapesDataset("val", length=args.val_length, config=world, seed=0)
-    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, weight_decay=1e-4, warmup_steps=10,
-                      seed=seed, out_dir=None, progress=False, device="cpu", log_every=25, grad_clip=5.0)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=1e-4,
+        warmup_steps=10,
+        seed=seed,
+        out_dir=None,
+        progress=False,
+        device="cpu",
+        log_every=25,
+        grad_clip=5.0,
+    )
     start = time.perf_counter()
     result = train(model, train_set, cfg, val_set=val_set)
     wall = time.perf_counter() - start
     metrics = result.final_metrics or {}
     last = result.history[-1] if result.history else {}
-    return {"mIoU": float(metrics["mIoU"]), "aAcc": float(metrics.get("aAcc", float("nan"))),
-            "final_loss": {k: float(v) for k, v in last.items() if isinstance(v, (int, float))},
-            "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "train_wall_s": round(wall, 1)}, wall
+    return {
+        "mIoU": float(metrics["mIoU"]),
+        "aAcc": float(metrics.get("aAcc", float("nan"))),
+        "final_loss": {k: float(v) for k, v in last.items() if isinstance(v, (int, float))},
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "train_wall_s": round(wall, 1),
+    }, wall
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:
@@ -82,15 +99,21 @@ def stage_times(model, size: int, repeats: int) -> dict:
         t_tok, ids = _time(lambda f=feat, p=fused: model.token_ids(f, p), repeats)
         t_dec, maskige = _time(lambda i=ids, p=fused: model.decode_maskige(i, p), repeats)
         t_inv, cls = _time(lambda m=maskige, p=fused: model.maskige_to_classes(m, p), repeats)
-        rows[path] = {"backbone_ms": round(t_backbone, 1), "head_ms": round(t_head, 1),
-                      "token_argmax_ms": round(t_tok, 1), "decoder_ms": round(t_dec, 1),
-                      "palette_inverse_ms": round(t_inv, 1),
-                      "total_ms": round(t_backbone + t_head + t_tok + t_dec + t_inv, 1)}
+        rows[path] = {
+            "backbone_ms": round(t_backbone, 1),
+            "head_ms": round(t_head, 1),
+            "token_argmax_ms": round(t_tok, 1),
+            "decoder_ms": round(t_dec, 1),
+            "palette_inverse_ms": round(t_inv, 1),
+            "total_ms": round(t_backbone + t_head + t_tok + t_dec + t_inv, 1),
+        }
         rows[path + "_class_map"] = cls
     same = bool(torch.equal(rows.pop("reference_class_map"), rows.pop("fused_class_map")))
     rows["identical_class_maps"] = same
-    rows["note"] = ("CPU, torch reference kernels behind the custom ops (Triton needs a GPU); 'reference' = dense "
-                    "token logits + argmax, one-hot + 1x1 conv decoder input, broadcast palette argmin")
+    rows["note"] = (
+        "CPU, torch reference kernels behind the custom ops (Triton needs a GPU); 'reference' = dense "
+        "token logits + argmax, one-hot + 1x1 conv decoder input, broadcast palette argmin"
+    )
     return rows
 
 
@@ -117,9 +140,13 @@ def main() -> None:
     world = ShapesConfig(image_size=64)
     report = json.loads(OUT.read_text()) if OUT.exists() and "tokenizer" not in args.phases else {}
     report.setdefault("commands", []).append("python " + " ".join(sys.argv))
-    report.update({ "torch": torch.__version__,
-                   "machine": f"{platform.machine()} CPU, {args.threads} thread(s), shared with other jobs",
-                   "world": "shapes 64x64, 12 classes"})
+    report.update(
+        {
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()} CPU, {args.threads} thread(s), shared with other jobs",
+            "world": "shapes 64x64, 12 classes",
+        }
+    )
     report.setdefault("results", {})
     _write(report)
     tok_file = run_dir / "gss_ff_resnet18_tokenizer.safetensors"
@@ -129,25 +156,46 @@ def main() -> None:
         torch.manual_seed(0)
         model = fastseg.create_model("gss_ff_resnet18", num_classes=world.num_classes)
         data = ShapesDataset("train", length=args.tokenizer_steps * args.tokenizer_batch, config=world, seed=7)
-        loader = torch.utils.data.DataLoader(data, batch_size=args.tokenizer_batch, shuffle=False,
-                                             collate_fn=lambda items: torch.stack([it["mask"] for it in items]))
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=args.tokenizer_batch,
+            shuffle=False,
+            collate_fn=lambda items: torch.stack([it["mask"] for it in items]),
+        )
         start = time.perf_counter()
-        history = train_maskige_vqvae(model.tokenizer, model.maskige_palette, loader, steps=args.tokenizer_steps,
-                                      lr=args.tokenizer_lr, log_every=50, log=lambda r: print("tokenizer", r,
-                                                                                              flush=True))
+        history = train_maskige_vqvae(
+            model.tokenizer,
+            model.maskige_palette,
+            loader,
+            steps=args.tokenizer_steps,
+            lr=args.tokenizer_lr,
+            log_every=50,
+            log=lambda r: print("tokenizer", r, flush=True),
+        )
         wall = time.perf_counter() - start
         save_weights(model.tokenizer, tok_file)
         val = ShapesDataset("val", length=args.val_length, config=world, seed=0)
-        rt = roundtrip_miou(model.tokenizer, model.maskige_palette, (val[i] for i in range(len(val))),
-                            world.num_classes, maskige_scale=model.maskige_scale)
+        rt = roundtrip_miou(
+            model.tokenizer,
+            model.maskige_palette,
+            (val[i] for i in range(len(val))),
+            world.num_classes,
+            maskige_scale=model.maskige_scale,
+        )
         pal = model.maskige_palette
         from fastseg.models.gss import palette_min_distance
 
         report["results"]["tokenizer"] = {
-            "roundtrip_mIoU": float(rt["mIoU"]), "roundtrip_IoU": [float(v) for v in rt["IoU"]],
-            "steps": args.tokenizer_steps, "batch_size": args.tokenizer_batch, "lr": args.tokenizer_lr,
-            "train_wall_s": round(wall, 1), "val_images": args.val_length, "history": history,
-            "palette": pal.tolist(), "palette_min_distance": palette_min_distance(pal[: world.num_classes]),
+            "roundtrip_mIoU": float(rt["mIoU"]),
+            "roundtrip_IoU": [float(v) for v in rt["IoU"]],
+            "steps": args.tokenizer_steps,
+            "batch_size": args.tokenizer_batch,
+            "lr": args.tokenizer_lr,
+            "train_wall_s": round(wall, 1),
+            "val_images": args.val_length,
+            "history": history,
+            "palette": pal.tolist(),
+            "palette_min_distance": palette_min_distance(pal[: world.num_classes]),
             "tokens_used_of": [int(model.tokenizer.quantizer.cluster_size.gt(0.05).sum()), model.tokenizer.vocab_size],
         }
         print("roundtrip mIoU", rt["mIoU"], flush=True)
@@ -155,41 +203,68 @@ def main() -> None:
 
     if "tokenizer_more" in args.phases:  # continue the phase-1 fit (same data stream, fresh seed, lower lr)
         torch.manual_seed(1)
-        model = fastseg.create_model("gss_ff_resnet18", num_classes=world.num_classes,
-                                     tokenizer_checkpoint=str(tok_file))
+        model = fastseg.create_model(
+            "gss_ff_resnet18", num_classes=world.num_classes, tokenizer_checkpoint=str(tok_file)
+        )
         done_before = len(report["results"].get("tokenizer_continued_runs", [])) or int(
-            "tokenizer_continued" in report["results"])
+            "tokenizer_continued" in report["results"]
+        )
         # fresh images for every continuation: seeds 8, 9, ...
         data = ShapesDataset("train", length=args.more_steps * args.tokenizer_batch, config=world, seed=8 + done_before)
-        loader = torch.utils.data.DataLoader(data, batch_size=args.tokenizer_batch, shuffle=False,
-                                             collate_fn=lambda items: torch.stack([it["mask"] for it in items]))
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=args.tokenizer_batch,
+            shuffle=False,
+            collate_fn=lambda items: torch.stack([it["mask"] for it in items]),
+        )
         start = time.perf_counter()
-        history = train_maskige_vqvae(model.tokenizer, model.maskige_palette, loader, steps=args.more_steps,
-                                      lr=args.more_lr, log_every=50, init_codebook=False,
-                                      log=lambda r: print("tokenizer+", r, flush=True))
+        history = train_maskige_vqvae(
+            model.tokenizer,
+            model.maskige_palette,
+            loader,
+            steps=args.more_steps,
+            lr=args.more_lr,
+            log_every=50,
+            init_codebook=False,
+            log=lambda r: print("tokenizer+", r, flush=True),
+        )
         wall = time.perf_counter() - start
         save_weights(model.tokenizer, tok_file)
         val = ShapesDataset("val", length=args.val_length, config=world, seed=0)
-        rt = roundtrip_miou(model.tokenizer, model.maskige_palette, (val[i] for i in range(len(val))),
-                            world.num_classes, maskige_scale=model.maskige_scale)
+        rt = roundtrip_miou(
+            model.tokenizer,
+            model.maskige_palette,
+            (val[i] for i in range(len(val))),
+            world.num_classes,
+            maskige_scale=model.maskige_scale,
+        )
         # Each continuation is appended, so the JSON always tells the tokenizer's whole training.
         runs = report["results"].setdefault("tokenizer_continued_runs", [])
         if not runs and "tokenizer_continued" in report["results"]:  # written by the one-entry format before
             runs.append(report["results"].pop("tokenizer_continued"))
-        runs.append({
-            "roundtrip_mIoU": float(rt["mIoU"]), "roundtrip_IoU": [float(v) for v in rt["IoU"]],
-            "extra_steps": args.more_steps, "batch_size": args.tokenizer_batch, "lr": args.more_lr,
-            "train_wall_s": round(wall, 1), "threads": args.threads, "history": history,
-        })
+        runs.append(
+            {
+                "roundtrip_mIoU": float(rt["mIoU"]),
+                "roundtrip_IoU": [float(v) for v in rt["IoU"]],
+                "extra_steps": args.more_steps,
+                "batch_size": args.tokenizer_batch,
+                "lr": args.more_lr,
+                "train_wall_s": round(wall, 1),
+                "threads": args.threads,
+                "history": history,
+            }
+        )
         report["results"]["tokenizer_total_steps"] = report["results"]["tokenizer"]["steps"] + sum(
-            r["extra_steps"] for r in runs)
+            r["extra_steps"] for r in runs
+        )
         print("roundtrip mIoU after continuing", rt["mIoU"], flush=True)
         _write(report)
 
     if "gss_ff" in args.phases:
         torch.manual_seed(0)
-        model = fastseg.create_model("gss_ff_resnet18", num_classes=world.num_classes,
-                                     tokenizer_checkpoint=str(tok_file))
+        model = fastseg.create_model(
+            "gss_ff_resnet18", num_classes=world.num_classes, tokenizer_checkpoint=str(tok_file)
+        )
         res, _ = _train(model, args, world, args.steps, seed=0)
         save_weights(model, ff_file)
         report["results"]["gss_ff_resnet18"] = res
@@ -221,8 +296,11 @@ def main() -> None:
         torch.manual_seed(0)
         kwargs = {"checkpoint_path": str(ff_file)} if ff_file.exists() else {}
         model = fastseg.create_model("gss_ff_resnet18", num_classes=world.num_classes, **kwargs)
-        report["results"]["stages_512"] = {"size": args.stage_size, "batch": 1,
-                                           **stage_times(model, args.stage_size, repeats=2)}
+        report["results"]["stages_512"] = {
+            "size": args.stage_size,
+            "batch": 1,
+            **stage_times(model, args.stage_size, repeats=2),
+        }
         print("stages", report["results"]["stages_512"], flush=True)
         _write(report)
 

@@ -38,8 +38,9 @@ OUT = Path("benchmarks/results/experiments/mask2former_shapes.json")
 def _start(cmd: list[str]) -> tuple[subprocess.Popen, float, str]:
     print("$ " + shlex.join(cmd), flush=True)
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - read back in _finish
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     return proc, time.perf_counter(), log.name
 
 
@@ -85,8 +86,14 @@ def _versions() -> dict:
         coco = version("pycocotools")
     except PackageNotFoundError:
         coco = None
-    return {"fastseg": fastseg.__version__, "torch": torch.__version__, "timm": timm.__version__,
-            "scipy": scipy.__version__, "pycocotools": coco, "python": platform.python_version()}
+    return {
+        "fastseg": fastseg.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "scipy": scipy.__version__,
+        "pycocotools": coco,
+        "python": platform.python_version(),
+    }
 
 
 def _machine() -> dict:
@@ -98,9 +105,15 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
-            "threads": 1, "device": "cpu",
-            "note": "shared 2-core machine (other agents ran at the same time): wall times are inflated"}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": 1,
+        "device": "cpu",
+        "note": "shared 2-core machine (other agents ran at the same time): wall times are inflated",
+    }
 
 
 def main() -> None:
@@ -117,9 +130,12 @@ def main() -> None:
     budget = {"steps": 600, "batch_size": 16}  # `fastseg train`'s defaults
     record: dict = {
         "what": "Mask2Former (ResNet-18, CPU-sized head, from scratch) on the shapes world at its default CLI budget: "
-                "val PQ / SQ / RQ, mask AP, mIoU; the semantic FPN baseline's mIoU at the same steps and batch",
+        "val PQ / SQ / RQ, mask AP, mIoU; the semantic FPN baseline's mIoU at the same steps and batch",
         "command": shlex.join(["python", *sys.argv]),
-        "budget": budget, "versions": _versions(), "machine": _machine(), "runs": {},
+        "budget": budget,
+        "versions": _versions(),
+        "machine": _machine(),
+        "runs": {},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,31 +146,84 @@ def main() -> None:
     m2f_dir, m2f_json = runs / "m2f", runs / "m2f_eval.json"
     fpn_dir, fpn_json = runs / "fpn", runs / "fpn_eval.json"
     # The two trainings run side by side (each single-threaded), then the evaluations.
-    jobs = {"mask2former_resnet18": _start([*fastseg_cmd, "train", "mask2former_resnet18", "--task", "panoptic",
-                                            "--out", str(m2f_dir)])}
+    jobs = {
+        "mask2former_resnet18": _start(
+            [*fastseg_cmd, "train", "mask2former_resnet18", "--task", "panoptic", "--out", str(m2f_dir)]
+        )
+    }
     if not args.skip_fpn:
-        jobs["fpn_resnet18"] = _start([*fastseg_cmd, "train", "fpn_resnet18", "--steps", str(budget["steps"]),
-                                       "--batch-size", str(budget["batch_size"]), "--out", str(fpn_dir)])
+        jobs["fpn_resnet18"] = _start(
+            [
+                *fastseg_cmd,
+                "train",
+                "fpn_resnet18",
+                "--steps",
+                str(budget["steps"]),
+                "--batch-size",
+                str(budget["batch_size"]),
+                "--out",
+                str(fpn_dir),
+            ]
+        )
     trained = _finish_all(jobs)
-    ev = _finish(_start([*fastseg_cmd, "eval", "mask2former_resnet18", "--checkpoint",
-                         str(m2f_dir / "model.safetensors"), "--task", "semantic,panoptic,instance",
-                         "--json", str(m2f_json)]))
+    ev = _finish(
+        _start(
+            [
+                *fastseg_cmd,
+                "eval",
+                "mask2former_resnet18",
+                "--checkpoint",
+                str(m2f_dir / "model.safetensors"),
+                "--task",
+                "semantic,panoptic,instance",
+                "--json",
+                str(m2f_json),
+            ]
+        )
+    )
     metrics = json.loads(m2f_json.read_text())
     train = trained["mask2former_resnet18"]
-    record["runs"]["mask2former_resnet18"] = {"train": train, "eval": ev, "metrics": metrics, "summary": {
-        "PQ": metrics["panoptic"]["PQ"], "SQ": metrics["panoptic"]["SQ"], "RQ": metrics["panoptic"]["RQ"],
-        "PQ_things": metrics["panoptic"]["things"]["PQ"], "PQ_stuff": metrics["panoptic"]["stuff"]["PQ"],
-        "mask_AP": metrics["instance"]["AP"], "AP50": metrics["instance"]["AP50"], "AP75": metrics["instance"]["AP75"],
-        "mIoU": metrics["semantic"]["mIoU"], "train_wall_s": train["wall_s"], "train_cpu_s": train["cpu_s"]}}
+    record["runs"]["mask2former_resnet18"] = {
+        "train": train,
+        "eval": ev,
+        "metrics": metrics,
+        "summary": {
+            "PQ": metrics["panoptic"]["PQ"],
+            "SQ": metrics["panoptic"]["SQ"],
+            "RQ": metrics["panoptic"]["RQ"],
+            "PQ_things": metrics["panoptic"]["things"]["PQ"],
+            "PQ_stuff": metrics["panoptic"]["stuff"]["PQ"],
+            "mask_AP": metrics["instance"]["AP"],
+            "AP50": metrics["instance"]["AP50"],
+            "AP75": metrics["instance"]["AP75"],
+            "mIoU": metrics["semantic"]["mIoU"],
+            "train_wall_s": train["wall_s"],
+            "train_cpu_s": train["cpu_s"],
+        },
+    }
     save()
     if not args.skip_fpn:
-        ev = _finish(_start([*fastseg_cmd, "eval", "fpn_resnet18", "--checkpoint", str(fpn_dir / "model.safetensors"),
-                             "--json", str(fpn_json)]))
+        ev = _finish(
+            _start(
+                [
+                    *fastseg_cmd,
+                    "eval",
+                    "fpn_resnet18",
+                    "--checkpoint",
+                    str(fpn_dir / "model.safetensors"),
+                    "--json",
+                    str(fpn_json),
+                ]
+            )
+        )
         metrics = json.loads(fpn_json.read_text())
         train = trained["fpn_resnet18"]
-        record["runs"]["fpn_resnet18"] = {"train": train, "eval": ev, "metrics": metrics,
-                                          "summary": {"mIoU": metrics["mIoU"], "train_wall_s": train["wall_s"],
-                                                      "train_cpu_s": train["cpu_s"]}}
+        record["runs"]["fpn_resnet18"] = {
+            "train": train,
+            "eval": ev,
+            "metrics": metrics,
+            "summary": {"mIoU": metrics["mIoU"], "train_wall_s": train["wall_s"], "train_cpu_s": train["cpu_s"]},
+        }
         save()
     for name, run in record["runs"].items():
         print(name, json.dumps(run["summary"]))

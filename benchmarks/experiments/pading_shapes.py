@@ -59,9 +59,19 @@ def stage1(seed: int, args: argparse.Namespace, world) -> Path:
     torch.manual_seed(seed)
     seg = seen_only_segmenter("mask2former_resnet18", world, "panoptic")
     data = seen_only_dataset(world, "panoptic", length=10**6, seed=seed)
-    cfg = TrainConfig(steps=args.stage1_steps, batch_size=args.batch_size, lr=args.stage1_lr, weight_decay=0.05,
-                      warmup_steps=20, grad_clip=1.0, seed=seed, out_dir=str(path), progress=False,
-                      device="cpu", log_every=20)
+    cfg = TrainConfig(
+        steps=args.stage1_steps,
+        batch_size=args.batch_size,
+        lr=args.stage1_lr,
+        weight_decay=0.05,
+        warmup_steps=20,
+        grad_clip=1.0,
+        seed=seed,
+        out_dir=str(path),
+        progress=False,
+        device="cpu",
+        log_every=20,
+    )
     train(seg, data, cfg)
     return path / "model.safetensors"
 
@@ -74,8 +84,14 @@ def run_one(variant: str, seed: int, checkpoint: Path, args: argparse.Namespace,
     start = time.perf_counter()
     info: dict = {}
     if kwargs is not None:
-        cfg = Stage2Config(steps=args.stage2_steps, batch_size=args.batch_size, generator_lr=args.generator_lr,
-                           classifier_lr=args.classifier_lr, seed=seed, log_every=10)
+        cfg = Stage2Config(
+            steps=args.stage2_steps,
+            batch_size=args.batch_size,
+            generator_lr=args.generator_lr,
+            classifier_lr=args.classifier_lr,
+            seed=seed,
+            log_every=10,
+        )
         result = train_stage2(model, seen_only_dataset(world, "panoptic", length=10**6, seed=seed), cfg)
         info = {"last_losses": result.history[-1], "skipped_generator_steps": result.skipped_generator_steps}
     train_s = time.perf_counter() - start
@@ -83,10 +99,20 @@ def run_one(variant: str, seed: int, checkpoint: Path, args: argparse.Namespace,
 
     val = ShapesDataset("val", length=args.val_length, config=world, seed=0)
     metrics = evaluate_zero_shot(model, val, batch_size=16)
-    flat = {f"{name}_{side}": metrics[task][f"{name}_{side}"] for task, name in METRICS
-            for side in ("seen", "unseen", "harmonic")}
-    return {"variant": variant, "seed": seed, "kwargs": kwargs, **flat, "stage2_s": round(train_s, 1), **info,
-            "eval_s": round(time.perf_counter() - start - train_s, 1)}
+    flat = {
+        f"{name}_{side}": metrics[task][f"{name}_{side}"]
+        for task, name in METRICS
+        for side in ("seen", "unseen", "harmonic")
+    }
+    return {
+        "variant": variant,
+        "seed": seed,
+        "kwargs": kwargs,
+        **flat,
+        "stage2_s": round(train_s, 1),
+        **info,
+        "eval_s": round(time.perf_counter() - start - train_s, 1),
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -100,9 +126,11 @@ def summarise(runs: list[dict]) -> dict:
             values = [r[key] for r in rows]
             if key.split("_")[0] in ("mIoU", "PQ", "SQ", "RQ", "AP50") and all(isinstance(v, float) for v in values):
                 finite = [v for v in values if not math.isnan(v)]
-                out[variant][key] = {"mean": statistics.fmean(finite) if finite else math.nan,
-                                     "std": statistics.stdev(finite) if len(finite) > 1 else math.nan,
-                                     "per_seed": values}
+                out[variant][key] = {
+                    "mean": statistics.fmean(finite) if finite else math.nan,
+                    "std": statistics.stdev(finite) if len(finite) > 1 else math.nan,
+                    "per_seed": values,
+                }
     return out
 
 
@@ -114,8 +142,12 @@ def main() -> None:
     p.add_argument("--stage1-lr", type=float, default=1e-3)
     p.add_argument("--stage2-steps", type=int, default=200)
     p.add_argument("--generator-lr", type=float, default=5e-4)
-    p.add_argument("--classifier-lr", type=float, default=1e-2,
-                   help="SGD lr of new_fc (official 1e-3 over 20 000 iterations; scaled up for the short budget)")
+    p.add_argument(
+        "--classifier-lr",
+        type=float,
+        default=1e-2,
+        help="SGD lr of new_fc (official 1e-3 over 20 000 iterations; scaled up for the short budget)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--val-length", type=int, default=96)
     p.add_argument("--threads", type=int, default=1)
@@ -135,9 +167,17 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
-    report = {"command": command, "args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
-              "device": "cpu", "world": {"classes": list(world.class_names), "unseen": list(world.unseen_classes)},
-              "runs": [], "summary": {}, "complete": False}
+    report = {
+        "command": command,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "device": "cpu",
+        "world": {"classes": list(world.class_names), "unseen": list(world.unseen_classes)},
+        "runs": [],
+        "summary": {},
+        "complete": False,
+    }
     if args.resume and out.exists():
         previous = json.loads(out.read_text())
         report["runs"] = previous["runs"]
@@ -162,7 +202,8 @@ def main() -> None:
         if "stopped_early" in report:
             break
     report["complete"] = "stopped_early" not in report and {(r["variant"], r["seed"]) for r in report["runs"]} >= {
-        (v, s) for v in args.variants for s in args.seeds}
+        (v, s) for v in args.variants for s in args.seeds
+    }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))
 

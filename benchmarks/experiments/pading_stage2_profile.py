@@ -88,14 +88,17 @@ def profile_config(name: str, cfg: dict, rounds: int) -> dict:
             fake = head.generate(torch.cat([a[labels], a[head.unseen_ids]]))
         with torch.profiler.record_function("mmd"):
             from fastseg.models.pading import mmd_loss
+
             mmd_loss(fake[: len(labels)], real)
         with torch.profiler.record_function("structure"):
-            head.structure_losses(fake[: len(labels)], fake[len(labels):], a, labels)
+            head.structure_losses(fake[: len(labels)], fake[len(labels) :], a, labels)
     by_region = {}
     for region in ("generator", "mmd", "structure"):
         ops = [e for e in fwd.events() if e.name.startswith("aten::") and _under(e, region)]
-        by_region[region] = {"ops": len([e for e in ops if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]),
-                             "ms": sum(e.cpu_time_total for e in fwd.events() if e.name == region) / 1e3}
+        by_region[region] = {
+            "ops": len([e for e in ops if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]),
+            "ms": sum(e.cpu_time_total for e in fwd.events() if e.name == region) / 1e3,
+        }
     return {
         "config": cfg,
         "ms_per_step": per_step * 1e3,
@@ -126,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     FUSED_OPTIMIZERS = not args.unfused
     torch.set_num_threads(1)
     results = {name: profile_config(name, CONFIGS[name], args.rounds) for name in args.configs.split(",")}
-    record = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-              "threads": torch.get_num_threads(), "note": "shared 2-core CPU: wall times inflated", "results": results}
+    record = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "note": "shared 2-core CPU: wall times inflated",
+        "results": results,
+    }
     text = json.dumps(record, indent=2)
     print(text)
     if args.out:

@@ -30,19 +30,55 @@ class DevicePeak:
 # Keys are matched as lower-case substrings of torch.cuda.get_device_name(); the first match wins, so the more
 # specific names come first.
 DEVICE_PEAKS: list[tuple[str, DevicePeak]] = [
-    ("h200", DevicePeak("NVIDIA H200 SXM", 4800, 989.4, 66.9,
-                        "NVIDIA H200 datasheet (141 GB HBM3e, 4.8 TB/s; compute as H100 SXM)")),
-    ("h100 pcie", DevicePeak("NVIDIA H100 PCIe", 2000, 756.0, 51.0,
-                             "NVIDIA H100 datasheet, PCIe column (HBM2e 2.0 TB/s; sparse figures halved)")),
-    ("h100", DevicePeak("NVIDIA H100 SXM5", 3350, 989.4, 66.9,
-                        "NVIDIA H100 datasheet, SXM column (HBM3 3.35 TB/s; sparse figures halved)")),
+    (
+        "h200",
+        DevicePeak(
+            "NVIDIA H200 SXM", 4800, 989.4, 66.9, "NVIDIA H200 datasheet (141 GB HBM3e, 4.8 TB/s; compute as H100 SXM)"
+        ),
+    ),
+    (
+        "h100 pcie",
+        DevicePeak(
+            "NVIDIA H100 PCIe",
+            2000,
+            756.0,
+            51.0,
+            "NVIDIA H100 datasheet, PCIe column (HBM2e 2.0 TB/s; sparse figures halved)",
+        ),
+    ),
+    (
+        "h100",
+        DevicePeak(
+            "NVIDIA H100 SXM5",
+            3350,
+            989.4,
+            66.9,
+            "NVIDIA H100 datasheet, SXM column (HBM3 3.35 TB/s; sparse figures halved)",
+        ),
+    ),
     ("a100-sxm4-40gb", DevicePeak("NVIDIA A100 SXM4 40GB", 1555, 312.0, 19.5, "NVIDIA A100 datasheet")),
     ("a100", DevicePeak("NVIDIA A100 80GB", 2039, 312.0, 19.5, "NVIDIA A100 datasheet (80GB SXM4, HBM2e)")),
     ("l4", DevicePeak("NVIDIA L4", 300, 121.0, 30.3, "NVIDIA L4 datasheet (GDDR6 300 GB/s; sparse figures halved)")),
-    ("orin nano", DevicePeak("Jetson Orin Nano 8GB (Super)", 102, 17.0, 2.1,
-                             "Jetson Orin Nano Super datasheet (LPDDR5 102 GB/s); FP16 TC derived from sparse INT8 TOPS")),
-    ("orin", DevicePeak("Jetson AGX Orin 64GB", 204.8, 42.5, 5.3,
-                        "Jetson AGX Orin data sheet DS-10662-001 (LPDDR5 204.8 GB/s); FP16 TC derived from 170 sparse INT8 TOPS")),
+    (
+        "orin nano",
+        DevicePeak(
+            "Jetson Orin Nano 8GB (Super)",
+            102,
+            17.0,
+            2.1,
+            "Jetson Orin Nano Super datasheet (LPDDR5 102 GB/s); FP16 TC derived from sparse INT8 TOPS",
+        ),
+    ),
+    (
+        "orin",
+        DevicePeak(
+            "Jetson AGX Orin 64GB",
+            204.8,
+            42.5,
+            5.3,
+            "Jetson AGX Orin data sheet DS-10662-001 (LPDDR5 204.8 GB/s); FP16 TC derived from 170 sparse INT8 TOPS",
+        ),
+    ),
 ]
 
 
@@ -67,8 +103,12 @@ def _measured_cpu_peak() -> DevicePeak:
         best = min(best, time.perf_counter() - t0)
     tflops = 2 * 1024**3 / best / 1e12
     return DevicePeak(
-        f"CPU ({torch.get_num_threads()} threads)", gbps, tflops, tflops,
-        "measured in-process: 256 MiB copy bandwidth and a 1024^3 fp32 matmul", measured=True,
+        f"CPU ({torch.get_num_threads()} threads)",
+        gbps,
+        tflops,
+        tflops,
+        "measured in-process: 256 MiB copy bandwidth and a 1024^3 fp32 matmul",
+        measured=True,
     )
 
 

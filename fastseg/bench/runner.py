@@ -27,7 +27,15 @@ from .env import environment_info
 from .roofline import peak_for, roofline_fraction
 
 __all__ = [
-    "BenchRow", "run_kernels", "run_models", "run_stages", "model_provider", "format_table", "save_json", "save_plot", "MODEL_PROVIDERS",
+    "BenchRow",
+    "run_kernels",
+    "run_models",
+    "run_stages",
+    "model_provider",
+    "format_table",
+    "save_json",
+    "save_plot",
+    "MODEL_PROVIDERS",
 ]
 
 MODEL_PROVIDERS = ("eager", "fused", "compile", "onnxruntime")
@@ -75,7 +83,9 @@ def run_kernels(
     jobs = [(case, provider) for case in cases for provider in case.providers]
     inputs_cache: dict[str, Any] = {}
     for case, provider in tqdm(jobs, desc="kernels", disable=not progress, leave=False):
-        row = BenchRow("kernel", f"{case.op}-{case.mode}", provider, case.shape_id, str(case.dtype).replace("torch.", ""))
+        row = BenchRow(
+            "kernel", f"{case.op}-{case.mode}", provider, case.shape_id, str(case.dtype).replace("torch.", "")
+        )
         try:
             if case.name not in inputs_cache:
                 inputs_cache.clear()  # one case's inputs alive at a time
@@ -166,8 +176,15 @@ def export_onnx_session(
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
     b, _, h, w = images.shape
     with tempfile.TemporaryDirectory(prefix="fastseg-onnx-") as tmp:
-        path = export(model_name, format="onnx", imgsz=(h, w), batch=b, num_classes=num_classes,
-                      out=Path(tmp) / f"{model_name}.onnx", tensorrt_check=False)
+        path = export(
+            model_name,
+            format="onnx",
+            imgsz=(h, w),
+            batch=b,
+            num_classes=num_classes,
+            out=Path(tmp) / f"{model_name}.onnx",
+            tensorrt_check=False,
+        )
         options = ort.SessionOptions()
         return ort.InferenceSession(str(path), sess_options=options, providers=ort_providers(device))
 
@@ -274,18 +291,40 @@ def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
     )
     if env["device_type"] == "cpu":  # CPU timings depend on these; a shared machine must be read with them
         header += f"\nCPU threads {env.get('cpu_threads')}  OMP_WAIT_POLICY {env.get('omp_wait_policy')}"
-    cols = ["kind", "name", "provider", "shape", "dtype", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s", "% roof",
-            "speed-up", "img/s"]
+    cols = [
+        "kind",
+        "name",
+        "provider",
+        "shape",
+        "dtype",
+        "median ms",
+        "p20-p80 ms",
+        "GB/s",
+        "TFLOP/s",
+        "% roof",
+        "speed-up",
+        "img/s",
+    ]
     lines = []
     for r in rows:
         if not r.ok:
             continue
-        lines.append([
-            r.kind, r.name, r.provider, r.shape, r.dtype, _fmt(r.median_ms, ".3f"),
-            f"{_fmt(r.p20_ms, '.3f')}-{_fmt(r.p80_ms, '.3f')}", _sig(r.gbps), _sig(r.tflops),
-            _sig(None if r.roofline is None else 100 * r.roofline), _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
-            _fmt(r.images_per_s, ".1f"),
-        ])
+        lines.append(
+            [
+                r.kind,
+                r.name,
+                r.provider,
+                r.shape,
+                r.dtype,
+                _fmt(r.median_ms, ".3f"),
+                f"{_fmt(r.p20_ms, '.3f')}-{_fmt(r.p80_ms, '.3f')}",
+                _sig(r.gbps),
+                _sig(r.tflops),
+                _sig(None if r.roofline is None else 100 * r.roofline),
+                _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+                _fmt(r.images_per_s, ".1f"),
+            ]
+        )
     widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
     out = [header, "", "  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines]
@@ -296,7 +335,9 @@ def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
         for r in skipped:
             reasons.setdefault(r.note, []).append(f"{r.name}[{r.provider}]")
         for note, names in reasons.items():
-            listing = ", ".join(sorted(set(names))[:6]) + (f" (+{len(set(names)) - 6} more)" if len(set(names)) > 6 else "")
+            listing = ", ".join(sorted(set(names))[:6]) + (
+                f" (+{len(set(names)) - 6} more)" if len(set(names)) > 6 else ""
+            )
             out.append(f"  {note}: {listing}")
     return "\n".join(out)
 
@@ -341,8 +382,15 @@ def save_plot(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path) -
             pts = sorted((xs[r.shape], r.median_ms) for r in sub if r.provider == provider)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=provider, color=colour_of[provider])
         if peak_gbps:
-            ax.plot(range(len(shapes)), [mb_of[sh] / peak_gbps for sh in shapes], "k--", lw=1, marker="_", ms=18,
-                    label=f"roofline ({peak_gbps:.0f} GB/s)")
+            ax.plot(
+                range(len(shapes)),
+                [mb_of[sh] / peak_gbps for sh in shapes],
+                "k--",
+                lw=1,
+                marker="_",
+                ms=18,
+                label=f"roofline ({peak_gbps:.0f} GB/s)",
+            )
         ax.set_yscale("log")
         ax.set_xticks(range(len(shapes)), [f"{sh}\n{mb_of[sh]:.0f} MB" for sh in shapes], fontsize=5, rotation=15)
         ax.set_xlim(-0.5, len(shapes) - 0.5)

@@ -53,6 +53,7 @@ def _kernel_module(name: str) -> Any:
 
     return importlib.import_module(f"fastseg.kernels.{name}")
 
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / "benchmarks" / "results" / "static" / "cache.json"
 
@@ -276,27 +277,50 @@ def static_cases(full: bool = False) -> list[StaticCase]:
         # ECENet: 150 classes, 4 heads of d=64, pixels at stride 8 of 512 x 512 (the head-mean mode is the model's).
         StaticCase("pixel_class_attention", "B8-h4-N4096-K150-d64-mean", _ALL, _pca(8, 4, 4096, 150, 64, True, False)),
         StaticCase("pixel_class_attention", "B8-h4-N4096-K150-d64", _ALL, _pca(8, 4, 4096, 150, 64, False, False)),
-        StaticCase("pixel_class_attention_bwd", "B8-h4-N4096-K150-d64-mean", _ALL,
-                   _pca(8, 4, 4096, 150, 64, True, True)),
+        StaticCase(
+            "pixel_class_attention_bwd", "B8-h4-N4096-K150-d64-mean", _ALL, _pca(8, 4, 4096, 150, 64, True, True)
+        ),
         # Mask2Former: 100 queries, 8 heads of d=32, pixels at stride 8.
         StaticCase("masked_class_attention", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, False)),
         StaticCase("masked_class_attention_bwd", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, True)),
         # S4MIM / SemPLeS: class-wise sums of 256-channel features at 512 x 512, 150 classes.
-        StaticCase("classwise_reduce", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, False),
-                   kind="dot"),
+        StaticCase(
+            "classwise_reduce", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, False), kind="dot"
+        ),
         StaticCase("classwise_reduce", "B8-C256-512x512-K150-det", _ALL, _reduce(8, 256, 512, 150, True, False)),
-        StaticCase("classwise_reduce_bwd", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, True),
-                   kind="stream"),
+        StaticCase(
+            "classwise_reduce_bwd", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, True), kind="stream"
+        ),
         # S4MIM pixel reconstruction: RGB, 16 x 16 normalised patches.
-        StaticCase("classwise_masked_recon_loss", "B8-C3-512x512-K150-p16", ("float32",),
-                   _recon(8, 3, 512, 150, 16, False), kind="stream"),
-        StaticCase("classwise_masked_recon_loss_bwd", "B8-C3-512x512-K150-p16", ("float32",),
-                   _recon(8, 3, 512, 150, 16, True), kind="stream"),
+        StaticCase(
+            "classwise_masked_recon_loss",
+            "B8-C3-512x512-K150-p16",
+            ("float32",),
+            _recon(8, 3, 512, 150, 16, False),
+            kind="stream",
+        ),
+        StaticCase(
+            "classwise_masked_recon_loss_bwd",
+            "B8-C3-512x512-K150-p16",
+            ("float32",),
+            _recon(8, 3, 512, 150, 16, True),
+            kind="stream",
+        ),
         # The documented limit of the Triton recon loss (16 channels, 64 x 64 patches).
-        StaticCase("classwise_masked_recon_loss", "B2-C16-512x512-K150-p64", ("float32",),
-                   _recon(2, 16, 512, 150, 64, False), kind="stream"),
-        StaticCase("classwise_masked_recon_loss_bwd", "B2-C16-512x512-K150-p64", ("float32",),
-                   _recon(2, 16, 512, 150, 64, True), kind="stream"),
+        StaticCase(
+            "classwise_masked_recon_loss",
+            "B2-C16-512x512-K150-p64",
+            ("float32",),
+            _recon(2, 16, 512, 150, 64, False),
+            kind="stream",
+        ),
+        StaticCase(
+            "classwise_masked_recon_loss_bwd",
+            "B2-C16-512x512-K150-p64",
+            ("float32",),
+            _recon(2, 16, 512, 150, 64, True),
+            kind="stream",
+        ),
     ]
     if full:
         extra = [
@@ -306,15 +330,29 @@ def static_cases(full: bool = False) -> list[StaticCase]:
         ]
         for d in (32, 128):
             for k in (19, 256):
-                extra.append(StaticCase("pixel_class_attention", f"B8-h4-N4096-K{k}-d{d}-mean", _ALL,
-                                        _pca(8, 4, 4096, k, d, True, False)))
-                extra.append(StaticCase("pixel_class_attention_bwd", f"B8-h4-N4096-K{k}-d{d}-mean", _ALL,
-                                        _pca(8, 4, 4096, k, d, True, True)))
+                extra.append(
+                    StaticCase(
+                        "pixel_class_attention",
+                        f"B8-h4-N4096-K{k}-d{d}-mean",
+                        _ALL,
+                        _pca(8, 4, 4096, k, d, True, False),
+                    )
+                )
+                extra.append(
+                    StaticCase(
+                        "pixel_class_attention_bwd",
+                        f"B8-h4-N4096-K{k}-d{d}-mean",
+                        _ALL,
+                        _pca(8, 4, 4096, k, d, True, True),
+                    )
+                )
         for d in (64, 128):
-            extra.append(StaticCase("masked_class_attention", f"B8-h8-Q100-N4096-d{d}", _ALL,
-                                    _mca(8, 8, 100, 4096, d, False)))
-            extra.append(StaticCase("masked_class_attention_bwd", f"B8-h8-Q100-N4096-d{d}", _ALL,
-                                    _mca(8, 8, 100, 4096, d, True)))
+            extra.append(
+                StaticCase("masked_class_attention", f"B8-h8-Q100-N4096-d{d}", _ALL, _mca(8, 8, 100, 4096, d, False))
+            )
+            extra.append(
+                StaticCase("masked_class_attention_bwd", f"B8-h8-Q100-N4096-d{d}", _ALL, _mca(8, 8, 100, 4096, d, True))
+            )
         extra.append(StaticCase("classwise_reduce", "B8-C64-128x128-K21", _ALL, _reduce(8, 64, 128, 21, False, False)))
         cases += [dataclasses.replace(c, shipped=False) for c in extra]
     del half
@@ -400,8 +438,10 @@ def _plan_one(case: StaticCase, dtype: str, arch: ArchLimits) -> list[dict[str, 
         }
         config = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
         job["config"] = _jsonable(config)
-        payload = json.dumps({k: job[k] for k in ("signature", "constexprs", "attrs", "num_warps", "num_stages",
-                                                  "target")}, sort_keys=True)
+        payload = json.dumps(
+            {k: job[k] for k in ("signature", "constexprs", "attrs", "num_warps", "num_stages", "target")},
+            sort_keys=True,
+        )
         job["key"] = hashlib.sha256(f"{fn.cache_key}|{payload}|{triton.__version__}".encode()).hexdigest()[:24]
         jobs.append(job)
     return jobs
@@ -433,8 +473,11 @@ def _compile_one(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": False}
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn, job["signature"], constexprs, attrs), target=target,
-                                      options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+            compiled = triton.compile(
+                ASTSource(fn, job["signature"], constexprs, attrs),
+                target=target,
+                options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]},
+            )
     except Exception as why:  # noqa: BLE001 - any compile failure is a finding to report
         message = str(why).strip()
         lines = [ln for ln in message.splitlines() if ln.strip()]
@@ -497,7 +540,11 @@ def _run_worker(mode: str, request: Any) -> Any:
         env["TRITON_CACHE_DIR"] = triton_cache  # Triton's own cache: private, and removed afterwards
         proc = subprocess.run(
             [sys.executable, "-m", "fastseg.bench.static", "--worker", mode],
-            input=json.dumps(request), capture_output=True, text=True, env=env, check=False,
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
     if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
         raise RuntimeError(f"static {mode} worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -557,14 +604,18 @@ def static_report(
         for job in item["jobs"]:
             if job["key"] not in cache:
                 todo[job["key"]] = job
-    say(f"compiling {len(todo)} kernels ({sum(len(p['jobs']) for p in planned) - len(todo)} cached) "
-        f"in {workers} processes")
+    say(
+        f"compiling {len(todo)} kernels ({sum(len(p['jobs']) for p in planned) - len(todo)} cached) "
+        f"in {workers} processes"
+    )
     if todo:
         owner = {j["key"]: p["case"] for p in planned for j in p["jobs"]}
         jobs = sorted(todo.values(), key=lambda j: j["key"])
         chunks = [jobs[i::workers] for i in range(workers) if jobs[i::workers]]
-        partials = [cache_path.parent / f"{cache_path.stem}.partial-{os.getpid()}-{i}.jsonl" if cache_path else None
-                    for i in range(len(chunks))]
+        partials = [
+            cache_path.parent / f"{cache_path.stem}.partial-{os.getpid()}-{i}.jsonl" if cache_path else None
+            for i in range(len(chunks))
+        ]
         if cache_path:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(len(chunks)) as pool:
@@ -586,17 +637,29 @@ def static_report(
     shipped = {c.name: c.shipped for c in cases}
     rows = []
     for item in planned:
-        base = {"op": item["case"].split("[")[0], "case": item["case"], "dtype": item["dtype"],
-                "target": item["target"], "shipped": shipped[item["case"]]}
+        base = {
+            "op": item["case"].split("[")[0],
+            "case": item["case"],
+            "dtype": item["dtype"],
+            "target": item["target"],
+            "shipped": shipped[item["case"]],
+        }
         if "plan_error" in item:
             rows.append({**base, "kernel": "(launcher)", "ok": False, "error": item["plan_error"]})
             continue
         for job in item["jobs"]:
             res = cache[job["key"]]
-            row = {**base, "kernel": job["kernel"], "config": job["config"], "grid": job["grid"],
-                   "num_warps": job["num_warps"], "num_stages": job["num_stages"],
-                   "kind": KERNEL_KIND.get(job["kernel"], kinds[item["case"]]), "key": job["key"],
-                   **{k: v for k, v in res.items() if k not in ("ptxas_log", "error_detail", "case")}}
+            row = {
+                **base,
+                "kernel": job["kernel"],
+                "config": job["config"],
+                "grid": job["grid"],
+                "num_warps": job["num_warps"],
+                "num_stages": job["num_stages"],
+                "kind": KERNEL_KIND.get(job["kernel"], kinds[item["case"]]),
+                "key": job["key"],
+                **{k: v for k, v in res.items() if k not in ("ptxas_log", "error_detail", "case")},
+            }
             if res.get("ok"):
                 arch = ARCHS[item["target"]]
                 row.update(occupancy(arch, job["num_warps"], res["regs"] or 0, res["shared"]))
@@ -635,18 +698,25 @@ def problems(row: dict[str, Any]) -> list[str]:
 
 def format_static_table(report: dict[str, Any], targets: Sequence[str] | None = None) -> str:
     """One line per (kernel launch, dtype, target): regs, spills, smem, tensor cores, occupancy, problems."""
-    head = (f"{'op / case':44} {'kernel':38} {'dtype':8} {'target':6} {'warps':>5} {'stg':>3} {'regs':>4} "
-            f"{'spill':>6} {'smem KB':>7} {'TC':6} {'occ':>5}  problems")
-    lines = [f"Static GPU report (Triton {report['triton']}; compiled on this machine for each target, no GPU "
-             f"used)", head, "-" * len(head)]
+    head = (
+        f"{'op / case':44} {'kernel':38} {'dtype':8} {'target':6} {'warps':>5} {'stg':>3} {'regs':>4} "
+        f"{'spill':>6} {'smem KB':>7} {'TC':6} {'occ':>5}  problems"
+    )
+    lines = [
+        f"Static GPU report (Triton {report['triton']}; compiled on this machine for each target, no GPU used)",
+        head,
+        "-" * len(head),
+    ]
     for row in report["rows"]:
         if targets and row["target"] not in targets:
             continue
         case = row["case"].replace(row["op"], "").strip("[]")
         name = f"{row['op']} {case}"[:44]
         if not row.get("ok"):
-            lines.append(f"{name:44} {row['kernel'][:38]:38} {row['dtype']:8} {row['target']:6} "
-                         f"{'':>5} {'':>3} {'':>4} {'':>6} {'':>7} {'':6} {'':>5}  FAIL: {row.get('error', '')[:90]}")
+            lines.append(
+                f"{name:44} {row['kernel'][:38]:38} {row['dtype']:8} {row['target']:6} "
+                f"{'':>5} {'':>3} {'':>4} {'':>6} {'':>7} {'':6} {'':>5}  FAIL: {row.get('error', '')[:90]}"
+            )
             continue
         tc = "wgmma" if row["wgmma"] else ("mma" if row["mma_sync"] else ("-" if not row["dot_operands"] else "fma"))
         lines.append(
@@ -676,10 +746,14 @@ def save_static_plot(report: dict[str, Any], path: Path) -> None:
             xs = [r[field] * scale for r in sub]
             ys = [ypos[f"{r['kernel'].strip('_')} {r['dtype']}"] + off for r in sub]
             bad = [bool(problems(r)) for r in sub]
-            ax.scatter(xs, ys, s=14, label=target if field == "shared" else None, color=f"C{ti}",
-                       marker="o", alpha=0.8)
-            ax.scatter([x for x, b in zip(xs, bad) if b], [y for y, b in zip(ys, bad) if b], s=60,
-                       facecolors="none", edgecolors="red")
+            ax.scatter(xs, ys, s=14, label=target if field == "shared" else None, color=f"C{ti}", marker="o", alpha=0.8)
+            ax.scatter(
+                [x for x, b in zip(xs, bad) if b],
+                [y for y, b in zip(ys, bad) if b],
+                s=60,
+                facecolors="none",
+                edgecolors="red",
+            )
         axes[0].axvline(report["targets"][target]["smem_per_block"] / 1024, color=f"C{ti}", ls=":", lw=1)
     axes[1].axvline(255, color="k", ls=":", lw=1)
     axes[0].set_xlabel("shared memory per block (KB); dotted: each target's per-block limit")
@@ -704,8 +778,9 @@ def _cell(row: dict[str, Any] | None) -> str:
     return f"{row['regs']} / {row['shared'] / 1024:.0f} KB / {tc} / {row['occupancy']:.0%}{spill}"
 
 
-def markdown_tables(report: dict[str, Any], targets: Sequence[str] = ("sm_87", "sm_90"),
-                    dtypes: Sequence[str] = ("bfloat16", "float32")) -> str:
+def markdown_tables(
+    report: dict[str, Any], targets: Sequence[str] = ("sm_87", "sm_90"), dtypes: Sequence[str] = ("bfloat16", "float32")
+) -> str:
     """README tables: every shipped kernel launch on ``targets`` (registers / shared memory / tensor-core
     instructions / theoretical occupancy, spills if any) and the traffic model."""
     rows = [r for r in report["rows"] if r["shipped"] and r["dtype"] in dtypes]
@@ -717,31 +792,44 @@ def markdown_tables(report: dict[str, Any], targets: Sequence[str] = ("sm_87", "
             keys.append(key)
         by_key.setdefault((*key, r["target"]), r)  # a kernel launched twice per case: the first launch
     names = {t: f"{t} ({report['targets'][t]['device']})" for t in targets}
-    out = [f"| op [shape] | kernel | dtype | {' | '.join(names[t] for t in targets)} |",
-           "|---|---|---|" + "---|" * len(targets)]
+    out = [
+        f"| op [shape] | kernel | dtype | {' | '.join(names[t] for t in targets)} |",
+        "|---|---|---|" + "---|" * len(targets),
+    ]
     for case, kernel, dtype in keys:
         cells = " | ".join(_cell(by_key.get((case, kernel, dtype, t))) for t in targets)
         out.append(f"| `{case}` | `{kernel.strip('_')}` | {dtype} | {cells} |")
     bad = [r for r in report["rows"] if r["shipped"] and problems(r)]
-    out += ["", f"Cells: registers per thread / shared memory per block / tensor-core instructions in the PTX / "
-                f"theoretical occupancy. All {len(report['rows'])} shipped launches x targets (sm_80, sm_86, sm_87, "
-                f"sm_89, sm_90; fp32, fp16, bf16): {len(bad)} with a problem. Triton {report['triton']}.", ""]
+    out += [
+        "",
+        f"Cells: registers per thread / shared memory per block / tensor-core instructions in the PTX / "
+        f"theoretical occupancy. All {len(report['rows'])} shipped launches x targets (sm_80, sm_86, sm_87, "
+        f"sm_89, sm_90; fp32, fp16, bf16): {len(bad)} with a problem. Triton {report['triton']}.",
+        "",
+    ]
     traffic = report.get("traffic") or []
     if traffic:
-        out += ["| op [shape] | dtype | (a) min MB | (b) kernel MB | (c) eager MB | b / a | c / b | "
-                "roofline of (a): H100 / H200 / AGX Orin, ms |", "|---|---|---|---|---|---|---|---|"]
+        out += [
+            "| op [shape] | dtype | (a) min MB | (b) kernel MB | (c) eager MB | b / a | c / b | "
+            "roofline of (a): H100 / H200 / AGX Orin, ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for t in traffic:
             eager = "-" if t["eager_bytes"] is None else f"{t['eager_bytes'] / 1e6:,.0f}"
             ratio = "-" if t["eager_over_kernel"] is None else f"{t['eager_over_kernel']:.1f}"
-            out.append(f"| `{t['case']}` | {t['dtype']} | {t['min_bytes'] / 1e6:,.1f} | {t['kernel_bytes'] / 1e6:,.0f} "
-                       f"| {eager} | {t['kernel_over_min']:.2f} | {ratio} | {t['roofline_ms_h100']:.3f} / "
-                       f"{t['roofline_ms_h200']:.3f} / {t['roofline_ms_orin']:.2f} |")
+            out.append(
+                f"| `{t['case']}` | {t['dtype']} | {t['min_bytes'] / 1e6:,.1f} | {t['kernel_bytes'] / 1e6:,.0f} "
+                f"| {eager} | {t['kernel_over_min']:.2f} | {ratio} | {t['roofline_ms_h100']:.3f} / "
+                f"{t['roofline_ms_h200']:.3f} / {t['roofline_ms_orin']:.2f} |"
+            )
     models = [m for m in report.get("model_traffic") or [] if "eager_bytes" in m]
     if models:
         out += ["", "| model forward, 1 x 3 x 512 x 512 | eager MB | fused MB | eager / fused |", "|---|---|---|---|"]
         for m in models:
-            out.append(f"| `{m['model']}` | {m['eager_bytes'] / 1e6:,.0f} | {m['fused_bytes'] / 1e6:,.0f} | "
-                       f"{m['eager_over_fused']:.2f} |")
+            out.append(
+                f"| `{m['model']}` | {m['eager_bytes'] / 1e6:,.0f} | {m['fused_bytes'] / 1e6:,.0f} | "
+                f"{m['eager_over_fused']:.2f} |"
+            )
     return "\n".join(out)
 
 
@@ -749,9 +837,14 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "static"
 TRAFFIC_MODELS = ("fpn_resnet18", "ecenet_resnet18", "gss_ff_resnet18", "s4mim_resnet18")
 
 
-def run_static(full: bool = False, out: Path | None = DEFAULT_OUT, targets: Sequence[str] | None = None,
-               workers: int | None = None, say: Callable[[str], None] = print,
-               table_targets: Sequence[str] | None = None) -> dict[str, Any]:
+def run_static(
+    full: bool = False,
+    out: Path | None = DEFAULT_OUT,
+    targets: Sequence[str] | None = None,
+    workers: int | None = None,
+    say: Callable[[str], None] = print,
+    table_targets: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """The static report and the traffic model: print both, write ``static.json``, ``static.txt``, ``static.png``
     under ``out`` (None: write nothing). Returns the report with ``traffic`` and ``model_traffic`` added."""
     from .traffic import format_traffic_table, model_traffic, op_traffic
@@ -762,9 +855,11 @@ def run_static(full: bool = False, out: Path | None = DEFAULT_OUT, targets: Sequ
     table = format_static_table(report, table_targets)
     traffic = format_traffic_table(report["traffic"], report["model_traffic"])
     bad = [r for r in report["rows"] if problems(r)]
-    summary = (f"{len(report['rows'])} kernel launches x targets, {len(bad)} with a problem "
-               f"(spills, shared memory over the block limit, no tensor cores for a half dot, occupancy under floor, "
-               f"or no compile)")
+    summary = (
+        f"{len(report['rows'])} kernel launches x targets, {len(bad)} with a problem "
+        f"(spills, shared memory over the block limit, no tensor cores for a half dot, occupancy under floor, "
+        f"or no compile)"
+    )
     say(table)
     say(summary)
     say("")

@@ -39,6 +39,7 @@ def _kernel_module(name: str) -> Any:
 
     return importlib.import_module(f"fastseg.kernels.{name}")
 
+
 ROOFLINE_DEVICES = ("h100", "h200", "orin")
 
 
@@ -53,10 +54,39 @@ def _nbytes(t: torch.Tensor) -> int:
 class AtenBytes(TorchDispatchMode):
     """Sums the bytes of every aten op's tensor inputs and outputs (views and metadata ops excluded)."""
 
-    _FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "unsqueeze", "squeeze",
-             "select", "slice", "as_strided", "alias", "detach", "unbind", "split", "chunk", "narrow", "lift_fresh",
-             "empty", "empty_like", "new_empty", "empty_strided", "_to_copy_noop", "view_as", "expand_as",
-             "split_with_sizes", "diagonal", "sym_size", "sym_stride", "sym_numel"}
+    _FREE = {
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "expand",
+        "t",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "as_strided",
+        "alias",
+        "detach",
+        "unbind",
+        "split",
+        "chunk",
+        "narrow",
+        "lift_fresh",
+        "empty",
+        "empty_like",
+        "new_empty",
+        "empty_strided",
+        "_to_copy_noop",
+        "view_as",
+        "expand_as",
+        "split_with_sizes",
+        "diagonal",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,18 +176,23 @@ def _pca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
         dkdv = _cfg(launches, "_pixel_class_attention_bwd_dkdv_kernel")
         tiles = math.ceil(n / dq["BLOCK_N"])
         kv_blocks = dkdv["grid"][0]
-        kernel = (b * h * n * d * es * 3  # dq kernel: q, dout read, dq written
-                  + tiles * b * h * 2 * k * d * es  # every pixel tile reads all of k and v
-                  + (b * k * n * es if mean else 0) * (1 + kv_blocks)  # dmean: dq kernel and every class block
-                  + b * h * n * 8 * (1 + kv_blocks)  # lse2, delta: written, then read per class block
-                  + kv_blocks * b * h * n * d * es * 2  # dkdv kernel: q, dout per class block
-                  + dkdv["grid"][2] * b * h * k * d * 4 * 2 * 2)  # fp32 partials written and summed
-        minimum = qkv + b * h * n * d * es + (b * k * n * es if mean else 0) + qkv  # in: q k v dout dmean; out: dq dk dv
+        kernel = (
+            b * h * n * d * es * 3  # dq kernel: q, dout read, dq written
+            + tiles * b * h * 2 * k * d * es  # every pixel tile reads all of k and v
+            + (b * k * n * es if mean else 0) * (1 + kv_blocks)  # dmean: dq kernel and every class block
+            + b * h * n * 8 * (1 + kv_blocks)  # lse2, delta: written, then read per class block
+            + kv_blocks * b * h * n * d * es * 2  # dkdv kernel: q, dout per class block
+            + dkdv["grid"][2] * b * h * k * d * 4 * 2 * 2
+        )  # fp32 partials written and summed
+        minimum = (
+            qkv + b * h * n * d * es + (b * k * n * es if mean else 0) + qkv
+        )  # in: q k v dout dmean; out: dq dk dv
 
         def eager() -> None:
             q, kk, v = _m(b, h, n, d, dtype=dt), _m(b, h, k, d, dtype=dt), _m(b, h, k, d, dtype=dt)
-            ca._pixel_class_attention_bwd_ref(_m(b, h, n, d, dtype=dt), _m(b, k, n, dtype=dt) if mean else None,
-                                              q, kk, v, d**-0.5, True)
+            ca._pixel_class_attention_bwd_ref(
+                _m(b, h, n, d, dtype=dt), _m(b, k, n, dtype=dt) if mean else None, q, kk, v, d**-0.5, True
+            )
 
         return minimum, kernel, eager
     c = _cfg(launches, "_pixel_class_attention_fwd_kernel")
@@ -188,8 +223,16 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
         # dk/dv kernel: every pixel tile reads all queries, dout, lse, delta and its mask columns (per head);
         # dq kernel: every query block reads its k / v chunk and mask rows (per head), writes fp32 partials.
         tiles = math.ceil(n / c["BLOCK_N"])
-        kernel = (tiles * b * h * (2 * nq * d * es + nq * 8) + kv + kv + h * mask
-                  + q_blocks * kv + h * mask + qo * 2 + 2 * b * h * nq * d * 4)
+        kernel = (
+            tiles * b * h * (2 * nq * d * es + nq * 8)
+            + kv
+            + kv
+            + h * mask
+            + q_blocks * kv
+            + h * mask
+            + qo * 2
+            + 2 * b * h * nq * d * 4
+        )
         minimum = qo * 3 + kv * 2 + mask + b * h * nq * 4
 
         def eager() -> None:
@@ -225,8 +268,13 @@ def _reduce(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: b
         minimum = labels + sums + b * ch * hw * es
 
         def eager() -> None:
-            cw._classwise_reduce_backward_ref(_m(b, k, 2, ch, dtype=torch.float32), _m(b, side, side, dtype=torch.int64),
-                                              _m(b, side, side, dtype=torch.bool), ch, dt)
+            cw._classwise_reduce_backward_ref(
+                _m(b, k, 2, ch, dtype=torch.float32),
+                _m(b, side, side, dtype=torch.int64),
+                _m(b, side, side, dtype=torch.bool),
+                ch,
+                dt,
+            )
 
         return minimum, kernel, eager
     c = _cfg(launches, "_classwise_reduce_fwd_kernel")
@@ -240,8 +288,13 @@ def _reduce(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: b
     minimum = labels + b * ch * hw * es + sums + b * 2 * k * 8
 
     def eager() -> None:
-        cw.classwise_reduce_ref(_m(b, ch, side, side, dtype=dt), _m(b, side, side, dtype=torch.int64),
-                                _m(b, side, side, dtype=torch.bool), k, method="index_add")
+        cw.classwise_reduce_ref(
+            _m(b, ch, side, side, dtype=dt),
+            _m(b, side, side, dtype=torch.int64),
+            _m(b, side, side, dtype=torch.bool),
+            k,
+            method="index_add",
+        )
 
     return minimum, kernel, eager
 
@@ -259,9 +312,15 @@ def _recon(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bo
 
         def eager() -> None:
             pred, target = _m(b, ch, side, side, dtype=dt), _m(b, ch, side, side, dtype=dt)
-            cw._recon_loss_backward_ref(_m(b, k, dtype=torch.float32), pred, target,
-                                        _m(b, side, side, dtype=torch.int64), _m(b, side, side, dtype=torch.bool),
-                                        True, patch)
+            cw._recon_loss_backward_ref(
+                _m(b, k, dtype=torch.float32),
+                pred,
+                target,
+                _m(b, side, side, dtype=torch.int64),
+                _m(b, side, side, dtype=torch.bool),
+                True,
+                patch,
+            )
 
         return minimum, kernel, eager
     kernel = 2 * img + labels + b * k * 8  # one pass; per-class partials
@@ -269,9 +328,15 @@ def _recon(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bo
 
     def eager() -> None:
         pred, target = _m(b, ch, side, side, dtype=dt), _m(b, ch, side, side, dtype=dt)
-        cw.classwise_masked_recon_loss_ref(pred, target, _m(b, side, side, dtype=torch.int64),
-                                           _m(b, side, side, dtype=torch.bool), k, normalize_target=True,
-                                           patch_size=patch)
+        cw.classwise_masked_recon_loss_ref(
+            pred,
+            target,
+            _m(b, side, side, dtype=torch.int64),
+            _m(b, side, side, dtype=torch.bool),
+            k,
+            normalize_target=True,
+            patch_size=patch,
+        )
 
     return minimum, kernel, eager
 
@@ -303,8 +368,11 @@ def op_traffic(report: dict[str, Any], cases: list[Any], target: str = "sm_90") 
     rows = []
     for case in cases:
         dtype = "bfloat16" if "bfloat16" in case.dtypes else case.dtypes[0]
-        launches = [r for r in report["rows"] if r["case"] == case.name and r["dtype"] == dtype
-                    and r["target"] == target and "config" in r]
+        launches = [
+            r
+            for r in report["rows"]
+            if r["case"] == case.name and r["dtype"] == dtype and r["target"] == target and "config" in r
+        ]
         if not launches:
             continue
         dt = getattr(torch, dtype)
@@ -315,9 +383,17 @@ def op_traffic(report: dict[str, Any], cases: list[Any], target: str = "sm_90") 
             note = ""
         except Exception as why:  # noqa: BLE001 - a reference that cannot run on meta is reported, not hidden
             measured, note = None, f"eager not measured: {type(why).__name__}: {str(why)[:80]}"
-        row = {"op": case.op, "case": case.name, "dtype": dtype, "min_bytes": minimum, "kernel_bytes": kernel,
-               "eager_bytes": measured, "kernel_over_min": kernel / minimum,
-               "eager_over_kernel": measured / kernel if measured else None, "note": note}
+        row = {
+            "op": case.op,
+            "case": case.name,
+            "dtype": dtype,
+            "min_bytes": minimum,
+            "kernel_bytes": kernel,
+            "eager_bytes": measured,
+            "kernel_over_min": kernel / minimum,
+            "eager_over_kernel": measured / kernel if measured else None,
+            "note": note,
+        }
         for dev in ROOFLINE_DEVICES:
             row[f"roofline_ms_{dev}"] = _roofline_ms(minimum, 0.0, _peak(dev), dtype != "float32")
         rows.append(row)
@@ -359,24 +435,37 @@ def _mb(x: float | None) -> str:
 
 
 def format_traffic_table(rows: list[dict[str, Any]], models: list[dict[str, Any]] | None = None) -> str:
-    head = (f"{'op [case]':58} {'dtype':8} {'(a) min MB':>11} {'(b) kernel MB':>13} {'(c) eager MB':>12} "
-            f"{'b/a':>6} {'c/b':>6} | roofline of (a), ms: {'H100':>7} {'H200':>7} {'Orin':>7}")
-    lines = ["Traffic model: (a) inputs + outputs once, (b) fused kernels by their tiling (re-reads included, sm_90 "
-             "tiles), (c) eager PyTorch, measured per aten op", head, "-" * len(head)]
+    head = (
+        f"{'op [case]':58} {'dtype':8} {'(a) min MB':>11} {'(b) kernel MB':>13} {'(c) eager MB':>12} "
+        f"{'b/a':>6} {'c/b':>6} | roofline of (a), ms: {'H100':>7} {'H200':>7} {'Orin':>7}"
+    )
+    lines = [
+        "Traffic model: (a) inputs + outputs once, (b) fused kernels by their tiling (re-reads included, sm_90 "
+        "tiles), (c) eager PyTorch, measured per aten op",
+        head,
+        "-" * len(head),
+    ]
     for r in rows:
         ratio = "-" if r["eager_over_kernel"] is None else f"{r['eager_over_kernel']:.1f}"
-        lines.append(f"{r['case'][:58]:58} {r['dtype']:8} {_mb(r['min_bytes']):>11} {_mb(r['kernel_bytes']):>13} "
-                     f"{_mb(r['eager_bytes']):>12} {r['kernel_over_min']:>6.2f} {ratio:>6} | {'':20} "
-                     f"{r['roofline_ms_h100']:>7.3f} {r['roofline_ms_h200']:>7.3f} {r['roofline_ms_orin']:>7.2f}"
-                     + (f"  {r['note']}" if r["note"] else ""))
+        lines.append(
+            f"{r['case'][:58]:58} {r['dtype']:8} {_mb(r['min_bytes']):>11} {_mb(r['kernel_bytes']):>13} "
+            f"{_mb(r['eager_bytes']):>12} {r['kernel_over_min']:>6.2f} {ratio:>6} | {'':20} "
+            f"{r['roofline_ms_h100']:>7.3f} {r['roofline_ms_h200']:>7.3f} {r['roofline_ms_orin']:>7.2f}"
+            + (f"  {r['note']}" if r["note"] else "")
+        )
     if models:
-        lines += ["", f"{'model forward (meta, eager vs fused)':40} {'eager MB':>10} {'fused MB':>10} {'e/f':>6} | "
-                      f"roofline of fused, ms: H100 / H200 / Orin"]
+        lines += [
+            "",
+            f"{'model forward (meta, eager vs fused)':40} {'eager MB':>10} {'fused MB':>10} {'e/f':>6} | "
+            f"roofline of fused, ms: H100 / H200 / Orin",
+        ]
         for m in models:
             if "eager_bytes" not in m:
                 lines.append(f"{m['model']:40} {m.get('note', '')}")
                 continue
-            lines.append(f"{m['model'] + ' ' + str(m['image']) + 'px':40} {_mb(m['eager_bytes']):>10} "
-                         f"{_mb(m['fused_bytes']):>10} {m['eager_over_fused']:>6.2f} | {m['roofline_ms_h100']:.3f} / "
-                         f"{m['roofline_ms_h200']:.3f} / {m['roofline_ms_orin']:.2f}")
+            lines.append(
+                f"{m['model'] + ' ' + str(m['image']) + 'px':40} {_mb(m['eager_bytes']):>10} "
+                f"{_mb(m['fused_bytes']):>10} {m['eager_over_fused']:>6.2f} | {m['roofline_ms_h100']:.3f} / "
+                f"{m['roofline_ms_h200']:.3f} / {m['roofline_ms_orin']:.2f}"
+            )
     return "\n".join(lines)

@@ -25,8 +25,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 1 if any(problems(r) for r in report["rows"] if r["shipped"]) else 0
     device = parse_device(args.device)
     as_command = os.path.basename(sys.argv[0]) in ("fastseg", "__main__.py")  # not when called in-process (tests)
-    if (device.type == "cpu" and as_command and os.environ.get("OMP_WAIT_POLICY") is None
-            and not os.environ.get("FASTSEG_NO_REEXEC")):
+    if (
+        device.type == "cpu"
+        and as_command
+        and os.environ.get("OMP_WAIT_POLICY") is None
+        and not os.environ.get("FASTSEG_NO_REEXEC")
+    ):
         # OpenMP reads its wait policy once, when torch loads: spinning threads made every case 10-20x slower beside
         # one other busy process. Run again with passive waiting (and say so in the table header).
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -49,8 +53,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not models:
             raise SystemExit(f"--models {args.models!r} matches no registered model")
         providers = args.providers.split(",")
-        rows += run_models(device, models, size=args.size, batch=args.batch, dtype=dtype, providers=providers,
-                           rounds=args.rounds)
+        rows += run_models(
+            device, models, size=args.size, batch=args.batch, dtype=dtype, providers=providers, rounds=args.rounds
+        )
         if args.stages:
             rows += run_stages(device, models, size=args.size, batch=args.batch, rounds=args.rounds)
     print(format_table(rows, env))
@@ -77,24 +82,41 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``fastseg`` command's sub-parsers."""
     p = sub.add_parser("bench", help="benchmark kernels and models on this device; table, JSON, plot")
     p.add_argument("--kernels", default="all", help="kernel families, comma-separated, 'all' or 'none'")
-    p.add_argument("--models", default="default",
-                   help="model name patterns, comma-separated ('default': a small set; 'none' to skip)")
+    p.add_argument(
+        "--models",
+        default="default",
+        help="model name patterns, comma-separated ('default': a small set; 'none' to skip)",
+    )
     p.add_argument("--providers", default="eager,fused,compile,onnxruntime", help="model providers")
     p.add_argument("--size", type=parse_size, default=(256, 256), metavar="H[,W]", help="model input size")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision (autocast)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per case (after warm-up)")
     p.add_argument("--full", action="store_true", help="all kernel shapes, not only the quick set")
-    p.add_argument("--stages", action="store_true",
-                   help="also time each inference stage, reference vs fused (models with stages, e.g. gss_*)")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="also time each inference stage, reference vs fused (models with stages, e.g. gss_*)",
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the timed region (default: the cores this process may use)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the timed region (default: the cores this process may use)",
+    )
     p.add_argument("--json", help="write rows and environment as JSON")
     p.add_argument("--plot", help="write a PNG plot (matplotlib)")
-    p.add_argument("--static", action="store_true",
-                   help="only the static GPU report: every Triton kernel compiled for sm_80/86/87/89/90 (registers, "
-                        "spills, shared memory, tensor cores, occupancy) and the traffic model; no GPU needed")
-    p.add_argument("--no-static", dest="static_after", action="store_false",
-                   help="on a CPU-only machine, do not print the static report after the timings")
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="only the static GPU report: every Triton kernel compiled for sm_80/86/87/89/90 (registers, "
+        "spills, shared memory, tensor cores, occupancy) and the traffic model; no GPU needed",
+    )
+    p.add_argument(
+        "--no-static",
+        dest="static_after",
+        action="store_false",
+        help="on a CPU-only machine, do not print the static report after the timings",
+    )
     p.set_defaults(func=cmd_bench, default_models=["fpn_resnet18", "ecenet_resnet18"])

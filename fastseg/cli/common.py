@@ -66,10 +66,20 @@ def train_config(args: argparse.Namespace, out_dir):
     from ..engine import TrainConfig
 
     return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        optimizer=args.optimizer, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        save_every=args.save_every, out_dir=str(out_dir), seed=args.seed, device=args.device,
-        num_workers=args.workers, grad_clip=args.grad_clip, amp=args.amp,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        out_dir=str(out_dir),
+        seed=args.seed,
+        device=args.device,
+        num_workers=args.workers,
+        grad_clip=args.grad_clip,
+        amp=args.amp,
     )
 
 
@@ -78,5 +88,9 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=parse_size, default=(64, 64), metavar="H[,W]", help="shapes-world image size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model option (repeatable)")
-    p.add_argument("--world", choices=["default", "zero-shot"], default="default",
-                   help="shapes world: default, or zero-shot (a fifth texture, snow, as unseen stuff)")
+    p.add_argument(
+        "--world",
+        choices=["default", "zero-shot"],
+        default="default",
+        help="shapes world: default, or zero-shot (a fifth texture, snow, as unseen stuff)",
+    )

@@ -27,8 +27,9 @@ def _model(args: argparse.Namespace, num_classes: int):
     kwargs = {}
     if getattr(args, "tokenizer_checkpoint", None):
         kwargs["tokenizer_checkpoint"] = args.tokenizer_checkpoint
-    model = create_model(args.model, num_classes=num_classes, checkpoint_path=getattr(args, "checkpoint", None),
-                         **kwargs)
+    model = create_model(
+        args.model, num_classes=num_classes, checkpoint_path=getattr(args, "checkpoint", None), **kwargs
+    )
     if not hasattr(model, "tokenizer") or not hasattr(model, "maskige_palette"):
         raise ValueError(f"{args.model} is not a GSS model (no maskige tokenizer); use a gss_* model")
     return model
@@ -40,14 +41,26 @@ def _roundtrip(model, args: argparse.Namespace, world) -> dict:
     from ..models.gss import palette_min_distance
 
     data = ShapesDataset(args.split, length=args.length, config=world, seed=args.seed)
-    res = roundtrip_miou(model.tokenizer, model.maskige_palette, (data[i] for i in range(len(data))),
-                         world.num_classes, maskige_scale=model.maskige_scale, batch_size=args.batch_size)
-    out = {"mIoU": float(res["mIoU"]), "IoU": [float(v) for v in res["IoU"]], "images": res["images"],
-           "palette_min_distance": palette_min_distance(model.maskige_palette[: world.num_classes]),
-           "tokenizer_trained_on": model.tokenizer_trained_on}
-    print(f"round-trip upper bound ({args.split}, {res['images']} images, tokenizer fitted on "
-          f"{model.tokenizer_trained_on or 'nothing (random weights)'}): mIoU {out['mIoU']:.4f}  "
-          f"(palette min pairwise distance {out['palette_min_distance']:.1f})")
+    res = roundtrip_miou(
+        model.tokenizer,
+        model.maskige_palette,
+        (data[i] for i in range(len(data))),
+        world.num_classes,
+        maskige_scale=model.maskige_scale,
+        batch_size=args.batch_size,
+    )
+    out = {
+        "mIoU": float(res["mIoU"]),
+        "IoU": [float(v) for v in res["IoU"]],
+        "images": res["images"],
+        "palette_min_distance": palette_min_distance(model.maskige_palette[: world.num_classes]),
+        "tokenizer_trained_on": model.tokenizer_trained_on,
+    }
+    print(
+        f"round-trip upper bound ({args.split}, {res['images']} images, tokenizer fitted on "
+        f"{model.tokenizer_trained_on or 'nothing (random weights)'}): mIoU {out['mIoU']:.4f}  "
+        f"(palette min pairwise distance {out['palette_min_distance']:.1f})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
@@ -83,18 +96,38 @@ def cmd_fit_tokenizer(args: argparse.Namespace) -> int:
         print(json.dumps(rec))
 
     if args.on == "images":  # GSS's premise: the tokenizer never sees a label (only "image" is collated)
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size,
-                                             collate_fn=lambda items: {"image": torch.stack([it["image"] for it in items])})
-        fit_image_tokenizer(model.tokenizer, loader, steps=args.steps, lr=args.lr, mean=data.mean, std=data.std, log=log,
-                            colour_augment=args.colour_augment)
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=args.batch_size,
+            collate_fn=lambda items: {"image": torch.stack([it["image"] for it in items])},
+        )
+        fit_image_tokenizer(
+            model.tokenizer,
+            loader,
+            steps=args.steps,
+            lr=args.lr,
+            mean=data.mean,
+            std=data.std,
+            log=log,
+            colour_augment=args.colour_augment,
+        )
     else:  # ours: maskiges of the training masks + the class-aware palette term
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size,
-                                             collate_fn=lambda items: torch.stack([it["mask"] for it in items]))
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=args.batch_size, collate_fn=lambda items: torch.stack([it["mask"] for it in items])
+        )
         train_maskige_vqvae(model.tokenizer, model.maskige_palette, loader, steps=args.steps, lr=args.lr, log=log)
     model.tokenizer_trained_on = args.on
-    save_weights(model.tokenizer, out, metadata={TOKENIZER_TRAINED_ON: args.on, "steps": str(args.steps),
-                                                 "batch_size": str(args.batch_size), "seed": str(args.seed),
-                                                 "colour_augment": str(args.colour_augment)})
+    save_weights(
+        model.tokenizer,
+        out,
+        metadata={
+            TOKENIZER_TRAINED_ON: args.on,
+            "steps": str(args.steps),
+            "batch_size": str(args.batch_size),
+            "seed": str(args.seed),
+            "colour_augment": str(args.colour_augment),
+        },
+    )
     print(f"tokenizer weights (fitted on {args.on}): {out}  (use create_model(..., tokenizer_checkpoint='{out}'))")
     _roundtrip(model, args, world)
     return 0
@@ -110,8 +143,9 @@ def cmd_convert_dalle(args: argparse.Namespace) -> int:
 
 def add_gss_commands(subparsers) -> None:
     """Add ``fastseg gss {roundtrip,fit-tokenizer,convert-dalle}`` to the ``fastseg`` sub-command parser."""
-    gss = subparsers.add_parser("gss", help="GSS stages: tokenizer round trip, tokenizer fitting, DALL-E weights "
-                                            "conversion")
+    gss = subparsers.add_parser(
+        "gss", help="GSS stages: tokenizer round trip, tokenizer fitting, DALL-E weights conversion"
+    )
     sub = gss.add_subparsers(dest="gss_command", required=True, metavar="GSS_COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -129,26 +163,40 @@ def add_gss_commands(subparsers) -> None:
     p.add_argument("--tokenizer-checkpoint", help="tokenizer weights only (safetensors)")
     p.set_defaults(func=cmd_roundtrip)
 
-    p = sub.add_parser("fit-tokenizer", help="fit the small VQ-VAE tokenizer on shapes-world images (GSS's premise) "
-                                             "or masks (ours)")
+    p = sub.add_parser(
+        "fit-tokenizer", help="fit the small VQ-VAE tokenizer on shapes-world images (GSS's premise) or masks (ours)"
+    )
     common(p)
-    p.add_argument("--on", choices=("images", "masks"), default="images",
-                   help="images: RGB images only, never a label (GSS's premise, the faithful setting; default); "
-                        "masks: maskiges of the training masks with a class-aware palette term (ours)")
-    p.add_argument("--colour-augment", action="store_true",
-                   help="--on images: random RGB channel permutation and negative per image (label-free), to widen "
-                        "the colours the tokenizer sees")
+    p.add_argument(
+        "--on",
+        choices=("images", "masks"),
+        default="images",
+        help="images: RGB images only, never a label (GSS's premise, the faithful setting; default); "
+        "masks: maskiges of the training masks with a class-aware palette term (ours)",
+    )
+    p.add_argument(
+        "--colour-augment",
+        action="store_true",
+        help="--on images: random RGB channel permutation and negative per image (label-free), to widen "
+        "the colours the tokenizer sees",
+    )
     p.add_argument("--out", required=True, help="tokenizer weights file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--steps", type=int, default=450)
     p.add_argument("--lr", type=float, default=3e-3)
     p.set_defaults(func=cmd_fit_tokenizer, checkpoint=None, tokenizer_checkpoint=None)
 
-    p = sub.add_parser("convert-dalle", help="OpenAI's DALL-E dVAE encoder.pkl / decoder.pkl (the tokenizer's "
-                                             "weights, not a GSS checkpoint) -> safetensors")
+    p = sub.add_parser(
+        "convert-dalle",
+        help="OpenAI's DALL-E dVAE encoder.pkl / decoder.pkl (the tokenizer's "
+        "weights, not a GSS checkpoint) -> safetensors",
+    )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--prefix", default="", help="key prefix, e.g. 'encoder.' or 'decoder.' for DalleDVAE")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling arbitrary objects (runs code from the file: only for trusted sources)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling arbitrary objects (runs code from the file: only for trusted sources)",
+    )
     p.set_defaults(func=cmd_convert_dalle)

@@ -56,8 +56,10 @@ def _universal_task_kwargs(model_name: str, task: str | None) -> dict[str, Any]:
     if model_name.startswith("mask2former"):
         return {"train_task": task}
     if task != "semantic":
-        raise ValueError(f"--task {task}: {model_name} is a semantic segmentation model; panoptic and instance "
-                         "tasks need a universal model (mask2former_*)")
+        raise ValueError(
+            f"--task {task}: {model_name} is a semantic segmentation model; panoptic and instance "
+            "tasks need a universal model (mask2former_*)"
+        )
     return {}
 
 
@@ -99,8 +101,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..engine.recipes.semi import build_training
 
         model, train_set, loss_fn = build_training(
-            args.model, world=world, labelled_fraction=args.labelled_fraction, seed=args.seed,
-            train_length=args.train_length, **model_kwargs(args.model_arg),
+            args.model,
+            world=world,
+            labelled_fraction=args.labelled_fraction,
+            seed=args.seed,
+            train_length=args.train_length,
+            **model_kwargs(args.model_arg),
         )
     else:
         kwargs = {**_universal_task_kwargs(args.model, args.task), **model_kwargs(args.model_arg)}
@@ -143,8 +149,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # Panoptic / instance scoring reads the "panoptic" map (COCO readers), one image at a time (sizes differ).
         options = {"panoptic": True} if universal else {}
         dataset = open_dataset(args, args.split or "val", transform=None, **options)
-        model = create_model(args.model, num_classes=dataset.num_classes, checkpoint_path=args.checkpoint,
-                             **model_kwargs(args.model_arg))
+        model = create_model(
+            args.model, num_classes=dataset.num_classes, checkpoint_path=args.checkpoint, **model_kwargs(args.model_arg)
+        )
         adopt_dataset_cfg(model, dataset.pretrained_cfg_fields())
         protocol = None if args.mode == "default" else args.mode
         subsets = {"seen": dataset.seen_classes, "unseen": dataset.unseen_classes}
@@ -155,8 +162,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.mode != "default":
             raise SystemExit("--mode applies to real datasets (--data NAME); the shapes world is scored whole")
         world = shapes_world(args)
-        model = create_model(args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint,
-                             **model_kwargs(args.model_arg))
+        model = create_model(
+            args.model, num_classes=world.num_classes, checkpoint_path=args.checkpoint, **model_kwargs(args.model_arg)
+        )
         _apply_world(model, world)
         dataset = ShapesDataset(args.split or "val", length=args.length, config=world, seed=args.seed)
         protocol = None
@@ -164,13 +172,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         universal_batch = args.batch_size
     report: dict[str, Any] = {}
     if "semantic" in tasks:
-        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=parse_device(args.device),
-                           protocol=protocol)
+        metrics = evaluate(
+            model, dataset, batch_size=args.batch_size, device=parse_device(args.device), protocol=protocol
+        )
         print(metrics.get("table", ""))
         print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
         if "hIoU" in metrics:  # zero-shot: --data-arg unseen=...
-            print(f"mIoU seen {metrics['mIoU_seen']:.4f}  unseen {metrics['mIoU_unseen']:.4f}  "
-                  f"harmonic {metrics['hIoU']:.4f}")
+            print(
+                f"mIoU seen {metrics['mIoU_seen']:.4f}  unseen {metrics['mIoU_unseen']:.4f}  "
+                f"harmonic {metrics['hIoU']:.4f}"
+            )
         report["semantic"] = {k: v for k, v in metrics.items() if k != "table"}
     if universal:
         from ..engine.evaluate_universal import evaluate_universal
@@ -180,20 +191,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if "panoptic" in out:
             pq = out["panoptic"]
             print(pq.pop("table"))
-            print(f"PQ {100 * pq['PQ']:.2f}  SQ {100 * pq['SQ']:.2f}  RQ {100 * pq['RQ']:.2f}  "
-                  f"(things PQ {100 * pq['things']['PQ']:.2f}, stuff PQ {100 * pq['stuff']['PQ']:.2f}; "
-                  f"seen PQ {100 * pq['seen']['PQ']:.2f}, unseen PQ {100 * pq['unseen']['PQ']:.2f})")
+            print(
+                f"PQ {100 * pq['PQ']:.2f}  SQ {100 * pq['SQ']:.2f}  RQ {100 * pq['RQ']:.2f}  "
+                f"(things PQ {100 * pq['things']['PQ']:.2f}, stuff PQ {100 * pq['stuff']['PQ']:.2f}; "
+                f"seen PQ {100 * pq['seen']['PQ']:.2f}, unseen PQ {100 * pq['unseen']['PQ']:.2f})"
+            )
             report["panoptic"] = pq
         if "instance" in out:
             ap = out["instance"]
             names = model.pretrained_cfg.class_names
             for c, r in ap["per_class"].items():
-                print(f"{names[c]:<10} AP {100 * r['AP']:6.2f}  AP50 {100 * r['AP50']:6.2f}  AP75 {100 * r['AP75']:6.2f}")
+                print(
+                    f"{names[c]:<10} AP {100 * r['AP']:6.2f}  AP50 {100 * r['AP50']:6.2f}  AP75 {100 * r['AP75']:6.2f}"
+                )
             print(f"mask AP {100 * ap['AP']:.2f}  AP50 {100 * ap['AP50']:.2f}  AP75 {100 * ap['AP75']:.2f}")
             report["instance"] = ap
     if args.json:
-        Path(args.json).write_text(json.dumps(report if len(report) > 1 or "semantic" not in report
-                                              else report["semantic"], indent=2, default=float))
+        Path(args.json).write_text(
+            json.dumps(
+                report if len(report) > 1 or "semantic" not in report else report["semantic"], indent=2, default=float
+            )
+        )
     return 0
 
 
@@ -214,13 +232,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from ..data.datasets import dataset_class
 
         fields = dataset_fields(args)
-        model = create_model(args.model, num_classes=fields["num_classes"], checkpoint_path=args.checkpoint,
-                             **model_kwargs(args.model_arg))
+        model = create_model(
+            args.model,
+            num_classes=fields["num_classes"],
+            checkpoint_path=args.checkpoint,
+            **model_kwargs(args.model_arg),
+        )
         adopt_dataset_cfg(model, fields).eval()
         protocol = dataset_class(args.data).eval_protocol  # the dataset's test-time resize / sliding window
     else:
-        model = create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
-                             **model_kwargs(args.model_arg)).eval()
+        model = create_model(
+            args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint, **model_kwargs(args.model_arg)
+        ).eval()
     cfg = model.pretrained_cfg
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
@@ -238,8 +261,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             from ..data.visualize import overlay_panoptic
 
             pan = model.predict(x[None], task="panoptic")[0].numpy()
-            image = overlay_panoptic(rgb, pan, np.asarray(cfg.palette, dtype=np.uint8),
-                                     getattr(cfg, "label_divisor", 1000), alpha=args.alpha)
+            image = overlay_panoptic(
+                rgb, pan, np.asarray(cfg.palette, dtype=np.uint8), getattr(cfg, "label_divisor", 1000), alpha=args.alpha
+            )
         else:
             pred = model.predict(x[None]) if protocol is None else predict_image(model, x[None], protocol)
             image = overlay(rgb, pred[0].numpy(), np.asarray(cfg.palette, dtype=np.uint8), alpha=args.alpha)
@@ -281,9 +305,13 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-split", default="val", help="evaluation split of --data ('none' to skip)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--task", choices=["semantic", "panoptic"], default=None,
-                   help="universal models (mask2former_*): train on instance segments (panoptic, their default) or "
-                        "one segment per class (semantic)")
+    p.add_argument(
+        "--task",
+        choices=["semantic", "panoptic"],
+        default=None,
+        help="universal models (mask2former_*): train on instance segments (panoptic, their default) or "
+        "one segment per class (semantic)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -294,10 +322,17 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--train-length", type=int, default=10**6, help="size of the (procedural) training set")
     p.add_argument("--val-length", type=int, default=256)
-    p.add_argument("--labelled-fraction", type=float, default=1.0,
-                   help="labelled share of the training split (< 1: semi-supervised recipe for unimatch_* / s4mim_*)")
-    p.add_argument("--pseudo-masks", metavar="DIR",
-                   help="train on pseudo-mask PNGs (from `fastseg semples pseudo-masks`) instead of ground truth")
+    p.add_argument(
+        "--labelled-fraction",
+        type=float,
+        default=1.0,
+        help="labelled share of the training split (< 1: semi-supervised recipe for unimatch_* / s4mim_*)",
+    )
+    p.add_argument(
+        "--pseudo-masks",
+        metavar="DIR",
+        help="train on pseudo-mask PNGs (from `fastseg semples pseudo-masks`) instead of ground truth",
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default runs/MODEL)")
@@ -311,12 +346,19 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_world_args(p)
     add_data_args(p)
     p.add_argument("--split", help="split to score (default val)")
-    p.add_argument("--mode", choices=["default", "whole", "slide", "ms_flip"], default="default",
-                   help="--data test protocol: the dataset's own (default), whole image, sliding window, or "
-                        "multi-scale (0.5-1.75) + flip (semantic task)")
-    p.add_argument("--task", default=None,
-                   help="semantic (mIoU), panoptic (PQ / SQ / RQ), instance (mask AP); comma-separated for several "
-                        "(default: semantic; for pading_* all three, over seen / unseen / harmonic mean)")
+    p.add_argument(
+        "--mode",
+        choices=["default", "whole", "slide", "ms_flip"],
+        default="default",
+        help="--data test protocol: the dataset's own (default), whole image, sliding window, or "
+        "multi-scale (0.5-1.75) + flip (semantic task)",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="semantic (mIoU), panoptic (PQ / SQ / RQ), instance (mask AP); comma-separated for several "
+        "(default: semantic; for pading_* all three, over seen / unseen / harmonic mean)",
+    )
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
@@ -332,14 +374,22 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    p.add_argument("--task", choices=["semantic", "panoptic"], default="semantic",
-                   help="panoptic: overlay segments with instance-distinct colours (mask2former_*)")
+    p.add_argument(
+        "--task",
+        choices=["semantic", "panoptic"],
+        default="semantic",
+        help="panoptic: overlay segments with instance-distinct colours (mask2former_*)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("shapes", help="render a grid of shapes-world images, or write a split as COCO files")
     add_world_args(p)
-    p.add_argument("--format", choices=["grid", "coco-panoptic", "coco-instances"], default="grid",
-                   help="grid: one PNG; coco-panoptic: PNG + JSON under --out; coco-instances: JSON with RLE masks")
+    p.add_argument(
+        "--format",
+        choices=["grid", "coco-panoptic", "coco-instances"],
+        default="grid",
+        help="grid: one PNG; coco-panoptic: PNG + JSON under --out; coco-instances: JSON with RLE masks",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing COCO JSON files")
     p.add_argument("--out", default="shapes.png", help="grid PNG path, or the output folder of a COCO format")
     p.add_argument("--n", type=int, default=16)

@@ -40,8 +40,15 @@ def _categories(dataset: ShapesDataset, things_only: bool = False) -> list[dict[
         is_thing = cid in dataset.thing_classes
         if things_only and not is_thing:
             continue
-        cats.append({"id": cid + 1, "name": name, "supercategory": "thing" if is_thing else "stuff",
-                     "isthing": int(is_thing), "color": [int(c) for c in dataset.palette[cid]]})
+        cats.append(
+            {
+                "id": cid + 1,
+                "name": name,
+                "supercategory": "thing" if is_thing else "stuff",
+                "isthing": int(is_thing),
+                "color": [int(c) for c in dataset.palette[cid]],
+            }
+        )
     return cats
 
 
@@ -70,8 +77,9 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; pass overwrite=True (fastseg shapes --overwrite) to replace it")
 
 
-def write_coco_panoptic(dataset: ShapesDataset, out_dir: str | os.PathLike, n: int | None = None,
-                        overwrite: bool = False) -> Path:
+def write_coco_panoptic(
+    dataset: ShapesDataset, out_dir: str | os.PathLike, n: int | None = None, overwrite: bool = False
+) -> Path:
     """Write the first ``n`` samples (default: all) as COCO panoptic PNGs + JSON; returns the JSON path."""
     from PIL import Image
 
@@ -91,21 +99,29 @@ def write_coco_panoptic(dataset: ShapesDataset, out_dir: str | os.PathLike, n: i
         segments = []
         for sid, area in zip(ids.tolist(), areas.tolist()):
             ys, xs = np.nonzero(seg == sid)
-            segments.append({"id": sid, "category_id": sid // LABEL_DIVISOR, "area": area, "iscrowd": 0,
-                             "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                                      int(ys.max() - ys.min() + 1)]})
+            segments.append(
+                {
+                    "id": sid,
+                    "category_id": sid // LABEL_DIVISOR,
+                    "area": area,
+                    "iscrowd": 0,
+                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+                }
+            )
         rgb = np.stack([seg % 256, seg // 256 % 256, seg // 65536], axis=-1).astype(np.uint8)
         name = f"{index:06d}.png"
         Image.fromarray(rgb).save(png_dir / name)
         images.append(_image_record(dataset, index, out))
         annotations.append({"image_id": index + 1, "file_name": name, "segments_info": segments})
-    _write_json_atomically(json_path, {"images": images, "annotations": annotations,
-                                       "categories": _categories(dataset)})
+    _write_json_atomically(
+        json_path, {"images": images, "annotations": annotations, "categories": _categories(dataset)}
+    )
     return json_path
 
 
-def write_coco_instances(dataset: ShapesDataset, out_dir: str | os.PathLike, n: int | None = None,
-                         overwrite: bool = False) -> Path:
+def write_coco_instances(
+    dataset: ShapesDataset, out_dir: str | os.PathLike, n: int | None = None, overwrite: bool = False
+) -> Path:
     """Write the thing instances of the first ``n`` samples as a COCO instance JSON with RLE masks."""
     from pycocotools import mask as mask_utils
 
@@ -121,18 +137,27 @@ def write_coco_instances(dataset: ShapesDataset, out_dir: str | os.PathLike, n: 
         for iid in [i for i in np.unique(inst).tolist() if i > 0]:
             rle = mask_utils.encode(np.asfortranarray((inst == iid).astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
-                                "category_id": int(classes[iid - 1]) + 1, "segmentation": rle,
-                                "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
-                                "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": int(classes[iid - 1]) + 1,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "iscrowd": 0,
+                }
+            )
         images.append(_image_record(dataset, index, out))
-    _write_json_atomically(json_path, {"images": images, "annotations": annotations,
-                                       "categories": _categories(dataset, things_only=True)})
+    _write_json_atomically(
+        json_path, {"images": images, "annotations": annotations, "categories": _categories(dataset, things_only=True)}
+    )
     return json_path
 
 
-def read_coco_panoptic(json_path: str | os.PathLike, png_dir: str | os.PathLike | None = None,
-                       label_divisor: int = LABEL_DIVISOR) -> Iterator[dict[str, Any]]:
+def read_coco_panoptic(
+    json_path: str | os.PathLike, png_dir: str | os.PathLike | None = None, label_divisor: int = LABEL_DIVISOR
+) -> Iterator[dict[str, Any]]:
     """Yield per image ``image_id``, ``file_name``, ``panoptic`` (H, W) int64 fastseg ids and ``crowd`` (the set
     of panoptic ids that are crowd regions). Class ids are the positions of the categories sorted by id."""
     from PIL import Image
@@ -158,11 +183,14 @@ def read_coco_panoptic(json_path: str | os.PathLike, png_dir: str | os.PathLike 
             if cat not in contiguous:
                 raise ValueError(f"image {image}: segment {sid} has unknown category {cat}")
             if sid not in present:
-                raise ValueError(f"image {image}: segment {sid} is listed in the JSON but has no pixel in the PNG "
-                                 "(zero-area segment)")
+                raise ValueError(
+                    f"image {image}: segment {sid} is listed in the JSON but has no pixel in the PNG "
+                    "(zero-area segment)"
+                )
             if info.get("iscrowd", 0) and not is_thing[cat]:
-                raise ValueError(f"image {image}: crowd segment {sid} is on stuff category {cat}; COCO marks crowd "
-                                 "only on things")
+                raise ValueError(
+                    f"image {image}: crowd segment {sid} is on stuff category {cat}; COCO marks crowd only on things"
+                )
             listed.add(sid)
             if is_thing[cat]:
                 instance += 1
@@ -180,8 +208,13 @@ def read_coco_panoptic(json_path: str | os.PathLike, png_dir: str | os.PathLike 
         yield {"image_id": image, "file_name": ann["file_name"], "panoptic": pan, "crowd": crowd}
 
 
-def panoptic_from_instances(annotations: Sequence[Mapping[str, Any]], height: int, width: int,
-                            categories: Mapping[int, int], label_divisor: int = LABEL_DIVISOR) -> np.ndarray:
+def panoptic_from_instances(
+    annotations: Sequence[Mapping[str, Any]],
+    height: int,
+    width: int,
+    categories: Mapping[int, int],
+    label_divisor: int = LABEL_DIVISOR,
+) -> np.ndarray:
     """Merge COCO instance annotations (RLE or polygon ``segmentation``) of one image into a fastseg panoptic map.
 
     ``categories`` maps COCO category id -> class id. Overlapping segments are refused (naming both annotation
@@ -207,8 +240,10 @@ def panoptic_from_instances(annotations: Sequence[Mapping[str, Any]], height: in
         clash = mask & (owner > 0)
         if clash.any():
             other = int(owner[clash][0])
-            raise ValueError(f"annotation {ann.get('id')} overlaps annotation {other} on {int(clash.sum())} pixels; "
-                             "panoptic segments must not overlap")
+            raise ValueError(
+                f"annotation {ann.get('id')} overlaps annotation {other} on {int(clash.sum())} pixels; "
+                "panoptic segments must not overlap"
+            )
         instance += 1
         owner[mask] = ann.get("id", instance)
         pan[mask] = categories[ann["category_id"]] * label_divisor + instance

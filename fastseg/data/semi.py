@@ -46,8 +46,10 @@ class SemiSupervisedPairs(Dataset):
 
     def __init__(self, labelled: Dataset, unlabelled: Dataset, length: int = 10**6, seed: int = 0) -> None:
         if len(labelled) < 1 or len(unlabelled) < 1:
-            raise ValueError(f"SemiSupervisedPairs needs non-empty datasets, got {len(labelled)} labelled and "
-                             f"{len(unlabelled)} unlabelled samples")
+            raise ValueError(
+                f"SemiSupervisedPairs needs non-empty datasets, got {len(labelled)} labelled and "
+                f"{len(unlabelled)} unlabelled samples"
+            )
         if length < 1:
             raise ValueError(f"SemiSupervisedPairs: length must be >= 1, got {length}")
         self.labelled, self.unlabelled, self.length, self.seed = labelled, unlabelled, int(length), int(seed)
@@ -72,8 +74,10 @@ class SemiSupervisedPairs(Dataset):
         sample = self.labelled[lab]
         flag = sample.get("labelled")
         if flag is not None and not bool(flag):
-            raise ValueError(f"SemiSupervisedPairs: labelled sample {lab} carries labelled=False; pass the labelled "
-                             f"subset (ShapesDataset(subset='labelled')) as the first dataset")
+            raise ValueError(
+                f"SemiSupervisedPairs: labelled sample {lab} carries labelled=False; pass the labelled "
+                f"subset (ShapesDataset(subset='labelled')) as the first dataset"
+            )
         return {
             "image": sample["image"],
             "mask": sample["mask"],
@@ -114,16 +118,24 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.T
     flat = x.reshape(1, b * c, h, w)
     pad_w, pad_h = min(radius, w - 1), min(radius, h - 1)
     flat = F.pad(flat, (pad_w, pad_w, 0, 0), mode="reflect") if pad_w else flat
-    flat = F.conv2d(flat, kernel[:, None, None, radius - pad_w: radius + pad_w + 1], groups=b * c)
+    flat = F.conv2d(flat, kernel[:, None, None, radius - pad_w : radius + pad_w + 1], groups=b * c)
     flat = F.pad(flat, (0, 0, pad_h, pad_h), mode="reflect") if pad_h else flat
-    flat = F.conv2d(flat, kernel[:, None, radius - pad_h: radius + pad_h + 1, None], groups=b * c)
+    flat = F.conv2d(flat, kernel[:, None, radius - pad_h : radius + pad_h + 1, None], groups=b * c)
     return flat.reshape(b, c, h, w)
 
 
-def strong_augment(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], generator: torch.Generator,
-                   p_jitter: float = 0.8, jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
-                   p_gray: float = 0.2, p_blur: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
-                   blur_radius: int = 6) -> torch.Tensor:
+def strong_augment(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator,
+    p_jitter: float = 0.8,
+    jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+    p_gray: float = 0.2,
+    p_blur: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    blur_radius: int = 6,
+) -> torch.Tensor:
     """UniMatch's strong photometric view of normalised images, per image, batched.
 
     Un-normalise to [0, 1]; with probability ``p_jitter`` scale brightness by ``U[1-b, 1+b]``, blend contrast towards
@@ -170,9 +182,16 @@ def strong_augment(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return (x - m) / s
 
 
-def cutmix_boxes(batch: int, height: int, width: int, generator: torch.Generator, device: torch.device,
-                 p: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
-                 aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+def cutmix_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    device: torch.device,
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
     """UniMatch's CutMix boxes: with probability ``p`` per image a box of area ``U[area] * H * W`` and aspect ratio
     ``U[aspect]`` (clipped to the image), placed uniformly inside it. Returns a (B, H, W) bool mask."""
     apply = torch.rand(batch, generator=generator, device=device) < p

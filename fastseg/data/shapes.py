@@ -289,7 +289,9 @@ def zero_shot_config(**overrides: Any) -> ShapesConfig:
 
 
 def panoptic_map(
-    mask: np.ndarray | torch.Tensor, instances: np.ndarray | torch.Tensor, ignore_index: int = IGNORE_INDEX,
+    mask: np.ndarray | torch.Tensor,
+    instances: np.ndarray | torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
     label_divisor: int = LABEL_DIVISOR,
 ) -> np.ndarray | torch.Tensor:
     """``class_id * label_divisor + instance_id`` from a sample's ``mask`` and ``instances`` (same type out).
@@ -629,8 +631,9 @@ class ShapesDataset(Dataset):
         self.unseen = unseen
         self.panoptic = bool(panoptic)
         if self.panoptic and self.config.max_instances >= LABEL_DIVISOR:
-            raise ValueError(f"panoptic ids need max_instances < LABEL_DIVISOR ({LABEL_DIVISOR}), got "
-                             f"{self.config.max_instances}")
+            raise ValueError(
+                f"panoptic ids need max_instances < LABEL_DIVISOR ({LABEL_DIVISOR}), got {self.config.max_instances}"
+            )
         self.label_divisor = LABEL_DIVISOR
 
         cfg = self.config

@@ -87,8 +87,9 @@ def to_uint8_image(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
-def _image_and_map(image: np.ndarray | torch.Tensor, label_map: np.ndarray | torch.Tensor, alpha: float,
-                   what: str) -> tuple[np.ndarray, np.ndarray]:
+def _image_and_map(
+    image: np.ndarray | torch.Tensor, label_map: np.ndarray | torch.Tensor, alpha: float, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     """The checked uint8 (H, W, 3) image and (H, W) label map of an overlay."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")

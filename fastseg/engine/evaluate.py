@@ -57,7 +57,9 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["image"], batch["mask"]
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise ValueError(f"a batch must be a dict with 'image' and 'mask' or an (image, mask) pair, got {type(batch).__name__}")
+    raise ValueError(
+        f"a batch must be a dict with 'image' and 'mask' or an (image, mask) pair, got {type(batch).__name__}"
+    )
 
 
 def batch_to_device(batch: Any, device: torch.device) -> Any:
@@ -173,8 +175,11 @@ def evaluate_confusion(
                 images, masks = images[None], masks[None]
             images = images.to(target_device, non_blocking=True)
             masks = masks.to(target_device, non_blocking=True)
-            autocast = (torch.autocast("cuda", dtype=autocast_dtype)
-                        if autocast_dtype is not None and target_device.type == "cuda" else contextlib.nullcontext())
+            autocast = (
+                torch.autocast("cuda", dtype=autocast_dtype)
+                if autocast_dtype is not None and target_device.type == "cuda"
+                else contextlib.nullcontext()
+            )
             with autocast:
                 if protocol is None:
                     pred = model.predict(images)

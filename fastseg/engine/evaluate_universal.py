@@ -36,15 +36,21 @@ def instance_targets(batch: dict[str, torch.Tensor], thing_classes: Iterable[int
         ids = [i for i in torch.unique(inst).tolist() if i > 0]
         labels = [int(classes[i - 1]) for i in ids]
         keep = [k for k, c in enumerate(labels) if c in things]
-        masks = torch.stack([inst == ids[k] for k in keep]) if keep else inst.new_zeros((0, *inst.shape), dtype=torch.bool)
+        masks = (
+            torch.stack([inst == ids[k] for k in keep]) if keep else inst.new_zeros((0, *inst.shape), dtype=torch.bool)
+        )
         out.append({"masks": masks, "labels": torch.tensor([labels[k] for k in keep], dtype=torch.long)})
     return out
 
 
 @torch.inference_mode()
 def evaluate_universal(
-    model: nn.Module, dataset: Dataset, tasks: Sequence[str] = ("panoptic", "instance"), batch_size: int = 8,
-    subsets: dict[str, Iterable[int]] | None = None, progress: bool = False,
+    model: nn.Module,
+    dataset: Dataset,
+    tasks: Sequence[str] = ("panoptic", "instance"),
+    batch_size: int = 8,
+    subsets: dict[str, Iterable[int]] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """PQ / SQ / RQ (``"panoptic"``) and mask AP (``"instance"``) of ``model`` on ``dataset``.
 

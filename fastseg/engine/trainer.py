@@ -519,9 +519,15 @@ def train(
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
     def run_eval(step: int) -> dict[str, Any]:
-        metrics = evaluate(model, val_set, batch_size=eval_bs, device=device, progress=cfg.progress,
-                           num_workers=cfg.num_workers, amp="none" if autocast_dtype is None else
-                           ("bf16" if autocast_dtype == torch.bfloat16 else "fp16"))
+        metrics = evaluate(
+            model,
+            val_set,
+            batch_size=eval_bs,
+            device=device,
+            progress=cfg.progress,
+            num_workers=cfg.num_workers,
+            amp="none" if autocast_dtype is None else ("bf16" if autocast_dtype == torch.bfloat16 else "fp16"),
+        )
         record = {"step": step, "event": "eval"}
         record.update({f"val/{k}": v for k, v in metrics.items() if k != "table"})
         if is_main and metrics_file is not None:
@@ -563,14 +569,27 @@ def train(
         barrier()
 
     if is_main and metrics_file is not None:
-        _append_jsonl(metrics_file, {"event": "start", "step": start_step, "world_size": info.world_size,
-                                     "device": str(device), "config": dataclasses.asdict(cfg),
-                                     "resumed_from": str(resume_path) if resume_path else None})
+        _append_jsonl(
+            metrics_file,
+            {
+                "event": "start",
+                "step": start_step,
+                "world_size": info.world_size,
+                "device": str(device),
+                "config": dataclasses.asdict(cfg),
+                "resumed_from": str(resume_path) if resume_path else None,
+            },
+        )
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True,
-               disable=not (cfg.progress and is_main and sys.stderr.isatty()))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and is_main and sys.stderr.isatty()),
+    )
     autocast = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     model.train()
     step = start_step
@@ -583,8 +602,10 @@ def train(
             with autocast():
                 out = loss_module(batch)
             if not isinstance(out, Mapping) or "loss" not in out:
-                raise ValueError(f"loss_fn must return a dict with a 'loss' entry, got {type(out).__name__}"
-                                 + (f" with keys {list(out)}" if isinstance(out, Mapping) else ""))
+                raise ValueError(
+                    f"loss_fn must return a dict with a 'loss' entry, got {type(out).__name__}"
+                    + (f" with keys {list(out)}" if isinstance(out, Mapping) else "")
+                )
             loss = out["loss"]
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -638,8 +659,11 @@ def train(
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / max(1, window_steps)
-                log = dict(record, step_time_s=step_time,
-                           samples_per_s=cfg.batch_size * info.world_size / step_time if step_time > 0 else None)
+                log = dict(
+                    record,
+                    step_time_s=step_time,
+                    samples_per_s=cfg.batch_size * info.world_size / step_time if step_time > 0 else None,
+                )
                 if use_scaler:
                     log["loss_scale"] = scaler.get_scale()
                 if is_main and metrics_file is not None:
@@ -669,7 +693,9 @@ def train(
             keep_if_best(result.final_metrics, step)
         if is_main and out_dir is not None:
             result.final_weights = ckpt.save_weights(model, out_dir / FINAL_WEIGHTS, _weights_metadata(model, step))
-            _append_jsonl(metrics_file, {"event": "end", "step": step, "best_val_mIoU": best_miou
-                                         if math.isfinite(best_miou) else None})
+            _append_jsonl(
+                metrics_file,
+                {"event": "end", "step": step, "best_val_mIoU": best_miou if math.isfinite(best_miou) else None},
+            )
         barrier()
     return result

@@ -12,5 +12,14 @@ from .core import Budget, Claim, Experiment, Variant, judge_claim, run_experimen
 from .declarations import EXPERIMENTS
 from .render import render_readme
 
-__all__ = ["EXPERIMENTS", "Budget", "Claim", "Experiment", "Variant", "judge_claim", "render_readme",
-           "run_experiment", "summarise"]
+__all__ = [
+    "EXPERIMENTS",
+    "Budget",
+    "Claim",
+    "Experiment",
+    "Variant",
+    "judge_claim",
+    "render_readme",
+    "run_experiment",
+    "summarise",
+]

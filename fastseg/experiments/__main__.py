@@ -33,18 +33,30 @@ def main(argv: list[str] | None = None) -> int:
             total = len(experiment.variants) * len(experiment.seeds)
             left = len(pending_jobs(experiment, record)) if record else total
             b = experiment.budget
-            print(f"{name:20s} {total - left:3d}/{total} jobs done  {b.steps} steps x {b.batch_size}  {experiment.title}")
+            print(
+                f"{name:20s} {total - left:3d}/{total} jobs done  {b.steps} steps x {b.batch_size}  {experiment.title}"
+            )
         return 0
     if args.command == "run":
         # Spinning OpenMP threads make a shared 2-core machine crawl; must be set before the first parallel region.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        run_experiment(EXPERIMENTS[args.name], run_job, results_dir=args.results_dir, variants=args.variants,
-                       seeds=args.seeds, max_minutes=args.max_minutes, threads=args.threads)
+        run_experiment(
+            EXPERIMENTS[args.name],
+            run_job,
+            results_dir=args.results_dir,
+            variants=args.variants,
+            seeds=args.seeds,
+            max_minutes=args.max_minutes,
+            threads=args.threads,
+        )
         return 0
     up_to_date = render_readme(".", check=args.check)
     if args.check and not up_to_date:
-        print("README.md differs from the tables rendered from benchmarks/results: run "
-              "`python -m fastseg.experiments render`", file=sys.stderr)
+        print(
+            "README.md differs from the tables rendered from benchmarks/results: run "
+            "`python -m fastseg.experiments render`",
+            file=sys.stderr,
+        )
         return 1
     print("README.md is up to date" if up_to_date else "README.md re-rendered")
     return 0

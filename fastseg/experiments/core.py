@@ -144,8 +144,12 @@ def summarise(experiment: Experiment, runs: Sequence[dict[str, Any]]) -> dict[st
         by_seed = {r["seed"]: r[experiment.metric] for r in runs if r["variant"] == variant.name}
         if by_seed:
             mean, std = _mean_std(list(by_seed.values()))
-            out[variant.name] = {"n": len(by_seed), "mean": mean, "std": std,
-                                 "per_seed": {str(s): by_seed[s] for s in sorted(by_seed)}}
+            out[variant.name] = {
+                "n": len(by_seed),
+                "mean": mean,
+                "std": std,
+                "per_seed": {str(s): by_seed[s] for s in sorted(by_seed)},
+            }
     return out
 
 
@@ -156,10 +160,18 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
     some seed not), ``"does not hold"``, ``"incomplete"`` (fewer seeds than declared have both runs).
     """
     value = {(r["variant"], r["seed"]): r[metric] for r in runs}
-    diffs = {s: value[(claim.better, s)] - value[(claim.worse, s)]
-             for s in seeds if (claim.better, s) in value and (claim.worse, s) in value}
-    result: dict[str, Any] = {"text": claim.text, "better": claim.better, "worse": claim.worse, "margin": claim.margin,
-                              "paired_differences": {str(s): d for s, d in sorted(diffs.items())}}
+    diffs = {
+        s: value[(claim.better, s)] - value[(claim.worse, s)]
+        for s in seeds
+        if (claim.better, s) in value and (claim.worse, s) in value
+    }
+    result: dict[str, Any] = {
+        "text": claim.text,
+        "better": claim.better,
+        "worse": claim.worse,
+        "margin": claim.margin,
+        "paired_differences": {str(s): d for s, d in sorted(diffs.items())},
+    }
     if len(diffs) < len(seeds):
         result["verdict"] = "incomplete"
         return result
@@ -236,8 +248,12 @@ def new_record(experiment: Experiment) -> dict[str, Any]:
 Job = Callable[[Experiment, Variant, int, Path], dict[str, Any]]
 
 
-def pending_jobs(experiment: Experiment, record: dict[str, Any], variants: Sequence[str] | None = None,
-                 seeds: Sequence[int] | None = None) -> list[tuple[Variant, int]]:
+def pending_jobs(
+    experiment: Experiment,
+    record: dict[str, Any],
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[tuple[Variant, int]]:
     done = {(r["variant"], r["seed"]) for r in record.get("runs", [])}
     chosen = [experiment.variant(v) for v in variants] if variants else list(experiment.variants)
     seed_list = list(seeds) if seeds else list(experiment.seeds)
@@ -273,8 +289,9 @@ def run_experiment(
     record = record or fresh
     if threads:
         torch.set_num_threads(threads)
-    record["commands"].append(command or shlex.join([Path(sys.executable).name, "-m", "fastseg.experiments",
-                                                     *sys.argv[1:]]))
+    record["commands"].append(
+        command or shlex.join([Path(sys.executable).name, "-m", "fastseg.experiments", *sys.argv[1:]])
+    )
     record["versions"] = versions()
     record["machine"] = machine_info(torch.get_num_threads())
     todo = pending_jobs(experiment, record, variants, seeds)
@@ -287,11 +304,18 @@ def run_experiment(
         job_dir = Path(runs_dir) / experiment.name / f"{variant.name}-seed{seed}"
         t0 = time.perf_counter()
         result = job(experiment, variant, seed, job_dir)
-        result = {"variant": variant.name, "seed": seed, **result, "wall_s": round(time.perf_counter() - t0, 1),
-                  "torch_threads": torch.get_num_threads()}
+        result = {
+            "variant": variant.name,
+            "seed": seed,
+            **result,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
         record["runs"].append(result)
         save_record(path, derive(experiment, record))
-        log(f"[{experiment.name}] {variant.name} seed {seed}: {experiment.metric} = "
-            f"{result[experiment.metric]:.4f} ({result['wall_s']:.0f} s)")
+        log(
+            f"[{experiment.name}] {variant.name} seed {seed}: {experiment.metric} = "
+            f"{result[experiment.metric]:.4f} ({result['wall_s']:.0f} s)"
+        )
     save_record(path, derive(experiment, record))
     return record

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 from .core import Budget, Claim, Experiment, Variant
 
-SHAPES_BUDGET = Budget(steps=1500, batch_size=16, lr=1e-3, weight_decay=1e-4, warmup_steps=50, grad_clip=1.0,
-                       val_length=256, eval_every=100)
-SEMI_BUDGET = Budget(steps=1000, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=50, grad_clip=1.0,
-                     val_length=256, eval_every=100)
+SHAPES_BUDGET = Budget(
+    steps=1500,
+    batch_size=16,
+    lr=1e-3,
+    weight_decay=1e-4,
+    warmup_steps=50,
+    grad_clip=1.0,
+    val_length=256,
+    eval_every=100,
+)
+SEMI_BUDGET = Budget(
+    steps=1000, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=50, grad_clip=1.0, val_length=256, eval_every=100
+)
 
 FPN_CONVERGENCE = Experiment(
     name="fpn_convergence",
@@ -31,8 +40,12 @@ ECENET_VS_FPN = Experiment(
     variants=(
         Variant("fpn_resnet18", "fpn_resnet18", label="`fpn_resnet18`"),
         Variant("ecenet_resnet18", "ecenet_resnet18", label="`ecenet_resnet18`"),
-        Variant("ecenet_resnet18_no_class_embeddings", "ecenet_resnet18", {"class_embeddings": False},
-                label="`ecenet_resnet18`, no class-embedding path (ablation)"),
+        Variant(
+            "ecenet_resnet18_no_class_embeddings",
+            "ecenet_resnet18",
+            {"class_embeddings": False},
+            label="`ecenet_resnet18`, no class-embedding path (ablation)",
+        ),
     ),
     budget=SHAPES_BUDGET,
     claims=(
@@ -48,18 +61,38 @@ def _s4mim(fraction: float, tag: str) -> Experiment:
         name=f"s4mim_{tag}",
         title=f"S4MIM vs UniMatch vs supervised-only, labelled fraction {tag.replace('_', '/')}",
         variants=(
-            Variant("supervised", "unimatch_resnet18", recipe="semi", recipe_kwargs={**semi, "semi": False},
-                    label="supervised only (same DeepLabV3+, labelled subset)"),
+            Variant(
+                "supervised",
+                "unimatch_resnet18",
+                recipe="semi",
+                recipe_kwargs={**semi, "semi": False},
+                label="supervised only (same DeepLabV3+, labelled subset)",
+            ),
             Variant("unimatch", "unimatch_resnet18", recipe="semi", recipe_kwargs=semi, label="UniMatch base"),
             Variant("s4mim", "s4mim_resnet18", recipe="semi", recipe_kwargs=semi, label="S4MIM (class-wise MIM)"),
-            Variant("s4mim_plain_mim", "s4mim_resnet18", {"mim": "plain"}, recipe="semi", recipe_kwargs=semi,
-                    label="S4MIM with plain image-level MIM (ablation)"),
+            Variant(
+                "s4mim_plain_mim",
+                "s4mim_resnet18",
+                {"mim": "plain"},
+                recipe="semi",
+                recipe_kwargs=semi,
+                label="S4MIM with plain image-level MIM (ablation)",
+            ),
+            Variant(
+                "s4mim_cap3",
+                "s4mim_resnet18",
+                {"max_classes_per_image": 3, "mim_budget": None},
+                recipe="semi",
+                recipe_kwargs=semi,
+                label="S4MIM with at most 3 classes per image (ablation)",
+            ),
         ),
         budget=SEMI_BUDGET,
         claims=(
             Claim("S4MIM beats its UniMatch base", "s4mim", "unimatch"),
             Claim("UniMatch beats supervised-only training", "unimatch", "supervised"),
             Claim("class-wise MIM beats plain MIM", "s4mim", "s4mim_plain_mim"),
+            Claim("MIM over every present class beats the 3-class cap", "s4mim", "s4mim_cap3"),
         ),
     )
 

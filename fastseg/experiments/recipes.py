@@ -30,9 +30,20 @@ def _world(experiment: Experiment) -> ShapesConfig:
 def _train_config(experiment: Experiment, seed: int, job_dir: Path) -> TrainConfig:
     b = experiment.budget
     return TrainConfig(
-        steps=b.steps, batch_size=b.batch_size, lr=b.lr, weight_decay=b.weight_decay, warmup_steps=b.warmup_steps,
-        grad_clip=b.grad_clip, seed=seed, out_dir=str(job_dir), save_every=max(b.steps // 4, 1),
-        eval_every=b.eval_every, progress=False, device="cpu", log_every=10, eval_batch_size=32,
+        steps=b.steps,
+        batch_size=b.batch_size,
+        lr=b.lr,
+        weight_decay=b.weight_decay,
+        warmup_steps=b.warmup_steps,
+        grad_clip=b.grad_clip,
+        seed=seed,
+        out_dir=str(job_dir),
+        save_every=max(b.steps // 4, 1),
+        eval_every=b.eval_every,
+        progress=False,
+        device="cpu",
+        log_every=10,
+        eval_batch_size=32,
     )
 
 
@@ -86,11 +97,18 @@ def semi_supervised(experiment: Experiment, variant: Variant, seed: int, job_dir
     # The labelled / unlabelled split is the world's (seed 0) for every job, as in the paper's fixed split files;
     # the seed changes the initialisation and the data order.
     model, train_set, loss_fn = build_training(
-        variant.model, world=world, labelled_fraction=kwargs["labelled_fraction"], seed=0,
-        train_length=kwargs.get("train_length", 4096), semi_supervised=kwargs.get("semi"), **variant.model_kwargs)
+        variant.model,
+        world=world,
+        labelled_fraction=kwargs["labelled_fraction"],
+        seed=0,
+        train_length=kwargs.get("train_length", 4096),
+        semi_supervised=kwargs.get("semi"),
+        **variant.model_kwargs,
+    )
     val_set = ShapesDataset("val", length=b.val_length, config=world, seed=0)
-    result = train(model, train_set, _train_config(experiment, seed, job_dir), val_set=val_set, loss_fn=loss_fn,
-                   resume="auto")
+    result = train(
+        model, train_set, _train_config(experiment, seed, job_dir), val_set=val_set, loss_fn=loss_fn, resume="auto"
+    )
     entry = _entry(result, job_dir, world.class_names)
     entry["labelled_images"] = len(getattr(train_set, "labelled", train_set))
     return entry
@@ -106,5 +124,7 @@ def run_job(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) 
     try:
         recipe = RECIPES[variant.recipe]
     except KeyError:
-        raise ValueError(f"variant {variant.name!r} names recipe {variant.recipe!r}; known: {sorted(RECIPES)}") from None
+        raise ValueError(
+            f"variant {variant.name!r} names recipe {variant.recipe!r}; known: {sorted(RECIPES)}"
+        ) from None
     return recipe(experiment, variant, seed, job_dir)

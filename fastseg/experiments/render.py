@@ -63,8 +63,9 @@ def render_experiment(name: str, root: Path) -> str:
             diffs = ", ".join(f"{float(d) * 100:+.2f}" for d in claim["paired_differences"].values()) or "none yet"
             mean = claim.get("mean_difference")
             mean_text = "" if mean is None else f"; mean {mean * 100:+.2f}"
-            lines.append(f"- {claim['text']}: **{claim['verdict']}** (paired differences per seed, points: {diffs}"
-                         f"{mean_text})")
+            lines.append(
+                f"- {claim['text']}: **{claim['verdict']}** (paired differences per seed, points: {diffs}{mean_text})"
+            )
     lines += ["", "Commands: " + "; ".join(_code(c) for c in record["commands"])]
     return "\n".join(lines) + "\n"
 
@@ -129,8 +130,11 @@ def render_gss_stages(name: str, root: Path) -> str:
     for key in ("backbone", "head", "token_argmax", "decoder", "palette_inverse", "total"):
         lines.append(f"| {key.replace('_', ' ')} | {ref[key + '_ms']:.0f} | {fused[key + '_ms']:.0f} |")
     same = "identical" if stages["identical_class_maps"] else "different"
-    lines += ["", f"One {stages['size']}×{stages['size']} image, batch {stages['batch']}; the two paths give {same} "
-              f"class maps. Command: the last of the GSS commands above (`--phases ... stages`)."]
+    lines += [
+        "",
+        f"One {stages['size']}×{stages['size']} image, batch {stages['batch']}; the two paths give {same} "
+        f"class maps. Command: the last of the GSS commands above (`--phases ... stages`).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -247,9 +251,12 @@ def render_bench(name: str, root: Path) -> str:
         cases.setdefault((row["name"], row["shape"]), []).append(f"{row['provider']} {row['median_ms']:.1f}{speedup}")
     lines = ["| case | shape | median ms per provider (speed-up over the reference) |", "|---|---|---|"]
     lines += [f"| `{case}` | {shape} | {' · '.join(cells)} |" for (case, shape), cells in cases.items()]
-    lines += ["", f"{env['device']}, {env.get('cpu_threads')} threads, torch {env['torch']}, fastseg commit "
-              f"{env.get('fastseg_commit')}; {untimed} provider rows not timed on this device (Triton needs a GPU, or the "
-              f"provider is not installed). Command: `fastseg {args['command']}` with the arguments stored in the record."]
+    lines += [
+        "",
+        f"{env['device']}, {env.get('cpu_threads')} threads, torch {env['torch']}, fastseg commit "
+        f"{env.get('fastseg_commit')}; {untimed} provider rows not timed on this device (Triton needs a GPU, or the "
+        f"provider is not installed). Command: `fastseg {args['command']}` with the arguments stored in the record.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -146,8 +146,11 @@ def resolve_shapes(
         raise ValueError(f"{', '.join(names)} only apply to dynamic exports: pass dynamic=True (--dynamic)")
     opt = _triplet(opt_shape, batch, "opt_shape") or (batch, h, w)
     if dynamic:
-        lo = _triplet(min_shape, 1, "min_shape") or (1, _round_up(opt[1] // 2, divisible_by),
-                                                     _round_up(opt[2] // 2, divisible_by))
+        lo = _triplet(min_shape, 1, "min_shape") or (
+            1,
+            _round_up(opt[1] // 2, divisible_by),
+            _round_up(opt[2] // 2, divisible_by),
+        )
         hi = _triplet(max_shape, batch, "max_shape") or (max(batch, opt[0]), 2 * opt[1], 2 * opt[2])
     else:
         lo = hi = opt
@@ -198,8 +201,11 @@ def _file_sha256(path: Path) -> str:
 
 
 def build_model(
-    model_name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
-    init_seed: int | None = INIT_SEED, **kwargs: Any,
+    model_name: str,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    init_seed: int | None = INIT_SEED,
+    **kwargs: Any,
 ) -> nn.Module:
     """A registered model in eval mode on the CPU; weights from ``checkpoint`` or drawn under ``init_seed``."""
     from ..registry import create_model
@@ -262,8 +268,11 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
 def default_name(model_name: str, spec: ShapeSpec, half: bool, argmax: bool, fmt: str) -> str:
     """``fpn_resnet18_64x96_b1_fp16_argmax.onnx``: the options that change the artefact, encoded in its name."""
     b, h, w = spec.opt
-    shape = f"{h}x{w}_b{b}" if not spec.dynamic else (
-        f"dyn_{spec.min[1]}x{spec.min[2]}-{spec.max[1]}x{spec.max[2]}_b{spec.min[0]}-{spec.max[0]}")
+    shape = (
+        f"{h}x{w}_b{b}"
+        if not spec.dynamic
+        else (f"dyn_{spec.min[1]}x{spec.min[2]}-{spec.max[1]}x{spec.max[2]}_b{spec.min[0]}-{spec.max[0]}")
+    )
     parts = [model_name, shape, "fp16" if half else "fp32"] + (["argmax"] if argmax else [])
     return "_".join(parts) + _SUFFIX[fmt]
 
@@ -375,8 +384,9 @@ def export(
         raise ValueError(f"labels_dtype='uint8' holds at most 256 classes; the model has {cfg.num_classes}")
 
     # -- 3. output paths: refuse to overwrite before doing any work -----------------------------------------------
-    path = _with_suffix(Path(out) if out is not None else Path(default_name(model_name, spec, half, argmax, format)),
-                        format)
+    path = _with_suffix(
+        Path(out) if out is not None else Path(default_name(model_name, spec, half, argmax, format)), format
+    )
     _refuse_existing(_output_paths(path, format), force)
     onnx_path = path.with_suffix(".onnx") if format == "engine" else None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,21 +401,35 @@ def export(
         "artefact": path.name,
         "pretrained_cfg": cfg.to_dict(),
         "precision": "fp16" if half else "fp32",
-        "inputs": [{
-            "name": "images", "dtype": "float32", "layout": "NCHW",
-            "shape": ["batch" if spec.dynamic_batch else spec.opt[0], 3,
-                      "height" if spec.dynamic_hw else spec.opt[1], "width" if spec.dynamic_hw else spec.opt[2]],
-            "profile": spec.to_dict(), "divisible_by": cfg.divisible_by,
-            "preprocess": "RGB in [0, 1], then (x - mean) / std per channel (pretrained_cfg.mean / std)",
-        }],
+        "inputs": [
+            {
+                "name": "images",
+                "dtype": "float32",
+                "layout": "NCHW",
+                "shape": [
+                    "batch" if spec.dynamic_batch else spec.opt[0],
+                    3,
+                    "height" if spec.dynamic_hw else spec.opt[1],
+                    "width" if spec.dynamic_hw else spec.opt[2],
+                ],
+                "profile": spec.to_dict(),
+                "divisible_by": cfg.divisible_by,
+                "preprocess": "RGB in [0, 1], then (x - mean) / std per channel (pretrained_cfg.mean / std)",
+            }
+        ],
         "outputs": [_output_spec(output_name, cfg, spec, argmax, labels_dtype)],
         "weights": {
             "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
             "sha256": _file_sha256(Path(checkpoint)) if checkpoint is not None else None,
             "init_seed": init_seed,
         },
-        "export": {"opset": opset if format != "aoti" else None, "dynamic": spec.dynamic, "argmax": argmax,
-                   "labels_dtype": labels_dtype if argmax else None, "half": half},
+        "export": {
+            "opset": opset if format != "aoti" else None,
+            "dynamic": spec.dynamic,
+            "argmax": argmax,
+            "labels_dtype": labels_dtype if argmax else None,
+            "half": half,
+        },
         "versions": collect_versions(),
     }
     if format in ("onnx", "engine"):
@@ -423,8 +447,9 @@ def export(
         onnx_sidecar = dict(sidecar, format="onnx", artefact=target.name)
         onnx_sidecar["trtexec"] = trtexec_command(target, path, spec, fp16=half, int8=int8)
         write_sidecar(target, onnx_sidecar)
-        info = build_engine(target, path, fp16=half, int8=int8, profiles=[spec], workspace_gib=workspace_gib,
-                            force=True)
+        info = build_engine(
+            target, path, fp16=half, int8=int8, profiles=[spec], workspace_gib=workspace_gib, force=True
+        )
         sidecar["tensorrt"] = info
         sidecar["onnx"] = target.name
         sidecar["trtexec"] = onnx_sidecar["trtexec"]
@@ -442,10 +467,19 @@ def _output_spec(name: str, cfg: Any, spec: ShapeSpec, argmax: bool, labels_dtyp
     if argmax:
         h = "height" if spec.dynamic_hw else spec.opt[1]
         w = "width" if spec.dynamic_hw else spec.opt[2]
-        return {"name": name, "dtype": labels_dtype, "shape": [b, h, w],
-                "meaning": "class ids at input size (bilinear upsampling of the logits, then argmax)"}
+        return {
+            "name": name,
+            "dtype": labels_dtype,
+            "shape": [b, h, w],
+            "meaning": "class ids at input size (bilinear upsampling of the logits, then argmax)",
+        }
     s = cfg.output_stride
     h = f"height/{s}" if spec.dynamic_hw else spec.opt[1] // s
     w = f"width/{s}" if spec.dynamic_hw else spec.opt[2] // s
-    return {"name": name, "dtype": "float32", "shape": [b, cfg.num_classes, h, w], "stride": s,
-            "meaning": "class logits at 1/stride of the input; upsample bilinearly (align_corners=False), argmax"}
+    return {
+        "name": name,
+        "dtype": "float32",
+        "shape": [b, cfg.num_classes, h, w],
+        "stride": s,
+        "meaning": "class logits at 1/stride of the input; upsample bilinearly (align_corners=False), argmax",
+    }

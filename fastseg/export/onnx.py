@@ -159,8 +159,14 @@ def export_onnx_file(
         ep = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
     ep = ep.run_decompositions(DECOMPOSITIONS)
     program = torch.onnx.export(
-        ep, (example,), None, dynamo=True, opset_version=opset, input_names=["images"],
-        output_names=list(output_names), verbose=False,
+        ep,
+        (example,),
+        None,
+        dynamo=True,
+        opset_version=opset,
+        input_names=["images"],
+        output_names=list(output_names),
+        verbose=False,
     )
     # Write beside the destination and rename, so a failure never leaves half a file (or clobbers the old one).
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -178,8 +184,14 @@ def export_onnx_file(
 
 
 def _math_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (inference) as plain MatMul / Softmax, with contiguous outputs."""
     if dropout_p:

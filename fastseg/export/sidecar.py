@@ -82,7 +82,8 @@ def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"sidecar {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):  # a bad file, not a bad argument: ValueError like the other checks
         raise ValueError(  # noqa: TRY004
-f"sidecar {path} must hold a JSON object, got {type(data).__name__}")
+            f"sidecar {path} must hold a JSON object, got {type(data).__name__}"
+        )
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise ValueError(f"sidecar {path} lacks required fields {missing}")

@@ -52,8 +52,10 @@ def require_tensorrt() -> Any:
     except ImportError as err:
         raise ImportError(f"{_INSTALL_HINT} (import error: {err})") from None
     if not hasattr(trt, "Builder"):  # e.g. a stubs-only `tensorrt` folder (tensorrt-stubs) importing as a namespace
-        raise ImportError(f"{_INSTALL_HINT} (`import tensorrt` found {getattr(trt, '__path__', trt)}, which is not "
-                          f"TensorRT's Python package)")
+        raise ImportError(
+            f"{_INSTALL_HINT} (`import tensorrt` found {getattr(trt, '__path__', trt)}, which is not "
+            f"TensorRT's Python package)"
+        )
     return trt
 
 
@@ -144,8 +146,11 @@ def trtexec_command(
     plan = build_plan(trt_major, fp16=fp16 and trt_major < 11, int8=int8, strongly_typed=strongly_typed)
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if spec is not None and getattr(spec, "dynamic", False):
-        args += [f"--minShapes={input_name}:{_shape_str(spec.min)}", f"--optShapes={input_name}:{_shape_str(spec.opt)}",
-                 f"--maxShapes={input_name}:{_shape_str(spec.max)}"]
+        args += [
+            f"--minShapes={input_name}:{_shape_str(spec.min)}",
+            f"--optShapes={input_name}:{_shape_str(spec.opt)}",
+            f"--maxShapes={input_name}:{_shape_str(spec.max)}",
+        ]
     if plan.strongly_typed:
         args.append("--stronglyTyped")
     args += [f"--{flag.lower()}" for flag in plan.builder_flags]
@@ -302,12 +307,20 @@ def run_engine(engine_path: str | os.PathLike, images: Any, trt: Any | None = No
     x = images.to("cuda", torch.float32).contiguous()
     context.set_input_shape(inputs[0], tuple(x.shape))
     context.set_tensor_address(inputs[0], x.data_ptr())
-    dtypes = {trt_api.DataType.FLOAT: torch.float32, trt_api.DataType.HALF: torch.float16,
-              trt_api.DataType.INT32: torch.int32, trt_api.DataType.UINT8: torch.uint8, trt_api.DataType.INT64: torch.int64}
+    dtypes = {
+        trt_api.DataType.FLOAT: torch.float32,
+        trt_api.DataType.HALF: torch.float16,
+        trt_api.DataType.INT32: torch.int32,
+        trt_api.DataType.UINT8: torch.uint8,
+        trt_api.DataType.INT64: torch.int64,
+    }
     out_name = outputs[0]
     out_shape = context.get_tensor_shape(out_name)
-    y = torch.empty(tuple(out_shape[i] for i in range(len(out_shape))), dtype=dtypes[engine.get_tensor_dtype(out_name)],
-                    device="cuda")
+    y = torch.empty(
+        tuple(out_shape[i] for i in range(len(out_shape))),
+        dtype=dtypes[engine.get_tensor_dtype(out_name)],
+        device="cuda",
+    )
     context.set_tensor_address(out_name, y.data_ptr())
     stream = torch.cuda.current_stream()
     if not context.execute_async_v3(stream.cuda_stream):

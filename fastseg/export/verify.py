@@ -88,16 +88,22 @@ class VerifyReport:
         rel = None if self.max_abs_err is None or not self.logits_scale else self.max_abs_err / self.logits_scale
         lines = [
             f"verify {self.artefact} ({self.backend}, {self.precision}) against PyTorch fp32",
-            (f"  inputs            {self.num_images} shapes-world images + {self.num_random} random batches; "
-             f"shapes (B,H,W) {', '.join('x'.join(map(str, s)) for s in self.shapes)}"),
-            (f"  max abs error     {fmt(self.max_abs_err, '.3e')}  (logits scale {fmt(self.logits_scale, '.3g')}, "
-             f"relative {fmt(rel, '.3e')})"),
+            (
+                f"  inputs            {self.num_images} shapes-world images + {self.num_random} random batches; "
+                f"shapes (B,H,W) {', '.join('x'.join(map(str, s)) for s in self.shapes)}"
+            ),
+            (
+                f"  max abs error     {fmt(self.max_abs_err, '.3e')}  (logits scale {fmt(self.logits_scale, '.3g')}, "
+                f"relative {fmt(rel, '.3e')})"
+            ),
             f"  median abs error  {fmt(self.median_abs_err, '.3e')}",
             f"  cosine (logits)   {fmt(self.cosine, '.7f')}",
             f"  argmax agreement  {100 * self.argmax_agreement:.3f} %",
-            (f"  mIoU              torch {fmt(self.miou_torch and 100 * self.miou_torch, '.2f')}  artefact "
-             f"{fmt(self.miou_artefact and 100 * self.miou_artefact, '.2f')}  change "
-             f"{fmt(self.miou_delta_points, '+.3f')} points"),
+            (
+                f"  mIoU              torch {fmt(self.miou_torch and 100 * self.miou_torch, '.2f')}  artefact "
+                f"{fmt(self.miou_artefact and 100 * self.miou_artefact, '.2f')}  change "
+                f"{fmt(self.miou_delta_points, '+.3f')} points"
+            ),
         ]
         lines.append("  PASS" if self.passed else "  FAIL: " + "; ".join(self.failures))
         return "\n".join(lines)
@@ -145,8 +151,8 @@ def _inputs(sidecar: dict[str, Any], num_images: int, num_random: int, seed: int
     n = max(1, math.ceil(num_images / b)) * b if num_images else 0
     dataset = ShapesDataset("val", length=max(n, 1), config=ShapesConfig(image_size=(h, w)), seed=seed)
     samples = [dataset[i] for i in range(n)]
-    image_batches = [torch.stack([s["image"] for s in samples[i:i + b]]) for i in range(0, n, b)]
-    mask_batches = [torch.stack([torch.as_tensor(s["mask"]) for s in samples[i:i + b]]) for i in range(0, n, b)]
+    image_batches = [torch.stack([s["image"] for s in samples[i : i + b]]) for i in range(0, n, b)]
+    mask_batches = [torch.stack([torch.as_tensor(s["mask"]) for s in samples[i : i + b]]) for i in range(0, n, b)]
     gen = torch.Generator().manual_seed(seed)
     shapes = [tuple(profile["opt"])] * num_random
     if profile["min"] != profile["max"]:
@@ -209,9 +215,12 @@ def verify(
                 raise ValueError(f"checkpoint {ckpt} changed since the export (sha256 differs); pass --checkpoint")
         if ckpt is None and weights.get("init_seed") is None:
             raise ValueError(f"{path} was exported from an in-memory model: pass model= or a checkpoint")
-        model = build_model(model_name or sidecar["model"], ckpt,
-                            num_classes=sidecar["pretrained_cfg"]["num_classes"],
-                            init_seed=weights.get("init_seed"))
+        model = build_model(
+            model_name or sidecar["model"],
+            ckpt,
+            num_classes=sidecar["pretrained_cfg"]["num_classes"],
+            init_seed=weights.get("init_seed"),
+        )
     reference = DeployModule(model.float().eval(), argmax, export_opts.get("labels_dtype") or "int32").to(device)
     stride = int(sidecar["pretrained_cfg"]["output_stride"])
     run, backend = artefact_runner(path, fmt, device)
@@ -239,8 +248,9 @@ def verify(
             ref = reference(x.to(device)).cpu()
         out = run(x)
         if tuple(out.shape) != tuple(ref.shape):
-            raise ValueError(f"{path} returned shape {tuple(out.shape)} for input {tuple(x.shape)}; PyTorch gives "
-                             f"{tuple(ref.shape)}")
+            raise ValueError(
+                f"{path} returned shape {tuple(out.shape)} for input {tuple(x.shape)}; PyTorch gives {tuple(ref.shape)}"
+            )
         if not argmax:
             r64, a64 = ref.double(), out.double()
             diffs.append((a64 - r64).abs().flatten())
@@ -262,9 +272,16 @@ def verify(
         max_err = median_err = cosine = None
         scale = None
     report = VerifyReport(
-        artefact=str(path), backend=backend, precision=precision, shapes=shapes,
-        num_images=sum(x.shape[0] for x in image_batches), num_random=len(random_batches),
-        max_abs_err=max_err, median_abs_err=median_err, logits_scale=scale, cosine=cosine,
+        artefact=str(path),
+        backend=backend,
+        precision=precision,
+        shapes=shapes,
+        num_images=sum(x.shape[0] for x in image_batches),
+        num_random=len(random_batches),
+        max_abs_err=max_err,
+        median_abs_err=median_err,
+        logits_scale=scale,
+        cosine=cosine,
         argmax_agreement=agree / max(total, 1),
         miou_torch=float(cm_ref.compute()["mIoU"]) if with_miou else None,
         miou_artefact=float(cm_art.compute()["mIoU"]) if with_miou else None,
@@ -287,13 +304,16 @@ def _judge(report: VerifyReport) -> None:
     if t.max_abs_err_rel is not None and report.max_abs_err is not None:
         limit = t.max_abs_err_rel * (report.logits_scale or 0.0)
         if not report.max_abs_err <= limit:
-            report.failures.append(f"max abs error {report.max_abs_err:.3e} > {t.max_abs_err_rel:g} x logits scale "
-                                   f"{report.logits_scale:.3g} = {limit:.3e}")
+            report.failures.append(
+                f"max abs error {report.max_abs_err:.3e} > {t.max_abs_err_rel:g} x logits scale "
+                f"{report.logits_scale:.3g} = {limit:.3e}"
+            )
     if t.min_cosine is not None and report.cosine is not None and not report.cosine >= t.min_cosine:
         report.failures.append(f"cosine {report.cosine:.6f} < {t.min_cosine}")
     if not report.argmax_agreement >= t.min_argmax_agreement:
-        report.failures.append(f"argmax agreement {100 * report.argmax_agreement:.3f} % < "
-                               f"{100 * t.min_argmax_agreement:g} %")
+        report.failures.append(
+            f"argmax agreement {100 * report.argmax_agreement:.3f} % < {100 * t.min_argmax_agreement:g} %"
+        )
     delta = report.miou_delta_points
     if t.max_miou_delta_points is not None and delta is not None and not abs(delta) <= t.max_miou_delta_points:
         report.failures.append(f"mIoU change {delta:+.3f} points exceeds {t.max_miou_delta_points} points")

@@ -40,8 +40,16 @@ class ConvNormAct(nn.Module):
         super().__init__()
         if norm not in _NORMS:
             raise ValueError(f"ConvNormAct: norm must be one of {_NORMS}, got {norm!r}")
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                              padding=dilation * (kernel_size // 2), dilation=dilation, groups=groups, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
         self.norm_name = norm
         if norm == "gn":
             self.gn = nn.GroupNorm(gn_groups if out_channels % gn_groups == 0 else 1, out_channels)

@@ -33,7 +33,9 @@ def attention_mask_from_logits(mask_logits: Tensor, size: tuple[int, int] | None
         size: the (h, w) of the attended feature map; None keeps (H, W).
     """
     if mask_logits.dim() != 4:
-        raise ValueError(f"attention_mask_from_logits: mask_logits must be (B, Q, H, W), got {tuple(mask_logits.shape)}")
+        raise ValueError(
+            f"attention_mask_from_logits: mask_logits must be (B, Q, H, W), got {tuple(mask_logits.shape)}"
+        )
     logits = mask_logits.detach()
     if size is not None and tuple(size) != tuple(logits.shape[-2:]):
         logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
@@ -70,7 +72,11 @@ class MaskedCrossAttentionLayer(nn.Module):
     """
 
     def __init__(
-        self, d_model: int = 256, num_heads: int = 8, dropout: float = 0.0, normalize_before: bool = False,
+        self,
+        d_model: int = 256,
+        num_heads: int = 8,
+        dropout: float = 0.0,
+        normalize_before: bool = False,
         impl: str = "auto",
     ) -> None:
         super().__init__()
@@ -91,12 +97,18 @@ class MaskedCrossAttentionLayer(nn.Module):
         def split_heads(t: Tensor) -> Tensor:  # (B, L, C) -> (B, h, L, d)
             return t.view(bsz, t.shape[1], heads, head_dim).transpose(1, 2)
 
-        q, k, v = (split_heads(F.linear(t, w, b)) for t, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+        q, k, v = (
+            split_heads(F.linear(t, w, b)) for t, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v))
+        )
         out = masked_class_attention(q, k, v, mask, scale=1.0 / math.sqrt(head_dim), impl=self.impl)
         return self.multihead_attn.out_proj(out.transpose(1, 2).reshape(bsz, num_q, self.d_model))
 
     def forward(
-        self, tgt: Tensor, memory: Tensor, mask: Tensor | None = None, pos: Tensor | None = None,
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        mask: Tensor | None = None,
+        pos: Tensor | None = None,
         query_pos: Tensor | None = None,
     ) -> Tensor:
         """Args:

@@ -28,7 +28,9 @@ _FILLS = ("zero", "mean", "token")
 _DISTANCES = ("cosine", "mse")
 
 
-def resize_labels(labels: torch.Tensor, masked: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def resize_labels(
+    labels: torch.Tensor, masked: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-neighbour resize of a class map and its mask to a feature map's ``size`` (no-op when equal)."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels, masked
@@ -53,8 +55,15 @@ class ClasswiseMaskedInput(nn.Module):
     Forward: ``(images (B, C, H, W), labels (B, H, W), generator=None) -> (masked_images, masked (B, H, W) bool)``.
     """
 
-    def __init__(self, patch_size: int = 16, ratio: float = 0.5, fill: str = "zero", in_channels: int = 3,
-                 ignore_index: int = 255, ownership: str = "pixel") -> None:
+    def __init__(
+        self,
+        patch_size: int = 16,
+        ratio: float = 0.5,
+        fill: str = "zero",
+        in_channels: int = 3,
+        ignore_index: int = 255,
+        ownership: str = "pixel",
+    ) -> None:
         super().__init__()
         if fill not in _FILLS:
             raise ValueError(f"ClasswiseMaskedInput: fill must be one of {_FILLS}, got {fill!r}")
@@ -66,13 +75,22 @@ class ClasswiseMaskedInput(nn.Module):
         self.ownership = ownership
         self.mask_token = nn.Parameter(torch.zeros(1, in_channels, 1, 1)) if fill == "token" else None
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dim() != 4 or labels.shape != (images.shape[0], *images.shape[2:]):
-            raise ValueError(f"ClasswiseMaskedInput: images (B, C, H, W) and labels (B, H, W) must agree, got "
-                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
-        masked = classwise_patch_mask(labels, self.patch_size, self.ratio, generator=generator,
-                                      ignore_index=self.ignore_index, ownership=self.ownership)
+            raise ValueError(
+                f"ClasswiseMaskedInput: images (B, C, H, W) and labels (B, H, W) must agree, got "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        masked = classwise_patch_mask(
+            labels,
+            self.patch_size,
+            self.ratio,
+            generator=generator,
+            ignore_index=self.ignore_index,
+            ownership=self.ownership,
+        )
         if self.fill == "zero":
             fill = images.new_zeros(())
         elif self.fill == "mean":
@@ -93,19 +111,36 @@ class ClasswiseMaskedReconLoss(nn.Module):
     ``target`` and is then bilinearly upsampled first.
     """
 
-    def __init__(self, num_classes: int, normalize_target: bool = True, patch_size: int = 16,
-                 ignore_index: int = 255, deterministic: bool | None = None, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        normalize_target: bool = True,
+        patch_size: int = 16,
+        ignore_index: int = 255,
+        deterministic: bool | None = None,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         self.num_classes, self.normalize_target, self.patch_size = num_classes, normalize_target, patch_size
         self.ignore_index, self.deterministic, self.impl = ignore_index, deterministic, impl
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
-                masked: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor
+    ) -> torch.Tensor:
         if pred.shape[-2:] != target.shape[-2:]:
             pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        _, total = classwise_masked_recon_loss(pred, target, labels, masked, self.num_classes, self.ignore_index,
-                                               normalize_target=self.normalize_target, patch_size=self.patch_size,
-                                               deterministic=self.deterministic, impl=self.impl)
+        _, total = classwise_masked_recon_loss(
+            pred,
+            target,
+            labels,
+            masked,
+            self.num_classes,
+            self.ignore_index,
+            normalize_target=self.normalize_target,
+            patch_size=self.patch_size,
+            deterministic=self.deterministic,
+            impl=self.impl,
+        )
         return total
 
 
@@ -124,8 +159,14 @@ class ClasswiseFeatureAggregationLoss(nn.Module):
     Forward: ``(features (B, C, h, w), labels (B, H, W), masked (B, H, W)) -> loss``.
     """
 
-    def __init__(self, num_classes: int, distance: str = "cosine", ignore_index: int = 255,
-                 deterministic: bool | None = None, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        distance: str = "cosine",
+        ignore_index: int = 255,
+        deterministic: bool | None = None,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         if distance not in _DISTANCES:
             raise ValueError(f"ClasswiseFeatureAggregationLoss: distance must be one of {_DISTANCES}, got {distance!r}")
@@ -134,8 +175,15 @@ class ClasswiseFeatureAggregationLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         labels, masked = resize_labels(labels, masked, tuple(features.shape[-2:]))
-        sums, counts = classwise_reduce(features, labels, masked, self.num_classes, self.ignore_index,
-                                        deterministic=self.deterministic, impl=self.impl)
+        sums, counts = classwise_reduce(
+            features,
+            labels,
+            masked,
+            self.num_classes,
+            self.ignore_index,
+            deterministic=self.deterministic,
+            impl=self.impl,
+        )
         means = classwise_mean(sums, counts)
         visible, masked_part = means[:, :, 0].detach(), means[:, :, 1]
         both = (counts > 0).all(-1)  # (B, K): both parts present

@@ -18,8 +18,9 @@ __all__ = ["classwise_patch_mask"]
 _OWNERSHIPS = ("pixel", "majority")
 
 
-def _choose_in_groups(group: torch.Tensor, num_groups: int, ratio: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
+def _choose_in_groups(
+    group: torch.Tensor, num_groups: int, ratio: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Choose ``floor(ratio * n + u)`` of the ``n`` items of every group uniformly without replacement.
 
     ``group`` (M,) holds each item's group id in ``[0, num_groups]``; id ``num_groups`` means "no group" and is never

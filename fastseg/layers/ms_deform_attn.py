@@ -28,9 +28,7 @@ from torch import Tensor, nn
 __all__ = ["MSDeformAttn", "ms_deform_attn_sample", "reference_points"]
 
 
-def ms_deform_attn_sample(
-    values: Sequence[Tensor], sampling_locations: Tensor, attention_weights: Tensor
-) -> Tensor:
+def ms_deform_attn_sample(values: Sequence[Tensor], sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """The core sum of sampled values.
 
     Args:
@@ -108,7 +106,11 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(
-        self, query: Tensor, ref_points: Tensor, value: Tensor, shapes: Sequence[tuple[int, int]],
+        self,
+        query: Tensor,
+        ref_points: Tensor,
+        value: Tensor,
+        shapes: Sequence[tuple[int, int]],
         padding_mask: Tensor | None = None,
     ) -> Tensor:
         """Args:
@@ -122,11 +124,15 @@ class MSDeformAttn(nn.Module):
         """
         bsz, num_q, channels = query.shape
         if channels != self.d_model or value.shape[-1] != self.d_model:
-            raise ValueError(f"MSDeformAttn: expected query and value with {self.d_model} channels, got "
-                             f"{tuple(query.shape)} and {tuple(value.shape)}")
+            raise ValueError(
+                f"MSDeformAttn: expected query and value with {self.d_model} channels, got "
+                f"{tuple(query.shape)} and {tuple(value.shape)}"
+            )
         if len(shapes) != self.n_levels or sum(h * w for h, w in shapes) != value.shape[1]:
-            raise ValueError(f"MSDeformAttn: level shapes {list(shapes)} do not match value {tuple(value.shape)} "
-                             f"with {self.n_levels} levels")
+            raise ValueError(
+                f"MSDeformAttn: level shapes {list(shapes)} do not match value {tuple(value.shape)} "
+                f"with {self.n_levels} levels"
+            )
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
         head_dim = channels // heads
         value = self.value_proj(value)
@@ -137,7 +143,9 @@ class MSDeformAttn(nn.Module):
         for h, w in shapes:
             level = value[:, start : start + h * w]  # (B, HW, C)
             start += h * w
-            maps.append(level.view(bsz, h * w, heads, head_dim).permute(0, 2, 3, 1).reshape(bsz * heads, head_dim, h, w))
+            maps.append(
+                level.view(bsz, h * w, heads, head_dim).permute(0, 2, 3, 1).reshape(bsz * heads, head_dim, h, w)
+            )
         offsets = self.sampling_offsets(query).view(bsz, num_q, heads, levels, points, 2)
         weights = self.attention_weights(query).view(bsz, num_q, heads, levels * points).softmax(-1)
         weights = weights.view(bsz, num_q, heads, levels, points)

@@ -81,7 +81,9 @@ class VectorQuantizer(nn.Module):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"VectorQuantizer: decay must be in [0, 1), got {decay}")
         if beta < 0 or dead_code_threshold < 0:
-            raise ValueError(f"VectorQuantizer: beta and dead_code_threshold must be >= 0, got {beta}, {dead_code_threshold}")
+            raise ValueError(
+                f"VectorQuantizer: beta and dead_code_threshold must be >= 0, got {beta}, {dead_code_threshold}"
+            )
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema, self.decay, self.eps = ema, decay, eps
         self.dead_code_threshold, self.channel_dim, self.impl = dead_code_threshold, channel_dim, impl

@@ -88,16 +88,16 @@ class ConfusionMatrix:
                 f"and shape {tuple(pred.shape)} for target shape {tuple(target.shape)}"
             )
         if pred.shape != target.shape:
-            raise ValueError(
-                f"prediction shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
-            )
+            raise ValueError(f"prediction shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}")
         if not self._device_fixed and self.matrix.device != target.device:
             self.matrix = self.matrix.to(target.device)
         self._device_fixed = True
         pred = pred.to(self.matrix.device).reshape(-1).long()
         target = target.to(self.matrix.device).reshape(-1).long()
 
-        keep = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        keep = (
+            target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        )
         target = target[keep]
         pred = pred[keep]
         K = self.num_classes

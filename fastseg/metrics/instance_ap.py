@@ -70,11 +70,14 @@ class InstanceAP:
         values = [int(v) for v in labels.reshape(-1).tolist()]
         bad = [v for v in values if v not in self.classes]
         if bad:
-            raise ValueError(f"{what} of image {image} has class {bad[0]}, not among the evaluated classes "
-                             f"{self.classes}")
+            raise ValueError(
+                f"{what} of image {image} has class {bad[0]}, not among the evaluated classes {self.classes}"
+            )
         return values
 
-    def update(self, preds: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def update(
+        self, preds: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]]
+    ) -> None:
         """Add a batch.
 
         Args:
@@ -86,20 +89,30 @@ class InstanceAP:
             raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
         for b, (pred, tgt) in enumerate(zip(preds, targets)):
             if pred["masks"].shape[-2:] != tgt["masks"].shape[-2:]:
-                raise ValueError(f"image {b}: prediction masks {tuple(pred['masks'].shape)} and target masks "
-                                 f"{tuple(tgt['masks'].shape)} differ in size")
+                raise ValueError(
+                    f"image {b}: prediction masks {tuple(pred['masks'].shape)} and target masks "
+                    f"{tuple(tgt['masks'].shape)} differ in size"
+                )
             n, m = pred["masks"].shape[0], tgt["masks"].shape[0]
             if pred["scores"].numel() != n or pred["labels"].numel() != n or tgt["labels"].numel() != m:
                 raise ValueError(f"image {b}: masks, scores and labels disagree in count")
             crowd = tgt.get("iscrowd")
             crowd_l = [bool(c) for c in crowd.tolist()] if crowd is not None else [False] * m
-            self.images.append({
-                "size": tuple(int(s) for s in tgt["masks"].shape[-2:]),
-                "gt": list(zip(encode_masks(tgt["masks"].bool()), self._check_labels(tgt["labels"], "target", b),
-                               crowd_l)),
-                "dt": list(zip(encode_masks(pred["masks"].bool()), self._check_labels(pred["labels"], "prediction", b),
-                               [float(s) for s in pred["scores"].tolist()])),
-            })
+            self.images.append(
+                {
+                    "size": tuple(int(s) for s in tgt["masks"].shape[-2:]),
+                    "gt": list(
+                        zip(encode_masks(tgt["masks"].bool()), self._check_labels(tgt["labels"], "target", b), crowd_l)
+                    ),
+                    "dt": list(
+                        zip(
+                            encode_masks(pred["masks"].bool()),
+                            self._check_labels(pred["labels"], "prediction", b),
+                            [float(s) for s in pred["scores"].tolist()],
+                        )
+                    ),
+                }
+            )
 
     def merge(self, other: InstanceAP) -> InstanceAP:
         if other.classes != self.classes:
@@ -128,13 +141,30 @@ class InstanceAP:
             h, w = img["size"]
             images.append({"id": i + 1, "height": h, "width": w})
             for rle, label, crowd in img["gt"]:
-                gts.append({"id": len(gts) + 1, "image_id": i + 1, "category_id": label + 1, "segmentation": rle,
-                            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
-                            "iscrowd": int(crowd)})
+                gts.append(
+                    {
+                        "id": len(gts) + 1,
+                        "image_id": i + 1,
+                        "category_id": label + 1,
+                        "segmentation": rle,
+                        "area": float(mask_utils.area(rle)),
+                        "bbox": mask_utils.toBbox(rle).tolist(),
+                        "iscrowd": int(crowd),
+                    }
+                )
             for rle, label, score in img["dt"]:
-                dts.append({"id": len(dts) + 1, "image_id": i + 1, "category_id": label + 1, "segmentation": rle,
-                            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
-                            "score": score, "iscrowd": 0})
+                dts.append(
+                    {
+                        "id": len(dts) + 1,
+                        "image_id": i + 1,
+                        "category_id": label + 1,
+                        "segmentation": rle,
+                        "area": float(mask_utils.area(rle)),
+                        "bbox": mask_utils.toBbox(rle).tolist(),
+                        "score": score,
+                        "iscrowd": 0,
+                    }
+                )
         coco_gt, coco_dt = COCO(), COCO()
         coco_gt.dataset = {"images": images, "annotations": gts, "categories": categories}
         coco_dt.dataset = {"images": images, "annotations": dts, "categories": categories}
@@ -163,8 +193,11 @@ class InstanceAP:
         for k, c in enumerate(self.classes):
             p = precision[:, :, k]
             if (p > -1).any():  # -1: no ground truth of this class
-                per_class[c] = {"AP": float(p[p > -1].mean()), "AP50": float(p[iou_50].mean()),
-                                "AP75": float(p[iou_75].mean())}
+                per_class[c] = {
+                    "AP": float(p[p > -1].mean()),
+                    "AP50": float(p[iou_50].mean()),
+                    "AP75": float(p[iou_75].mean()),
+                }
         return summary, per_class
 
     def compute(self, subsets: dict[str, Iterable[int]] | None = None) -> dict[str, Any]:
@@ -182,6 +215,8 @@ class InstanceAP:
             if unknown:
                 raise ValueError(f"subset {name!r} names classes {unknown} that are not evaluated")
             rows = [per_class[c] for c in classes if c in per_class]
-            out[name] = {m: (float(np.mean([r[m] for r in rows])) if rows else math.nan) for m in ("AP", "AP50", "AP75")}
+            out[name] = {
+                m: (float(np.mean([r[m] for r in rows])) if rows else math.nan) for m in ("AP", "AP50", "AP75")
+            }
         out["per_class"] = per_class
         return out

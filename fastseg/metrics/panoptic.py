@@ -49,15 +49,21 @@ class PanopticQuality:
         1.0
     """
 
-    def __init__(self, things: Iterable[int], stuffs: Iterable[int], label_divisor: int = 1000,
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        things: Iterable[int],
+        stuffs: Iterable[int],
+        label_divisor: int = 1000,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
         self.things, self.stuffs = sorted({int(c) for c in things}), sorted({int(c) for c in stuffs})
         if set(self.things) & set(self.stuffs):
             raise ValueError(f"things and stuffs overlap: {sorted(set(self.things) & set(self.stuffs))}")
         classes = self.things + self.stuffs
         if not classes or min(classes) < 0:
-            raise ValueError(f"need at least one class and non-negative class ids, got things {self.things}, "
-                             f"stuffs {self.stuffs}")
+            raise ValueError(
+                f"need at least one class and non-negative class ids, got things {self.things}, stuffs {self.stuffs}"
+            )
         if label_divisor < 1:
             raise ValueError(f"label_divisor must be >= 1, got {label_divisor}")
         self.label_divisor = int(label_divisor)
@@ -82,8 +88,7 @@ class PanopticQuality:
             )
         return classes
 
-    def update(self, preds: torch.Tensor, targets: torch.Tensor,
-               crowd: Sequence[Iterable[int]] | None = None) -> None:
+    def update(self, preds: torch.Tensor, targets: torch.Tensor, crowd: Sequence[Iterable[int]] | None = None) -> None:
         """Add a batch of panoptic maps.
 
         Args:
@@ -92,7 +97,9 @@ class PanopticQuality:
             crowd: optional, per image the target ids that are crowd regions.
         """
         if preds.shape != targets.shape:
-            raise ValueError(f"prediction shape {tuple(preds.shape)} does not match target shape {tuple(targets.shape)}")
+            raise ValueError(
+                f"prediction shape {tuple(preds.shape)} does not match target shape {tuple(targets.shape)}"
+            )
         if preds.is_floating_point() or targets.is_floating_point():
             raise ValueError("panoptic maps must hold integer ids")
         if preds.dim() == 2:
@@ -101,8 +108,12 @@ class PanopticQuality:
         if crowd is not None and len(crowd) != preds.shape[0]:
             raise ValueError(f"crowd must give one collection of ids per image: {len(crowd)} for {preds.shape[0]}")
         for b in range(preds.shape[0]):
-            self._update_image(preds[b].reshape(-1).long().cpu(), targets[b].reshape(-1).long().cpu(),
-                               {int(c) for c in crowd[b]} if crowd is not None else set(), b)
+            self._update_image(
+                preds[b].reshape(-1).long().cpu(),
+                targets[b].reshape(-1).long().cpu(),
+                {int(c) for c in crowd[b]} if crowd is not None else set(),
+                b,
+            )
 
     def _update_image(self, pred: torch.Tensor, gt: torch.Tensor, crowd_ids: set[int], image: int) -> None:
         gt_ids, gt_inv, gt_area = torch.unique(gt, return_inverse=True, return_counts=True)
@@ -122,8 +133,10 @@ class PanopticQuality:
                 continue  # a crowd id absent from this image's map has no pixels: nothing to do
             cls = cid // self.label_divisor
             if cls in self.stuffs:
-                raise ValueError(f"target of image {image}: crowd segment {cid} is on stuff class {cls}; COCO marks "
-                                 "crowd regions only on thing classes")
+                raise ValueError(
+                    f"target of image {image}: crowd segment {cid} is on stuff class {cls}; COCO marks "
+                    "crowd regions only on thing classes"
+                )
         is_crowd = [g in crowd_ids for g in gt_ids_l]
         # |pred & gt void| per prediction, and |pred & crowd of its class| per prediction
         void_overlap = [0] * len(pred_ids_l)
@@ -210,8 +223,14 @@ class PanopticQuality:
             iou, tp, fp, fn = self.stats[c].tolist()
             if tp + fp + fn:
                 denom = tp + 0.5 * fp + 0.5 * fn
-                per_class[c] = {"PQ": iou / denom, "SQ": iou / tp if tp else 0.0, "RQ": tp / denom,
-                                "TP": int(tp), "FP": int(fp), "FN": int(fn)}
+                per_class[c] = {
+                    "PQ": iou / denom,
+                    "SQ": iou / tp if tp else 0.0,
+                    "RQ": tp / denom,
+                    "TP": int(tp),
+                    "FP": int(fp),
+                    "FN": int(fn),
+                }
         out["per_class"] = per_class
         return out
 

@@ -79,8 +79,13 @@ def resolve_cfg(num_classes: int | None, **overrides: Any) -> PretrainedCfg:
 
     fields = pretrained_cfg_fields()
     if num_classes is not None and num_classes != fields["num_classes"]:
-        fields = {"num_classes": num_classes, "mean": fields["mean"], "std": fields["std"],
-                  "ignore_index": fields["ignore_index"], "input_size": fields["input_size"]}
+        fields = {
+            "num_classes": num_classes,
+            "mean": fields["mean"],
+            "std": fields["std"],
+            "ignore_index": fields["ignore_index"],
+            "input_size": fields["input_size"],
+        }
     fields.update(overrides)
     return PretrainedCfg.from_dict(fields)
 

@@ -38,8 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["PADING_TEMPLATES", "attribute_embeddings", "class_embeddings", "clip_text_embeddings", "file_embeddings",
-           "random_embeddings"]
+__all__ = [
+    "PADING_TEMPLATES",
+    "attribute_embeddings",
+    "class_embeddings",
+    "clip_text_embeddings",
+    "file_embeddings",
+    "random_embeddings",
+]
 
 # PADing's prompt ensemble (IMAGENET_TEMPLATES_SELECT of its third_party/imagenet_templates), spec C.3.
 PADING_TEMPLATES: tuple[str, ...] = (
@@ -62,7 +68,9 @@ def class_embeddings(source: str, class_names: Sequence[str], expected_dim: int 
     if len(set(names)) != len(names):
         raise ValueError(f"class_names holds duplicates: {names}")
     if not isinstance(source, str) or not source:
-        raise ValueError(f"class embedding source must be 'attributes', 'file:PATH' or 'clip:CHECKPOINT', got {source!r}")
+        raise ValueError(
+            f"class embedding source must be 'attributes', 'file:PATH' or 'clip:CHECKPOINT', got {source!r}"
+        )
     if source == "attributes":
         table = attribute_embeddings(names)
     elif source.startswith("file:"):
@@ -74,7 +82,9 @@ def class_embeddings(source: str, class_names: Sequence[str], expected_dim: int 
         arch, _, path = spec.rpartition("@")
         table = clip_text_embeddings(path, names, arch=arch or "ViT-B-16")
     else:
-        raise ValueError(f"unknown class embedding source {source!r}: use 'attributes', 'file:PATH' or 'clip:CHECKPOINT'")
+        raise ValueError(
+            f"unknown class embedding source {source!r}: use 'attributes', 'file:PATH' or 'clip:CHECKPOINT'"
+        )
     if table.dim() != 2 or table.shape[0] != len(names):
         raise ValueError(f"embedding source {source!r} returned shape {tuple(table.shape)} for {len(names)} classes")
     if expected_dim is not None and table.shape[1] != expected_dim:
@@ -118,8 +128,12 @@ def _raster(name: str, params: dict[str, float], centre: np.ndarray, basis: np.n
     gv, gu = np.meshgrid(t, t, indexing="ij")
     u = centre[0] + basis[0, 0] * gu + basis[0, 1] * gv
     v = centre[1] + basis[1, 0] * gu + basis[1, 1] * gv
-    return (lambda a: _inside(name, u * math.cos(a) - v * math.sin(a), u * math.sin(a) + v * math.cos(a), 1.0,
-                              params)), gu, gv, (t[1] - t[0]) ** 2
+    return (
+        (lambda a: _inside(name, u * math.cos(a) - v * math.sin(a), u * math.sin(a) + v * math.cos(a), 1.0, params)),
+        gu,
+        gv,
+        (t[1] - t[0]) ** 2,
+    )
 
 
 def _thing_geometry(name: str, n: int = 129) -> dict[str, float]:
@@ -202,8 +216,13 @@ def _texture_appearance(name: str, size: int = 96) -> dict[str, float]:
     gx, gy = np.abs(np.diff(gray, axis=1)).mean(), np.abs(np.diff(gray, axis=0)).mean()
     fine = np.abs(gray[1:, 1:] - gray[:-1, :-1]).mean()
     return {
-        "hue_cos": math.cos(2 * math.pi * h), "hue_sin": math.sin(2 * math.pi * h), "saturation": s, "value": v,
-        "frequency": frequency * 4, "anisotropy": float((gx - gy) / (gx + gy)), "grain": float(fine) * 10,
+        "hue_cos": math.cos(2 * math.pi * h),
+        "hue_sin": math.sin(2 * math.pi * h),
+        "saturation": s,
+        "value": v,
+        "frequency": frequency * 4,
+        "anisotropy": float((gx - gy) / (gx + gy)),
+        "grain": float(fine) * 10,
     }
 
 
@@ -211,8 +230,15 @@ def _thing_appearance(name: str) -> dict[str, float]:
     from ..data.shapes import KNOWN_THINGS
 
     hue = KNOWN_THINGS.index(name) / len(KNOWN_THINGS)  # the renderer's hue centre of the class
-    return {"hue_cos": math.cos(2 * math.pi * hue), "hue_sin": math.sin(2 * math.pi * hue), "saturation": 0.725,
-            "value": 0.75, "frequency": 0.0, "anisotropy": 0.0, "grain": 0.0}
+    return {
+        "hue_cos": math.cos(2 * math.pi * hue),
+        "hue_sin": math.sin(2 * math.pi * hue),
+        "saturation": 0.725,
+        "value": 0.75,
+        "frequency": 0.0,
+        "anisotropy": 0.0,
+        "grain": 0.0,
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -343,8 +369,13 @@ def _build_open_clip(arch: str):
 
 
 @torch.no_grad()
-def clip_text_embeddings(checkpoint: str | Path, class_names: Sequence[str], arch: str = "ViT-B-16",
-                         templates: Sequence[str] = PADING_TEMPLATES, batch_size: int = 256) -> torch.Tensor:
+def clip_text_embeddings(
+    checkpoint: str | Path,
+    class_names: Sequence[str],
+    arch: str = "ViT-B-16",
+    templates: Sequence[str] = PADING_TEMPLATES,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """PADing's CLIP text embeddings: per class, every (", "-split part) x template text, normalised, averaged,
     re-normalised (spec C.3). The weights come from the local ``checkpoint`` only."""
     path = Path(checkpoint)
@@ -368,8 +399,9 @@ def clip_text_embeddings(checkpoint: str | Path, class_names: Sequence[str], arc
     for name in class_names:
         parts = name.split(", ")
         texts = [template.format(part) for template in templates for part in parts]
-        feats = torch.cat([model.encode_text(tokenizer(texts[i : i + batch_size])).float()
-                           for i in range(0, len(texts), batch_size)])
+        feats = torch.cat(
+            [model.encode_text(tokenizer(texts[i : i + batch_size])).float() for i in range(0, len(texts), batch_size)]
+        )
         feats = feats / feats.norm(dim=-1, keepdim=True)
         mean = feats.mean(0)
         rows.append(mean / mean.norm())

@@ -93,7 +93,11 @@ def _pooling_matrix_1d(size: int, out: int, device: torch.device, dtype: torch.d
 
 
 def pooling_matrix(
-    height: int, width: int, sizes: Sequence[int], device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    height: int,
+    width: int,
+    sizes: Sequence[int],
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Adaptive average pooling to every size in ``sizes`` as one (sum s^2, height*width) matrix.
 
@@ -294,7 +298,9 @@ class FeatureReconstruction(nn.Module):
         self.primary = nn.Sequential(nn.Conv2d(channels, half, 1, bias=False), nn.BatchNorm2d(half))
         self.cheap = nn.Sequential(nn.Conv2d(half, half, 3, padding=1, groups=half), nn.BatchNorm2d(half))
         self.layer_channel_slct = nn.Sequential(
-            nn.Linear(half, channels // 4, bias=False), nn.ReLU(inplace=True), nn.Linear(channels // 4, half, bias=False)
+            nn.Linear(half, channels // 4, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // 4, half, bias=False),
         )
         self.conv_out = nn.Conv2d(channels, channels, 1, bias=False)
 
@@ -480,7 +486,11 @@ class ECENet(SegmentationModel):
         k = self.num_classes
         self.channels, self.impl = channels, impl
         self.class_embeddings, self.ghost_up = class_embeddings, ghost_up
-        self.mask_loss_weight, self.mask_bce_weight, self.mask_dice_weight = mask_loss_weight, mask_bce_weight, mask_dice_weight
+        self.mask_loss_weight, self.mask_bce_weight, self.mask_dice_weight = (
+            mask_loss_weight,
+            mask_bce_weight,
+            mask_dice_weight,
+        )
         self.mask_loss_on, self.div_loss_weight = mask_loss_on, div_loss_weight
         self.mask_dice_classes = mask_dice_classes
 
@@ -585,8 +595,13 @@ class ECENet(SegmentationModel):
             bce = dice = logits.new_zeros(())
             for group in groups:
                 b, d = mask_loss(
-                    self.upsample_logits(group, (h, w)), target, self.num_classes, self.ignore_index,
-                    self.mask_bce_weight, self.mask_dice_weight, self.mask_dice_classes,
+                    self.upsample_logits(group, (h, w)),
+                    target,
+                    self.num_classes,
+                    self.ignore_index,
+                    self.mask_bce_weight,
+                    self.mask_dice_weight,
+                    self.mask_dice_classes,
                 )
                 bce, dice = bce + b / len(groups), dice + d / len(groups)
             total = total + self.mask_loss_weight * (bce + dice)
@@ -602,8 +617,12 @@ class ECENet(SegmentationModel):
 # ----------------------------------------------------------------------------------------------------------------
 # Converter from the official checkpoint names (spec B.6)
 # ----------------------------------------------------------------------------------------------------------------
-_MINDSPORE_SUFFIXES = {".gamma": ".weight", ".beta": ".bias", ".moving_mean": ".running_mean",
-                       ".moving_variance": ".running_var"}
+_MINDSPORE_SUFFIXES = {
+    ".gamma": ".weight",
+    ".beta": ".bias",
+    ".moving_mean": ".running_mean",
+    ".moving_variance": ".running_var",
+}
 
 
 def convert_official_state_dict(
@@ -634,7 +653,7 @@ def convert_official_state_dict(
             raise ValueError(f"convert_official_state_dict: {key!r} is a {type(value).__name__}, not a tensor")  # noqa: TRY004
         if key.endswith("num_batches_tracked") or not key.startswith("decode_head."):
             continue
-        name = key[len("decode_head."):]
+        name = key[len("decode_head.") :]
         for old, new in _MINDSPORE_SUFFIXES.items():
             if name.endswith(old):
                 name = name[: -len(old)] + new
@@ -650,8 +669,9 @@ def convert_official_state_dict(
             problems.append(f"unexpected key {name!r}")
         elif own[name].shape != value.shape:
             problems.append(f"{name!r}: checkpoint {tuple(value.shape)} vs model {tuple(own[name].shape)}")
-    head_missing = [n for n in own if not n.startswith("backbone.") and n not in converted
-                    and not n.endswith("num_batches_tracked")]
+    head_missing = [
+        n for n in own if not n.startswith("backbone.") and n not in converted and not n.endswith("num_batches_tracked")
+    ]
     problems += [f"missing key {n!r}" for n in head_missing]
     if problems and strict:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
@@ -669,8 +689,11 @@ def _ecenet(backbone: str, **kwargs) -> ECENet:
     return ECENet(backbone=backbone, **kwargs)
 
 
-@register_model(tag="shapes_small", differs_from_paper="head width 128 (paper: 256); ResNet-18 backbone (paper: "
-                "ResNet-101 / Swin), for the 64 x 64 shapes world")
+@register_model(
+    tag="shapes_small",
+    differs_from_paper="head width 128 (paper: 256); ResNet-18 backbone (paper: "
+    "ResNet-101 / Swin), for the 64 x 64 shapes world",
+)
 def ecenet_resnet18(**kwargs) -> ECENet:
     """ECENet on ResNet-18 with a 128-wide head (the CPU-trainable configuration; compare with fpn_resnet18)."""
     kwargs.setdefault("channels", 128)

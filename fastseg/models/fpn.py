@@ -48,9 +48,7 @@ class FPNSegmenter(SegmentationModel):
             num_classes, output_stride=self.backbone.reductions[0], divisible_by=self.backbone.divisible_by
         )
         self.laterals = nn.ModuleList(nn.Conv2d(c, fpn_channels, 1) for c in self.backbone.channels)
-        self.smooth = nn.ModuleList(
-            nn.Conv2d(fpn_channels, fpn_channels, 3, padding=1) for _ in self.backbone.channels
-        )
+        self.smooth = nn.ModuleList(nn.Conv2d(fpn_channels, fpn_channels, 3, padding=1) for _ in self.backbone.channels)
         base = self.backbone.reductions[0]
         self.branches = nn.ModuleList()
         for reduction in self.backbone.reductions:

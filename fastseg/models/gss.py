@@ -112,7 +112,9 @@ def make_maskige_palette(
     if num_classes < 1:
         raise ValueError(f"make_maskige_palette: num_classes must be >= 1, got {num_classes}")
     if not 0 <= low < high <= 255 or jitter < 0:
-        raise ValueError(f"make_maskige_palette: need 0 <= low < high <= 255 and jitter >= 0, got {low}, {high}, {jitter}")
+        raise ValueError(
+            f"make_maskige_palette: need 0 <= low < high <= 255 and jitter >= 0, got {low}, {high}, {jitter}"
+        )
     need = num_classes + 1
     for n in range(2, 65):
         if (high - low) / (n - 1) <= 2 * jitter:  # the jitter would let neighbouring grid colours meet
@@ -278,7 +280,12 @@ class GSSInverseHead(nn.Module):
     conv -> K logits at the maskige resolution."""
 
     def __init__(
-        self, num_classes: int, channels: int = 128, depth: int = 2, heads: int = 4, window: int = 7,
+        self,
+        num_classes: int,
+        channels: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        window: int = 7,
         mlp_ratio: float = 2.0,
     ) -> None:
         super().__init__()
@@ -346,7 +353,9 @@ class GSSSegmenter(SegmentationModel):
         self.token_weight, self.pixel_weight = token_weight, pixel_weight
         self.backbone = create_backbone(backbone, checkpoint=backbone_checkpoint)
         if self.backbone.reductions[0] != 4:
-            raise ValueError(f"GSS needs a stride-4 first backbone level (tokens at 1/4), got {self.backbone.reductions}")
+            raise ValueError(
+                f"GSS needs a stride-4 first backbone level (tokens at 1/4), got {self.backbone.reductions}"
+            )
         self.pretrained_cfg = resolve_cfg(num_classes, output_stride=1, divisible_by=self.backbone.divisible_by)
         k = self.num_classes
         if isinstance(tokenizer, MaskigeTokenizer):
@@ -369,8 +378,9 @@ class GSSSegmenter(SegmentationModel):
             load_weights(self.tokenizer, tokenizer_checkpoint)
             self.tokenizer_trained_on = read_metadata(tokenizer_checkpoint).get(TOKENIZER_TRAINED_ON, "unknown")
         self.tokenizer.requires_grad_(False)
-        self.head = GSSPriorHead(list(self.backbone.channels), self.tokenizer.vocab_size, k, impl=impl,
-                                 **dict(head_kwargs or {}))
+        self.head = GSSPriorHead(
+            list(self.backbone.channels), self.tokenizer.vocab_size, k, impl=impl, **dict(head_kwargs or {})
+        )
         self.register_buffer("maskige_palette", make_maskige_palette(k, seed=palette_seed))
         self.palette_inverse = PaletteInverse(self.maskige_palette[:k].clone(), impl=impl)
         self.inverse = GSSInverseHead(k, **dict(inverse_kwargs or {})) if variant == "ftw" else None
@@ -532,8 +542,12 @@ class GSSSegmenter(SegmentationModel):
         with torch.no_grad():
             valid = tokens != self.tokenizer.vocab_size
             acc = (token_logits.argmax(1) == tokens)[valid].float().mean() if bool(valid.any()) else total.new_zeros(())
-        return {"loss": total, "loss_token": loss_token.detach(), "loss_pixel": loss_pixel.detach(),
-                "token_acc": acc.detach()}
+        return {
+            "loss": total,
+            "loss_token": loss_token.detach(),
+            "loss_pixel": loss_pixel.detach(),
+            "token_acc": acc.detach(),
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -560,8 +574,18 @@ def _paper(backbone: str, variant: str, depth: int, inverse_depth: int = 2, **kw
     # Paper geometry: DALL-E dVAE (8192 x 128-d codes, downsampling 8), maskige at 2x the input; head of spec A.2.
     kwargs.setdefault("tokenizer", "dalle")
     kwargs.setdefault("maskige_scale", 2)
-    kwargs.setdefault("head_kwargs", {"channels": 384, "fused": 512, "depth": depth, "heads": 16, "window": 7, "hidden": 2048,
-                                          "pixel_channels": 384})
+    kwargs.setdefault(
+        "head_kwargs",
+        {
+            "channels": 384,
+            "fused": 512,
+            "depth": depth,
+            "heads": 16,
+            "window": 7,
+            "hidden": 2048,
+            "pixel_channels": 384,
+        },
+    )
     kwargs.setdefault("inverse_kwargs", {"channels": 128, "depth": inverse_depth, "heads": 4, "window": 7})
     return GSSSegmenter(backbone=backbone, variant=variant, **kwargs)
 

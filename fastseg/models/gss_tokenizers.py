@@ -98,7 +98,9 @@ class MaskigeTokenizer(nn.Module):
             raise ValueError(f"maskige must be a float (B, 3, H, W) tensor in [0, 1], got {tuple(maskige.shape)}")
         h, w = maskige.shape[-2:]
         if h % self.downsample or w % self.downsample:
-            raise ValueError(f"maskige size {h}x{w} is not a multiple of the tokenizer's downsampling {self.downsample}")
+            raise ValueError(
+                f"maskige size {h}x{w} is not a multiple of the tokenizer's downsampling {self.downsample}"
+            )
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 3 or ids.is_floating_point():
@@ -173,9 +175,16 @@ class DalleEncoder(nn.Module):
                 for i in range(n_blk_per_group)
             ]
             groups.append((f"group_{g + 1}", _group(blocks, ("pool", nn.MaxPool2d(2)) if g < 3 else None)))
-        groups.append(("output", nn.Sequential(OrderedDict(
-            [("relu", nn.ReLU()), ("conv", _DalleConv(8 * n_hid, vocab_size, 1, half_on_cuda=False))]
-        ))))
+        groups.append(
+            (
+                "output",
+                nn.Sequential(
+                    OrderedDict(
+                        [("relu", nn.ReLU()), ("conv", _DalleConv(8 * n_hid, vocab_size, 1, half_on_cuda=False))]
+                    )
+                ),
+            )
+        )
         self.blocks = nn.Sequential(OrderedDict(groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,9 +194,7 @@ class DalleEncoder(nn.Module):
 class DalleDecoder(nn.Module):
     """DALL-E dVAE decoder. ``blocks.input`` is the vocab -> n_init "codebook" conv; see `DalleDVAE.embed`."""
 
-    def __init__(
-        self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192
-    ) -> None:
+    def __init__(self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192) -> None:
         super().__init__()
         n_layers = 4 * n_blk_per_group
         widths = [n_init, 8 * n_hid, 4 * n_hid, 2 * n_hid, n_hid]
@@ -199,9 +206,7 @@ class DalleDecoder(nn.Module):
             ]
             up = ("upsample", nn.Upsample(scale_factor=2, mode="nearest")) if g < 3 else None
             groups.append((f"group_{g + 1}", _group(blocks, up)))
-        groups.append(("output", nn.Sequential(OrderedDict(
-            [("relu", nn.ReLU()), ("conv", _DalleConv(n_hid, 6, 1))]
-        ))))
+        groups.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _DalleConv(n_hid, 6, 1))]))))
         self.blocks = nn.Sequential(OrderedDict(groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

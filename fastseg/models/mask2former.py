@@ -140,8 +140,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
     ``forward(features) -> (mask_features (B, D, H/4, W/4), [1/32, 1/16, 1/8] maps with conv_dim channels)``.
     """
 
-    def __init__(self, in_channels: Sequence[int], conv_dim: int = 256, mask_dim: int = 256, enc_layers: int = 6,
-                 heads: int = 8, points: int = 4, ffn_dim: int = 1024, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        enc_layers: int = 6,
+        heads: int = 8,
+        points: int = 4,
+        ffn_dim: int = 1024,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.conv_dim = conv_dim
         coarse = list(in_channels[1:])[::-1]  # 1/32, 1/16, 1/8
@@ -158,17 +167,24 @@ class MSDeformAttnPixelDecoder(nn.Module):
         maps = [proj(f) for proj, f in zip(self.input_proj, list(features[1:])[::-1])]
         shapes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
-        pos = torch.cat([(sine_positions(m, self.conv_dim) + self.level_embed[i, :, None, None]).flatten(2).transpose(1, 2)
-                         for i, m in enumerate(maps)], dim=1)
+        pos = torch.cat(
+            [
+                (sine_positions(m, self.conv_dim) + self.level_embed[i, :, None, None]).flatten(2).transpose(1, 2)
+                for i, m in enumerate(maps)
+            ],
+            dim=1,
+        )
         ref = reference_points(shapes, src.device, src.dtype)
         for layer in self.layers:
             src = layer(src, pos, ref, shapes)
         outs, start = [], 0
-        for (h, w) in shapes:
+        for h, w in shapes:
             outs.append(src[:, start : start + h * w].transpose(1, 2).reshape(src.shape[0], -1, h, w))
             start += h * w
         fine = self.lateral_conv(features[0])
-        fine = self.output_conv(fine + F.interpolate(outs[-1], size=fine.shape[-2:], mode="bilinear", align_corners=False))
+        fine = self.output_conv(
+            fine + F.interpolate(outs[-1], size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        )
         return self.mask_features(fine), outs
 
 
@@ -229,22 +245,36 @@ class _MLP(nn.Sequential):
 class MaskedTransformerDecoder(nn.Module):
     """Mask2Former's multi-scale masked-attention transformer decoder (see the module docstring)."""
 
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 256, num_queries: int = 100,
-                 num_heads: int = 8, ffn_dim: int = 2048, dec_layers: int = 9, mask_dim: int = 256,
-                 num_levels: int = 3, dropout: float = 0.0, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dec_layers: int = 9,
+        mask_dim: int = 256,
+        num_levels: int = 3,
+        dropout: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         self.hidden_dim, self.num_levels = hidden_dim, num_levels
         self.cross_attention_layers = nn.ModuleList(
-            MaskedCrossAttentionLayer(hidden_dim, num_heads, dropout, impl=impl) for _ in range(dec_layers))
+            MaskedCrossAttentionLayer(hidden_dim, num_heads, dropout, impl=impl) for _ in range(dec_layers)
+        )
         self.self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(dec_layers))
+            SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(dec_layers)
+        )
         self.ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, ffn_dim, dropout) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         self.input_proj = nn.ModuleList(
-            nn.Identity() if in_dim == hidden_dim else nn.Conv2d(in_dim, hidden_dim, 1) for _ in range(num_levels))
+            nn.Identity() if in_dim == hidden_dim else nn.Conv2d(in_dim, hidden_dim, 1) for _ in range(num_levels)
+        )
         self.class_embed: nn.Module = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = _MLP(hidden_dim, mask_dim, 3)
 
@@ -256,8 +286,12 @@ class MaskedTransformerDecoder(nn.Module):
         query = self.decoder_norm(output)
         mask_emb = self.mask_embed(query)
         masks = torch.einsum("bqc,bchw->bqhw", mask_emb, mask_features)
-        out = {"pred_logits": self.class_embed(query), "pred_masks": masks, "query_embedding": query,
-               "mask_embedding": mask_emb}
+        out = {
+            "pred_logits": self.class_embed(query),
+            "pred_masks": masks,
+            "query_embedding": query,
+            "mask_embedding": mask_emb,
+        }
         if attn_size is not None:
             out["attn_mask"] = attention_mask_from_logits(masks, attn_size)
         return out
@@ -267,7 +301,9 @@ class MaskedTransformerDecoder(nn.Module):
         ``pred_masks``, ``aux_outputs`` (earlier predictions), ``query_embeddings`` / ``mask_embeddings`` (every
         prediction, first to last)."""
         if len(features) != self.num_levels:
-            raise ValueError(f"MaskedTransformerDecoder: expected {self.num_levels} feature levels, got {len(features)}")
+            raise ValueError(
+                f"MaskedTransformerDecoder: expected {self.num_levels} feature levels, got {len(features)}"
+            )
         srcs, pos, sizes = [], [], []
         for i, f in enumerate(features):
             sizes.append((int(f.shape[-2]), int(f.shape[-1])))
@@ -278,7 +314,8 @@ class MaskedTransformerDecoder(nn.Module):
         output = self.query_feat.weight[None].expand(bsz, -1, -1)
         preds = [self._heads(output, mask_features, sizes[0])]
         for i, (cross, self_attn, ffn) in enumerate(
-                zip(self.cross_attention_layers, self.self_attention_layers, self.ffn_layers)):
+            zip(self.cross_attention_layers, self.self_attention_layers, self.ffn_layers)
+        ):
             level = i % self.num_levels
             output = cross(output, srcs[level], mask=preds[-1]["attn_mask"], pos=pos[level], query_pos=query_pos)
             output = ffn(self_attn(output, query_pos))
@@ -322,14 +359,35 @@ class Mask2Former(SegmentationModel):
     has_fused_ops = True
 
     def __init__(
-        self, backbone: str = "resnet18", num_classes: int | None = None, num_queries: int = 100,
-        hidden_dim: int = 256, mask_dim: int = 256, num_heads: int = 8, ffn_dim: int = 2048, dec_layers: int = 9,
-        pixel_decoder: str = "msdeform", conv_dim: int | None = None, enc_layers: int = 6, enc_heads: int = 8,
-        enc_points: int = 4, enc_ffn_dim: int = 1024, dropout: float = 0.0, train_num_points: int = 12544,
-        oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, eos_coef: float = 0.1,
-        class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
-        object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8, test_topk: int = 100,
-        train_task: str = "panoptic", impl: str = "auto", backbone_checkpoint: str | os.PathLike | None = None,
+        self,
+        backbone: str = "resnet18",
+        num_classes: int | None = None,
+        num_queries: int = 100,
+        hidden_dim: int = 256,
+        mask_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dec_layers: int = 9,
+        pixel_decoder: str = "msdeform",
+        conv_dim: int | None = None,
+        enc_layers: int = 6,
+        enc_heads: int = 8,
+        enc_points: int = 4,
+        enc_ffn_dim: int = 1024,
+        dropout: float = 0.0,
+        train_num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        eos_coef: float = 0.1,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        test_topk: int = 100,
+        train_task: str = "panoptic",
+        impl: str = "auto",
+        backbone_checkpoint: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if impl not in ("auto", "triton", "torch"):
@@ -342,22 +400,48 @@ class Mask2Former(SegmentationModel):
             raise ValueError(f"need num_queries >= 1 and dec_layers >= 1, got {num_queries}, {dec_layers}")
         self.backbone = create_backbone(backbone, checkpoint=backbone_checkpoint)
         if list(self.backbone.reductions) != [4, 8, 16, 32]:
-            raise ValueError(f"Mask2Former needs backbone levels at strides 4, 8, 16, 32, got {self.backbone.reductions}")
+            raise ValueError(
+                f"Mask2Former needs backbone levels at strides 4, 8, 16, 32, got {self.backbone.reductions}"
+            )
         self.pretrained_cfg = resolve_cfg(num_classes, output_stride=4, divisible_by=self.backbone.divisible_by)
         conv_dim = hidden_dim if conv_dim is None else conv_dim
         if pixel_decoder == "msdeform":
             self.pixel_decoder: nn.Module = MSDeformAttnPixelDecoder(
-                self.backbone.channels, conv_dim, mask_dim, enc_layers, enc_heads, enc_points, enc_ffn_dim, dropout)
+                self.backbone.channels, conv_dim, mask_dim, enc_layers, enc_heads, enc_points, enc_ffn_dim, dropout
+            )
         else:
             self.pixel_decoder = FPNPixelDecoder(self.backbone.channels, conv_dim, mask_dim)
-        self.predictor = MaskedTransformerDecoder(conv_dim, self.num_classes, hidden_dim, num_queries, num_heads,
-                                                  ffn_dim, dec_layers, mask_dim, 3, dropout, impl)
+        self.predictor = MaskedTransformerDecoder(
+            conv_dim,
+            self.num_classes,
+            hidden_dim,
+            num_queries,
+            num_heads,
+            ffn_dim,
+            dec_layers,
+            mask_dim,
+            3,
+            dropout,
+            impl,
+        )
         self.num_queries, self.impl, self.train_task = num_queries, impl, train_task
         self.object_mask_threshold, self.overlap_threshold, self.test_topk = (
-            object_mask_threshold, overlap_threshold, test_topk)
+            object_mask_threshold,
+            overlap_threshold,
+            test_topk,
+        )
         matcher = HungarianMatcher(class_weight, mask_weight, dice_weight, train_num_points)
-        self.criterion = SetCriterion(self.num_classes, matcher, eos_coef, class_weight, mask_weight, dice_weight,
-                                      train_num_points, oversample_ratio, importance_sample_ratio)
+        self.criterion = SetCriterion(
+            self.num_classes,
+            matcher,
+            eos_coef,
+            class_weight,
+            mask_weight,
+            dice_weight,
+            train_num_points,
+            oversample_ratio,
+            importance_sample_ratio,
+        )
 
     # -- the interface PADing builds on ------------------------------------------------------------------------
     @property
@@ -484,13 +568,16 @@ class Mask2Former(SegmentationModel):
         """Ground-truth segments of ``batch`` (checked); raises ``ValueError`` when an image has more than Q."""
         self.check_batch(batch)
         stuff = getattr(self.pretrained_cfg, "stuff_classes", ())
-        targets = targets_from_batch(batch, self.num_classes, self.ignore_index, stuff,
-                                     use_instances=self.train_task == "panoptic")
+        targets = targets_from_batch(
+            batch, self.num_classes, self.ignore_index, stuff, use_instances=self.train_task == "panoptic"
+        )
         for b, t in enumerate(targets):
             if t.labels.numel() > self.num_queries:
-                raise ValueError(f"image {b} has {t.labels.numel()} ground-truth segments but the model has only "
-                                 f"{self.num_queries} queries: segments {self.num_queries + 1}.. could never be "
-                                 "matched; raise num_queries")
+                raise ValueError(
+                    f"image {b} has {t.labels.numel()} ground-truth segments but the model has only "
+                    f"{self.num_queries} queries: segments {self.num_queries + 1}.. could never be "
+                    "matched; raise num_queries"
+                )
         return targets
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -521,11 +608,22 @@ def _mask2former(backbone: str, **kwargs: Any) -> Mask2Former:
 # CPU sizes for the shapes world: a few queries and layers, narrow widths, fewer sampled points.
 SHAPES_SMALL = "shapes_small"
 _CPU: dict[str, Any] = {
-    "num_queries": 16, "hidden_dim": 64, "mask_dim": 64, "num_heads": 4, "ffn_dim": 256, "dec_layers": 3,
-    "enc_layers": 2, "enc_heads": 4, "enc_points": 4, "enc_ffn_dim": 256, "train_num_points": 1024,
+    "num_queries": 16,
+    "hidden_dim": 64,
+    "mask_dim": 64,
+    "num_heads": 4,
+    "ffn_dim": 256,
+    "dec_layers": 3,
+    "enc_layers": 2,
+    "enc_heads": 4,
+    "enc_points": 4,
+    "enc_ffn_dim": 256,
+    "train_num_points": 1024,
 }
-_SMALL = ("16 queries, 3 decoder layers, width 64, 4 heads, FFN 256, 2 deformable encoder layers, 1024 sampled "
-          "points per mask (paper: 100, 9, 256, 8, 2048, 6, 12544), for the 64 x 64 shapes world")
+_SMALL = (
+    "16 queries, 3 decoder layers, width 64, 4 heads, FFN 256, 2 deformable encoder layers, 1024 sampled "
+    "points per mask (paper: 100, 9, 256, 8, 2048, 6, 12544), for the 64 x 64 shapes world"
+)
 
 
 def _with_defaults(kwargs: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

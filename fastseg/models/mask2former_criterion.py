@@ -48,7 +48,10 @@ class SegmentTargets:
 
 
 def targets_from_batch(
-    batch: Mapping[str, Tensor], num_classes: int, ignore_index: int, stuff_classes: Sequence[int] = (),
+    batch: Mapping[str, Tensor],
+    num_classes: int,
+    ignore_index: int,
+    stuff_classes: Sequence[int] = (),
     use_instances: bool = True,
 ) -> list[SegmentTargets]:
     """Segments per image from a collated shapes-world (or any fastseg) batch; see the module docstring.
@@ -80,8 +83,9 @@ def targets_from_batch(
                         segs.append(seg)
             for iid in torch.unique(inst[valid & (inst > 0)]).tolist():
                 if iid > inst_classes.numel() or int(inst_classes[iid - 1]) < 0:
-                    raise ValueError(f"image {b}: instance id {iid} has no class in 'instance_classes' "
-                                     f"({inst_classes.tolist()})")
+                    raise ValueError(
+                        f"image {b}: instance id {iid} has no class in 'instance_classes' ({inst_classes.tolist()})"
+                    )
                 cls = int(inst_classes[iid - 1])
                 if not 0 <= cls < num_classes:
                     raise ValueError(f"image {b}: instance {iid} has class {cls}, outside [0, {num_classes})")
@@ -102,7 +106,10 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
 
 
 def sample_uncertain_points(
-    logits: Tensor, num_points: int, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+    logits: Tensor,
+    num_points: int,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """PointRend's importance sampling over mask ``logits`` (N, 1, H, W) -> coords (N, num_points, 2) in [0, 1]."""
@@ -132,14 +139,20 @@ def _dice(probs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to ground-truth segments (see the module docstring)."""
 
-    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
-                 num_points: int = 12544) -> None:
+    def __init__(
+        self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544
+    ) -> None:
         super().__init__()
         self.cost_class, self.cost_mask, self.cost_dice, self.num_points = cost_class, cost_mask, cost_dice, num_points
 
     @torch.no_grad()
-    def forward(self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[SegmentTargets],
-                generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self,
+        pred_logits: Tensor,
+        pred_masks: Tensor,
+        targets: Sequence[SegmentTargets],
+        generator: torch.Generator | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
         """Returns per image ``(query_idx, target_idx)`` int64 tensors of equal length ``min(Q, M)``."""
         from scipy.optimize import linear_sum_assignment
 
@@ -180,27 +193,47 @@ class SetCriterion(nn.Module):
         oversample_ratio, importance_sample_ratio: importance sampling (3.0, 0.75).
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, eos_coef: float = 0.1, class_weight: float = 2.0,
-                 mask_weight: float = 5.0, dice_weight: float = 5.0, num_points: int = 12544,
-                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        eos_coef: float = 0.1,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+    ) -> None:
         super().__init__()
         self.num_classes, self.matcher = num_classes, matcher
         self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         self.num_points, self.oversample_ratio, self.importance_sample_ratio = (
-            num_points, oversample_ratio, importance_sample_ratio)
+            num_points,
+            oversample_ratio,
+            importance_sample_ratio,
+        )
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def _layer_losses(self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[SegmentTargets],
-                      num_masks: float, generator: torch.Generator | None) -> dict[str, Tensor]:
+    def _layer_losses(
+        self,
+        pred_logits: Tensor,
+        pred_masks: Tensor,
+        targets: Sequence[SegmentTargets],
+        num_masks: float,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
         indices = self.matcher(pred_logits, pred_masks, targets, generator=generator)
-        target_classes = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.long,
-                                    device=pred_logits.device)
+        target_classes = torch.full(
+            pred_logits.shape[:2], self.num_classes, dtype=torch.long, device=pred_logits.device
+        )
         for b, (rows, cols) in enumerate(indices):
             target_classes[b, rows.to(pred_logits.device)] = targets[b].labels[cols.to(pred_logits.device)]
-        loss_ce = F.cross_entropy(pred_logits.transpose(1, 2).float(), target_classes,
-                                  self.empty_weight.to(pred_logits.device))
+        loss_ce = F.cross_entropy(
+            pred_logits.transpose(1, 2).float(), target_classes, self.empty_weight.to(pred_logits.device)
+        )
         src = [pred_masks[b, rows] for b, (rows, _) in enumerate(indices)]
         if sum(s.shape[0] for s in src) == 0:  # no segment anywhere: mask losses are 0 but keep the graph
             zero = pred_masks.sum() * 0.0
@@ -209,8 +242,9 @@ class SetCriterion(nn.Module):
         tgt_masks = torch.cat([t.masks[cols] for t, (_, cols) in zip(targets, indices)])[:, None].float()
         valid = torch.cat([t.valid[None].expand(len(cols), -1, -1) for t, (_, cols) in zip(targets, indices)])
         with torch.no_grad():
-            coords = sample_uncertain_points(src_masks, self.num_points, self.oversample_ratio,
-                                             self.importance_sample_ratio, generator)
+            coords = sample_uncertain_points(
+                src_masks, self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
+            )
             labels = point_sample(tgt_masks, coords)[:, 0]
             weights = (point_sample(valid[:, None].float(), coords)[:, 0] > 0.5).float()
         logits = point_sample(src_masks, coords)[:, 0]
@@ -220,8 +254,9 @@ class SetCriterion(nn.Module):
             "loss_dice": _dice(logits.sigmoid(), labels, weights).sum() / num_masks,
         }
 
-    def forward(self, outputs: Mapping[str, object], targets: Sequence[SegmentTargets],
-                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: Mapping[str, object], targets: Sequence[SegmentTargets], generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """``outputs``: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, h, w) and ``aux_outputs`` (a list of
         such dicts, one per earlier decoder layer). Returns ``loss`` (weighted total over all layers) and the
         final layer's unweighted ``loss_ce`` / ``loss_mask`` / ``loss_dice`` (detached, for logging)."""

@@ -75,14 +75,17 @@ def mmd_loss(fake: torch.Tensor, real: torch.Tensor, sigmas: Sequence[float] = M
     root: it is >= 0 mathematically, and the clamp keeps the gradient finite where fake and real coincide.
     """
     if fake.dim() != 2 or real.dim() != 2 or fake.shape[1] != real.shape[1]:
-        raise ValueError(f"mmd_loss expects (M, D) and (N, D) features, got {tuple(fake.shape)} and {tuple(real.shape)}")
+        raise ValueError(
+            f"mmd_loss expects (M, D) and (N, D) features, got {tuple(fake.shape)} and {tuple(real.shape)}"
+        )
     if fake.shape[0] == 0 or real.shape[0] == 0:
         raise ValueError("mmd_loss needs at least one fake and one real feature")
     x = torch.cat([fake, real]).float()
     sq = (x * x).sum(1, keepdim=True)
     neg_half_d2 = x @ x.t() - 0.5 * sq - 0.5 * sq.t()  # -d^2 / 2
-    weights = torch.cat([x.new_full((fake.shape[0],), 1.0 / fake.shape[0]),
-                         x.new_full((real.shape[0],), -1.0 / real.shape[0])])
+    weights = torch.cat(
+        [x.new_full((fake.shape[0],), 1.0 / fake.shape[0]), x.new_full((real.shape[0],), -1.0 / real.shape[0])]
+    )
     outer = weights[:, None] * weights[None, :]
     # All bandwidths in one broadcast (a handful of launches instead of four per bandwidth); the S x (M+N)^2 block
     # is small at PADing's sizes (M + N ~ 300).
@@ -119,8 +122,9 @@ class PrimitiveGeneratorLayer(nn.Module):
     call (`primitive_kv`) and broadcast over the N classes instead of being repeated N times.
     """
 
-    def __init__(self, dim: int = 256, heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1,
-                 noise: bool = True) -> None:
+    def __init__(
+        self, dim: int = 256, heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1, noise: bool = True
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -143,8 +147,9 @@ class PrimitiveGeneratorLayer(nn.Module):
         shape = (primitives.shape[0], self.heads, d // self.heads)
         return k.view(shape).transpose(0, 1), v.view(shape).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (N, dim) one token per class; kv from `primitive_kv`; noise: (N, dim) or None to draw N(0, I)."""
         n, d, h = x.shape[0], self.dim, self.heads
         dh = d // h
@@ -174,8 +179,16 @@ class PrimitiveGeneratorLayer(nn.Module):
 class PrimitiveGenerator(nn.Module):
     """Projected class embeddings (N, dim) -> synthetic query embeddings (N, dim) assembled from the primitives."""
 
-    def __init__(self, dim: int = 256, num_primitives: int = 400, num_layers: int = 3, heads: int = 8,
-                 ffn_dim: int = 1024, dropout: float = 0.1, noise: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int = 256,
+        num_primitives: int = 400,
+        num_layers: int = 3,
+        heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.1,
+        noise: bool = True,
+    ) -> None:
         super().__init__()
         if num_primitives < 1 or num_layers < 1:
             raise ValueError(f"need num_primitives >= 1 and num_layers >= 1, got {num_primitives}, {num_layers}")
@@ -207,8 +220,9 @@ class GMMNGenerator(nn.Module):
     def __init__(self, dim: int = 256, noise_dim: int | None = None, hidden: int = 256, dropout: float = 0.4) -> None:
         super().__init__()
         self.noise_dim = dim if noise_dim is None else noise_dim
-        self.net = nn.Sequential(nn.Linear(dim + self.noise_dim, hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout),
-                                 nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim + self.noise_dim, hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
         for m in self.net:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -225,8 +239,9 @@ def _encoder(dim: int, p: float) -> nn.Sequential:
 
 
 def _decoder(dim: int, p: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(2 * dim, dim), nn.LeakyReLU(0.2), nn.Dropout(p), nn.Linear(dim, dim),
-                         nn.LeakyReLU(0.2), nn.Dropout(p))
+    return nn.Sequential(
+        nn.Linear(2 * dim, dim), nn.LeakyReLU(0.2), nn.Dropout(p), nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Dropout(p)
+    )
 
 
 class RelationModule(nn.Module):
@@ -264,13 +279,30 @@ class PADingHead(nn.Module):
             (capped at the number of unseen classes; None = all of them) and no-object weight.
     """
 
-    def __init__(self, class_embeddings: torch.Tensor, seen_ids: Sequence[int], unseen_ids: Sequence[int],
-                 dim: int = 256, num_primitives: int = 400, num_layers: int = 3, heads: int = 8, ffn_dim: int = 1024,
-                 trans_dropout: float = 0.1, ed_dropout: float = 0.1, noise: bool = True,
-                 generator: str = "primitives", structure_weight: float = 1e-4,
-                 weights: tuple[float, float, float] = (1.0, 1.0, 0.5), cls_weight: float = 1e-3,
-                 cls_logits: str = "all", temperature: float = 0.1, sigmas: Sequence[float] = MMD_SIGMAS,
-                 class_eco: float = 5.0, num_choose: int | None = 5, no_object_weight: float = 0.1) -> None:
+    def __init__(
+        self,
+        class_embeddings: torch.Tensor,
+        seen_ids: Sequence[int],
+        unseen_ids: Sequence[int],
+        dim: int = 256,
+        num_primitives: int = 400,
+        num_layers: int = 3,
+        heads: int = 8,
+        ffn_dim: int = 1024,
+        trans_dropout: float = 0.1,
+        ed_dropout: float = 0.1,
+        noise: bool = True,
+        generator: str = "primitives",
+        structure_weight: float = 1e-4,
+        weights: tuple[float, float, float] = (1.0, 1.0, 0.5),
+        cls_weight: float = 1e-3,
+        cls_logits: str = "all",
+        temperature: float = 0.1,
+        sigmas: Sequence[float] = MMD_SIGMAS,
+        class_eco: float = 5.0,
+        num_choose: int | None = 5,
+        no_object_weight: float = 0.1,
+    ) -> None:
         super().__init__()
         if class_embeddings.dim() != 2:
             raise ValueError(f"class_embeddings must be (K, d_s), got {tuple(class_embeddings.shape)}")
@@ -295,8 +327,11 @@ class PADingHead(nn.Module):
         self.register_buffer("unseen_ids", torch.tensor(unseen, dtype=torch.long), persistent=False)
         self.projection = nn.Linear(class_embeddings.shape[1], dim)
         self.generator_kind = generator
-        self.generator = (PrimitiveGenerator(dim, num_primitives, num_layers, heads, ffn_dim, trans_dropout, noise)
-                          if generator == "primitives" else GMMNGenerator(dim))
+        self.generator = (
+            PrimitiveGenerator(dim, num_primitives, num_layers, heads, ffn_dim, trans_dropout, noise)
+            if generator == "primitives"
+            else GMMNGenerator(dim)
+        )
         self.encoder_related = _encoder(dim, ed_dropout)
         self.encoder_unrelated = _encoder(dim, ed_dropout)
         self.decoder = _decoder(dim, ed_dropout)
@@ -328,8 +363,9 @@ class PADingHead(nn.Module):
         in one call, so the primitives' keys / values are computed once for the step.
         """
         if real.dim() != 2 or real.shape[1] != self.dim or labels.shape != real.shape[:1]:
-            raise ValueError(f"expected real (M, {self.dim}) and labels (M,), got {tuple(real.shape)}, "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"expected real (M, {self.dim}) and labels (M,), got {tuple(real.shape)}, {tuple(labels.shape)}"
+            )
         if real.shape[0] == 0:
             raise ValueError("generator_losses needs at least one matched real query embedding")
         a_all = self.projection(self.class_embeddings)  # (K, dim), with gradient (the alignment target trains it)
@@ -349,9 +385,15 @@ class PADingHead(nn.Module):
             logits, labels = logits[:, self.seen_ids], position[labels]
         return self.cls_weight * F.cross_entropy(logits, labels)
 
-    def structure_losses(self, fake_seen: torch.Tensor, fake_unseen: torch.Tensor, a_all: torch.Tensor,
-                         labels: torch.Tensor, noise_seen: torch.Tensor | None = None,
-                         noise_unseen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def structure_losses(
+        self,
+        fake_seen: torch.Tensor,
+        fake_unseen: torch.Tensor,
+        a_all: torch.Tensor,
+        labels: torch.Tensor,
+        noise_seen: torch.Tensor | None = None,
+        noise_unseen: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Disentanglement, relation and alignment on *generated* features only (spec C.6, 3-6)."""
         a_seen, a_unseen = a_all[labels], a_all[self.unseen_ids]
         r_s, u_s = self.encoder_related(fake_seen), self.encoder_unrelated(fake_seen)
@@ -359,28 +401,41 @@ class PADingHead(nn.Module):
         z_s = torch.randn_like(u_s) if noise_seen is None else noise_seen
         z_u = torch.randn_like(u_u) if noise_unseen is None else noise_unseen
         t = self.temperature
-        rec = 0.5 * (F.l1_loss(self.decoder(torch.cat([r_s, u_s], 1)), fake_seen)
-                     + F.l1_loss(self.decoder(torch.cat([r_u, u_u], 1)), fake_unseen))
+        rec = 0.5 * (
+            F.l1_loss(self.decoder(torch.cat([r_s, u_s], 1)), fake_seen)
+            + F.l1_loss(self.decoder(torch.cat([r_u, u_u], 1)), fake_unseen)
+        )
         unrelated = 0.5 * 0.5 * (similarity_kl(u_s, z_s, t) + similarity_kl(u_u, z_u, t))
         unseen_target = torch.arange(len(self.unseen_ids), device=labels.device)
-        relation = 0.2 * 0.5 * (F.cross_entropy(self.relation(r_s, a_all), labels)
-                                + F.cross_entropy(self.relation(r_u, a_unseen), unseen_target))
+        relation = (
+            0.2
+            * 0.5
+            * (
+                F.cross_entropy(self.relation(r_s, a_all), labels)
+                + F.cross_entropy(self.relation(r_u, a_unseen), unseen_target)
+            )
+        )
         sim = cosine_similarity_matrix
-        align = (similarity_kl(sim(r_s, r_s), sim(a_seen, a_seen), t)
-                 + similarity_kl(sim(r_u, r_u), sim(a_unseen, a_unseen), t)
-                 + similarity_kl(sim(r_s, r_u), sim(a_seen, a_unseen), t)) / 3.0
+        align = (
+            similarity_kl(sim(r_s, r_s), sim(a_seen, a_seen), t)
+            + similarity_kl(sim(r_u, r_u), sim(a_unseen, a_unseen), t)
+            + similarity_kl(sim(r_s, r_u), sim(a_seen, a_unseen), t)
+        ) / 3.0
         w1, w2, w3 = self.weights
         structure = w1 * (align + unrelated) + w2 * relation + w3 * rec
         return {"align": align, "unrelated": unrelated, "relation": relation, "rec": rec, "structure": structure}
 
     # -- step D ------------------------------------------------------------------------------------------------
-    def classifier_loss(self, queries: torch.Tensor, query_labels: torch.Tensor,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def classifier_loss(
+        self, queries: torch.Tensor, query_labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Weighted CE of ``new_fc`` on all real query embeddings (N, dim) with labels in 0..K (K = no-object)
         plus ``num_choose`` fake unseen features (detached: only ``new_fc`` learns here)."""
         if queries.dim() != 2 or queries.shape[1] != self.dim or query_labels.shape != queries.shape[:1]:
-            raise ValueError(f"expected queries (N, {self.dim}) and labels (N,), got {tuple(queries.shape)}, "
-                             f"{tuple(query_labels.shape)}")
+            raise ValueError(
+                f"expected queries (N, {self.dim}) and labels (N,), got {tuple(queries.shape)}, "
+                f"{tuple(query_labels.shape)}"
+            )
         pick = torch.randperm(len(self.unseen_ids), generator=generator)[: self.num_choose].to(self.unseen_ids.device)
         with torch.no_grad():
             fake = self.generate(self.projection(self.class_embeddings[self.unseen_ids[pick]]))
@@ -394,12 +449,15 @@ class PADingHead(nn.Module):
 # Per-task stage-2 settings of the official configs (spec C.2 / C.7): (CLASS_ECO, NUM_CHOOSE, lambda_s, DROP_OUT_ED,
 # TRANS_DROP_RATE, generator-classification logits). NUM_CHOOSE None = every unseen class (semantic: 17 >= 15 unseen).
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
-    "panoptic": dict(class_eco=5.0, num_choose=5, structure_weight=1e-4, ed_dropout=0.1, trans_dropout=0.1,
-                     cls_logits="all"),
-    "instance": dict(class_eco=2.0, num_choose=5, structure_weight=1e-3, ed_dropout=0.1, trans_dropout=0.1,
-                     cls_logits="all"),
-    "semantic": dict(class_eco=5.0, num_choose=None, structure_weight=1e-3, ed_dropout=0.2, trans_dropout=0.3,
-                     cls_logits="seen"),
+    "panoptic": dict(
+        class_eco=5.0, num_choose=5, structure_weight=1e-4, ed_dropout=0.1, trans_dropout=0.1, cls_logits="all"
+    ),
+    "instance": dict(
+        class_eco=2.0, num_choose=5, structure_weight=1e-3, ed_dropout=0.1, trans_dropout=0.1, cls_logits="all"
+    ),
+    "semantic": dict(
+        class_eco=5.0, num_choose=None, structure_weight=1e-3, ed_dropout=0.2, trans_dropout=0.3, cls_logits="seen"
+    ),
 }
 
 
@@ -419,9 +477,16 @@ class PADing(SegmentationModel):
     instance post-processing unchanged. The generator is never used at inference.
     """
 
-    def __init__(self, segmenter: nn.Module, class_embeddings: torch.Tensor, seen_ids: Sequence[int],
-                 unseen_ids: Sequence[int], task: str = "panoptic", embeddings_source: str = "attributes",
-                 **head_kwargs: object) -> None:
+    def __init__(
+        self,
+        segmenter: nn.Module,
+        class_embeddings: torch.Tensor,
+        seen_ids: Sequence[int],
+        unseen_ids: Sequence[int],
+        task: str = "panoptic",
+        embeddings_source: str = "attributes",
+        **head_kwargs: object,
+    ) -> None:
         super().__init__()
         if task not in TASK_DEFAULTS:
             raise ValueError(f"task must be one of {sorted(TASK_DEFAULTS)}, got {task!r}")
@@ -444,8 +509,14 @@ class PADing(SegmentationModel):
         segmenter.replace_class_head(self.head.new_fc)
         segmenter.freeze_segmenter()
         # The split and the embedding source travel in the PretrainedCfg (checkpoints, export sidecars).
-        apply_cfg_fields(segmenter, {"seen_classes": tuple(self.seen_classes),
-                                     "unseen_classes": tuple(self.unseen_classes), "class_embeddings": embeddings_source})
+        apply_cfg_fields(
+            segmenter,
+            {
+                "seen_classes": tuple(self.seen_classes),
+                "unseen_classes": tuple(self.unseen_classes),
+                "class_embeddings": embeddings_source,
+            },
+        )
         self.pretrained_cfg = segmenter.pretrained_cfg
 
     @property
@@ -479,8 +550,9 @@ class PADing(SegmentationModel):
 
     # -- stage 2 -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def matched_queries(self, batch: dict[str, torch.Tensor],
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def matched_queries(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen forward + Hungarian matching: query embeddings (B, Q, C) (the normalised final decoder output,
         ``pred_embed``) and ``all_classes`` (B, Q): the matched GT class, or K (no-object) for unmatched queries."""
         seg = self.segmenter
@@ -502,8 +574,9 @@ class PADing(SegmentationModel):
             raise ValueError("no query matched a ground-truth segment in this batch: the generator step needs one")
         return self.head.generator_losses(embed[matched], all_classes[matched])
 
-    def classifier_step_loss(self, embed: torch.Tensor, all_classes: torch.Tensor,
-                             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def classifier_step_loss(
+        self, embed: torch.Tensor, all_classes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Step D's loss: ``new_fc`` on all B * Q real queries plus ``num_choose`` fake unseen features."""
         return self.head.classifier_loss(embed.flatten(0, 1), all_classes.flatten(), generator)
 
@@ -535,8 +608,10 @@ class PADing(SegmentationModel):
         unexpected = [k for k in state if k not in seg_state]
         bad = [k for k in seg_state if k in state and state[k].shape != seg_state[k].shape]
         if missing or unexpected or bad:
-            raise ValueError(f"stage-1 checkpoint {path} does not fit the segmenter of {type(self).__name__}: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {bad[:3]}")
+            raise ValueError(
+                f"stage-1 checkpoint {path} does not fit the segmenter of {type(self).__name__}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {bad[:3]}"
+            )
         self.segmenter.load_state_dict(state)
         self.stage1_class_head.load_state_dict({k.removeprefix("predictor.class_embed."): state[k] for k in head_keys})
         self.reset_classifier_from_stage1()
@@ -559,11 +634,14 @@ def check_stage1_metadata(metadata: dict[str, str], path: object, unseen_ids: Se
     if raw is None:
         raise ValueError(
             f"{path} is not a seen-only Mask2Former checkpoint (no {STAGE1_PROTOCOL_KEY!r} in its metadata): train "
-            "stage 1 with `fastseg train mask2former_<backbone> --seen-only` so unseen classes never reach it")
+            "stage 1 with `fastseg train mask2former_<backbone> --seen-only` so unseen classes never reach it"
+        )
     protocol = json.loads(raw)
     if sorted(protocol.get("unseen_classes", [])) != sorted(int(i) for i in unseen_ids):
-        raise ValueError(f"{path} was trained seen-only with unseen classes {protocol.get('unseen_classes')}, but "
-                         f"this PADing model's unseen classes are {sorted(int(i) for i in unseen_ids)}")
+        raise ValueError(
+            f"{path} was trained seen-only with unseen classes {protocol.get('unseen_classes')}, but "
+            f"this PADing model's unseen classes are {sorted(int(i) for i in unseen_ids)}"
+        )
     if "num_classes" in metadata and int(metadata["num_classes"]) != num_classes:
         raise ValueError(f"{path} has {metadata['num_classes']} classes, this PADing model {num_classes}")
 
@@ -579,9 +657,16 @@ def apply_cfg_fields(model: nn.Module, fields: dict[str, object]) -> None:
     model.pretrained_cfg = PretrainedCfg.from_dict(cfg)
 
 
-def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Sequence[str] | None = None,
-            unseen_classes: Sequence[int | str] | None = None, embeddings: str | None = None, task: str = "panoptic",
-            segmenter_kwargs: dict[str, object] | None = None, **head_kwargs: object) -> PADing:
+def _pading(
+    segmenter_name: str,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    unseen_classes: Sequence[int | str] | None = None,
+    embeddings: str | None = None,
+    task: str = "panoptic",
+    segmenter_kwargs: dict[str, object] | None = None,
+    **head_kwargs: object,
+) -> PADing:
     """PADing on ``segmenter_name`` for the shapes world's zero-shot split (`zero_shot_config`: unseen snow,
     ellipse, diamond) with ``"attributes"`` embeddings by default; for another class count, ``class_names``,
     ``unseen_classes`` (default: the last class) and ``embeddings`` say what the classes are."""
@@ -609,26 +694,34 @@ def _pading(segmenter_name: str, num_classes: int | None = None, class_names: Se
             raise ValueError(f"{len(names)} class names for num_classes={num_classes}")
         default_unseen = [num_classes - 1]
         if embeddings is None:
-            warnings.warn("PADing built for classes without a description: 'random:64' placeholder embeddings carry "
-                          "no semantics; pass embeddings='file:PATH' or 'clip:CHECKPOINT' for zero-shot transfer",
-                          stacklevel=3)
+            warnings.warn(
+                "PADing built for classes without a description: 'random:64' placeholder embeddings carry "
+                "no semantics; pass embeddings='file:PATH' or 'clip:CHECKPOINT' for zero-shot transfer",
+                stacklevel=3,
+            )
         source = embeddings or "random:64"
-    unseen = default_unseen if unseen_classes is None else [
-        names.index(u) if isinstance(u, str) and u in names else u for u in unseen_classes]
+    unseen = (
+        default_unseen
+        if unseen_classes is None
+        else [names.index(u) if isinstance(u, str) and u in names else u for u in unseen_classes]
+    )
     bad = [u for u in unseen if not isinstance(u, int) or not 0 <= u < len(names)]
     if bad:
         raise ValueError(f"unseen_classes {bad} are neither class names nor ids of {names}")
     seen = [k for k in range(len(names)) if k not in unseen]
     segmenter = create_model(segmenter_name, num_classes=len(names), **seg_kwargs)
     apply_cfg_fields(segmenter, fields if fields is not None else {"class_names": tuple(names)})
-    model = PADing(segmenter, make_embeddings(source, names), seen, unseen, task=task, embeddings_source=source,
-                   **head_kwargs)
+    model = PADing(
+        segmenter, make_embeddings(source, names), seen, unseen, task=task, embeddings_source=source, **head_kwargs
+    )
     return model
 
 
-_SHAPES_DIFFERS = ("built on the CPU-sized Mask2Former (16 queries, width 64, 3 decoder layers; paper: 100, 256, 9) "
-                   "for the 64 x 64 shapes world; class embeddings from the world's geometry and appearance "
-                   "('attributes'; paper: CLIP ViT-B/16 text, word2vec for instance segmentation)")
+_SHAPES_DIFFERS = (
+    "built on the CPU-sized Mask2Former (16 queries, width 64, 3 decoder layers; paper: 100, 256, 9) "
+    "for the 64 x 64 shapes world; class embeddings from the world's geometry and appearance "
+    "('attributes'; paper: CLIP ViT-B/16 text, word2vec for instance segmentation)"
+)
 
 
 @register_model(tag="shapes_small", differs_from_paper="ResNet-18 backbone (paper: ResNet-50); " + _SHAPES_DIFFERS)

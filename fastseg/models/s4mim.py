@@ -96,8 +96,12 @@ _FILLS = ("zero", "mean")
 _MASK_SIGNALS = ("indicator", "token", "none")
 
 
-def select_class_slots(present: torch.Tensor, generator: torch.Generator | None = None, max_inputs: int | None = None,
-                       max_classes_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_class_slots(
+    present: torch.Tensor,
+    generator: torch.Generator | None = None,
+    max_inputs: int | None = None,
+    max_classes_per_image: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the (image, class) slots of the per-class MIM inputs among the ``present`` pairs.
 
     Two optional limits, applied in this order:
@@ -144,10 +148,17 @@ def select_class_slots(present: torch.Tensor, generator: torch.Generator | None 
     return src, cls
 
 
-def per_class_inputs(images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, num_classes: int,
-                     max_classes_per_image: int | None, generator: torch.Generator | None = None,
-                     fill: str = "zero", ignore_index: int = 255, max_inputs: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def per_class_inputs(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    num_classes: int,
+    max_classes_per_image: int | None,
+    generator: torch.Generator | None = None,
+    fill: str = "zero",
+    ignore_index: int = 255,
+    max_inputs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One input per (image, class) with masked pixels: the visible pixels of that class, ``fill`` elsewhere.
 
     Args:
@@ -192,8 +203,15 @@ def class_presence(labels: torch.Tensor, num_classes: int, where: torch.Tensor |
     return hist[:, :num_classes] > 0
 
 
-def class_inputs(images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, src: torch.Tensor,
-                 cls: torch.Tensor, fill: str = "zero", ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+def class_inputs(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    src: torch.Tensor,
+    cls: torch.Tensor,
+    fill: str = "zero",
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-class inputs of the slots ``(src, cls)``: image ``src[n]`` on the visible (not ``masked``) pixels of
     class ``cls[n]``, ``fill`` elsewhere; and their class maps (class ``cls[n]`` only, ``ignore_index`` elsewhere)."""
     lab = labels.long()[src]
@@ -256,12 +274,16 @@ class S4MIM(DeepLabV3PlusSemi):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
-        for name, value, allowed in (("mim", mim, _MIM), ("mim_input", mim_input, _MIM_INPUTS),
-                                     ("semantic_mim", semantic_mim, _SEMANTIC), ("fill", fill, _FILLS),
-                                     ("mask_ownership", mask_ownership, ("pixel", "majority")),
-                                     ("mask_signal", mask_signal, _MASK_SIGNALS),
-                                     ("mim_on", mim_on, ("both", "labelled", "unlabelled")),
-                                     ("impl", impl, ("auto", "triton", "torch"))):
+        for name, value, allowed in (
+            ("mim", mim, _MIM),
+            ("mim_input", mim_input, _MIM_INPUTS),
+            ("semantic_mim", semantic_mim, _SEMANTIC),
+            ("fill", fill, _FILLS),
+            ("mask_ownership", mask_ownership, ("pixel", "majority")),
+            ("mask_signal", mask_signal, _MASK_SIGNALS),
+            ("mim_on", mim_on, ("both", "labelled", "unlabelled")),
+            ("impl", impl, ("auto", "triton", "torch")),
+        ):
             if value not in allowed:
                 raise ValueError(f"S4MIM: {name} must be one of {allowed}, got {value!r}")
         if not 0.0 < mask_ratio <= 1.0:
@@ -289,27 +311,38 @@ class S4MIM(DeepLabV3PlusSemi):
             # conv_m has conv1's geometry and starts at zero (the pretrained RGB path is unchanged); a forward hook
             # adds it to conv1's output only while `run_mim` passes a mask, so every other forward is untouched.
             stem = self.backbone.body.conv1
-            self.mask_indicator = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
-                                            stem.dilation, bias=False)
+            self.mask_indicator = nn.Conv2d(
+                1, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, stem.dilation, bias=False
+            )
             nn.init.zeros_(self.mask_indicator.weight)
             stem.register_forward_hook(self._add_mask_indicator)
         elif self.mask_signal == "token":
             self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))  # SimMIM-style, learned (starts at the fill 0)
         if mim != "none":
             # SimMIM-style light decoder: stride-4 decoder features -> 3 * s * s channels -> pixel shuffle to pixels.
-            self.recon_head = nn.Sequential(nn.Conv2d(self.decoder_channels, 3 * stride * stride, 1),
-                                            nn.PixelShuffle(stride))
-            self.recon_loss = ClasswiseMaskedReconLoss(k, normalize_target=normalize_target,
-                                                       patch_size=patch_size, ignore_index=ignore,
-                                                       deterministic=deterministic, impl=impl)
-            self.agg_loss = ClasswiseFeatureAggregationLoss(k, distance=agg_distance, ignore_index=ignore,
-                                                            deterministic=deterministic, impl=impl)
+            self.recon_head = nn.Sequential(
+                nn.Conv2d(self.decoder_channels, 3 * stride * stride, 1), nn.PixelShuffle(stride)
+            )
+            self.recon_loss = ClasswiseMaskedReconLoss(
+                k,
+                normalize_target=normalize_target,
+                patch_size=patch_size,
+                ignore_index=ignore,
+                deterministic=deterministic,
+                impl=impl,
+            )
+            self.agg_loss = ClasswiseFeatureAggregationLoss(
+                k, distance=agg_distance, ignore_index=ignore, deterministic=deterministic, impl=impl
+            )
             if semantic_mim == "reconstruct":
                 hidden = 64
                 self.label_decoder = nn.Sequential(
-                    nn.Conv2d(k + 1, hidden, 3, padding=1), nn.ReLU(inplace=True),
-                    nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
-                    nn.Conv2d(hidden, k, 1))
+                    nn.Conv2d(k + 1, hidden, 3, padding=1),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(hidden, k, 1),
+                )
 
     # -- the MIM branch -----------------------------------------------------------------------------------------
     def budget(self, num_images: int) -> int | None:
@@ -337,14 +370,16 @@ class S4MIM(DeepLabV3PlusSemi):
         logits, feats = self.decode(c1, c4)
         return crop_to(logits, (h, w)), crop_to(feats, (h, w))
 
-    def image_mask(self, num: int, height: int, width: int, generator: torch.Generator,
-                   device: torch.device) -> torch.Tensor:
+    def image_mask(
+        self, num: int, height: int, width: int, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
         """Plain MIM's mask: a random ``mask_ratio`` of the patches of the whole image, irrespective of classes."""
         whole = torch.zeros(num, height, width, dtype=torch.long, device=device)
         return classwise_patch_mask(whole, self.patch_size, self.mask_ratio, generator=generator, num_classes=1)
 
-    def mim_batch(self, images: torch.Tensor, labels: torch.Tensor,
-                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def mim_batch(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """The MIM branch's encoder inputs and the pixel sets its losses use.
 
         Returns a dict: ``inputs`` (N, C, H, W); ``source`` (N,) image of each input; ``targets`` (N, C, H, W) its
@@ -358,13 +393,21 @@ class S4MIM(DeepLabV3PlusSemi):
         classwise, dev = self.mim == "classwise", images.device
         if self.mim_input == "per_class":
             # Slots first, from the class map alone: both variants get the same ones for the same batch and seed.
-            src, cls = select_class_slots(class_presence(labels, k), generator, self.budget(b),
-                                          self.max_classes_per_image)
+            src, cls = select_class_slots(
+                class_presence(labels, k), generator, self.budget(b), self.max_classes_per_image
+            )
         else:
             src = torch.arange(b, device=dev)
         if classwise:
-            image_mask = classwise_patch_mask(labels, self.patch_size, self.mask_ratio, generator=generator,
-                                              ignore_index=ignore, num_classes=k, ownership=self.mask_ownership)
+            image_mask = classwise_patch_mask(
+                labels,
+                self.patch_size,
+                self.mask_ratio,
+                generator=generator,
+                ignore_index=ignore,
+                num_classes=k,
+                ownership=self.mask_ownership,
+            )
         else:
             image_mask = self.image_mask(b, height, width, generator, dev)
         targets = images[src]
@@ -381,11 +424,18 @@ class S4MIM(DeepLabV3PlusSemi):
             inputs = torch.where(masked_n.unsqueeze(1), fill_value(targets, self.fill), targets)
         if self.mask_signal == "token":
             inputs = torch.where(masked_n.unsqueeze(1), self.mask_token.to(inputs.dtype), inputs)
-        return {"inputs": inputs, "source": src, "targets": targets, "labels": labels_n, "masked": masked_n,
-                "image_mask": image_mask}
+        return {
+            "inputs": inputs,
+            "source": src,
+            "targets": targets,
+            "labels": labels_n,
+            "masked": masked_n,
+            "image_mask": image_mask,
+        }
 
-    def mim_terms(self, images: torch.Tensor, labels: torch.Tensor, logits_full: torch.Tensor,
-                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def mim_terms(
+        self, images: torch.Tensor, labels: torch.Tensor, logits_full: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """``rec``, ``agg``, ``sem`` losses of the MIM branch on ``images`` with class map ``labels``.
 
         Args:
@@ -398,15 +448,22 @@ class S4MIM(DeepLabV3PlusSemi):
         ignore = self.ignore_index
         size = tuple(images.shape[-2:])
         mb = self.mim_batch(images, labels, generator)
-        inputs, targets, labels_n, masked_n, masked = (mb["inputs"], mb["targets"], mb["labels"], mb["masked"],
-                                                       mb["image_mask"])
+        inputs, targets, labels_n, masked_n, masked = (
+            mb["inputs"],
+            mb["targets"],
+            mb["labels"],
+            mb["masked"],
+            mb["image_mask"],
+        )
         zero = images.new_zeros(())
         if inputs.shape[0] == 0:  # no class anywhere (e.g. every pixel ignored)
             return {"rec": zero, "agg": zero, "sem": zero, "mask_ratio": zero, "mim_inputs": zero}
         logits_m, feats_m = self.run_mim(inputs, masked_n)
         recon = self.recon_head(feats_m)[..., : size[0], : size[1]]
-        terms = {"rec": self.recon_loss(recon, targets, labels_n, masked_n),
-                 "agg": self.agg_loss(feats_m, labels_n, masked_n)}
+        terms = {
+            "rec": self.recon_loss(recon, targets, labels_n, masked_n),
+            "agg": self.agg_loss(feats_m, labels_n, masked_n),
+        }
         if self.semantic_mim == "consistency":
             target = torch.where(masked_n, labels_n.long(), ignore)
             if bool((target != ignore).any()):
@@ -447,8 +504,10 @@ class S4MIM(DeepLabV3PlusSemi):
             out = {"loss": self._combine(ce, mim), "sup": ce}
         else:
             terms, ctx = self.unimatch_terms(batch, generator)
-            parts = {"labelled": ([ctx["images"]], [ctx["masks"]], [ctx["logits_x"]]),
-                     "unlabelled": ([ctx["u"]], [ctx["pseudo"]], [ctx["logits_u"]])}
+            parts = {
+                "labelled": ([ctx["images"]], [ctx["masks"]], [ctx["logits_x"]]),
+                "unlabelled": ([ctx["u"]], [ctx["pseudo"]], [ctx["logits_u"]]),
+            }
             chosen = ["labelled", "unlabelled"] if self.mim_on == "both" else [self.mim_on]
             mim_images = torch.cat([parts[c][0][0] for c in chosen])
             mim_labels = torch.cat([parts[c][1][0].long() for c in chosen])
@@ -467,8 +526,9 @@ class S4MIM(DeepLabV3PlusSemi):
 # patches; the full-size ones keep DeepLabV3+'s ASPP dilations (6, 12, 18) and 16-pixel patches.
 
 
-@register_model(tag="shapes_small", differs_from_paper=SMALL_DEEPLAB_DIFFERS + "; 8-pixel masking patches (16 at "
-                "full size)")
+@register_model(
+    tag="shapes_small", differs_from_paper=SMALL_DEEPLAB_DIFFERS + "; 8-pixel masking patches (16 at full size)"
+)
 def s4mim_resnet18(**kwargs: Any) -> S4MIM:
     """S4MIM on a compact DeepLabV3+ / ResNet-18 (CPU-trainable; 8-pixel patches for the 64 x 64 shapes world)."""
     for key, value in SMALL_DEEPLAB.items():

@@ -42,8 +42,9 @@ from .backbones import create_backbone
 __all__ = ["ASPP", "DeepLabV3PlusSemi", "masked_pixel_ce"]
 
 
-def masked_pixel_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
-                    valid: torch.Tensor | None = None) -> torch.Tensor:
+def masked_pixel_ce(
+    logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """UniMatch's unsupervised CE: per-pixel CE kept where ``keep``, summed, divided by the number of ``valid``
     pixels (all pixels when None), not by the kept ones."""
     ce = F.cross_entropy(logits, target.long(), reduction="none")
@@ -58,14 +59,14 @@ class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLabV3): a 1x1 branch, one 3x3 branch per dilation ``rate``, an image-pooling
     branch, concatenated and projected (with dropout 0.5, as in UniMatch's head)."""
 
-    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int] = (6, 12, 18),
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, rates: Sequence[int] = (6, 12, 18), dropout: float = 0.5
+    ) -> None:
         super().__init__()
         self.branches = nn.ModuleList([ConvNormAct(in_channels, out_channels, 1)])
         self.branches.extend(ConvNormAct(in_channels, out_channels, 3, dilation=rate) for rate in rates)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvNormAct(in_channels, out_channels, 1))
-        self.project = nn.Sequential(ConvNormAct(out_channels * (len(rates) + 2), out_channels, 1),
-                                     nn.Dropout(dropout))
+        self.project = nn.Sequential(ConvNormAct(out_channels * (len(rates) + 2), out_channels, 1), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [branch(x) for branch in self.branches]
@@ -112,13 +113,16 @@ class DeepLabV3PlusSemi(SegmentationModel):
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
         self.backbone = create_backbone(backbone, checkpoint=backbone_checkpoint, output_stride=16)
-        self.pretrained_cfg = resolve_cfg(num_classes, output_stride=self.backbone.reductions[0],
-                                          divisible_by=self.backbone.divisible_by)
+        self.pretrained_cfg = resolve_cfg(
+            num_classes, output_stride=self.backbone.reductions[0], divisible_by=self.backbone.divisible_by
+        )
         c1, c4 = self.backbone.channels[0], self.backbone.channels[-1]
         self.aspp = ASPP(c4, aspp_channels, aspp_rates)
         self.reduce_low = ConvNormAct(c1, low_level_channels, 1)
-        self.fuse = nn.Sequential(ConvNormAct(aspp_channels + low_level_channels, aspp_channels, 3),
-                                  ConvNormAct(aspp_channels, aspp_channels, 3))
+        self.fuse = nn.Sequential(
+            ConvNormAct(aspp_channels + low_level_channels, aspp_channels, 3),
+            ConvNormAct(aspp_channels, aspp_channels, 3),
+        )
         self.classifier = nn.Conv2d(aspp_channels, self.num_classes, 1)
         self.decoder_channels = aspp_channels
         self.tau, self.fp_dropout, self.cutmix_p = float(tau), float(fp_dropout), float(cutmix_p)
@@ -155,18 +159,23 @@ class DeepLabV3PlusSemi(SegmentationModel):
     def supervised_terms(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(CE, logits at stride 4)`` of a labelled batch."""
         logits, _ = self.run(images)
-        ce = F.cross_entropy(self.upsample_logits(logits, masks.shape[-2:]), masks.long(), ignore_index=self.ignore_index)
+        ce = F.cross_entropy(
+            self.upsample_logits(logits, masks.shape[-2:]), masks.long(), ignore_index=self.ignore_index
+        )
         return ce, logits
 
-    def unimatch_terms(self, batch: dict[str, Any], generator: torch.Generator
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def unimatch_terms(
+        self, batch: dict[str, Any], generator: torch.Generator
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """UniMatch's loss terms and a context for methods built on top (``logits_x``, ``logits_u`` at stride 4 with
         gradient, ``pseudo`` (B_u, H, W) with ``ignore_index`` below ``tau``)."""
         images, masks = self.check_batch(batch)
         u, u_mix = batch["image_u"], batch["image_u_mix"]
         if u.shape != u_mix.shape or u.shape[1:] != images.shape[1:]:
-            raise ValueError(f"batch['image_u'] {tuple(u.shape)} and batch['image_u_mix'] {tuple(u_mix.shape)} must "
-                             f"have the same shape, with the labelled images' C, H, W {tuple(images.shape[1:])}")
+            raise ValueError(
+                f"batch['image_u'] {tuple(u.shape)} and batch['image_u_mix'] {tuple(u_mix.shape)} must "
+                f"have the same shape, with the labelled images' C, H, W {tuple(images.shape[1:])}"
+            )
         n_l, n_u, size = images.shape[0], u.shape[0], tuple(images.shape[-2:])
         cfg = self.pretrained_cfg
         strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, generator) for _ in range(2)]
@@ -182,8 +191,9 @@ class DeepLabV3PlusSemi(SegmentationModel):
         logits, _ = self.decode(c1, c4)
         logits = crop_to(logits, (h, w))
         drop = F.dropout2d
-        logits_fp, _ = self.decode(drop(c1[n_l:], self.fp_dropout, self.training),
-                                   drop(c4[n_l:], self.fp_dropout, self.training))
+        logits_fp, _ = self.decode(
+            drop(c1[n_l:], self.fp_dropout, self.training), drop(c4[n_l:], self.fp_dropout, self.training)
+        )
         logits_fp = crop_to(logits_fp, (h, w))
         mixed = [torch.where(box[:, None], view[n_u:], view[:n_u]) for view, box in zip(strong, boxes)]
         logits_s1, logits_s2 = self.upsample_logits(self.run(torch.cat(mixed))[0], size).chunk(2)
@@ -202,8 +212,14 @@ class DeepLabV3PlusSemi(SegmentationModel):
         terms["loss"] = (sup + w1 * terms["s1"] + w2 * terms["s2"] + w_fp * terms["fp"]) / 2
         terms["conf_ratio"] = (conf_u >= self.tau).float().mean().detach()
         pseudo = torch.where(conf_u >= self.tau, label_u, torch.full_like(label_u, self.ignore_index))
-        return terms, {"logits_x": logits_x, "logits_u": logits_u, "pseudo": pseudo, "images": images,
-                       "masks": masks, "u": u}
+        return terms, {
+            "logits_x": logits_x,
+            "logits_u": logits_u,
+            "pseudo": pseudo,
+            "images": images,
+            "masks": masks,
+            "u": u,
+        }
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "image_u" not in batch:
@@ -220,8 +236,10 @@ class DeepLabV3PlusSemi(SegmentationModel):
 # The shapes-world models (64 x 64 inputs: a 4 x 4 map at stride 16) use small ASPP dilations; the full-size ones keep
 # DeepLabV3+'s (6, 12, 18). `fastseg.models.s4mim` builds on the same sizes.
 SMALL_DEEPLAB = {"aspp_channels": 128, "aspp_rates": (1, 2, 3), "low_level_channels": 32}
-SMALL_DEEPLAB_DIFFERS = ("ASPP / decoder width 128 (paper: 256), ASPP dilations (1, 2, 3) (paper: 6, 12, 18), "
-                         "low-level width 32 (paper: 48), for the 64 x 64 shapes world; ResNet-18 backbone")
+SMALL_DEEPLAB_DIFFERS = (
+    "ASPP / decoder width 128 (paper: 256), ASPP dilations (1, 2, 3) (paper: 6, 12, 18), "
+    "low-level width 32 (paper: 48), for the 64 x 64 shapes world; ResNet-18 backbone"
+)
 
 
 @register_model(tag="shapes_small", differs_from_paper=SMALL_DEEPLAB_DIFFERS)

@@ -47,11 +47,17 @@ def toy_family(monkeypatch):
         def missing(_inputs):
             raise unavailable
 
-        return [KernelCase(
-            family="toy", op="double", shape_id=f"N{n}", make_inputs=lambda d, dt: torch.ones(n, device=d, dtype=dt),
-            providers={"torch": lambda x: (lambda: x * 2), "fast": lambda x: (lambda: x.add(x)), "gone": missing},
-            flops=n, min_bytes=8 * n,
-        )]
+        return [
+            KernelCase(
+                family="toy",
+                op="double",
+                shape_id=f"N{n}",
+                make_inputs=lambda d, dt: torch.ones(n, device=d, dtype=dt),
+                providers={"torch": lambda x: lambda: x * 2, "fast": lambda x: lambda: x.add(x), "gone": missing},
+                flops=n,
+                min_bytes=8 * n,
+            )
+        ]
 
     monkeypatch.setitem(core._CASE_FACTORIES, "toy", factory)
     return "toy"
@@ -85,16 +91,34 @@ def test_every_registered_case_has_reference_and_work():
 
 def test_format_table_with_nothing_run():
     rows = [BenchRow("model", "m", "fused", "B1-64x64", "float32", note="needs a GPU")]
-    assert "needs a GPU: m[fused]" in format_table(rows, {"device": "d", "device_type": "cpu", "torch": "t",
-                                                        "fastseg": "f"})
+    assert "needs a GPU: m[fused]" in format_table(
+        rows, {"device": "d", "device_type": "cpu", "torch": "t", "fastseg": "f"}
+    )
 
 
 def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
     from fastseg.cli import main
 
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
-    code = main(["bench", "--kernels", "none", "--models", "fpn_mit_b0", "--providers", "eager,fused",
-                 "--size", "64", "--rounds", "2", "--json", str(out_json), "--plot", str(out_png)])
+    code = main(
+        [
+            "bench",
+            "--kernels",
+            "none",
+            "--models",
+            "fpn_mit_b0",
+            "--providers",
+            "eager,fused",
+            "--size",
+            "64",
+            "--rounds",
+            "2",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "fpn_mit_b0" in printed and "model has no fused ops" in printed
@@ -108,8 +132,7 @@ def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
 def test_stage_breakdown_reference_and_fused():
     from fastseg.bench.runner import run_stages
 
-    rows = run_stages(torch.device("cpu"), ["gss_ff_resnet18", "fpn_mit_b0"], size=(64, 64), rounds=2,
-                      progress=False)
+    rows = run_stages(torch.device("cpu"), ["gss_ff_resnet18", "fpn_mit_b0"], size=(64, 64), rounds=2, progress=False)
     stages = [r for r in rows if r.name.startswith("gss_ff_resnet18/")]
     expected = ["backbone", "head", "token_argmax", "decoder", "palette_inverse"]
     for provider in ("reference", "fused"):

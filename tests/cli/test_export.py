@@ -38,8 +38,23 @@ def cli_export(tmp_path_factory, checkpoint):
     buffer = io.StringIO()
     capture.setattr(sys, "stdout", buffer)
     try:
-        code = main(["export", "fpn_resnet18", "--checkpoint", str(checkpoint), "--format", "onnx", "--imgsz", "64,96", "--argmax",
-                     "--labels-dtype", "uint8", "--out", str(out)])
+        code = main(
+            [
+                "export",
+                "fpn_resnet18",
+                "--checkpoint",
+                str(checkpoint),
+                "--format",
+                "onnx",
+                "--imgsz",
+                "64,96",
+                "--argmax",
+                "--labels-dtype",
+                "uint8",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         capture.undo()
     return out, code, buffer.getvalue()

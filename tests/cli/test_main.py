@@ -32,8 +32,22 @@ def test_shapes_grid(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    code = main(["train", "fpn_mit_b0", "--steps", "4", "--batch-size", "2", "--val-length", "4",
-                 "--save-every", "2", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "fpn_mit_b0",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--val-length",
+            "4",
+            "--save-every",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -43,8 +57,25 @@ def test_train_writes_weights_log_and_resumes(trained, capsys):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r][-1] == 4
     # Asking for more steps on the same run directory resumes from step 4 rather than starting over.
-    assert main(["train", "fpn_mit_b0", "--steps", "6", "--batch-size", "2", "--val-length", "4",
-                 "--out", str(trained), "--resume", "auto"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "fpn_mit_b0",
+                "--steps",
+                "6",
+                "--batch-size",
+                "2",
+                "--val-length",
+                "4",
+                "--out",
+                str(trained),
+                "--resume",
+                "auto",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[-1]["step"] == 4 and starts[-1]["resumed_from"]
@@ -53,8 +84,21 @@ def test_train_writes_weights_log_and_resumes(trained, capsys):
 
 def test_eval_prints_metrics_and_json(trained, tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert main(["eval", "fpn_mit_b0", "--checkpoint", str(trained / "model.safetensors"), "--length", "4",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "fpn_mit_b0",
+                "--checkpoint",
+                str(trained / "model.safetensors"),
+                "--length",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "mIoU" in capsys.readouterr().out
     metrics = json.loads(out.read_text())
     assert len(metrics["IoU"]) == 12
@@ -66,8 +110,9 @@ def test_eval_prints_metrics_and_json(trained, tmp_path, capsys):
     from fastseg.data.shapes import ShapesConfig, ShapesDataset
 
     world = ShapesConfig(image_size=(64, 64))
-    model = fastseg.create_model("fpn_mit_b0", num_classes=world.num_classes,
-                                 checkpoint_path=str(trained / "model.safetensors")).eval()
+    model = fastseg.create_model(
+        "fpn_mit_b0", num_classes=world.num_classes, checkpoint_path=str(trained / "model.safetensors")
+    ).eval()
     data = ShapesDataset("val", length=4, config=world, seed=0)
     with torch.no_grad():
         pred = model.predict(torch.stack([data[i]["image"] for i in range(4)])).numpy()
@@ -85,8 +130,20 @@ def test_predict_writes_overlays(trained, tmp_path):
     image = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(image)
     out_dir = tmp_path / "pred"
-    assert main(["predict", "fpn_mit_b0", str(image), "--checkpoint", str(trained / "model.safetensors"),
-                 "--out", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "fpn_mit_b0",
+                str(image),
+                "--checkpoint",
+                str(trained / "model.safetensors"),
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     with Image.open(out_dir / "img_pred.png") as pred:
         assert pred.size == (56, 40)
 

@@ -163,8 +163,10 @@ def test_overlapping_instance_segments_are_refused():
     b[3:6, 3:6] = 1
     from pycocotools import mask as mask_utils
 
-    anns = [{"id": 1, "category_id": 5, "segmentation": mask_utils.encode(np.asfortranarray(a))},
-            {"id": 2, "category_id": 5, "segmentation": mask_utils.encode(np.asfortranarray(b))}]
+    anns = [
+        {"id": 1, "category_id": 5, "segmentation": mask_utils.encode(np.asfortranarray(a))},
+        {"id": 2, "category_id": 5, "segmentation": mask_utils.encode(np.asfortranarray(b))},
+    ]
     with pytest.raises(ValueError, match="annotation 2 overlaps annotation 1 on 1 pixels"):
         panoptic_from_instances(anns, 8, 8, {5: 4})
     b[3, 3] = 0

@@ -29,8 +29,18 @@ def _free_port() -> int:
 
 
 def _config(out_dir, batch_size: int) -> TrainConfig:
-    return TrainConfig(steps=STEPS, batch_size=batch_size, lr=5e-3, warmup_steps=1, log_every=1, eval_every=3,
-                       out_dir=str(out_dir), seed=11, device="cpu", progress=False)
+    return TrainConfig(
+        steps=STEPS,
+        batch_size=batch_size,
+        lr=5e-3,
+        warmup_steps=1,
+        log_every=1,
+        eval_every=3,
+        out_dir=str(out_dir),
+        seed=11,
+        device="cpu",
+        progress=False,
+    )
 
 
 def _import_engine_test_helpers():
@@ -61,8 +71,9 @@ def _model():
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     try:
         info = init_distributed("cpu", timeout_s=120)
@@ -77,9 +88,14 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         torch.save(model.state_dict(), os.path.join(tmp, f"rank{rank}.pt"))
         metrics = evaluate(model, val_set, batch_size=2, progress=False)
         with open(os.path.join(tmp, f"rank{rank}.json"), "w") as fh:
-            json.dump({"eval": {k: v for k, v in metrics.items() if k != "table"},
-                       "final": {k: v for k, v in result.final_metrics.items() if k != "table"},
-                       "steps": len(result.history)}, fh)
+            json.dump(
+                {
+                    "eval": {k: v for k, v in metrics.items() if k != "table"},
+                    "final": {k: v for k, v in result.final_metrics.items() if k != "table"},
+                    "steps": len(result.history),
+                },
+                fh,
+            )
     finally:
         cleanup_distributed()
 

@@ -36,8 +36,13 @@ class _Oracle(nn.Module):
         out = []
         for t in targets:
             keep = slice(0, 0) if self.empty else slice(None)
-            out.append({"masks": t["masks"][keep], "labels": t["labels"][keep],
-                        "scores": torch.ones(t["labels"][keep].numel())})
+            out.append(
+                {
+                    "masks": t["masks"][keep],
+                    "labels": t["labels"][keep],
+                    "scores": torch.ones(t["labels"][keep].numel()),
+                }
+            )
         return out
 
 

@@ -49,7 +49,6 @@ def test_harmonic_mean():
     assert math.isnan(harmonic_mean(math.nan, 0.3))
 
 
-
 @pytest.mark.parametrize("name,runs", [("pading_shapes", 12), ("pading_shapes_long", 9)])
 def test_claims_records_are_complete(name, runs):
     """The records README renders (tests/experiments checks the rendering) hold every declared run."""

@@ -52,8 +52,9 @@ class TinySeg(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
 
     def loss(self, batch: dict) -> dict:
-        logits = F.interpolate(self(batch["image"]), size=batch["mask"].shape[-2:], mode="bilinear",
-                               align_corners=False)
+        logits = F.interpolate(
+            self(batch["image"]), size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False
+        )
         ce = F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE)
         reg = 1e-3 * logits.pow(2).mean()
         return {"loss": ce + reg, "ce": ce, "reg": reg}
@@ -89,8 +90,17 @@ class ColourWorld(Dataset):
 
 
 def _cfg(tmp_path, name: str = "run", **kw) -> TrainConfig:
-    base = dict(steps=8, batch_size=4, lr=5e-3, warmup_steps=2, log_every=2, out_dir=str(tmp_path / name),
-                seed=3, device="cpu", progress=False)
+    base = dict(
+        steps=8,
+        batch_size=4,
+        lr=5e-3,
+        warmup_steps=2,
+        log_every=2,
+        out_dir=str(tmp_path / name),
+        seed=3,
+        device="cpu",
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -117,8 +127,7 @@ def test_exact_resume_is_bit_identical(tmp_path, optimizer):
     # Disturb every global RNG and start from a differently initialised model: the checkpoint must restore all.
     torch.manual_seed(12345)
     torch.rand(100)
-    second = train(_model(seed=99), data, _cfg(tmp_path, "resumed", optimizer=optimizer, grad_clip=1.0),
-                   resume="auto")
+    second = train(_model(seed=99), data, _cfg(tmp_path, "resumed", optimizer=optimizer, grad_clip=1.0), resume="auto")
     assert second.start_step == 4 and second.end_step == 8
     resumed_losses = first.losses + second.losses
     assert resumed_losses == straight.losses  # bit-identical floats, not approximately equal
@@ -230,8 +239,14 @@ def test_custom_loss_and_param_groups_freeze_and_scale_lr(tmp_path):
         return [{"params": list(m.head.parameters()), "lr": cfg.lr * 0.1}, {"params": list(m.norm.parameters())}]
 
     records = []
-    res = train(model, ColourWorld(), _cfg(tmp_path, steps=3, warmup_steps=0), loss_fn=loss_fn, param_groups=groups,
-                on_step_end=lambda step, record: records.append((step, record["loss"])))
+    res = train(
+        model,
+        ColourWorld(),
+        _cfg(tmp_path, steps=3, warmup_steps=0),
+        loss_fn=loss_fn,
+        param_groups=groups,
+        on_step_end=lambda step, record: records.append((step, record["loss"])),
+    )
     assert torch.equal(model.stem.weight, frozen)
     assert seen_keys[0] == ["image", "index", "mask"]
     assert res.history[0]["lr"] == pytest.approx(5e-4) and "reg" not in res.history[0]
@@ -318,8 +333,8 @@ def test_step_indices_are_a_pure_function_and_cover_each_epoch():
     assert batches[4] == step_indices(4, n, bs, seed=7)
     flat = [i for b in batches for i in b]
     for epoch in range(6):  # every epoch is a permutation of the dataset
-        assert sorted(flat[epoch * n:(epoch + 1) * n]) == list(range(n))
-    assert flat[:n] != flat[n:2 * n]  # and epochs differ
+        assert sorted(flat[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert flat[:n] != flat[n : 2 * n]  # and epochs differ
     assert batches != list(StepBatchSampler(n, bs, seed=8, start_step=0, end_step=20))
 
 
@@ -347,9 +362,10 @@ def test_evaluate_matches_a_manual_confusion_matrix_and_restores_mode():
     manual = ConfusionMatrix(NUM_CLASSES)
     with torch.no_grad():  # the same batches of 3 (and the remainder of 1) as evaluate(): the same float sums
         for start in range(0, len(data.samples), 3):
-            chunk = data.samples[start:start + 3]
-            manual.update(model.predict(torch.stack([s["image"] for s in chunk])),
-                          torch.stack([s["mask"] for s in chunk]))
+            chunk = data.samples[start : start + 3]
+            manual.update(
+                model.predict(torch.stack([s["image"] for s in chunk])), torch.stack([s["mask"] for s in chunk])
+            )
     want = manual.compute()
     for key in ("mIoU", "mAcc", "aAcc", "fwIoU", "num_pixels"):
         assert metrics[key] == want[key]
@@ -377,8 +393,12 @@ def test_evaluate_bad_input():
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_cuda_training_with_amp(tmp_path, amp):
     data = ColourWorld(length=32)
-    res = train(_model(dropout=0.0), data, _cfg(tmp_path, steps=30, lr=2e-2, device="cuda", amp=amp, grad_clip=5.0),
-                val_set=ColourWorld(length=8, seed=1, augment=False))
+    res = train(
+        _model(dropout=0.0),
+        data,
+        _cfg(tmp_path, steps=30, lr=2e-2, device="cuda", amp=amp, grad_clip=5.0),
+        val_set=ColourWorld(length=8, seed=1, augment=False),
+    )
     assert all(math.isfinite(v) for v in res.losses)
     assert sum(res.losses[-5:]) < sum(res.losses[:5])
     assert res.final_metrics["mIoU"] > 0.5

@@ -1,7 +1,6 @@
 """The experiments harness: resumable runs, refused budget changes, claim verdicts, and README rendering."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -71,11 +70,13 @@ def test_run_resume_and_refused_budget_change(tmp_path):
         calls.append((variant.name, seed))
         return {"mIoU": 0.5 + 0.1 * (variant.name == "b") + 0.01 * seed}
 
-    record = run_experiment(TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", seeds=[0],
-                            command="first", log=lambda _: None)
+    record = run_experiment(
+        TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", seeds=[0], command="first", log=lambda _: None
+    )
     assert calls == [("a", 0), ("b", 0)] and not record["complete"]
-    record = run_experiment(TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="second",
-                            log=lambda _: None)
+    record = run_experiment(
+        TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="second", log=lambda _: None
+    )
     assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]  # seed 0 was not run again
     saved = load_record(tmp_path / "tiny.json")
     assert saved["complete"] and saved["commands"] == ["first", "second"]
@@ -88,8 +89,9 @@ def test_run_resume_and_refused_budget_change(tmp_path):
 
 def test_supervised_recipe_trains_and_records_a_curve(tmp_path):
     experiment = dataclasses.replace(TINY, variants=TINY.variants[:1], seeds=(0,), claims=())
-    record = run_experiment(experiment, run_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="t",
-                            log=lambda _: None)
+    record = run_experiment(
+        experiment, run_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="t", log=lambda _: None
+    )
     (run,) = record["runs"]
     assert 0.0 <= run["mIoU"] <= 1.0 and len(run["IoU"]) == 12
     assert [step for step, _ in run["curve_mIoU"]] == [1, 2]  # eval_every=1 over 2 steps
@@ -124,4 +126,6 @@ def test_render_block_from_json(tmp_path):
 
 def test_readme_matches_the_committed_results():
     """README's rendered blocks equal what `python -m fastseg.experiments render` makes from the committed JSON."""
-    assert render_readme(ROOT, check=True), "README drifted from benchmarks/results: run `python -m fastseg.experiments render`"
+    assert render_readme(ROOT, check=True), (
+        "README drifted from benchmarks/results: run `python -m fastseg.experiments render`"
+    )

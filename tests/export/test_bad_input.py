@@ -105,8 +105,14 @@ def test_verify_bad_artefacts(tmp_path):
 
 def test_sidecar_write_read_round_trip(tmp_path):
     artefact = tmp_path / "a.onnx"
-    data = {"model": "m", "format": "onnx", "pretrained_cfg": {"num_classes": 3, "palette": [(1, 2, 3)]},
-            "inputs": [{"name": "images"}], "outputs": [{"name": "logits"}], "versions": {"torch": "x"}}
+    data = {
+        "model": "m",
+        "format": "onnx",
+        "pretrained_cfg": {"num_classes": 3, "palette": [(1, 2, 3)]},
+        "inputs": [{"name": "images"}],
+        "outputs": [{"name": "logits"}],
+        "versions": {"torch": "x"},
+    }
     path = write_sidecar(artefact, data)
     assert path == tmp_path / "a.onnx.json"
     back = read_sidecar(artefact)

@@ -88,8 +88,12 @@ def test_sidecar_round_trip(static_export):
     (inp,), (out,) = data["inputs"], data["outputs"]
     assert inp["shape"] == [1, 3, *STATIC_SIZE] and inp["profile"]["min"] == inp["profile"]["max"]
     s = cfg["output_stride"]
-    assert out == {**out, "name": "logits", "dtype": "float32",
-                   "shape": [1, cfg["num_classes"], STATIC_SIZE[0] // s, STATIC_SIZE[1] // s]}
+    assert out == {
+        **out,
+        "name": "logits",
+        "dtype": "float32",
+        "shape": [1, cfg["num_classes"], STATIC_SIZE[0] // s, STATIC_SIZE[1] // s],
+    }
     assert data["versions"]["torch"] == torch.__version__ and data["versions"]["onnxruntime"] == ort.__version__
     assert data["weights"] == {"checkpoint": None, "sha256": None, "init_seed": 0}
     assert data["trtexec"].startswith("trtexec --onnx=") and "--saveEngine=" in data["trtexec"]
@@ -100,8 +104,9 @@ def test_sidecar_round_trip(static_export):
 @pytest.fixture(scope="module", params=model_params("argmax"))
 def argmax_export(request, export_dir):
     name = request.param
-    path = export(name, format="onnx", imgsz=NONSQUARE_SIZE, batch=2, argmax=True,
-                  out=export_dir / f"{name}_argmax.onnx")
+    path = export(
+        name, format="onnx", imgsz=NONSQUARE_SIZE, batch=2, argmax=True, out=export_dir / f"{name}_argmax.onnx"
+    )
     return name, path
 
 
@@ -125,8 +130,16 @@ def test_argmax_output(argmax_export):
 @pytest.fixture(scope="module", params=model_params("dynamic"))
 def dynamic_export(request, export_dir):
     name = request.param
-    path = export(name, format="onnx", imgsz=STATIC_SIZE, batch=2, dynamic=True, min_shape=(1, 32, 32),
-                  max_shape=(4, 128, 128), out=export_dir / f"{name}_dynamic.onnx")
+    path = export(
+        name,
+        format="onnx",
+        imgsz=STATIC_SIZE,
+        batch=2,
+        dynamic=True,
+        min_shape=(1, 32, 32),
+        max_shape=(4, 128, 128),
+        out=export_dir / f"{name}_dynamic.onnx",
+    )
     return name, path
 
 

@@ -21,10 +21,33 @@ from fastseg.export import (
 # Rows of the operator matrix the list cites (onnx-tensorrt docs/operators.md at the 10.1 GA tag), written out here
 # so that the test does not take its expectation from the file it checks: 'Y' rows the exporter relies on or that are
 # easy to lose, and 'N' rows that must never be reported as supported.
-_SUPPORTED_IN_TRT10 = ("Conv", "Resize", "LayerNormalization", "InstanceNormalization", "ArgMax", "Cast", "MatMul",
-                       "Erf", "Einsum", "GridSample", "NonMaxSuppression", "TopK", "ScatterElements", "Loop")
-_UNSUPPORTED_IN_TRT10 = ("Unique", "Bernoulli", "BitShift", "SequenceAt", "SplitToSequence", "StringNormalizer",
-                         "TfIdfVectorizer", "ConvInteger", "MatMulInteger")
+_SUPPORTED_IN_TRT10 = (
+    "Conv",
+    "Resize",
+    "LayerNormalization",
+    "InstanceNormalization",
+    "ArgMax",
+    "Cast",
+    "MatMul",
+    "Erf",
+    "Einsum",
+    "GridSample",
+    "NonMaxSuppression",
+    "TopK",
+    "ScatterElements",
+    "Loop",
+)
+_UNSUPPORTED_IN_TRT10 = (
+    "Unique",
+    "Bernoulli",
+    "BitShift",
+    "SequenceAt",
+    "SplitToSequence",
+    "StringNormalizer",
+    "TfIdfVectorizer",
+    "ConvInteger",
+    "MatMulInteger",
+)
 _SUPPORTED_ROWS = 150  # the 'Y' rows of that table: a file cut short or a parser that drops rows changes the count
 
 
@@ -45,29 +68,36 @@ def test_operator_list_names_its_source_and_has_the_usual_ops():
 
 def _model(nodes, opset=18):
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                   helper.make_opsetid("fastseg", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("fastseg", 1)])
 
 
 def test_check_lists_offending_ops():
     ok = _model([helper.make_node("Relu", ["x"], ["y"])])
     assert check_tensorrt_ops(ok) == {"Relu": 1}
-    bad = _model([
-        helper.make_node("Unique", ["x"], ["u"]),
-        helper.make_node("vq_nearest", ["u"], ["v"], domain="fastseg"),
-        helper.make_node("vq_nearest", ["v"], ["y"], domain="fastseg"),
-    ])
+    bad = _model(
+        [
+            helper.make_node("Unique", ["x"], ["u"]),
+            helper.make_node("vq_nearest", ["u"], ["v"], domain="fastseg"),
+            helper.make_node("vq_nearest", ["v"], ["y"], domain="fastseg"),
+        ]
+    )
     with pytest.raises(TensorRTCompatibilityError, match=r"Unique \(x1\).*fastseg::vq_nearest \(x2\)") as err:
         check_tensorrt_ops(bad)
     assert "DECOMPOSITIONS" in str(err.value)
 
 
 def test_check_looks_inside_subgraphs_and_checks_opset():
-    inner = helper.make_graph([helper.make_node("Unique", ["x"], ["z"])], "body", [],
-                              [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)])
+    inner = helper.make_graph(
+        [helper.make_node("Unique", ["x"], ["z"])],
+        "body",
+        [],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+    )
     cond = helper.make_node("If", ["x"], ["y"], then_branch=inner, else_branch=inner)
     with pytest.raises(TensorRTCompatibilityError, match=r"Unique \(x2\)"):
         check_tensorrt_ops(_model([cond]))
@@ -99,15 +129,21 @@ def test_build_plan_tensorrt11_is_strongly_typed_without_calibrators():
 def test_trtexec_command():
     dyn = resolve_shapes((512, 1024), 4, True, 32, min_shape=(1, 256, 512), max_shape=(4, 1024, 2048))
     cmd = trtexec_command("m.onnx", "m.engine", dyn, fp16=True, workspace_gib=1.5, trt_major=10)
-    assert cmd == ("trtexec --onnx=m.onnx --saveEngine=m.engine --minShapes=images:1x3x256x512 "
-                   "--optShapes=images:4x3x512x1024 --maxShapes=images:4x3x1024x2048 --fp16 "
-                   "--memPoolSize=workspace:1536M")
+    assert cmd == (
+        "trtexec --onnx=m.onnx --saveEngine=m.engine --minShapes=images:1x3x256x512 "
+        "--optShapes=images:4x3x512x1024 --maxShapes=images:4x3x1024x2048 --fp16 "
+        "--memPoolSize=workspace:1536M"
+    )
     static = resolve_shapes((64, 96), 1, False, 32)
-    assert trtexec_command("a b.onnx", "m.engine", static, trt_major=10) == \
-        "trtexec '--onnx=a b.onnx' --saveEngine=m.engine"
+    assert (
+        trtexec_command("a b.onnx", "m.engine", static, trt_major=10)
+        == "trtexec '--onnx=a b.onnx' --saveEngine=m.engine"
+    )
     # TensorRT 11: the fp16-typed ONNX carries the precision; strongly typed, no --fp16.
-    assert trtexec_command("m.onnx", "m.engine", static, fp16=True, trt_major=11) == \
-        "trtexec --onnx=m.onnx --saveEngine=m.engine --stronglyTyped"
+    assert (
+        trtexec_command("m.onnx", "m.engine", static, fp16=True, trt_major=11)
+        == "trtexec --onnx=m.onnx --saveEngine=m.engine --stronglyTyped"
+    )
     assert trtexec_command("m.onnx", "m.engine", static, int8=True, trt_major=10).endswith("--int8")
 
 
@@ -184,8 +220,9 @@ def test_build_engine_refuses_overwrite_and_reports_parser_errors(onnx_file, tmp
 def test_engine_build_and_verify(tmp_path, half):
     from fastseg.export import export, verify
 
-    path = export("fpn_resnet18", format="engine", imgsz=(64, 96), batch=2, dynamic=True, half=half,
-                  out=tmp_path / "m.engine")
-    assert path.read_bytes()[:4] != b"{\"" and (tmp_path / "m.onnx").is_file()
+    path = export(
+        "fpn_resnet18", format="engine", imgsz=(64, 96), batch=2, dynamic=True, half=half, out=tmp_path / "m.engine"
+    )
+    assert path.read_bytes()[:4] != b'{"' and (tmp_path / "m.onnx").is_file()
     report = verify(path, num_images=8, device="cuda")
     assert report.passed, report.format()

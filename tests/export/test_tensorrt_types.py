@@ -20,9 +20,11 @@ _spec.loader.exec_module(typecheck)  # type: ignore[union-attr]
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed (setup.py test extra)"),
-    pytest.mark.skipif(not (typecheck.stubs_dir() / "tensorrt" / "__init__.pyi").is_file(),
-                       reason=f"tensorrt-stubs are not installed in {typecheck.stubs_dir()}: run "
-                              f"`python scripts/typecheck_tensorrt.py` (scripts/test.sh does)"),
+    pytest.mark.skipif(
+        not (typecheck.stubs_dir() / "tensorrt" / "__init__.pyi").is_file(),
+        reason=f"tensorrt-stubs are not installed in {typecheck.stubs_dir()}: run "
+        f"`python scripts/typecheck_tensorrt.py` (scripts/test.sh does)",
+    ),
 ]
 
 

@@ -14,8 +14,17 @@ from fastseg.models.ecenet import ECENetSemanticsAttention, ECENetTransferBlock
 
 # These layer tests run on CPU tensors: impl="triton" needs Triton's interpreter there (skipped, with the reason,
 # elsewhere; the kernels themselves run natively on a CUDA host in tests/kernels).
-TRITON_IMPLS = ["torch", "auto", pytest.param("triton", marks=pytest.mark.skipif(
-    not interpreter_enabled(), reason="impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)"))]
+TRITON_IMPLS = [
+    "torch",
+    "auto",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not interpreter_enabled(),
+            reason="impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)",
+        ),
+    ),
+]
 
 
 def _ecenet_attention_plain(module: ECENetSemanticsAttention, x, classes):
@@ -54,9 +63,16 @@ def test_ecenet_transfer_block_shapes_and_checkpoint_keys():
     assert out.shape == x.shape and mask.shape == (1, 21, 6, 6)
     keys = set(block.state_dict())
     for key in (
-        "cross_attn.q.depthwise_conv.conv.weight", "cross_attn.q.pointwise_conv.conv.bias", "cross_attn.kv.weight",
-        "cross_attn.proj.weight", "norm_low.weight", "norm_high.weight", "norm_mlp.bias", "mlp.0.weight",
-        "mlp.1.weight", "mlp.4.weight",
+        "cross_attn.q.depthwise_conv.conv.weight",
+        "cross_attn.q.pointwise_conv.conv.bias",
+        "cross_attn.kv.weight",
+        "cross_attn.proj.weight",
+        "norm_low.weight",
+        "norm_high.weight",
+        "norm_mlp.bias",
+        "mlp.0.weight",
+        "mlp.1.weight",
+        "mlp.4.weight",
     ):
         assert key in keys, key
     assert "cross_attn.kv.bias" not in keys  # ECENet's kv Linear has no bias
@@ -68,7 +84,7 @@ def _mask2former_reference(layer: MaskedCrossAttentionLayer, tgt, memory, mask_l
     """Mask2Former's CrossAttentionLayer.forward_post with nn.MultiheadAttention, sequence-first, its own mask."""
     mha = nn.MultiheadAttention(layer.d_model, layer.num_heads)
     mha.load_state_dict(layer.multihead_attn.state_dict())
-    attn_mask = (mask_logits.sigmoid().flatten(2).unsqueeze(1).repeat(1, layer.num_heads, 1, 1).flatten(0, 1) < 0.5)
+    attn_mask = mask_logits.sigmoid().flatten(2).unsqueeze(1).repeat(1, layer.num_heads, 1, 1).flatten(0, 1) < 0.5
     attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
     seq = lambda t: t.transpose(0, 1)  # noqa: E731
     tgt2 = mha(seq(tgt + query_pos), seq(memory + pos), seq(memory), attn_mask=attn_mask)[0]
@@ -100,8 +116,9 @@ def test_masked_cross_attention_pre_norm_and_mask_helper():
     w_q, w_k, w_v = layer.multihead_attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = layer.multihead_attn.in_proj_bias.chunk(3)
     split = lambda t: t.view(1, -1, 2, 8).transpose(1, 2)  # noqa: E731
-    attn = F.scaled_dot_product_attention(split(F.linear(normed, w_q, b_q)), split(F.linear(memory, w_k, b_k)),
-                                          split(F.linear(memory, w_v, b_v)))
+    attn = F.scaled_dot_product_attention(
+        split(F.linear(normed, w_q, b_q)), split(F.linear(memory, w_k, b_k)), split(F.linear(memory, w_v, b_v))
+    )
     expected = tgt + layer.multihead_attn.out_proj(attn.transpose(1, 2).reshape(1, 4, 16))
     torch.testing.assert_close(layer(tgt, memory), expected, atol=2e-5, rtol=2e-5)
     logits = torch.tensor([[[[-1.0, 0.0], [2.0, -3.0]]]])

@@ -37,8 +37,11 @@ def test_masked_input_fills_only_masked_pixels(fill):
     assert masked.shape == labels.shape and 0 < masked.float().mean() < 1
     keep = ~masked.unsqueeze(1).expand_as(images)
     assert torch.equal(out[keep], images[keep])
-    expected = {"zero": torch.zeros(2, 3, 1, 1), "mean": images.mean((2, 3), keepdim=True),
-                "token": torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)}[fill].expand_as(images)
+    expected = {
+        "zero": torch.zeros(2, 3, 1, 1),
+        "mean": images.mean((2, 3), keepdim=True),
+        "token": torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1),
+    }[fill].expand_as(images)
     assert torch.equal(out[~keep], expected[~keep])
 
 
@@ -76,20 +79,27 @@ def naive_aggregation(features, labels, masked, num_classes, distance):
 
 
 @pytest.mark.parametrize("distance", ["cosine", "mse"])
-@pytest.mark.parametrize("impl", ["torch", "auto", pytest.param("triton", marks=pytest.mark.skipif(
-    not interpreter_enabled(), reason="needs TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "torch",
+        "auto",
+        pytest.param("triton", marks=pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1")),
+    ],
+)
 def test_feature_aggregation_matches_naive_loops(distance, impl):
     labels = blocky_labels(2, 12, 14, 6)
     labels[1] = labels[1].clamp(max=2)  # classes 3..5 absent from image 1
     masked = torch.rand(2, 12, 14) < 0.5
-    features = torch.randn(2, 16, 12, 14, dtype=torch.float64 if impl != "triton" else torch.float32,
-                           requires_grad=True)
+    features = torch.randn(
+        2, 16, 12, 14, dtype=torch.float64 if impl != "triton" else torch.float32, requires_grad=True
+    )
     loss_fn = ClasswiseFeatureAggregationLoss(6, distance=distance, impl=impl)
     with run_triton_on_cpu(impl == "triton"):
         loss = loss_fn(features, labels, masked)
-        grad, = torch.autograd.grad(loss, features)
+        (grad,) = torch.autograd.grad(loss, features)
     want = naive_aggregation(features, labels, masked, 6, distance)
-    want_grad, = torch.autograd.grad(want, features)
+    (want_grad,) = torch.autograd.grad(want, features)
     tol = 1e-10 if features.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(loss, want, atol=tol, rtol=tol)
     torch.testing.assert_close(grad, want_grad, atol=tol, rtol=1e-5)
@@ -105,7 +115,9 @@ def test_feature_aggregation_without_complete_groups_is_zero_and_resizes():
     loss = ClasswiseFeatureAggregationLoss(3)(features, labels, masked)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(features.grad, torch.zeros_like(features))
-    small_labels, small_masked = resize_labels(torch.arange(16).view(1, 4, 4), torch.eye(4, dtype=torch.bool)[None], (2, 2))
+    small_labels, small_masked = resize_labels(
+        torch.arange(16).view(1, 4, 4), torch.eye(4, dtype=torch.bool)[None], (2, 2)
+    )
     assert torch.equal(small_labels, torch.tensor([[[0, 2], [8, 10]]]))
     assert torch.equal(small_masked, torch.tensor([[[True, False], [False, True]]]))
     with pytest.raises(ValueError, match="distance"):
@@ -120,8 +132,9 @@ def test_recon_loss_module_matches_function_and_upsamples():
     module = ClasswiseMaskedReconLoss(4, normalize_target=True, patch_size=4)
     loss = module(pred, target, labels, masked)
     up = F.interpolate(pred, size=(16, 16), mode="bilinear", align_corners=False)
-    _, want = classwise_masked_recon_loss(up, target, labels, masked, 4, normalize_target=True, patch_size=4,
-                                          impl="torch")
+    _, want = classwise_masked_recon_loss(
+        up, target, labels, masked, 4, normalize_target=True, patch_size=4, impl="torch"
+    )
     torch.testing.assert_close(loss, want)
     loss.backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
@@ -135,7 +148,9 @@ def test_s4mim_style_step_lowers_the_losses():
     torch.manual_seed(0)
     images = torch.rand(2, 3, 16, 16)
     labels = blocky_labels(2, 16, 16, 3)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1)
+    )
     head = torch.nn.Conv2d(16, 3, 1)
     builder = ClasswiseMaskedInput(patch_size=4, ratio=0.5)
     recon, agg = ClasswiseMaskedReconLoss(3, patch_size=4), ClasswiseFeatureAggregationLoss(3, distance="cosine")

@@ -42,8 +42,9 @@ def test_patch_mask_respects_class_regions_and_ratio(ratio, patch):
     labels = region_labels(3, 23, 30, 6, ignore_frac=0.05)
     labels[2, :10, :10] = IGNORE  # whole all-ignore patches
     # The majority rule masks whole patches (it was the default before issue 18; "pixel" is now).
-    masked = classwise_patch_mask(labels, patch, ratio, generator=torch.Generator().manual_seed(1), num_classes=6,
-                                  ownership="majority")
+    masked = classwise_patch_mask(
+        labels, patch, ratio, generator=torch.Generator().manual_seed(1), num_classes=6, ownership="majority"
+    )
     assert masked.shape == labels.shape and masked.dtype == torch.bool
     owners = patch_owners(labels, patch, 6)
     rows, cols = owners.shape[1:]

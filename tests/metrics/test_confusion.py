@@ -156,7 +156,11 @@ def test_table_lists_every_class():
         (torch.tensor([[0, 4, 1]]), torch.tensor([[0, 1, 1]]), "predicted class 4 is outside 0..3"),
         (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3), "integer class ids"),
         (torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.long), "pred must hold integer class ids"),
-        (torch.zeros(1, 5, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), "5 channels but the metric has num_classes=4"),
+        (
+            torch.zeros(1, 5, 2, 2),
+            torch.zeros(1, 2, 2, dtype=torch.long),
+            "5 channels but the metric has num_classes=4",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(pred, target, match):

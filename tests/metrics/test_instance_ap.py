@@ -70,7 +70,11 @@ def test_class_subsets_and_missing_predictions():
 
 def test_empty_prediction_everywhere_is_ap_0():
     metric = InstanceAP([0])
-    empty = {"masks": torch.zeros(0, 20, 20, dtype=torch.bool), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    empty = {
+        "masks": torch.zeros(0, 20, 20, dtype=torch.bool),
+        "scores": torch.zeros(0),
+        "labels": torch.zeros(0, dtype=torch.long),
+    }
     metric.update([empty], [_gt([_box(0, 5, 0, 5)], [0])])
     assert metric.compute()["AP"] == pytest.approx(0.0)
 
@@ -95,6 +99,8 @@ def test_merge_and_bad_inputs():
     with pytest.raises(ValueError, match="no image"):
         InstanceAP([0]).compute()
     nan = InstanceAP([0])
-    nan.update([_pred([_box(0, 5, 0, 5)], [0.9], [0])], [{"masks": torch.zeros(0, 20, 20, dtype=torch.bool),
-                                                          "labels": torch.zeros(0, dtype=torch.long)}])
+    nan.update(
+        [_pred([_box(0, 5, 0, 5)], [0.9], [0])],
+        [{"masks": torch.zeros(0, 20, 20, dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.long)}],
+    )
     assert math.isnan(nan.compute()["AP"])

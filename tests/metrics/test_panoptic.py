@@ -56,8 +56,11 @@ def _panopticapi_formula(preds, gts, crowds):
     tp / fp / fn / iou; then pq_average over categories with tp + fp + fn > 0."""
     stats = {c: [0.0, 0, 0, 0] for c in THINGS + STUFFS}
     for pred, gt, crowd in zip(preds, gts, crowds):
-        gt_segms = {int(i): {"cat": int(i) // DIV, "area": int((gt == i).sum()), "crowd": int(i) in crowd}
-                    for i in np.unique(gt) if i >= 0}
+        gt_segms = {
+            int(i): {"cat": int(i) // DIV, "area": int((gt == i).sum()), "crowd": int(i) in crowd}
+            for i in np.unique(gt)
+            if i >= 0
+        }
         pred_segms = {int(i): {"cat": int(i) // DIV, "area": int((pred == i).sum())} for i in np.unique(pred) if i >= 0}
         offset = 1 << 40
         pairs = (gt.astype(np.int64) + 1) * offset + (pred.astype(np.int64) + 1)
@@ -94,8 +97,16 @@ def _panopticapi_formula(preds, gts, crowds):
             stats[info["cat"]][2] += 1
 
     def average(classes):
-        vals = [(s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3]), s[0] / s[1] if s[1] else 0.0,
-                 s[1] / (s[1] + 0.5 * s[2] + 0.5 * s[3])) for c in classes for s in [stats[c]] if s[1] + s[2] + s[3]]
+        vals = [
+            (
+                s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3]),
+                s[0] / s[1] if s[1] else 0.0,
+                s[1] / (s[1] + 0.5 * s[2] + 0.5 * s[3]),
+            )
+            for c in classes
+            for s in [stats[c]]
+            if s[1] + s[2] + s[3]
+        ]
         return tuple(float(np.mean([v[i] for v in vals])) for i in range(3))
 
     return average(THINGS + STUFFS), average(THINGS), average(STUFFS)
@@ -131,8 +142,9 @@ def test_matches_torchmetrics_on_random_maps(seed):
         out[t < 0] = torch.tensor(void)
         return out
 
-    peer = TMPanopticQuality(things=set(THINGS), stuffs=set(STUFFS), return_sq_and_rq=True,
-                              allow_unknown_preds_category=True)  # void predictions
+    peer = TMPanopticQuality(
+        things=set(THINGS), stuffs=set(STUFFS), return_sq_and_rq=True, allow_unknown_preds_category=True
+    )  # void predictions
     peer.update(to_pairs(preds), to_pairs(gts))
     pq_tm, sq_tm, rq_tm = peer.compute().tolist()
     metric = PanopticQuality(THINGS, STUFFS, DIV)

@@ -19,7 +19,11 @@ def test_pad_to_multiple_replicates_images_and_fills_labels():
     labels = torch.randint(0, 3, (2, 5, 7))
     filled = pad_to_multiple(labels, 4, value=255)
     assert filled.shape == (2, 8, 8) and filled.dtype == labels.dtype
-    assert torch.equal(filled[:, :5, :7], labels) and bool((filled[:, 5:] == 255).all()) and bool((filled[:, :, 7:] == 255).all())
+    assert (
+        torch.equal(filled[:, :5, :7], labels)
+        and bool((filled[:, 5:] == 255).all())
+        and bool((filled[:, :, 7:] == 255).all())
+    )
     same = torch.randn(1, 3, 8, 16)
     assert pad_to_multiple(same, 8) is same
 
@@ -40,5 +44,6 @@ def test_crop_undoes_the_padding_at_the_output_stride(size):
 
 def test_resize_is_bilinear_without_corner_alignment():
     x = torch.randn(2, 4, 5, 6)
-    torch.testing.assert_close(resize(x, (10, 12)), F.interpolate(x, size=(10, 12), mode="bilinear",
-                                                                   align_corners=False))
+    torch.testing.assert_close(
+        resize(x, (10, 12)), F.interpolate(x, size=(10, 12), mode="bilinear", align_corners=False)
+    )

@@ -72,9 +72,11 @@ def test_file_provider_safetensors_npz_and_errors(tmp_path):
         class_embeddings(f"file:{corrupt}", ["cat"])
 
 
-TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16,
-                                             "head_width": 32},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +113,9 @@ def test_clip_provider_bad_inputs(tiny_clip, tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         class_embeddings(f"clip:{d / 'tiny.json'}@{tmp_path / 'none.safetensors'}", ["circle"])
     partial = tmp_path / "partial.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("token_embedding")},
-              str(partial))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("token_embedding")}, str(partial)
+    )
     with pytest.raises(ValueError, match="lacks text-tower weights"):
         class_embeddings(f"clip:{d / 'tiny.json'}@{partial}", ["circle"])
     with pytest.raises(ValueError, match="unknown open_clip architecture"):

@@ -118,10 +118,12 @@ def test_mask_loss_matches_a_hand_computation():
 def test_mask_loss_dice_over_present_classes_matches_a_hand_computation():
     # two images, three classes, two pixels each. Image 0: classes 0 and 1 (class 2 absent); image 1: class 2 and an
     # ignored pixel (classes 0 and 1 absent, and class 0 is predicted there: a false positive).
-    logits = torch.tensor([
-        [[[1.0, -2.0]], [[-1.0, 2.0]], [[0.5, 0.0]]],
-        [[[3.0, 0.0]], [[-3.0, 0.0]], [[1.5, 9.0]]],
-    ])  # (2, 3, 1, 2)
+    logits = torch.tensor(
+        [
+            [[[1.0, -2.0]], [[-1.0, 2.0]], [[0.5, 0.0]]],
+            [[[3.0, 0.0]], [[-3.0, 0.0]], [[1.5, 9.0]]],
+        ]
+    )  # (2, 3, 1, 2)
     target = torch.tensor([[[0, 1]], [[2, 255]]])
     sig = lambda v: 1.0 / (1.0 + math.exp(-v))
 
@@ -131,9 +133,12 @@ def test_mask_loss_dice_over_present_classes_matches_a_hand_computation():
 
     # image 1 counts only its first pixel (the second is ignored everywhere)
     d = {
-        (0, 0): dice([sig(1.0), sig(-2.0)], [1, 0]), (0, 1): dice([sig(-1.0), sig(2.0)], [0, 1]),
+        (0, 0): dice([sig(1.0), sig(-2.0)], [1, 0]),
+        (0, 1): dice([sig(-1.0), sig(2.0)], [0, 1]),
         (0, 2): dice([sig(0.5), sig(0.0)], [0, 0]),
-        (1, 0): dice([sig(3.0)], [0]), (1, 1): dice([sig(-3.0)], [0]), (1, 2): dice([sig(1.5)], [1]),
+        (1, 0): dice([sig(3.0)], [0]),
+        (1, 1): dice([sig(-3.0)], [0]),
+        (1, 2): dice([sig(1.5)], [1]),
     }
     _, every = mask_loss(logits, target, 3, 255, dice_weight=2.0, dice_classes="all")
     _, present = mask_loss(logits, target, 3, 255, dice_weight=2.0, dice_classes="present")
@@ -212,8 +217,10 @@ def test_loss_switches():
     each = each_model.loss(batch)
     with torch.no_grad():
         masks = each_model.forward_head(batch["image"])["masks"][:3]
-        parts = [mask_loss(F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False), batch["mask"], K, 255)
-                 for m in masks]
+        parts = [
+            mask_loss(F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False), batch["mask"], K, 255)
+            for m in masks
+        ]
     torch.testing.assert_close(each["mask_bce"], sum(p[0] for p in parts) / 3)
     torch.testing.assert_close(each["mask_dice"], sum(p[1] for p in parts) / 3)
     each["loss"].backward()
@@ -268,10 +275,16 @@ def test_sau_normalises_pixels_with_norm_low_and_classes_with_norm_high():
     def keep(name):
         def hook(module, inputs, output):  # returns None: the output is left as it is
             seen.setdefault(name, (inputs, output))
+
         return hook
 
-    for name, module in [("low", block.norm_low), ("high", block.norm_high), ("attn", block.cross_attn),
-                         ("l3", model.laterals[2]), ("ece", model.token_emb[3])]:
+    for name, module in [
+        ("low", block.norm_low),
+        ("high", block.norm_high),
+        ("attn", block.cross_attn),
+        ("l3", model.laterals[2]),
+        ("ece", model.token_emb[3]),
+    ]:
         module.register_forward_hook(keep(name))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
@@ -323,23 +336,48 @@ def test_bilinear_instead_of_ghost_upsampling():
 
 def test_registered_models():
     assert fastseg.list_models("ecenet*") == [
-        "ecenet_resnet101", "ecenet_resnet18", "ecenet_resnet50", "ecenet_swin_base", "ecenet_swin_tiny"
+        "ecenet_resnet101",
+        "ecenet_resnet18",
+        "ecenet_resnet50",
+        "ecenet_swin_base",
+        "ecenet_swin_tiny",
     ]
 
 
 # --------------------------------------------------------------------------------------- converter
 _OFFICIAL_KEYS = [  # spec B.6 (one example per family), with fastseg's name after stripping ``decode_head.``
-    "layer_slcts.3.primary.0.weight", "layer_slcts.0.primary.1.running_var", "layer_slcts.1.cheap.0.bias",
-    "layer_slcts.2.layer_channel_slct.2.weight", "layer_slcts.0.conv_out.weight", "norms.2.weight",
-    "laterals.3.weight", "learner.0.weight", "learner.1.weight", "token_emb.3.cls_learner.weight",
-    "token_emb.0.cls_learner.bias", "transfer.1.norm_low.weight", "transfer.2.norm_high.bias",
-    "transfer.0.norm_mlp.weight", "transfer.0.cross_attn.q.depthwise_conv.conv.weight",
-    "transfer.2.cross_attn.q.pointwise_conv.conv.bias", "transfer.1.cross_attn.kv.weight",
-    "transfer.0.cross_attn.proj.bias", "transfer.2.mlp.4.weight", "transfer.0.mlp.1.bias",
-    "gated_tokens.2.dynamic_layer.weight", "gated_tokens.0.input_layer.bias", "gated_tokens.1.update_gate.weight",
-    "gated_tokens.0.fc_layer.weight", "gated_tokens.2.norm_in.weight", "gated_tokens.1.norm_out.bias",
-    "gated_tokens.0.fc_norm.weight", "ghost_up_layers.0.layers.0.primary.conv.weight",
-    "ghost_up_layers.2.layers.2.cheap.bn.running_mean", "proj.conv.weight", "proj.bn.weight", "trans.bias",
+    "layer_slcts.3.primary.0.weight",
+    "layer_slcts.0.primary.1.running_var",
+    "layer_slcts.1.cheap.0.bias",
+    "layer_slcts.2.layer_channel_slct.2.weight",
+    "layer_slcts.0.conv_out.weight",
+    "norms.2.weight",
+    "laterals.3.weight",
+    "learner.0.weight",
+    "learner.1.weight",
+    "token_emb.3.cls_learner.weight",
+    "token_emb.0.cls_learner.bias",
+    "transfer.1.norm_low.weight",
+    "transfer.2.norm_high.bias",
+    "transfer.0.norm_mlp.weight",
+    "transfer.0.cross_attn.q.depthwise_conv.conv.weight",
+    "transfer.2.cross_attn.q.pointwise_conv.conv.bias",
+    "transfer.1.cross_attn.kv.weight",
+    "transfer.0.cross_attn.proj.bias",
+    "transfer.2.mlp.4.weight",
+    "transfer.0.mlp.1.bias",
+    "gated_tokens.2.dynamic_layer.weight",
+    "gated_tokens.0.input_layer.bias",
+    "gated_tokens.1.update_gate.weight",
+    "gated_tokens.0.fc_layer.weight",
+    "gated_tokens.2.norm_in.weight",
+    "gated_tokens.1.norm_out.bias",
+    "gated_tokens.0.fc_norm.weight",
+    "ghost_up_layers.0.layers.0.primary.conv.weight",
+    "ghost_up_layers.2.layers.2.cheap.bn.running_mean",
+    "proj.conv.weight",
+    "proj.bn.weight",
+    "trans.bias",
     "conv_seg.weight",
 ]
 
@@ -384,7 +422,9 @@ def test_converter_loads_official_names_and_shapes():
         fresh.layer_slcts[1].layer_channel_slct[0].weight,
         official["decode_head.layer_slcts.1.layer_channel_slct.0.weight"].flatten(1),
     )
-    torch.testing.assert_close(fresh.gated_tokens[2].dynamic_layer.weight, official["decode_head.gated_tokens.2.dynamic_layer.weight"])
+    torch.testing.assert_close(
+        fresh.gated_tokens[2].dynamic_layer.weight, official["decode_head.gated_tokens.2.dynamic_layer.weight"]
+    )
     # backbone weights are the model's own (the official backbone uses mmseg names)
     torch.testing.assert_close(fresh.backbone.state_dict(), model.backbone.state_dict())
     x = torch.randn(1, 3, 64, 64)

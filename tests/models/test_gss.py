@@ -387,10 +387,12 @@ def _dalle_pickles(tmp_path):
 def test_dalle_parity_with_official_package(tmp_path):
     enc, dec = _dalle_pickles(tmp_path)
     ours = DalleDVAE(n_hid=64, vocab_size=512)
-    f_enc = convert_dalle_pickle(tmp_path / "encoder.pkl", tmp_path / "enc.safetensors", trust_pickle=True,
-                                 prefix="encoder.")
-    f_dec = convert_dalle_pickle(tmp_path / "decoder.pkl", tmp_path / "dec.safetensors", trust_pickle=True,
-                                 prefix="decoder.")
+    f_enc = convert_dalle_pickle(
+        tmp_path / "encoder.pkl", tmp_path / "enc.safetensors", trust_pickle=True, prefix="encoder."
+    )
+    f_dec = convert_dalle_pickle(
+        tmp_path / "decoder.pkl", tmp_path / "dec.safetensors", trust_pickle=True, prefix="decoder."
+    )
     from safetensors.torch import load_file
 
     state = {**load_file(f_enc), **load_file(f_dec)}
@@ -446,8 +448,14 @@ def test_dalle_tokenizer_in_gss_geometry():
     # Paper geometry at test size: tokens at 1/4, maskige at 2x the input, 8x decoder.
     torch.manual_seed(SEED)
     head = {"channels": 16, "fused": 32, "depth": 2, "heads": 4, "window": 7, "hidden": 32, "pixel_channels": 16}
-    model = GSSSegmenter("resnet18", num_classes=5, tokenizer="dalle", maskige_scale=2, head_kwargs=head,
-                         tokenizer_kwargs={"n_hid": 64, "vocab_size": 512, "n_init": 32}).eval()
+    model = GSSSegmenter(
+        "resnet18",
+        num_classes=5,
+        tokenizer="dalle",
+        maskige_scale=2,
+        head_kwargs=head,
+        tokenizer_kwargs={"n_hid": 64, "vocab_size": 512, "n_init": 32},
+    ).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         st = model.stages(x)
@@ -471,7 +479,9 @@ def test_cli_commands(tmp_path, capsys):
     args = parser.parse_args(["gss", "convert-dalle", str(tmp_path / "m.pkl"), str(tmp_path / "o.safetensors")])
     with pytest.raises(ValueError, match="trust_pickle"):
         args.func(args)
-    args = parser.parse_args(["gss", "roundtrip", "gss_ff_resnet18", "--length", "2", "--json", str(tmp_path / "r.json")])
+    args = parser.parse_args(
+        ["gss", "roundtrip", "gss_ff_resnet18", "--length", "2", "--json", str(tmp_path / "r.json")]
+    )
     assert args.func(args) == 0
     assert "round-trip upper bound" in capsys.readouterr().out and (tmp_path / "r.json").exists()
     args = parser.parse_args(["gss", "roundtrip", "fpn_resnet18", "--length", "2"])
@@ -490,8 +500,25 @@ def test_cli_fit_tokenizer_records_what_it_was_fitted_on(on, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_gss_commands(parser.add_subparsers(dest="command"))
     out = tmp_path / f"tok_{on}.safetensors"
-    args = parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--on", on, "--out", str(out), "--steps", "2",
-                              "--batch-size", "2", "--length", "2", "--json", str(tmp_path / "r.json")])
+    args = parser.parse_args(
+        [
+            "gss",
+            "fit-tokenizer",
+            "gss_ff_resnet18",
+            "--on",
+            on,
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--length",
+            "2",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert args.func(args) == 0
     assert read_metadata(out)[TOKENIZER_TRAINED_ON] == on
     assert json.loads((tmp_path / "r.json").read_text())["tokenizer_trained_on"] == on
@@ -502,8 +529,18 @@ def test_cli_fit_tokenizer_records_what_it_was_fitted_on(on, tmp_path, capsys):
     with pytest.raises(ValueError, match="exists"):
         args.func(args)
     assert parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--out", "x"]).on == "images"  # the default
-    args = parser.parse_args(["gss", "fit-tokenizer", "gss_ff_resnet18", "--on", "masks", "--colour-augment",
-                              "--out", str(tmp_path / "never.safetensors")])
+    args = parser.parse_args(
+        [
+            "gss",
+            "fit-tokenizer",
+            "gss_ff_resnet18",
+            "--on",
+            "masks",
+            "--colour-augment",
+            "--out",
+            str(tmp_path / "never.safetensors"),
+        ]
+    )
     with pytest.raises(ValueError, match="--on images only"):
         args.func(args)
     assert not (tmp_path / "never.safetensors").exists()

@@ -18,8 +18,18 @@ from fastseg.models.mask2former_criterion import (
     targets_from_batch,
 )
 
-TINY = {"num_queries": 6, "hidden_dim": 32, "mask_dim": 32, "num_heads": 2, "ffn_dim": 64, "dec_layers": 3,
-        "enc_layers": 1, "enc_heads": 2, "enc_ffn_dim": 64, "train_num_points": 256}
+TINY = {
+    "num_queries": 6,
+    "hidden_dim": 32,
+    "mask_dim": 32,
+    "num_heads": 2,
+    "ffn_dim": 64,
+    "dec_layers": 3,
+    "enc_layers": 1,
+    "enc_heads": 2,
+    "enc_ffn_dim": 64,
+    "train_num_points": 256,
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,12 @@ def test_triton_decoder_equals_torch(count_fastseg_ops, triton_device):
 def test_semantic_output_is_the_mask_class_product(model):
     x = torch.randn(2, 3, 64, 64)
     cls, masks = model.forward_raw(x)
-    assert cls.shape == (2, TINY["num_queries"], model.num_classes + 1) and masks.shape == (2, TINY["num_queries"], 16, 16)
+    assert cls.shape == (2, TINY["num_queries"], model.num_classes + 1) and masks.shape == (
+        2,
+        TINY["num_queries"],
+        16,
+        16,
+    )
     expected = torch.einsum("bqk,bqhw->bkhw", cls.softmax(-1)[..., :-1], masks.sigmoid())
     torch.testing.assert_close(model(x), expected)
     assert model.predict(x).shape == (2, 64, 64)
@@ -158,7 +173,9 @@ def test_matcher_finds_the_optimal_assignment():
     q, k, m = 5, 4, 3
     logits = torch.randn(1, q, k + 1, generator=g)
     pred_masks = torch.randn(1, q, 8, 8, generator=g) * 3
-    tgt = SegmentTargets(torch.tensor([0, 2, 3]), torch.rand(m, 8, 8, generator=g) > 0.5, torch.ones(8, 8, dtype=torch.bool))
+    tgt = SegmentTargets(
+        torch.tensor([0, 2, 3]), torch.rand(m, 8, 8, generator=g) > 0.5, torch.ones(8, 8, dtype=torch.bool)
+    )
     # full-coverage point sets make the cost deterministic: use every pixel centre as a point
     rows, cols = matcher(logits, pred_masks, [tgt], generator=torch.Generator().manual_seed(1))[0]
     assert sorted(cols.tolist()) == [0, 1, 2] and len(set(rows.tolist())) == 3
@@ -166,6 +183,7 @@ def test_matcher_finds_the_optimal_assignment():
     gen = torch.Generator().manual_seed(1)
     coords = torch.rand(1, 64, 2, generator=gen)
     from fastseg.models.mask2former_criterion import point_sample
+
     p = point_sample(pred_masks[0][:, None], coords.expand(q, -1, -1))[:, 0]
     t = point_sample(tgt.masks[:, None].float(), coords.expand(m, -1, -1))[:, 0]
     bce = torch.nn.functional.binary_cross_entropy_with_logits

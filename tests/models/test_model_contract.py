@@ -29,8 +29,14 @@ LARGE = ("*resnet50", "*resnet101", "*swin_*", "*mit_b[1-5]")
 # on this loaded 2-core machine: 15-80 s per compile, 30-200 s per export; the rest run under `-m slow`). FPN's
 # ONNX parity runs in the default tier of tests/export/test_onnx_export.py (fpn_resnet18, fpn_mit_b0,
 # mask2former_resnet18), not again.
-REPRESENTATIVES = {"ecenet_resnet18", "fpn_resnet18", "gss_ff_resnet18", "mask2former_resnet18", "s4mim_resnet18",
-                   "unimatch_resnet18"}
+REPRESENTATIVES = {
+    "ecenet_resnet18",
+    "fpn_resnet18",
+    "gss_ff_resnet18",
+    "mask2former_resnet18",
+    "s4mim_resnet18",
+    "unimatch_resnet18",
+}
 ONNX_ELSEWHERE = {"fpn_resnet18", "mask2former_resnet18"}
 # Semi-supervised methods train on labelled + unlabelled batches: their loss needs the unlabelled images.
 SEMI_SUPERVISED = ("s4mim_*", "unimatch_*")
@@ -48,13 +54,13 @@ UNUSED_PARAMETERS: dict[str, dict[str, str]] = {
 # resized logits on most pixels (the two differ along edges only).
 PREDICT_NOT_RESIZED_LOGITS = {
     "mask2former_*": "official Mask2Former inference resizes the mask logits before the sigmoid (2.4 mIoU points "
-                     "better on the shapes world; see fastseg/models/mask2former.py)",
+    "better on the shapes world; see fastseg/models/mask2former.py)",
 }
 # Models whose logits do not depend on the input at initialisation, with the reason: output-level comparisons cannot
 # tell two inputs apart on them (the stage-level checks live in their own test file). Checked to stay true.
 CONSTANT_AT_INIT = {
     "gss_*": "an untrained maskige tokenizer decodes every token to one colour, so every pixel gets one class "
-             "(tests/models/test_gss.py checks the stages)",
+    "(tests/models/test_gss.py checks the stages)",
 }
 
 
@@ -63,8 +69,10 @@ def _matches(name: str, patterns) -> bool:
 
 
 def _params(extra_slow=lambda name: False) -> list:
-    return [pytest.param(n, id=n, marks=(pytest.mark.slow,) if _matches(n, LARGE) or extra_slow(n) else ())
-            for n in fastseg.list_models()]
+    return [
+        pytest.param(n, id=n, marks=(pytest.mark.slow,) if _matches(n, LARGE) or extra_slow(n) else ())
+        for n in fastseg.list_models()
+    ]
 
 
 def _batch(name: str, h: int, w: int, b: int = 2) -> dict[str, torch.Tensor]:
@@ -73,8 +81,11 @@ def _batch(name: str, h: int, w: int, b: int = 2) -> dict[str, torch.Tensor]:
     mask[:, :2] = 255  # some ignore pixels
     batch = {"image": torch.randn(b, 3, h, w, generator=g), "mask": mask}
     if _matches(name, SEMI_SUPERVISED):
-        batch.update(image_u=torch.randn(b, 3, h, w, generator=g), image_u_mix=torch.randn(b, 3, h, w, generator=g),
-                     aug_seed=torch.arange(b, dtype=torch.int64) + SEED)
+        batch.update(
+            image_u=torch.randn(b, 3, h, w, generator=g),
+            image_u_mix=torch.randn(b, 3, h, w, generator=g),
+            aug_seed=torch.arange(b, dtype=torch.int64) + SEED,
+        )
     return batch
 
 
@@ -140,7 +151,8 @@ class TestModelContract:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)  # same maths, possibly other conv algorithms
         sees_padding = not torch.allclose(out, noisy_ref, rtol=1e-3, atol=1e-4)
         assert sees_padding != _matches(name, CONSTANT_AT_INIT), (
-            "the padded content changes nothing" if not sees_padding else "listed in CONSTANT_AT_INIT but is not")
+            "the padded content changes nothing" if not sees_padding else "listed in CONSTANT_AT_INIT but is not"
+        )
 
     def test_loss_keys_and_total(self, name, model):
         model.train()
@@ -181,11 +193,18 @@ class TestModelContract:
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x))  # same weights, same computation: identical
 
-    @pytest.mark.parametrize("compile_case", [
-        pytest.param((n, backend), id=f"{n}-{backend}",
-                     marks=() if backend == "aot_eager" and n in REPRESENTATIVES else (pytest.mark.slow,))
-        for n in fastseg.list_models() for backend in ("aot_eager", "inductor")
-    ])
+    @pytest.mark.parametrize(
+        "compile_case",
+        [
+            pytest.param(
+                (n, backend),
+                id=f"{n}-{backend}",
+                marks=() if backend == "aot_eager" and n in REPRESENTATIVES else (pytest.mark.slow,),
+            )
+            for n in fastseg.list_models()
+            for backend in ("aot_eager", "inductor")
+        ],
+    )
     def test_torch_compile_forward(self, compile_case):
         # aot_eager (default tier, one model per family): Dynamo captures forward as one graph (fullgraph: no graph
         # break) and AOTAutograd traces it with fake tensors (every fused op's fake). Inductor (slow tier) also

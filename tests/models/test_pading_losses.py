@@ -166,8 +166,17 @@ K, SEEN, UNSEEN, D = 6, [0, 1, 3, 4], [2, 5], 16
 def make_head(**kw):
     torch.manual_seed(0)
     emb = torch.randn(K, 10)
-    opts = dict(dim=D, num_primitives=12, num_layers=2, heads=2, ffn_dim=32, trans_dropout=0.0, ed_dropout=0.0,
-                structure_weight=0.3, num_choose=1)
+    opts = dict(
+        dim=D,
+        num_primitives=12,
+        num_layers=2,
+        heads=2,
+        ffn_dim=32,
+        trans_dropout=0.0,
+        ed_dropout=0.0,
+        structure_weight=0.3,
+        num_choose=1,
+    )
     opts.update(kw)
     return PADingHead(emb, SEEN, UNSEEN, **opts)
 
@@ -195,17 +204,27 @@ def plain_structure(head, fs, fu, a_all, labels, zs, zu):
 
     r_s, u_s, r_u, u_u = enc(er, fs), enc(eu, fs), enc(er, fu), enc(eu, fu)
     a_s, a_u = a_all[labels], a_all[UNSEEN]
-    rec = ((decode(torch.cat([r_s, u_s], 1)) - fs).abs().mean() + (decode(torch.cat([r_u, u_u], 1)) - fu).abs().mean()) / 2
+    rec = (
+        (decode(torch.cat([r_s, u_s], 1)) - fs).abs().mean() + (decode(torch.cat([r_u, u_u], 1)) - fu).abs().mean()
+    ) / 2
     unrel = 0.25 * (plain_kl(u_s, zs) + plain_kl(u_u, zu))
     rel_loss = 0.1 * (plain_ce(relation(r_s, a_all), labels) + plain_ce(relation(r_u, a_u), torch.arange(2)))
 
     def cos(x, y):
         return (x / x.norm(dim=1, keepdim=True)) @ (y / y.norm(dim=1, keepdim=True)).t()
 
-    align = (plain_kl(cos(r_s, r_s), cos(a_s, a_s)) + plain_kl(cos(r_u, r_u), cos(a_u, a_u))
-             + plain_kl(cos(r_s, r_u), cos(a_s, a_u))) / 3
-    return {"rec": rec, "unrelated": unrel, "relation": rel_loss, "align": align,
-            "structure": align + unrel + rel_loss + 0.5 * rec}
+    align = (
+        plain_kl(cos(r_s, r_s), cos(a_s, a_s))
+        + plain_kl(cos(r_u, r_u), cos(a_u, a_u))
+        + plain_kl(cos(r_s, r_u), cos(a_s, a_u))
+    ) / 3
+    return {
+        "rec": rec,
+        "unrelated": unrel,
+        "relation": rel_loss,
+        "align": align,
+        "structure": align + unrel + rel_loss + 0.5 * rec,
+    }
 
 
 def test_structure_losses_match_plain_recomputation():

@@ -43,10 +43,13 @@ def _semi_batch(b_l: int = 1, b_u: int = 1, size: int = 32, seed: int = 0) -> di
     g = _gen(seed)
     mask = torch.randint(0, K, (b_l, size, size), generator=g)
     mask[:, :2] = 255
-    return {"image": torch.randn(b_l, 3, size, size, generator=g), "mask": mask,
-            "image_u": torch.randn(b_u, 3, size, size, generator=g),
-            "image_u_mix": torch.randn(b_u, 3, size, size, generator=g),
-            "aug_seed": torch.arange(b_l, dtype=torch.int64) + 100 * seed}
+    return {
+        "image": torch.randn(b_l, 3, size, size, generator=g),
+        "mask": mask,
+        "image_u": torch.randn(b_u, 3, size, size, generator=g),
+        "image_u_mix": torch.randn(b_u, 3, size, size, generator=g),
+        "aug_seed": torch.arange(b_l, dtype=torch.int64) + 100 * seed,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,8 +250,7 @@ def _many_class_labels(b: int = 2, size: int = 40, classes: int = 10) -> torch.T
     """Cityscapes-like class maps: ``classes`` vertical stripes per image (each image its own class order)."""
     assert size % classes == 0
     cols = torch.arange(size) // (size // classes)
-    return torch.stack([torch.randperm(classes, generator=_gen(20 + i))[cols].expand(size, size)
-                        for i in range(b)])
+    return torch.stack([torch.randperm(classes, generator=_gen(20 + i))[cols].expand(size, size) for i in range(b)])
 
 
 def test_default_budget_covers_every_class_where_the_old_cap_did_not():
@@ -295,12 +297,20 @@ def _plain_agg(feats, labels, masked, num_classes):
     return torch.stack(dists).mean()
 
 
-@pytest.mark.parametrize("mim,mim_input,normalize", [("classwise", "per_class", False), ("classwise", "single", True),
-                                                     ("plain", "single", False), ("plain", "per_class", False)])
+@pytest.mark.parametrize(
+    "mim,mim_input,normalize",
+    [
+        ("classwise", "per_class", False),
+        ("classwise", "single", True),
+        ("plain", "single", False),
+        ("plain", "per_class", False),
+    ],
+)
 def test_mim_terms_equal_plain_computation(mim, mim_input, normalize):
     torch.manual_seed(SEED)
-    model = fastseg.create_model("s4mim_resnet18", num_classes=K, mim=mim, mim_input=mim_input,
-                                 normalize_target=normalize, impl="torch", **SMALL).eval()
+    model = fastseg.create_model(
+        "s4mim_resnet18", num_classes=K, mim=mim, mim_input=mim_input, normalize_target=normalize, impl="torch", **SMALL
+    ).eval()
     images = torch.randn(2, 3, 32, 32, generator=_gen(5))
     labels = _blocks_labels()
     labels[0, :3, :5] = 4  # a small extra region inside one patch
@@ -506,8 +516,9 @@ def test_unlabelled_masks_never_reach_the_loss():
     world = ShapesConfig(image_size=32)
     lab = ShapesDataset("train", length=64, config=world, subset="labelled", labelled_fraction=0.25)
     unl = ShapesDataset("train", length=64, config=world, subset="unlabelled", labelled_fraction=0.25)
-    bad = ShapesDataset("train", length=64, config=world, subset="unlabelled", labelled_fraction=0.25,
-                        transform=_corrupt)
+    bad = ShapesDataset(
+        "train", length=64, config=world, subset="unlabelled", labelled_fraction=0.25, transform=_corrupt
+    )
     clean, corrupted = SemiSupervisedPairs(lab, unl, length=100), SemiSupervisedPairs(lab, bad, length=100)
     items = [clean[i] for i in range(2)]
     assert set(items[0]) == {"image", "mask", "image_u", "image_u_mix", "aug_seed"}
@@ -534,12 +545,14 @@ def test_pairs_are_deterministic_and_validate():
 
 
 def test_build_training_recipes():
-    model, pairs, loss_fn = build_training("s4mim_resnet18", world=ShapesConfig(image_size=32),
-                                           labelled_fraction=0.125, train_length=64, **SMALL)
+    model, pairs, loss_fn = build_training(
+        "s4mim_resnet18", world=ShapesConfig(image_size=32), labelled_fraction=0.125, train_length=64, **SMALL
+    )
     assert isinstance(model, S4MIM) and isinstance(pairs, SemiSupervisedPairs) and loss_fn is s4mim_loss
     assert len(pairs.labelled) == 8 and len(pairs.unlabelled) == 56
-    _, labelled, fn = build_training("unimatch_resnet18", labelled_fraction=0.125, train_length=64,
-                                     semi_supervised=False, **SMALL)
+    _, labelled, fn = build_training(
+        "unimatch_resnet18", labelled_fraction=0.125, train_length=64, semi_supervised=False, **SMALL
+    )
     assert fn is None and len(labelled) == 8 and labelled.subset == "labelled"
     with pytest.raises(ValueError, match="labelled_fraction"):
         build_training("s4mim_resnet18", labelled_fraction=1.0, **SMALL)
@@ -552,19 +565,29 @@ def test_engine_trains_on_pairs():
 
     world = ShapesConfig(image_size=32)
     torch.manual_seed(SEED)
-    model, pairs, loss_fn = build_training("s4mim_resnet18", world=world, labelled_fraction=0.25, train_length=32,
-                                           pairs_length=16, tau=0.0, **SMALL)
+    model, pairs, loss_fn = build_training(
+        "s4mim_resnet18", world=world, labelled_fraction=0.25, train_length=32, pairs_length=16, tau=0.0, **SMALL
+    )
     cfg = TrainConfig(steps=2, batch_size=2, out_dir=None, progress=False, device="cpu", log_every=1)
     result = train(model, pairs, cfg, loss_fn=loss_fn)
     assert len(result.history) == 2 and all("rec" in r and "s1" in r for r in result.history)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"mim": "random"}, "mim"), ({"semantic_mim": "x"}, "semantic_mim"),
-                                          ({"mask_ratio": 0.0}, "mask_ratio"), ({"patch_size": 0}, "patch_size"),
-                                          ({"impl": "cuda"}, "impl"), ({"weights": (1.0, -1.0, 0.0)}, "weights"),
-                                          ({"tau": 1.5}, "tau"), ({"mask_ownership": "patch"}, "mask_ownership"),
-                                          ({"mim_budget": 0.0}, "mim_budget"),
-                                          ({"mask_signal": "noise"}, "mask_signal")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mim": "random"}, "mim"),
+        ({"semantic_mim": "x"}, "semantic_mim"),
+        ({"mask_ratio": 0.0}, "mask_ratio"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"impl": "cuda"}, "impl"),
+        ({"weights": (1.0, -1.0, 0.0)}, "weights"),
+        ({"tau": 1.5}, "tau"),
+        ({"mask_ownership": "patch"}, "mask_ownership"),
+        ({"mim_budget": 0.0}, "mim_budget"),
+        ({"mask_signal": "noise"}, "mask_signal"),
+    ],
+)
 def test_bad_options_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastseg.create_model("s4mim_resnet18", num_classes=K, **SMALL, **kwargs)

@@ -38,9 +38,11 @@ SIDES = (32, 64, 128)  # feature-map sides at 512x512 input: strides 16, 8, 4
 def _runner(forward: Callable[[], Any], inputs: dict, mode: str) -> Callable[[], Any]:
     """``fwd``: the forward under no_grad; ``fwd_bwd``: forward then gradients of q, k, v."""
     if mode == "fwd":
+
         def run() -> Any:
             with torch.no_grad():
                 return forward()
+
         return run
     leaves = (inputs["q"], inputs["k"], inputs["v"])
 
@@ -48,6 +50,7 @@ def _runner(forward: Callable[[], Any], inputs: dict, mode: str) -> Callable[[],
         outs = forward()
         outs = outs if isinstance(outs, tuple) else (outs,)
         return torch.autograd.grad(outs, leaves, inputs["cotangents"][: len(outs)])
+
     return run_bwd
 
 
@@ -108,11 +111,17 @@ def _pixel_case(device: torch.device, smoke: bool, side: int, mode: str, dtype: 
     bwd_bytes = elem * (3 * qo + 4 * kv + mean)  # q, k, v, dout, dmean in; dq, dk, dv out
     mac = bsz * heads * n * num_k * dim
     return KernelCase(
-        family=FAMILY, op="pixel_class_attention", shape_id=shape_id, make_inputs=make_inputs,
+        family=FAMILY,
+        op="pixel_class_attention",
+        shape_id=shape_id,
+        make_inputs=make_inputs,
         providers=_providers(device, smoke, mode, triton_fn, ref_fn, sdpa_fn),
         flops=4.0 * mac if mode == "fwd" else 12.0 * mac,
         min_bytes=float(fwd_bytes if mode == "fwd" else fwd_bytes + bwd_bytes),
-        mode=mode, dtype=dtype, reference="torch", quick=side == (64 if device.type == "cuda" else 32),
+        mode=mode,
+        dtype=dtype,
+        reference="torch",
+        quick=side == (64 if device.type == "cuda" else 32),
     )
 
 
@@ -150,11 +159,17 @@ def _masked_case(device: torch.device, smoke: bool, side: int, mode: str, dtype:
     bwd_bytes = elem * (4 * qo + 4 * kv) + mask_bytes + 4 * bsz * heads * num_q  # q, k, v, out, dout, mask, lse; grads
     mac = bsz * heads * num_q * n * dim
     return KernelCase(
-        family=FAMILY, op="masked_class_attention", shape_id=shape_id, make_inputs=make_inputs,
+        family=FAMILY,
+        op="masked_class_attention",
+        shape_id=shape_id,
+        make_inputs=make_inputs,
         providers=_providers(device, smoke, mode, triton_fn, ref_fn, sdpa_fn),
         flops=4.0 * mac if mode == "fwd" else 12.0 * mac,
         min_bytes=float(fwd_bytes if mode == "fwd" else fwd_bytes + bwd_bytes),
-        mode=mode, dtype=dtype, reference="torch", quick=side == (64 if device.type == "cuda" else 32),
+        mode=mode,
+        dtype=dtype,
+        reference="torch",
+        quick=side == (64 if device.type == "cuda" else 32),
     )
 
 

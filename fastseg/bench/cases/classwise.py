@@ -46,8 +46,9 @@ FAMILY = "classwise"
 IGNORE = 255
 
 
-def _class_inputs(dev: torch.device, batch: int, height: int, width: int, num_classes: int,
-                  patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_inputs(
+    dev: torch.device, batch: int, height: int, width: int, num_classes: int, patch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocky class maps (regions of ~1/8 of the side), 5% ignore pixels, and a class-wise patch mask."""
     gen = torch.Generator(device=dev).manual_seed(0)
     coarse = torch.randint(0, num_classes, (batch, 1, 8, 8), device=dev, generator=gen).float()
@@ -57,8 +58,9 @@ def _class_inputs(dev: torch.device, batch: int, height: int, width: int, num_cl
     return labels, masked
 
 
-def _runner(device: torch.device, mode: str, forward: Callable[[dict], torch.Tensor], grad_of: str,
-            interpret: bool = False) -> Callable[[dict], Callable[[], Any]]:
+def _runner(
+    device: torch.device, mode: str, forward: Callable[[dict], torch.Tensor], grad_of: str, interpret: bool = False
+) -> Callable[[dict], Callable[[], Any]]:
     """``inputs -> callable`` running ``forward`` (fwd) or forward + gradient w.r.t. ``inputs[grad_of]`` (fwd_bwd)."""
 
     def factory(inputs: dict) -> Callable[[], Any]:
@@ -81,8 +83,16 @@ def _runner(device: torch.device, mode: str, forward: Callable[[dict], torch.Ten
 # -------------------------------------------------------------------------------------------------- classwise_reduce
 
 
-def _reduce_case(device: torch.device, smoke: bool, mode: str, batch: int, channels: int, size: int,
-                 num_classes: int, dtype: torch.dtype) -> KernelCase:
+def _reduce_case(
+    device: torch.device,
+    smoke: bool,
+    mode: str,
+    batch: int,
+    channels: int,
+    size: int,
+    num_classes: int,
+    dtype: torch.dtype,
+) -> KernelCase:
     shape_id = f"B{batch}-C{channels}-{size}x{size}-K{num_classes}-{dtype_name(dtype)}"
     if smoke:
         batch, channels, size = 2, 20, 13
@@ -90,13 +100,30 @@ def _reduce_case(device: torch.device, smoke: bool, mode: str, batch: int, chann
 
     def make_inputs(dev: torch.device, dt: torch.dtype) -> dict:
         labels, masked = _class_inputs(dev, batch, size, size, num_classes, patch)
-        return {"features": torch.randn(batch, channels, size, size, device=dev).to(dt), "labels": labels,
-                "masked": masked, "grad_out": torch.randn(batch, num_classes, 2, channels, device=dev)}
+        return {
+            "features": torch.randn(batch, channels, size, size, device=dev).to(dt),
+            "labels": labels,
+            "masked": masked,
+            "grad_out": torch.randn(batch, num_classes, 2, channels, device=dev),
+        }
 
     def fused(deterministic: bool) -> Callable[[dict], Callable[[], Any]]:
-        run = _runner(device, mode, lambda x: classwise_reduce(
-            x["features"], x["labels"], x["masked"], num_classes, IGNORE, deterministic=deterministic,
-            impl="triton", validate=False)[0], "features", interpret=True)
+        run = _runner(
+            device,
+            mode,
+            lambda x: classwise_reduce(
+                x["features"],
+                x["labels"],
+                x["masked"],
+                num_classes,
+                IGNORE,
+                deterministic=deterministic,
+                impl="triton",
+                validate=False,
+            )[0],
+            "features",
+            interpret=True,
+        )
 
         def factory(inputs: dict) -> Callable[[], Any]:
             require_triton(device, smoke)
@@ -107,8 +134,9 @@ def _reduce_case(device: torch.device, smoke: bool, mode: str, batch: int, chann
     def compiled(inputs: dict) -> Callable[[], Any]:
         require_compile(device, smoke)
         fn = torch.compile(classwise_reduce_ref, dynamic=False)
-        return _runner(device, mode, lambda x: fn(x["features"], x["labels"], x["masked"], num_classes)[0],
-                       "features")(inputs)
+        return _runner(device, mode, lambda x: fn(x["features"], x["labels"], x["masked"], num_classes)[0], "features")(
+            inputs
+        )
 
     elem = torch.empty((), dtype=dtype).element_size()
     pixels = batch * size * size
@@ -146,17 +174,35 @@ def _recon_case(device: torch.device, smoke: bool, mode: str, batch: int, size: 
 
     def make_inputs(dev: torch.device, dt: torch.dtype) -> dict:
         labels, masked = _class_inputs(dev, batch, size, size, num_classes, patch)
-        return {"pred": torch.randn(batch, 3, size, size, device=dev).to(dt),
-                "target": torch.rand(batch, 3, size, size, device=dev).to(dt), "labels": labels, "masked": masked,
-                "grad_out": torch.ones((), device=dev)}
+        return {
+            "pred": torch.randn(batch, 3, size, size, device=dev).to(dt),
+            "target": torch.rand(batch, 3, size, size, device=dev).to(dt),
+            "labels": labels,
+            "masked": masked,
+            "grad_out": torch.ones((), device=dev),
+        }
 
     def loss(fn: Callable, **kw: Any) -> Callable[[dict], torch.Tensor]:
-        return lambda x: fn(x["pred"], x["target"], x["labels"], x["masked"], num_classes, IGNORE,
-                            normalize_target=True, patch_size=patch, **kw)[1]
+        return lambda x: fn(
+            x["pred"],
+            x["target"],
+            x["labels"],
+            x["masked"],
+            num_classes,
+            IGNORE,
+            normalize_target=True,
+            patch_size=patch,
+            **kw,
+        )[1]
 
     def fused(deterministic: bool) -> Callable[[dict], Callable[[], Any]]:
-        run = _runner(device, mode, loss(classwise_masked_recon_loss, deterministic=deterministic, impl="triton",
-                                         validate=False), "pred", interpret=True)
+        run = _runner(
+            device,
+            mode,
+            loss(classwise_masked_recon_loss, deterministic=deterministic, impl="triton", validate=False),
+            "pred",
+            interpret=True,
+        )
 
         def factory(inputs: dict) -> Callable[[], Any]:
             require_triton(device, smoke)
@@ -166,8 +212,9 @@ def _recon_case(device: torch.device, smoke: bool, mode: str, batch: int, size: 
 
     def compiled(inputs: dict) -> Callable[[], Any]:
         require_compile(device, smoke)
-        return _runner(device, mode, loss(torch.compile(classwise_masked_recon_loss_ref, dynamic=False)),
-                       "pred")(inputs)
+        return _runner(device, mode, loss(torch.compile(classwise_masked_recon_loss_ref, dynamic=False)), "pred")(
+            inputs
+        )
 
     pixels = batch * size * size
     fwd_bytes = 2 * pixels * 3 * 4 + pixels * 9 + batch * num_classes * 4

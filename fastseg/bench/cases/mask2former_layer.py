@@ -76,10 +76,15 @@ def _case(device: torch.device, smoke: bool, side: int, mode: str, dtype: torch.
         memory = torch.randn(bsz, n, dim, device=dev, dtype=dt, requires_grad=grad)
         mask = torch.rand(bsz, num_q, n, device=dev) < 0.5
         mask[:, ::10] = False
-        return {"layer": layer, "tgt": tgt, "memory": memory, "mask": mask,
-                "pos": torch.randn(bsz, n, dim, device=dev, dtype=dt),
-                "query_pos": torch.randn(bsz, num_q, dim, device=dev, dtype=dt),
-                "cotangent": torch.randn(bsz, num_q, dim, device=dev, dtype=dt)}
+        return {
+            "layer": layer,
+            "tgt": tgt,
+            "memory": memory,
+            "mask": mask,
+            "pos": torch.randn(bsz, n, dim, device=dev, dtype=dt),
+            "query_pos": torch.randn(bsz, num_q, dim, device=dev, dtype=dt),
+            "cotangent": torch.randn(bsz, num_q, dim, device=dev, dtype=dt),
+        }
 
     def provider(attention: str) -> Callable[[dict], Callable[[], Any]]:
         def factory(x: dict) -> Callable[[], Any]:
@@ -90,28 +95,44 @@ def _case(device: torch.device, smoke: bool, side: int, mode: str, dtype: torch.
                 return x["layer"](x["tgt"], x["memory"], x["mask"], x["pos"], x["query_pos"], attention)
 
             if mode == "fwd":
+
                 def run():
                     with torch.no_grad():
                         return forward()
+
                 return run
 
             def run_bwd():
                 return torch.autograd.grad(forward(), (x["tgt"], x["memory"]), x["cotangent"])
+
             return run_bwd
+
         return factory
 
     elem = torch.empty((), dtype=dtype).element_size()
     weights = 4 * dim * dim + 4 * dim * dim + 2 * dim * ffn  # cross (q, k, v, out) + self + FFN
     acts = 2 * bsz * n * dim + 4 * bsz * num_q * dim + bsz * num_q * n  # memory, pos, tgt/pos/out, bool mask
-    macs = bsz * (2 * n * dim * dim + 2 * num_q * dim * dim + 2 * num_q * n * dim  # cross: k, v proj; q, out; attn
-                  + 4 * num_q * dim * dim + 2 * num_q * num_q * dim + 2 * num_q * dim * ffn)  # self + FFN
+    macs = bsz * (
+        2 * n * dim * dim
+        + 2 * num_q * dim * dim
+        + 2 * num_q * n * dim  # cross: k, v proj; q, out; attn
+        + 4 * num_q * dim * dim
+        + 2 * num_q * num_q * dim
+        + 2 * num_q * dim * ffn
+    )  # self + FFN
     fwd_bytes = elem * (weights + acts)
     return KernelCase(
-        family=FAMILY, op="mask2former_decoder_layer", shape_id=shape_id, make_inputs=make_inputs,
+        family=FAMILY,
+        op="mask2former_decoder_layer",
+        shape_id=shape_id,
+        make_inputs=make_inputs,
         providers={"triton": provider("triton"), "torch": provider("torch"), "sdpa": provider("sdpa")},
         flops=2.0 * macs if mode == "fwd" else 6.0 * macs,
         min_bytes=float(fwd_bytes if mode == "fwd" else 2 * fwd_bytes),
-        mode=mode, dtype=dtype, reference="sdpa", quick=side == 32,
+        mode=mode,
+        dtype=dtype,
+        reference="sdpa",
+        quick=side == 32,
     )
 
 

@@ -78,6 +78,7 @@ def _faiss_provider(device: torch.device) -> Callable[[dict], Callable[[], Any]]
         index = faiss.IndexFlatL2(inputs["codebook"].shape[1])
         index.add(inputs["codebook"].float().contiguous().numpy())
         queries = inputs["z"].float().contiguous().numpy()
+
         def search() -> tuple[torch.Tensor, torch.Tensor]:
             dist, idx = index.search(queries, 1)
             return torch.from_numpy(idx[:, 0]), torch.from_numpy(dist[:, 0])  # zero-copy views, as the others

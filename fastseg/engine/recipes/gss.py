@@ -97,8 +97,13 @@ def _fit_vqvae(
             tokenizer.quantizer._update(flat, idx, torch.bincount(idx, minlength=tokenizer.vocab_size).float())
             tokenizer.quantizer.eval()
         if step % log_every == 0 or step == steps - 1:
-            rec = {"step": step, "loss": float(loss.detach()), "mse": float(mse.detach()),
-                   "perplexity": float(out.perplexity), "seconds": time.perf_counter() - start}
+            rec = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "mse": float(mse.detach()),
+                "perplexity": float(out.perplexity),
+                "seconds": time.perf_counter() - start,
+            }
             if extra is not None:
                 rec[extra_name] = float(extra.detach())
             history.append(rec)
@@ -147,15 +152,20 @@ def fit_image_tokenizer(
     def image_of(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         if isinstance(batch, torch.Tensor):
             if batch.dim() != 4 or batch.shape[1] != 3 or not batch.is_floating_point():
-                raise ValueError(f"fit_image_tokenizer: a tensor batch must be float (B, 3, H, W), got "
-                                 f"{batch.dtype} {tuple(batch.shape)}")
+                raise ValueError(
+                    f"fit_image_tokenizer: a tensor batch must be float (B, 3, H, W), got "
+                    f"{batch.dtype} {tuple(batch.shape)}"
+                )
             if float(batch.min()) < 0 or float(batch.max()) > 1:
-                raise ValueError("fit_image_tokenizer: a tensor batch must hold RGB in [0, 1]; pass dataset batches "
-                                 "(mappings with a normalised 'image') to have them unnormalised")
+                raise ValueError(
+                    "fit_image_tokenizer: a tensor batch must hold RGB in [0, 1]; pass dataset batches "
+                    "(mappings with a normalised 'image') to have them unnormalised"
+                )
             return batch.float()
         if not isinstance(batch, Mapping) or "image" not in batch:
-            raise ValueError(f"fit_image_tokenizer: a batch must be a mapping with 'image' or a tensor, got "
-                             f"{type(batch).__name__}")
+            raise ValueError(
+                f"fit_image_tokenizer: a batch must be a mapping with 'image' or a tensor, got {type(batch).__name__}"
+            )
         return unnormalize(batch["image"].float(), mean, std)
 
     def target_of(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -167,8 +177,9 @@ def fit_image_tokenizer(
         invert = torch.rand(image.shape[0]) < 0.5
         return torch.where(invert[:, None, None, None], 1 - image, image)
 
-    return _fit_vqvae(tokenizer, batches, steps, lr, target_of, None, log_every, log, init_codebook,
-                      "fit_image_tokenizer")
+    return _fit_vqvae(
+        tokenizer, batches, steps, lr, target_of, None, log_every, log, init_codebook, "fit_image_tokenizer"
+    )
 
 
 def train_maskige_vqvae(
@@ -204,8 +215,18 @@ def train_maskige_vqvae(
         ce = F.cross_entropy(-d / temperature, m.long(), ignore_index=ignore_index)
         return "palette_ce", palette_ce_weight * ce
 
-    return _fit_vqvae(tokenizer, masks, steps, lr, lambda m: masks_to_maskige(m, palette, ignore_index),
-                      palette_ce, log_every, log, init_codebook, "train_maskige_vqvae")
+    return _fit_vqvae(
+        tokenizer,
+        masks,
+        steps,
+        lr,
+        lambda m: masks_to_maskige(m, palette, ignore_index),
+        palette_ce,
+        log_every,
+        log,
+        init_codebook,
+        "train_maskige_vqvae",
+    )
 
 
 @torch.no_grad()

@@ -47,8 +47,9 @@ __all__ = [
 TASKS = ("panoptic", "instance", "semantic")
 
 
-def seen_only_dataset(world: ShapesConfig, task: str, split: str = "train", length: int | None = None,
-                      seed: int = 0, **kwargs: Any) -> ShapesDataset:
+def seen_only_dataset(
+    world: ShapesConfig, task: str, split: str = "train", length: int | None = None, seed: int = 0, **kwargs: Any
+) -> ShapesDataset:
     """The stage-1 training set of the zero-shot protocol for ``task`` (see the module docstring)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -153,8 +154,9 @@ def _generator_lr_factor(step: int, cfg: Stage2Config) -> float:
     return warm * cfg.generator_gamma ** sum(step >= m for m in cfg.milestones())
 
 
-def train_stage2(model: PADing, dataset: Dataset, cfg: Stage2Config,
-                 metadata: dict[str, str] | None = None) -> Stage2Result:
+def train_stage2(
+    model: PADing, dataset: Dataset, cfg: Stage2Config, metadata: dict[str, str] | None = None
+) -> Stage2Result:
     """Run PADing's stage 2 on ``dataset`` (which must hold seen-class ground truth only, as stage 1's did)."""
     if not isinstance(model, PADing):
         raise ValueError(f"train_stage2 needs a PADing model, got {type(model).__name__}")
@@ -164,8 +166,11 @@ def train_stage2(model: PADing, dataset: Dataset, cfg: Stage2Config,
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    frozen = [p for p in model.segmenter.parameters() if p.requires_grad and p is not model.head.new_fc.weight
-              and p is not model.head.new_fc.bias]
+    frozen = [
+        p
+        for p in model.segmenter.parameters()
+        if p.requires_grad and p is not model.head.new_fc.weight and p is not model.head.new_fc.bias
+    ]
     if frozen:
         raise ValueError(f"{len(frozen)} segmenter parameters still require grad: the segmenter must be frozen")
     head = model.head
@@ -173,8 +178,13 @@ def train_stage2(model: PADing, dataset: Dataset, cfg: Stage2Config,
     # per iteration and the Adam step 3x faster (benchmarks/experiments/pading_stage2_profile.py); same update rule.
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     opt_g = torch.optim.Adam(head.generator_parameters(), lr=cfg.generator_lr, weight_decay=0.0, **fused)
-    opt_c = torch.optim.SGD(head.new_fc.parameters(), lr=cfg.classifier_lr, momentum=cfg.classifier_momentum,
-                            weight_decay=cfg.classifier_weight_decay, **fused)
+    opt_c = torch.optim.SGD(
+        head.new_fc.parameters(),
+        lr=cfg.classifier_lr,
+        momentum=cfg.classifier_momentum,
+        weight_decay=cfg.classifier_weight_decay,
+        **fused,
+    )
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: _generator_lr_factor(s, cfg))
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, 0, cfg.steps)  # type: ignore[arg-type]
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
@@ -218,10 +228,17 @@ def train_stage2(model: PADing, dataset: Dataset, cfg: Stage2Config,
             log.close()
     result.seconds = time.perf_counter() - start
     if out_dir is not None:
-        meta = {"architecture": getattr(model, "model_name", "pading"), "stage": "2", "task": model.task,
-                "class_embeddings": model.embeddings_source, "seen_classes": json.dumps(model.seen_classes),
-                "unseen_classes": json.dumps(model.unseen_classes), "stage2_config": json.dumps(asdict(cfg)),
-                "num_classes": str(model.num_classes), **(metadata or {})}
+        meta = {
+            "architecture": getattr(model, "model_name", "pading"),
+            "stage": "2",
+            "task": model.task,
+            "class_embeddings": model.embeddings_source,
+            "seen_classes": json.dumps(model.seen_classes),
+            "unseen_classes": json.dumps(model.unseen_classes),
+            "stage2_config": json.dumps(asdict(cfg)),
+            "num_classes": str(model.num_classes),
+            **(metadata or {}),
+        }
         result.weights = ckpt.save_weights(model, out_dir / "model.safetensors", meta)
     return result
 
@@ -240,8 +257,9 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 @torch.no_grad()
-def evaluate_zero_shot(model: PADing, dataset: Dataset, tasks: Sequence[str] = TASKS, batch_size: int = 16,
-                       device: str = "cpu") -> dict[str, Any]:
+def evaluate_zero_shot(
+    model: PADing, dataset: Dataset, tasks: Sequence[str] = TASKS, batch_size: int = 16, device: str = "cpu"
+) -> dict[str, Any]:
     """mIoU, PQ / SQ / RQ and mask AP50 (GZSI: thing classes only), each over seen, unseen and their harmonic mean.
 
     The dataset must keep unseen classes (``unseen="keep"``) and carry ``instances`` / ``instance_classes``. The
@@ -262,12 +280,18 @@ def evaluate_zero_shot(model: PADing, dataset: Dataset, tasks: Sequence[str] = T
     if "semantic" in tasks:
         iou = [float(v) for v in evaluate(model, dataset, batch_size=batch_size, device=device, progress=False)["IoU"]]
         s, u = _nanmean([iou[c] for c in seen]), _nanmean([iou[c] for c in unseen])
-        out["semantic"] = {"mIoU": _nanmean(iou), "mIoU_seen": s, "mIoU_unseen": u, "mIoU_harmonic": harmonic_mean(s, u),
-                           "IoU": iou}
+        out["semantic"] = {
+            "mIoU": _nanmean(iou),
+            "mIoU_seen": s,
+            "mIoU_unseen": u,
+            "mIoU_harmonic": harmonic_mean(s, u),
+            "IoU": iou,
+        }
     universal = [t for t in ("panoptic", "instance") if t in tasks]
     if universal:
-        res = evaluate_universal(model, dataset, universal, batch_size=batch_size,
-                                 subsets={"seen": seen, "unseen": unseen})
+        res = evaluate_universal(
+            model, dataset, universal, batch_size=batch_size, subsets={"seen": seen, "unseen": unseen}
+        )
         if "panoptic" in res:
             pq = res["panoptic"]
             pan: dict[str, Any] = {"PQ": pq["PQ"], "SQ": pq["SQ"], "RQ": pq["RQ"]}
@@ -278,7 +302,12 @@ def evaluate_zero_shot(model: PADing, dataset: Dataset, tasks: Sequence[str] = T
         if "instance" in res:
             ap = res["instance"]
             s, u = ap["seen"]["AP50"], ap["unseen"]["AP50"]
-            out["instance"] = {"AP50": ap["AP50"], "AP50_seen": s, "AP50_unseen": u, "AP50_harmonic": harmonic_mean(s, u)}
+            out["instance"] = {
+                "AP50": ap["AP50"],
+                "AP50_seen": s,
+                "AP50_unseen": u,
+                "AP50_harmonic": harmonic_mean(s, u),
+            }
     return out
 
 
@@ -288,7 +317,10 @@ def format_zero_shot(metrics: dict[str, Any]) -> str:
     for task, names in (("semantic", ("mIoU",)), ("panoptic", ("PQ", "SQ", "RQ")), ("instance", ("AP50",))):
         for name in names if task in metrics else ():
             m = metrics[task]
-            rows.append((f"{name} ({task})", *(f"{100 * m[f'{name}_{s}']:.1f}" for s in ("seen", "unseen", "harmonic"))))
+            rows.append(
+                (f"{name} ({task})", *(f"{100 * m[f'{name}_{s}']:.1f}" for s in ("seen", "unseen", "harmonic")))
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )

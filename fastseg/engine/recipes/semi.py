@@ -22,9 +22,16 @@ def s4mim_loss(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tenso
     return model.loss(batch)
 
 
-def build_training(model_name: str, world: Any = None, labelled_fraction: float = 1.0, seed: int = 0,
-                   train_length: int | None = None, pairs_length: int = 10**6, semi_supervised: bool | None = None,
-                   **model_kwargs: Any) -> tuple[nn.Module, Any, Any]:
+def build_training(
+    model_name: str,
+    world: Any = None,
+    labelled_fraction: float = 1.0,
+    seed: int = 0,
+    train_length: int | None = None,
+    pairs_length: int = 10**6,
+    semi_supervised: bool | None = None,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, Any, Any]:
     """Model, training set and ``loss_fn`` for training ``model_name`` on the shapes world at ``labelled_fraction``.
 
     UniMatch / S4MIM models (``semi_supervised`` None or True) get `SemiSupervisedPairs` of the labelled and unlabelled
@@ -48,11 +55,14 @@ def build_training(model_name: str, world: Any = None, labelled_fraction: float 
         raise ValueError(f"labelled_fraction must lie in (0, 1], got {labelled_fraction!r}")
     world = world or ShapesConfig()
     model = create_model(model_name, num_classes=world.num_classes, **model_kwargs)
-    labelled = ShapesDataset("train", length=train_length, config=world, seed=seed, subset="labelled",
-                             labelled_fraction=labelled_fraction)
+    labelled = ShapesDataset(
+        "train", length=train_length, config=world, seed=seed, subset="labelled", labelled_fraction=labelled_fraction
+    )
     if len(labelled) == 0:
-        raise ValueError(f"labelled_fraction={labelled_fraction} leaves no labelled image in a train split of "
-                         f"{train_length or 'default'} samples")
+        raise ValueError(
+            f"labelled_fraction={labelled_fraction} leaves no labelled image in a train split of "
+            f"{train_length or 'default'} samples"
+        )
     semi = isinstance(model, DeepLabV3PlusSemi) if semi_supervised is None else semi_supervised
     if not semi:
         return model, labelled, None
@@ -60,6 +70,7 @@ def build_training(model_name: str, world: Any = None, labelled_fraction: float 
         raise ValueError(f"{model_name} has no semi-supervised loss; use a unimatch_* or s4mim_* model")  # noqa: TRY004
     if labelled_fraction >= 1.0:
         raise ValueError("semi-supervised training needs unlabelled images: labelled_fraction must be < 1")
-    unlabelled = ShapesDataset("train", length=train_length, config=world, seed=seed, subset="unlabelled",
-                               labelled_fraction=labelled_fraction)
+    unlabelled = ShapesDataset(
+        "train", length=train_length, config=world, seed=seed, subset="unlabelled", labelled_fraction=labelled_fraction
+    )
     return model, SemiSupervisedPairs(labelled, unlabelled, length=pairs_length, seed=seed), s4mim_loss
