@@ -260,6 +260,21 @@ def render_bench(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_ci(name: str, root: Path) -> str:
+    """A recorded run of `.ci/run` on a fresh clone: what it ran, counts and times."""
+    r = _load(root / RESULTS / f"{name}.json")
+    unit, smoke = r["unit"], r["smoke"]
+    minutes, seconds = divmod(int(r["wall_s_total"]), 60)
+    return (
+        f"On a fresh clone at commit `{r['commit']}` on this 2-core machine, `{r['command']}` took at most {minutes} min "
+        f"{seconds:02d} s in all, exit status {r['exit_code']}:\n"
+        + "".join(f"- {step};\n" for step in r["steps"][:3])
+        + f"- the unit suite: **{unit['passed']} passed, {unit['skipped']} skipped** (GPU and TensorRT tests), "
+        f"{unit['deselected']} deselected (`slow`), in {unit['seconds'] / 60:.1f} min;\n"
+        f"- the benchmark smoke run: {smoke['passed']} passed, {smoke['skipped']} skipped, in {smoke['seconds']:.0f} s.\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "experiment": render_experiment,
     "curve": render_curve,
@@ -271,6 +286,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "loader": render_loader,
     "static": render_static,
     "bench": render_bench,
+    "ci": render_ci,
 }
 
 
