@@ -20,6 +20,7 @@ SUBPACKAGES = [
     "export",
     "bench",
     "bench.cases",
+    "experiments",
     "cli",
 ]
 
