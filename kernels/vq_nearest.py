@@ -59,6 +59,7 @@ from ._utils import (
     pow2,
     ref_chunk_rows,
     resolve_impl,
+    run_on_cpu_threads,
     run_triton_on_cpu,
     tl,
     triton,
@@ -176,7 +177,9 @@ def _with_exact_sqdist(
 #     rows. ``torch.min(dim)`` with indices is ~18x slower than ``torch.amin`` on a CPU, so the index comes in two
 #     levels: ``amin`` over groups of CPU_GROUP codes (one vectorised pass), the first group holding the row's
 #     minimum, then the first code inside that group: the lowest index on ties, as ``argmin``;
-#   * threads: torch's intra-op threads (`torch.set_num_threads`) run every GEMM and reduction of a block.
+#   * threads: the row blocks are shared among `torch.get_num_threads()` threads whose ops run single-threaded
+#     (`run_on_cpu_threads`): a block's scores stay in its core's L2, and a call opens no OpenMP region per op, so
+#     it does not crawl when OpenMP threads spin beside another busy process.
 CPU_BLOCK_ELEMENTS = 2**19
 CPU_CODE_TILE = 4096
 CPU_GROUP = 32
@@ -199,31 +202,36 @@ def _vq_nearest_cpu(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tens
     _check_inputs(z, codebook)
     (n, d), k = z.shape, codebook.shape[0]
     with torch.no_grad():
+        z = z.detach()
         centre, codes_c, code_sq = _prepare_codes(codebook.detach())
         padded = -(-k // CPU_GROUP) * CPU_GROUP  # extra codes: zero rows of norm +inf (never win, as bad codes)
         codes_c = torch.cat([codes_c, codes_c.new_zeros(padded - k, d)])
         code_sq = torch.cat([code_sq, code_sq.new_full((padded - k,), float("inf"))])[:, None]
         tile = min(CPU_CODE_TILE, padded)
         rows = max(1, min(n, CPU_BLOCK_ELEMENTS // tile))
-        buffer = torch.empty(rows * tile, dtype=torch.float32)
-        centred = torch.empty(rows, d, dtype=torch.float32)
-        lanes = torch.arange(rows)
         index = torch.empty(n, dtype=torch.int64)
-        for start in range(0, n, rows):
-            m = min(rows, n - start)
-            zc = torch.sub(z[start : start + m].detach(), centre, out=centred[:m]).t()  # (D, m), fp32
-            for k0 in range(0, padded, tile):
-                width = min(tile, padded - k0)
-                scores = torch.addmm(code_sq[k0 : k0 + width], codes_c[k0 : k0 + width], zc, alpha=-2.0,
-                                     out=buffer[: width * m].view(width, m))  # fmt: skip
-                tile_best, tile_index = _first_min_over_codes(scores, lanes[:m])
-                if k0 == 0:
-                    best, block_index = tile_best, tile_index
-                else:
-                    better = tile_best < best
-                    best = torch.where(better, tile_best, best)
-                    block_index = torch.where(better, tile_index + k0, block_index)
-            index[start : start + m] = block_index
+
+        def search(starts: list[int]) -> None:  # one thread's row blocks, with its own buffers
+            buffer = torch.empty(rows * tile, dtype=torch.float32)
+            centred = torch.empty(rows, d, dtype=torch.float32)
+            lanes = torch.arange(rows)
+            for start in starts:
+                m = min(rows, n - start)
+                zc = torch.sub(z[start : start + m], centre, out=centred[:m]).t()  # (D, m), fp32
+                for k0 in range(0, padded, tile):
+                    width = min(tile, padded - k0)
+                    scores = torch.addmm(code_sq[k0 : k0 + width], codes_c[k0 : k0 + width], zc, alpha=-2.0,
+                                         out=buffer[: width * m].view(width, m))  # fmt: skip
+                    tile_best, tile_index = _first_min_over_codes(scores, lanes[:m])
+                    if k0 == 0:
+                        best, block_index = tile_best, tile_index
+                    else:
+                        better = tile_best < best
+                        best = torch.where(better, tile_best, best)
+                        block_index = torch.where(better, tile_index + k0, block_index)
+                index[start : start + m] = block_index
+
+        run_on_cpu_threads(search, list(range(0, n, rows)))
     return _with_exact_sqdist(z, codebook, index)
 
 

@@ -178,6 +178,37 @@ def test_cpu_path_overflow_nan_scores_never_win(bad, small_cpu_blocks):
     assert torch.equal(index[others], ref_index[others])
 
 
+def test_cpu_path_threads_match_reference_and_keep_thread_counts(small_cpu_blocks, monkeypatch):
+    """With 2 torch threads the row blocks run on 2 worker threads (single-threaded ops); the results, the caller's
+    thread count and the count a thread started afterwards gets are unchanged."""
+    import threading
+
+    z, codebook = _integer_problem(1000, 200, 6, seed=11)
+    ref_index, ref_sqdist = K.vq_nearest_ref(z, codebook)
+    workers = set()
+    real = vq_mod._first_min_over_codes
+
+    def spy(scores, lanes):
+        workers.add((threading.current_thread().name, torch.get_num_threads()))
+        return real(scores, lanes)
+
+    monkeypatch.setattr(vq_mod, "_first_min_over_codes", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():  # the workers follow the caller's mode (writing inference tensors needs it)
+            index, sqdist = K.vq_nearest(z, codebook)
+        counts = []
+        probe = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        assert torch.get_num_threads() == 2 and counts == [2]
+    finally:
+        torch.set_num_threads(before)
+    assert len(workers) == 2 and all(name.startswith("fastseg-cpu") and n == 1 for name, n in workers)
+    assert torch.equal(index, ref_index) and torch.equal(sqdist, ref_sqdist)
+
+
 def test_cpu_path_memory_is_bounded(monkeypatch):
     """No N x K score matrix: every GEMM writes at most CPU_BLOCK_ELEMENTS scores into one reused buffer."""
     z, codebook = torch.randn(3000, 8), torch.randn(5000, 8)
