@@ -201,38 +201,45 @@ def _vq_nearest_cpu(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tens
     """The CPU path: blocked GEMM + two-level running argmin (see above); results as `vq_nearest_ref`."""
     _check_inputs(z, codebook)
     (n, d), k = z.shape, codebook.shape[0]
-    with torch.no_grad():
-        z = z.detach()
-        centre, codes_c, code_sq = _prepare_codes(codebook.detach())
-        padded = -(-k // CPU_GROUP) * CPU_GROUP  # extra codes: zero rows of norm +inf (never win, as bad codes)
+    needs_grad = torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
+    padded = -(-k // CPU_GROUP) * CPU_GROUP  # extra codes: zero rows of norm +inf (never win, as bad codes)
+    tile = min(CPU_CODE_TILE, padded)
+    rows = max(1, min(n, CPU_BLOCK_ELEMENTS // tile))
+    index = torch.empty(n, dtype=torch.int64)
+    sqdist = torch.empty(n, dtype=torch.float32)
+
+    def search(starts: list[int]) -> None:  # one thread's row blocks; every op here, none in the caller
+        codes = codebook.detach().float()
+        centre, codes_c, code_sq = _prepare_codes(codes)  # K x D: cheaper to redo per thread than to share
         codes_c = torch.cat([codes_c, codes_c.new_zeros(padded - k, d)])
         code_sq = torch.cat([code_sq, code_sq.new_full((padded - k,), float("inf"))])[:, None]
-        tile = min(CPU_CODE_TILE, padded)
-        rows = max(1, min(n, CPU_BLOCK_ELEMENTS // tile))
-        index = torch.empty(n, dtype=torch.int64)
+        buffer = torch.empty(rows * tile, dtype=torch.float32)
+        centred = torch.empty(rows, d, dtype=torch.float32)
+        lanes = torch.arange(rows)
+        for start in starts:
+            m = min(rows, n - start)
+            block = z[start : start + m].detach()
+            zc = torch.sub(block, centre, out=centred[:m]).t()  # (D, m), fp32
+            for k0 in range(0, padded, tile):
+                width = min(tile, padded - k0)
+                scores = torch.addmm(code_sq[k0 : k0 + width], codes_c[k0 : k0 + width], zc, alpha=-2.0,
+                                     out=buffer[: width * m].view(width, m))  # fmt: skip
+                tile_best, tile_index = _first_min_over_codes(scores, lanes[:m])
+                if k0 == 0:
+                    best, block_index = tile_best, tile_index
+                else:
+                    better = tile_best < best
+                    best = torch.where(better, tile_best, best)
+                    block_index = torch.where(better, tile_index + k0, block_index)
+            if not bool(torch.isfinite(best).all()):  # a row with NaN / inf never has a finite best: code 0
+                block_index.masked_fill_(_nonfinite_rows(block), 0)
+            index[start : start + m] = block_index
+            diff = block.float() - codes.index_select(0, block_index)  # the winner's exact distance
+            torch.sum(diff.mul_(diff), dim=1, out=sqdist[start : start + m])
 
-        def search(starts: list[int]) -> None:  # one thread's row blocks, with its own buffers
-            buffer = torch.empty(rows * tile, dtype=torch.float32)
-            centred = torch.empty(rows, d, dtype=torch.float32)
-            lanes = torch.arange(rows)
-            for start in starts:
-                m = min(rows, n - start)
-                zc = torch.sub(z[start : start + m], centre, out=centred[:m]).t()  # (D, m), fp32
-                for k0 in range(0, padded, tile):
-                    width = min(tile, padded - k0)
-                    scores = torch.addmm(code_sq[k0 : k0 + width], codes_c[k0 : k0 + width], zc, alpha=-2.0,
-                                         out=buffer[: width * m].view(width, m))  # fmt: skip
-                    tile_best, tile_index = _first_min_over_codes(scores, lanes[:m])
-                    if k0 == 0:
-                        best, block_index = tile_best, tile_index
-                    else:
-                        better = tile_best < best
-                        best = torch.where(better, tile_best, best)
-                        block_index = torch.where(better, tile_index + k0, block_index)
-                index[start : start + m] = block_index
-
+    with torch.no_grad():
         run_on_cpu_threads(search, list(range(0, n, rows)))
-    return _with_exact_sqdist(z, codebook, index)
+    return (index, _exact_sqdist(z, codebook, index)) if needs_grad else (index, sqdist)
 
 
 def _vq_nearest_decomposition(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
