@@ -222,7 +222,12 @@ def test_cpu_path_memory_is_bounded(monkeypatch):
         return real_addmm(*args, **kwargs)
 
     monkeypatch.setattr(vq_mod.torch, "addmm", spy)
-    index, sqdist = vq_mod._vq_nearest_cpu(z, codebook)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, one buffer (other tests may have left more threads: `fastseg bench` sets 2)
+    try:
+        index, sqdist = vq_mod._vq_nearest_cpu(z, codebook)
+    finally:
+        torch.set_num_threads(before)
     assert len(outs) == 3000 // 4 * 5  # 4 rows per block, 5 tiles of at most 1024 codes (5024 padded)
     assert max(o.numel() for o in outs) <= 4096
     assert len({o.untyped_storage().data_ptr() for o in outs}) == 1  # one preallocated buffer
