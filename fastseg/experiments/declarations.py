@@ -100,11 +100,12 @@ def _s4mim(fraction: float, tag: str) -> Experiment:
 S4MIM_1_8 = _s4mim(0.125, "1_8")
 S4MIM_1_16 = _s4mim(0.0625, "1_16")
 
-# GSS. Each tokenizer is fitted once per seed (on the first 900 x 16 training images of that seed's stream), so the
-# seed spread includes the tokenizer's; 900 x 16 at lr 3e-3 is the fit that gave the class-aware tokenizer a 95 %
-# round trip before. GSS-FT-W trains only its learned inverse, starting from the final weights of the GSS-FF job of
-# the same seed, for a quarter of the GSS-FF steps: the paper's ADE20K and MSeg schedules give the X^-1 stage 40k
-# iterations after a 160k GSS-FF run (Cityscapes: 40k after 80k).
+# GSS. Each tokenizer is fitted once per seed, on the first 900 x 16 training images of that seed's stream (images
+# only, or their label maps for the class-aware fit), so the seed spread includes the tokenizer's; 900 x 16 is the
+# total the class-aware tokenizer of the earlier record needed for a 95 % round trip (there in three pieces: lr 3e-3,
+# then 1e-3). GSS-FT-W trains only its learned inverse, starting from the final weights of the GSS-FF job of the same
+# seed, for a quarter of the GSS-FF steps at the same batch and lr: the paper's ADE20K and MSeg schedules give the
+# X^-1 stage 40k iterations after a 160k GSS-FF run (Cityscapes: 40k after 80k).
 _GSS_TOKENIZER = {"tokenizer_steps": 900, "tokenizer_batch": 16, "tokenizer_lr": 3e-3}
 GSS_FTW_STEPS = SHAPES_BUDGET.steps // 4
 
@@ -112,7 +113,7 @@ GSS_SHAPES = Experiment(
     name="gss_shapes",
     title="GSS vs the semantic FPN, ResNet-18 from scratch, frozen small VQ-VAE tokenizer",
     variants=(
-        Variant("fpn_resnet18", "fpn_resnet18", label="`fpn_resnet18` (baseline)", from_experiment="ecenet_vs_fpn"),
+        Variant("fpn_resnet18", "fpn_resnet18", label="`fpn_resnet18`, the baseline", from_experiment="ecenet_vs_fpn"),
         Variant(
             "gss_ff_images",
             "gss_ff_resnet18",
@@ -151,9 +152,20 @@ GSS_SHAPES = Experiment(
         Report("round trip of the class-aware tokenizer (ours)", "gss_ff_masks", "tokenizer_roundtrip_mIoU"),
     ),
     claims=(
-        Claim("GSS-FF (image-only tokenizer) matches or beats the FPN baseline", "gss_ff_images", "fpn_resnet18"),
-        Claim("GSS-FT-W beats the GSS-FF it starts from", "gss_ftw_images", "gss_ff_images"),
-        Claim("GSS-FF with the class-aware tokenizer (ours) vs the FPN baseline", "gss_ff_masks", "fpn_resnet18"),
+        Claim(
+            "GSS-FF with the image-only tokenizer is no more than 1 point below the FPN baseline (the paper: "
+            "competitive with discriminative segmenters)",
+            "gss_ff_images",
+            "fpn_resnet18",
+            -0.01,
+        ),
+        Claim("GSS-FT-W scores above the GSS-FF it starts from", "gss_ftw_images", "gss_ff_images"),
+        Claim(
+            "GSS-FF with the class-aware tokenizer (ours) is no more than 1 point below the FPN baseline",
+            "gss_ff_masks",
+            "fpn_resnet18",
+            -0.01,
+        ),
     ),
     notes=(
         "fpn_resnet18's runs are those of ecenet_vs_fpn (same model, budget, seeds and data order; see reused_runs). "

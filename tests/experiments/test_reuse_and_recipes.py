@@ -178,7 +178,7 @@ def test_pending_gss_block_renders_from_the_declaration_with_the_reused_baseline
     text = render_text("<!-- render: experiment gss_shapes -->\n<!-- /render -->\n", ROOT)
     if (ROOT / "benchmarks/results/experiments/gss_shapes.json").exists():
         pytest.skip("gss_shapes has a committed record; the drift test covers its block")
-    assert "`fpn_resnet18` (baseline) (runs of `ecenet_vs_fpn`)" in text
+    assert "`fpn_resnet18`, the baseline (runs of `ecenet_vs_fpn`)" in text
     assert "**pending**" in text and "**incomplete**" in text
     assert "Not run yet: `python -m fastseg.experiments run gss_shapes`." in text
 
@@ -200,7 +200,9 @@ def test_pading_recipe_stage1_shared_and_zero_shot_metrics(tmp_path):
     assert "last_losses" in pading and "last_losses" not in seen_only
     for key in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic", "PQ_unseen", "AP50_harmonic"):
         assert key in pading
-    rendered = render_text("<!-- render: pading-experiment pading_zero_shot -->\n<!-- /render -->\n", _root_with(tmp_path))
+    rendered = render_text(
+        "<!-- render: pading-experiment pading_zero_shot -->\n<!-- /render -->\n", _root_with(tmp_path)
+    )
     assert "| PADing (primitive generator + structure losses) | mIoU |" in rendered
     assert "(b) PADing's unseen mIoU is above the seen-only classifier's: **" in rendered
 
@@ -223,5 +225,7 @@ def test_pading_block_renders_claims_and_reports(tmp_path):
     # The NaN of seed 2 (a class no image holds) is shown, and left out of the mean.
     assert "| AP50 | 21.0 ± 1.0 (20.0 / 21.0 / 22.0) | 20.5 ± 0.7 (20.0 / 21.0 / nan) |" in text
     assert "- seen-only unseen mIoU: **1.00 ± 1.00** % (n=3; per seed: 0.00 / 1.00 / 2.00)" in text
-    assert "- (c) PADing beats the GMMN generator, harmonic mIoU: **holds** (paired differences per seed, points: " in text
+    assert (
+        "- (c) PADing beats the GMMN generator, harmonic mIoU: **holds** (paired differences per seed, points: " in text
+    )
     assert "Commands: `cmd`" in text
