@@ -106,6 +106,10 @@ S4MIM_1_16 = _s4mim(0.0625, "1_16")
 # then 1e-3). GSS-FT-W trains only its learned inverse, starting from the final weights of the GSS-FF job of the same
 # seed, for a quarter of the GSS-FF steps at the same batch and lr: the paper's ADE20K and MSeg schedules give the
 # X^-1 stage 40k iterations after a 160k GSS-FF run (Cityscapes: 40k after 80k).
+# Cost, from CPU time per step at 1 thread, batch 16 (measured 2026-12-01 on the 2-core Xeon; FPN 0.35 s for scale):
+# GSS-FF step 1.12 s, GSS-FT-W step 1.85 s, tokenizer fit step 0.35 s. A GSS-FF job is ~29 min of training and
+# evaluation plus ~5 min for its tokenizer fit, a GSS-FT-W job ~12 min: ~81 min per seed, ~4 h of one free core for
+# the 9 jobs (the FPN's 3 are reused); wall clock on a shared machine is 2-3x that.
 _GSS_TOKENIZER = {"tokenizer_steps": 900, "tokenizer_batch": 16, "tokenizer_lr": 3e-3}
 GSS_FTW_STEPS = SHAPES_BUDGET.steps // 4
 
@@ -177,7 +181,9 @@ GSS_SHAPES = Experiment(
 # (stage 1: 300 steps x 8 images, panoptic protocol), shared by every variant; each variant then gets the same stage-2
 # budget: 600 iterations x 8 images (the earlier runs' 200 left every claim below the noise), generator Adam 5e-4 with
 # 10 warm-up iterations; the classifier's SGD lr is 1e-2 (official 1e-3 over 20 000 iterations, scaled up for the
-# short schedule). Validation: 96 images with every class present.
+# short schedule). Validation: 96 images with every class present. Cost, from the earlier records' per-run times (1
+# thread, shared machine): stage 1 ~10 min per seed, a 600-iteration stage 2 2.5-7.5 min, evaluation ~15 s: ~26 min
+# per seed, ~80 min for the 12 jobs.
 PADING_BUDGET = Budget(
     steps=600, batch_size=8, lr=5e-4, weight_decay=0.0, warmup_steps=10, grad_clip=None, val_length=96
 )
