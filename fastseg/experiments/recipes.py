@@ -149,9 +149,12 @@ def _cached(folder: Path, config: dict[str, Any], build: Callable[[Path], dict[s
     return info
 
 
-def _gss_tokenizer(model: torch.nn.Module, kwargs: dict[str, Any], experiment: Experiment, seed: int, root: Path):
+def _gss_tokenizer(
+    model: torch.nn.Module, kwargs: dict[str, Any], experiment: Experiment, seed: int, root: Path
+) -> dict[str, Any]:
     """Fit ``model.tokenizer`` (in place) as ``kwargs["tokenizer"]`` says, or load it from the job-independent cache
-    ``root/tokenizer-<kind>-seed<k>/``; returns the cache's info (round-trip mIoU on the validation split, history).
+    ``root/tokenizer-<kind>-seed<k>/``; returns the cache's info (its configuration, the round-trip mIoU on the
+    validation split, per class too, codes in use, the fit's last logged losses and time, the weights file).
 
     ``"images"``: `fit_image_tokenizer`, the faithful setting: the world's RGB training images only (the first
     ``tokenizer_steps * tokenizer_batch`` images of the seed's training stream, no label read). ``"masks"``:
@@ -179,10 +182,13 @@ def _gss_tokenizer(model: torch.nn.Module, kwargs: dict[str, Any], experiment: E
     def fit(folder: Path) -> dict[str, Any]:
         steps, batch = config["steps"], config["batch_size"]
         data = ShapesDataset("train", length=steps * batch, config=world, seed=seed)
-        if kind == "images":  # only "image" is collated: the fit cannot see a label
-            collate = lambda items: {"image": torch.stack([it["image"] for it in items])}  # noqa: E731
-        else:
-            collate = lambda items: torch.stack([it["mask"] for it in items])  # noqa: E731
+        # The image fit collates "image" alone, so it cannot see a label; the class-aware fit collates the masks.
+        field = "image" if kind == "images" else "mask"
+
+        def collate(items: list[dict[str, torch.Tensor]]) -> Any:
+            stacked = torch.stack([item[field] for item in items])
+            return {"image": stacked} if kind == "images" else stacked
+
         loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
         torch.manual_seed(seed)
         start = time.perf_counter()
@@ -243,8 +249,8 @@ def gss(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) -> d
         steps = int(kwargs["steps"])
         experiment = dataclasses.replace(experiment, budget=dataclasses.replace(experiment.budget, steps=steps))
     b = experiment.budget
-    ff_weights = job_dir.parent / f"{init_from}-seed{seed}" / FINAL_WEIGHTS
-    if init_from is not None and not ff_weights.exists():
+    ff_weights = job_dir.parent / f"{init_from}-seed{seed}" / FINAL_WEIGHTS if init_from is not None else None
+    if ff_weights is not None and not ff_weights.exists():
         raise FileNotFoundError(
             f"{variant.name} starts from the {init_from!r} job of seed {seed}, whose final weights {ff_weights} do "
             f"not exist: run that job first (declare it before {variant.name!r})"
@@ -252,7 +258,7 @@ def gss(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) -> d
     torch.manual_seed(seed)
     model = create_model(variant.model, num_classes=world.num_classes, **variant.model_kwargs)
     tokenizer = _gss_tokenizer(model, kwargs, experiment, seed, job_dir.parent)
-    if init_from is not None:
+    if ff_weights is not None:
         from ..checkpoint import load_state_dict
 
         prior = load_state_dict(ff_weights)
@@ -266,7 +272,7 @@ def gss(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) -> d
     entry["steps"] = b.steps
     entry["tokenizer_roundtrip_mIoU"] = tokenizer["roundtrip_mIoU"]
     entry["tokenizer"] = tokenizer
-    if init_from is not None:
+    if ff_weights is not None:
         entry["init_from"] = ff_weights.as_posix()
     entry["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
     return entry

@@ -229,3 +229,25 @@ def test_pading_block_renders_claims_and_reports(tmp_path):
         "- (c) PADing beats the GMMN generator, harmonic mIoU: **holds** (paired differences per seed, points: " in text
     )
     assert "Commands: `cmd`" in text
+
+
+def test_new_declarations_are_consistent():
+    """Reported figures name declared variants; reused variants match their source's declaration and budget."""
+    for experiment in EXPERIMENTS.values():
+        names = {v.name for v in experiment.variants}
+        for report in experiment.reports:
+            assert report.variant in names, (experiment.name, report)
+        for claim in experiment.claims:
+            assert claim.metric in (None, experiment.metric, *experiment.extra_metrics), (experiment.name, claim)
+        for variant in experiment.variants:
+            if variant.from_experiment:
+                source = EXPERIMENTS[variant.from_experiment]
+                assert source.budget == experiment.budget and set(experiment.seeds) <= set(source.seeds)
+                assert dataclasses.replace(source.variant(variant.name), label="") == dataclasses.replace(
+                    variant, label="", from_experiment=None
+                )
+    ftw = GSS_SHAPES.variant("gss_ftw_images")
+    ff = GSS_SHAPES.variant(ftw.recipe_kwargs["init_from"])
+    names = [v.name for v in GSS_SHAPES.variants]
+    assert names.index(ff.name) < names.index(ftw.name)  # seed-major order runs the GSS-FF job first
+    assert {k: v for k, v in ftw.recipe_kwargs.items() if k not in ("init_from", "steps")} == ff.recipe_kwargs
