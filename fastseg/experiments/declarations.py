@@ -173,7 +173,9 @@ GSS_SHAPES = Experiment(
     ),
     notes=(
         "fpn_resnet18's runs are those of ecenet_vs_fpn (same model, budget, seeds and data order; see reused_runs). "
-        "Tokenizers are fitted once per seed and cached in runs/experiments/gss_shapes/tokenizer-<kind>-seed<k>/."
+        "Tokenizers are fitted once per seed and cached in runs/experiments/gss_shapes/tokenizer-<kind>-seed<k>/. "
+        f"gss_ftw_images trains only the learned inverse for {GSS_FTW_STEPS} steps (a quarter of GSS-FF's, as the "
+        "paper's ADE20K schedule) from the final weights of gss_ff_images of the same seed."
     ),
 )
 
