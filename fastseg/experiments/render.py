@@ -83,8 +83,9 @@ def render_experiment(name: str, root: Path) -> str:
     budget, seeds = cfg["budget"], cfg["seeds"]
     metric = record["metric"]
     labels = {v["name"]: v.get("label") or v["name"] for v in cfg["variants"]}
-    for run in record.get("reused_runs", []):  # say where reused numbers come from
-        labels[run["variant"]] = labels[run["variant"]].split(" (runs of")[0] + f" (runs of `{run['from_experiment']}`)"
+    sources = {run["variant"]: run["from_experiment"] for run in record.get("reused_runs", [])}
+    for variant, source in sources.items():  # say where reused numbers come from
+        labels[variant] += f" (runs of `{source}`)"
     extra = record.get("summary_extra", {})
     lines = [
         f"{record['title']}: {budget['steps']} steps × {budget['batch_size']} images, seeds {seeds}, "
