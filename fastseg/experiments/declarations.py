@@ -103,7 +103,9 @@ S4MIM_1_16 = _s4mim(0.0625, "1_16")
 # GSS. Each tokenizer is fitted once per seed, on the first 900 x 16 training images of that seed's stream (images
 # only, or their label maps for the class-aware fit), so the seed spread includes the tokenizer's; 900 x 16 is the
 # total the class-aware tokenizer of the earlier record needed for a 95 % round trip (there in three pieces: lr 3e-3,
-# then 1e-3). GSS-FT-W trains only its learned inverse, starting from the final weights of the GSS-FF job of the same
+# then 1e-3). The image fit runs without colour augmentation: a one-seed check of both (`fastseg gss fit-tokenizer
+# gss_ff_resnet18 --on images --steps 900 [--colour-augment]`, 2026-12-01) gave round trips of 58.7 % and 56.3 %,
+# the small things (star, cross, ring) reconstructing worst. GSS-FT-W trains only its learned inverse, starting from the final weights of the GSS-FF job of the same
 # seed, for a quarter of the GSS-FF steps at the same batch and lr: the paper's ADE20K and MSeg schedules give the
 # X^-1 stage 40k iterations after a 160k GSS-FF run (Cityscapes: 40k after 80k).
 # Cost, from CPU time per step at 1 thread, batch 16 (measured 2026-12-01 on the 2-core Xeon; FPN 0.35 s for scale):
