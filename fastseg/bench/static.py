@@ -263,6 +263,50 @@ def _recon(b: int, c: int, side: int, k: int, patch: int, backward: bool) -> Cal
     return launch
 
 
+def _fusion(b: int, m: int, n: int, k: int, backward: bool, grad_attn: bool = False) -> Callable[[Any], None]:
+    def launch(dtype: Any) -> None:
+        af = _kernel_module("attention_fusion")  # the op's module (the package exports its function)
+
+        attn, weights = _meta(b, m, n, n, dtype=dtype), _meta(b, m, dtype=dtype)
+        if backward:
+            gc, gp = _meta(b, k, n - k, dtype=dtype), _meta(b, n - k, n - k, dtype=dtype)
+            af._attention_fusion_backward_triton(gc, gp, attn, weights, k, grad_attn)
+        else:
+            af._attention_fusion_triton(attn, weights, k)
+
+    launch.params = {"b": b, "m": m, "n": n, "k": k, "backward": backward, "grad_attn": grad_attn}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
+    return launch
+
+
+def _pairs(
+    b: int, c: int, side: int, k: int, grid: int, pairs: int, backward: bool, grad_images: bool = False
+) -> Callable[[Any], None]:
+    def launch(dtype: Any) -> None:
+        import torch
+
+        cp = _kernel_module("cam_masked_pairs")  # the op's module (the package exports its function)
+
+        images, cams = _meta(b, c, side, side, dtype=dtype), _meta(b, k, grid, grid, dtype=dtype)
+        pimg, pcls = _meta(pairs, dtype=torch.int64), _meta(pairs, dtype=torch.int64)
+        if backward:
+            gf, gb = _meta(pairs, c, side, side, dtype=dtype), _meta(pairs, c, side, side, dtype=dtype)
+            cp._cam_masked_pairs_backward(gf, gb, images, cams, pimg, pcls, 0.1, grad_images, fused=True)
+        else:
+            cp._cam_masked_pairs_triton(images, cams, pimg, pcls, 0.1)
+
+    launch.params = {  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
+        "b": b,
+        "c": c,
+        "side": side,
+        "k": k,
+        "grid": grid,
+        "pairs": pairs,
+        "backward": backward,
+        "grad_images": grad_images,
+    }
+    return launch
+
+
 def static_cases(full: bool = False) -> list[StaticCase]:
     """The shipped cases (the spec shapes of each method) and, with ``full``, a sweep around them."""
     half = ("float16", "bfloat16")
@@ -304,6 +348,40 @@ def static_cases(full: bool = False) -> list[StaticCase]:
             "B8-C3-512x512-K150-p16",
             ("float32",),
             _recon(8, 3, 512, 150, 16, True),
+            kind="stream",
+        ),
+        # SemPLeS / WeakTr (spec D.5b, VOC stage c, B = 64): AAF over the 12 x 6 = 72 DeiT-S maps of 20 class tokens
+        # + 196 patches; the maps reach AAF detached, so its backward computes d weights only (d attn: API option).
+        StaticCase("attention_fusion", "B64-M72-N216-K20", _ALL, _fusion(64, 72, 216, 20, False), kind="stream"),
+        StaticCase("attention_fusion_bwd", "B64-M72-N216-K20", _ALL, _fusion(64, 72, 216, 20, True), kind="stream"),
+        StaticCase(
+            "attention_fusion_bwd",
+            "B64-M72-N216-K20-grad-attn",
+            _ALL,
+            _fusion(64, 72, 216, 20, True, grad_attn=True),
+            kind="stream",
+        ),
+        # SemPLeS masked pairs (spec D.5b / D.9): X (64, 3, 224, 224), fine CAMs (64, 20, 14, 14), P = 96 positive
+        # pairs; images need no gradient in SemPLeS (d images: API option).
+        StaticCase(
+            "cam_masked_pairs",
+            "B64-C3-224x224-K20-cam14-P96",
+            _ALL,
+            _pairs(64, 3, 224, 20, 14, 96, False),
+            kind="stream",
+        ),
+        StaticCase(
+            "cam_masked_pairs_bwd",
+            "B64-C3-224x224-K20-cam14-P96",
+            _ALL,
+            _pairs(64, 3, 224, 20, 14, 96, True),
+            kind="stream",
+        ),
+        StaticCase(
+            "cam_masked_pairs_bwd",
+            "B64-C3-224x224-K20-cam14-P96-grad-images",
+            _ALL,
+            _pairs(64, 3, 224, 20, 14, 96, True, grad_images=True),
             kind="stream",
         ),
         # The documented limit of the Triton recon loss (16 channels, 64 x 64 patches).
