@@ -217,7 +217,10 @@ def _mca(b: int, h: int, nq: int, n: int, d: int, backward: bool) -> Callable[[A
 
         ca = _kernel_module("masked_class_attention")  # the op's module (the package exports its function)
 
-        q, k, v = _meta(b, h, nq, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype)
+        def heads(length: int) -> Any:  # (B, L, h * d) -> (B, h, L, d): the view MaskedCrossAttentionLayer passes
+            return _meta(b, length, h * d, dtype=dtype).view(b, length, h, d).transpose(1, 2)
+
+        q, k, v = heads(nq), heads(n), heads(n)
         mask = _meta(b, nq, n, dtype=torch.bool)
         if backward:
             out, lse = _meta(b, h, nq, d, dtype=dtype), _meta(b, h, nq, dtype=torch.float32)
@@ -327,6 +330,16 @@ def static_cases(full: bool = False) -> list[StaticCase]:
         # Mask2Former: 100 queries, 8 heads of d=32, pixels at stride 8.
         StaticCase("masked_class_attention", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, False)),
         StaticCase("masked_class_attention_bwd", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, True)),
+        # Mask2Former as PADing's segmenter (spec C.2, COCO panoptic: B = 12, 928 x 928 crops): the decoder's masked
+        # cross-attention at the 1/32, 1/16 and 1/8 levels (29^2, 58^2, 116^2 pixels).
+        *(
+            StaticCase(op, f"B12-h8-Q100-N{n}-d32", _ALL, _mca(12, 8, 100, n, 32, op.endswith("_bwd")))
+            for n in (841, 3364, 13456)
+            for op in ("masked_class_attention", "masked_class_attention_bwd")
+        ),
+        # The registered CPU-sized Mask2Former (16 queries, 4 heads of d=16) on the 64 x 64 shapes world, 1/8 level.
+        StaticCase("masked_class_attention", "B8-h4-Q16-N64-d16", _ALL, _mca(8, 4, 16, 64, 16, False)),
+        StaticCase("masked_class_attention_bwd", "B8-h4-Q16-N64-d16", _ALL, _mca(8, 4, 16, 64, 16, True)),
         # S4MIM / SemPLeS: class-wise sums of 256-channel features at 512 x 512, 150 classes.
         StaticCase(
             "classwise_reduce", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, False), kind="dot"

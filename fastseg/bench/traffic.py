@@ -217,6 +217,8 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
     mask = b * nq * n  # bool
     qo = b * h * nq * d * es
     kv = b * h * n * d * es * 2
+    # rows of N % 16 bytes are first copied to 16-byte aligned rows (read the mask, write the padded copy)
+    pad_copy = 0 if n % 16 == 0 else mask + b * nq * (-(-n // 16) * 16)
     if backward:
         c = _cfg(launches, "_masked_class_attention_bwd_kernel")
         q_blocks = math.ceil(nq / c["BLOCK_Q"])
@@ -232,6 +234,7 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
             + h * mask
             + qo * 2
             + 2 * b * h * nq * d * 4
+            + pad_copy
         )
         minimum = qo * 3 + kv * 2 + mask + b * h * nq * 4
 
@@ -244,7 +247,7 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
     c = _cfg(launches, "_masked_class_attention_fwd_kernel")
     q_blocks, splits = math.ceil(nq / c["BLOCK_Q"]), c["grid"][2]
     partials = 0 if splits == 1 else 2 * splits * b * h * nq * (d + 2) * 4
-    kernel = qo * splits + q_blocks * kv + h * mask + qo + b * h * nq * 4 + partials  # the mask is read per head
+    kernel = qo * splits + q_blocks * kv + h * mask + qo + b * h * nq * 4 + partials + pad_copy  # mask: per head
     minimum = qo * 2 + kv + mask + b * h * nq * 4
 
     def eager() -> None:

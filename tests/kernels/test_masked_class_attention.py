@@ -93,6 +93,18 @@ def test_is_mask2former_attention():
     assert_close(ops.masked_class_attention(q, k, v, ~(logits.sigmoid() < 0.5)), expected)
 
 
+def test_mask_rows_are_passed_16_byte_aligned():
+    """Unaligned mask rows (N % 16 != 0) reach the kernels as a padded copy: aligned rows, the same values."""
+    q = torch.empty(2, 1, 5, 8)
+    for mask in (torch.rand(2, 5, 97) < 0.5, (torch.rand(2, 97, 5) < 0.5).transpose(1, 2)):
+        mask_u8, _, mask_strides = ops._mask_args(mask, q)
+        assert all(s % 16 == 0 for s in mask_u8.stride()[:-1]) and mask_u8.stride(-1) == 1, mask_u8.stride()
+        assert tuple(mask_strides) == ops.strides(mask_u8)
+        assert torch.equal(mask_u8.bool(), mask)
+    aligned = torch.rand(2, 5, 64) < 0.5  # already aligned: passed as is, no copy
+    assert ops._mask_args(aligned, q)[0].data_ptr() == aligned.data_ptr()
+
+
 def test_non_contiguous_and_expanded_mask(triton_device):
     b, h, num_q, n, d = 2, 2, 19, 97, 16
     dev = triton_device
