@@ -94,15 +94,22 @@ def test_is_mask2former_attention():
 
 
 def test_mask_rows_are_passed_16_byte_aligned():
-    """Unaligned mask rows (N % 16 != 0) reach the kernels as a padded copy: aligned rows, the same values."""
+    """Masks with N % 16 != 0 or unaligned rows reach the kernels as a padded copy: 16-aligned rows and row
+    bound N_MASK, the same values in the first N columns."""
     q = torch.empty(2, 1, 5, 8)
-    for mask in (torch.rand(2, 5, 97) < 0.5, (torch.rand(2, 97, 5) < 0.5).transpose(1, 2)):
-        mask_u8, _, mask_strides = ops._mask_args(mask, q)
-        assert all(s % 16 == 0 for s in mask_u8.stride()[:-1]) and mask_u8.stride(-1) == 1, mask_u8.stride()
-        assert tuple(mask_strides) == ops.strides(mask_u8)
+    masks = (
+        torch.rand(2, 5, 97) < 0.5,
+        (torch.rand(2, 97, 5) < 0.5).transpose(1, 2),
+        (torch.rand(2, 64, 5) < 0.5).transpose(1, 2),  # N = 64 but the column stride is 5
+    )
+    for mask in masks:
+        mask_u8, _, mask_strides, n_mask = ops._mask_args(mask, q)
+        assert n_mask % 16 == 0 and n_mask >= mask.shape[-1] and mask_strides[1] >= n_mask
+        assert all(s % 16 == 0 for s in mask_strides[:-1]) and mask_strides[-1] == 1, mask_strides
         assert torch.equal(mask_u8.bool(), mask)
     aligned = torch.rand(2, 5, 64) < 0.5  # already aligned: passed as is, no copy
-    assert ops._mask_args(aligned, q)[0].data_ptr() == aligned.data_ptr()
+    mask_u8, _, mask_strides, n_mask = ops._mask_args(aligned, q)
+    assert mask_u8.data_ptr() == aligned.data_ptr() and n_mask == 64 and mask_strides == aligned.stride()
 
 
 def test_non_contiguous_and_expanded_mask(triton_device):
