@@ -279,7 +279,9 @@ def _masked_class_attention_bwd_kernel(
         split = tl.program_id(2).to(tl.int64)
         lo = split * CHUNK
         hi = tl.minimum(lo + CHUNK, N)
-        mask_hi = tl.minimum(lo + CHUNK, N_MASK)  # the mask's 16-aligned row bound (see the forward)
+        # The dq pass bounds its mask reads by N itself: with the 16-aligned bound N_MASK of the other passes its
+        # fp16 / bf16 build on sm_80..sm_89 capped at 128 registers and spilled 8-24 B (static report).
+        mask_hi = hi
         step = BLOCK_N
     else:
         offs_n = pid0 * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -291,7 +293,7 @@ def _masked_class_attention_bwd_kernel(
                     mask=nd_mask, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        mask_hi = N_MASK
+        mask_hi = N_MASK  # the mask's 16-aligned row bound (see the forward)
         lo = 0
         hi = NQ
         step = BLOCK_Q
