@@ -925,7 +925,14 @@ def markdown_tables(
 
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "static"
-TRAFFIC_MODELS = ("fpn_resnet18", "ecenet_resnet18", "gss_ff_resnet18", "s4mim_resnet18")
+TRAFFIC_MODELS = (
+    "fpn_resnet18",
+    "ecenet_resnet18",
+    "gss_ff_resnet18",
+    "s4mim_resnet18",
+    "weaktr_deit_small",  # SemPLeS's CAM model (attention_fusion)
+    "mask2former_paper_resnet50",  # PADing's segmenter (masked_class_attention)
+)
 
 
 def run_static(
