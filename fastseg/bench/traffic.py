@@ -395,6 +395,7 @@ def _pairs(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bo
     index = pairs * 8 * 2  # pair_image, pair_class (int64)
     pair_cams = pairs * grid * grid * es  # the positive pairs' CAMs, the only CAMs the op reads
     per_pair = pairs * ch * hw * es  # one (P, C, H, W) tensor
+    images_read = min(b, pairs) * ch * hw * es  # at most P distinct images have a pair: only they are read
     # the min / max pass: every pair's CAM and indices, (min, max) written; the element kernels read the pair
     # indices, stats and the CAM again per program (a few hundred bytes each, L1 / L2 hits; counted once per pass)
     stats = index + pair_cams + pairs * 8
@@ -409,7 +410,7 @@ def _pairs(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bo
             lambda: cp._mask_jacobian(_m(pairs, side, side, dtype=torch.float32), cams, pimg, pcls, (side, side), 0.1)
         )
         kernel = stats + again + per_pair + 2 * per_pair + pairs * hw * 4 + jacobian
-        minimum = b * ch * hw * es + 2 * per_pair + index + pair_cams + b * k * grid * grid * es  # in; d cams out
+        minimum = images_read + 2 * per_pair + index + pair_cams + b * k * grid * grid * es  # in; d cams out
         if grad_images:
             # per-pair d X written, then torch.zeros over the images and index_add_ (read the pairs', RMW images)
             kernel += per_pair + b * ch * hw * es + per_pair + 2 * b * ch * hw * es
@@ -430,7 +431,7 @@ def _pairs(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bo
 
         return minimum, kernel, eager
     kernel = stats + again + per_pair + 2 * per_pair  # X read per pair; fg and bg written once
-    minimum = b * ch * hw * es + index + pair_cams + 2 * per_pair
+    minimum = images_read + index + pair_cams + 2 * per_pair
     return minimum, kernel, lambda: cp.cam_masked_pairs_ref(images, cams, pimg, pcls, 0.1)
 
 
