@@ -365,37 +365,29 @@ def static_cases(full: bool = False) -> list[StaticCase]:
         ),
         # SemPLeS / WeakTr (spec D.5b, VOC stage c, B = 64): AAF over the 12 x 6 = 72 DeiT-S maps of 20 class tokens
         # + 196 patches; the maps reach AAF detached, so its backward computes d weights only (d attn: API option).
-        StaticCase("attention_fusion", "B64-M72-N216-K20", _ALL, _fusion(64, 72, 216, 20, False), kind="stream"),
-        StaticCase("attention_fusion_bwd", "B64-M72-N216-K20", _ALL, _fusion(64, 72, 216, 20, True), kind="stream"),
-        StaticCase(
-            "attention_fusion_bwd",
-            "B64-M72-N216-K20-grad-attn",
-            _ALL,
-            _fusion(64, 72, 216, 20, True, grad_attn=True),
-            kind="stream",
+        *(
+            StaticCase(op, f"B64-M72-N216-K20{tail}", _ALL, _fusion(64, 72, 216, 20, bwd, grad), kind="stream")
+            for op, tail, bwd, grad in (
+                ("attention_fusion", "", False, False),
+                ("attention_fusion_bwd", "", True, False),
+                ("attention_fusion_bwd", "-grad-attn", True, True),
+            )
         ),
         # SemPLeS masked pairs (spec D.5b / D.9): X (64, 3, 224, 224), fine CAMs (64, 20, 14, 14), P = 96 positive
         # pairs; images need no gradient in SemPLeS (d images: API option).
-        StaticCase(
-            "cam_masked_pairs",
-            "B64-C3-224x224-K20-cam14-P96",
-            _ALL,
-            _pairs(64, 3, 224, 20, 14, 96, False),
-            kind="stream",
-        ),
-        StaticCase(
-            "cam_masked_pairs_bwd",
-            "B64-C3-224x224-K20-cam14-P96",
-            _ALL,
-            _pairs(64, 3, 224, 20, 14, 96, True),
-            kind="stream",
-        ),
-        StaticCase(
-            "cam_masked_pairs_bwd",
-            "B64-C3-224x224-K20-cam14-P96-grad-images",
-            _ALL,
-            _pairs(64, 3, 224, 20, 14, 96, True, grad_images=True),
-            kind="stream",
+        *(
+            StaticCase(
+                op,
+                f"B64-C3-224x224-K20-cam14-P96{tail}",
+                _ALL,
+                _pairs(64, 3, 224, 20, 14, 96, bwd, grad),
+                kind="stream",
+            )
+            for op, tail, bwd, grad in (
+                ("cam_masked_pairs", "", False, False),
+                ("cam_masked_pairs_bwd", "", True, False),
+                ("cam_masked_pairs_bwd", "-grad-images", True, True),
+            )
         ),
         # The documented limit of the Triton recon loss (16 channels, 64 x 64 patches).
         StaticCase(
