@@ -15,7 +15,9 @@ Backward (FlashAttention-2)::
 Kernels. The forward is an online softmax over N; when Q is small the N axis is split over programs
 (Flash-Decoding): each split writes unnormalised fp32 partials with its running max / sum and a combine kernel merges
 them. The backward is one kernel in two modes: per pixel tile it writes dk and dv directly (looping over all
-queries); per (query tile, pixel chunk) it writes fp32 dq partials that the launcher sums.
+queries); per (query tile, pixel chunk) it writes fp32 dq partials that the launcher sums. The mask is read as bytes
+in 16-byte aligned rows: when N % 16 != 0 or its rows are unaligned (Mask2Former's 29^2 and 58^2 levels) the
+launchers first copy it into rows padded to a multiple of 16 (one pass over the mask, which every head then reads).
 
 NaN / inf policy: none is imposed; non-finite values propagate as in the reference. A NaN or +-inf in query ``i``'s
 q row, or in the k row of a pixel that query ``i`` attends to, makes ``out[i]`` NaN; a NaN in k at a pixel that
