@@ -65,12 +65,18 @@ class Variant:
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """``better`` beats ``worse`` on ``metric`` by more than ``margin`` (paired by seed); a negative margin reads
-    "is no more than -margin below" (e.g. ECENet >= FPN - 1 point is ``margin=-0.01``)."""
+    "is no more than -margin below" (e.g. ECENet >= FPN - 1 point is ``margin=-0.01``).
+
+    ``metric`` defaults to the experiment's; a claim may name another number every run of both variants records
+    (e.g. the pseudo-mask mIoU of a weakly supervised method). With ``lower_is_better`` the paired difference is
+    ``worse - better`` (e.g. a leakage share)."""
 
     text: str
     better: str
     worse: str
     margin: float = 0.0
+    metric: str | None = None
+    lower_is_better: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +165,11 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
     Verdicts: ``"holds"`` (mean difference above the margin and every seed's too), ``"holds on average"`` (mean above,
     some seed not), ``"does not hold"``, ``"incomplete"`` (fewer seeds than declared have both runs).
     """
-    value = {(r["variant"], r["seed"]): r[metric] for r in runs}
+    metric = claim.metric or metric
+    sign = -1.0 if claim.lower_is_better else 1.0
+    value = {(r["variant"], r["seed"]): r[metric] for r in runs if r.get(metric) is not None}
     diffs = {
-        s: value[(claim.better, s)] - value[(claim.worse, s)]
+        s: sign * (value[(claim.better, s)] - value[(claim.worse, s)])
         for s in seeds
         if (claim.better, s) in value and (claim.worse, s) in value
     }
@@ -172,6 +180,10 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
         "margin": claim.margin,
         "paired_differences": {str(s): d for s, d in sorted(diffs.items())},
     }
+    if claim.metric is not None:  # recorded only when set, so existing records stay as they were
+        result["metric"] = claim.metric
+    if claim.lower_is_better:
+        result["lower_is_better"] = True
     if len(diffs) < len(seeds):
         result["verdict"] = "incomplete"
         return result
