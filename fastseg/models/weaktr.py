@@ -29,7 +29,9 @@ classifier says the class is absent (``cls_logits <= 0``); ``predict`` is their 
 multi-scale inference of `fastseg.engine.recipes.semples` instead (labels known, per-class min-max).
 
 Registered: ``weaktr_deit_small`` (DeiT-S/16, 224, the paper's), ``weaktr_deit_tiny`` (DeiT-Ti/16) and
-``weaktr_shapes_tiny`` (patch 8, width 96, depth 4, 3 heads: the CPU-trainable variant for the 64 x 64 shapes world).
+``weaktr_shapes_tiny`` (patch 8, width 96, depth 4, 3 heads: the CPU-trainable variant for the 64 x 64 shapes world)
+and ``weaktr_shapes_clip`` (the shape of ``shapes-tiny-clip``'s image tower, whose weights ``backbone_checkpoint``
+can load: `WeakTr.load_deit_checkpoint` reads DeiT / timm files and open_clip files alike).
 ``num_classes`` counts the background: K = num_classes - 1 class tokens. The default class list is the shapes world's
 WSSS one (`fastseg.data.weak.weak_class_names`: background + the 8 shapes).
 """
@@ -195,8 +197,9 @@ class WeakTr(SegmentationModel):
     def load_deit_checkpoint(self, path: str | os.PathLike) -> None:
         """Initialise the backbone from a local timm / DeiT checkpoint (single CLS token): the CLS token and its
         position embedding are copied to every class token; the patch position embeddings are resized bicubically
-        to this model's grid. Head / norm weights of the classifier are ignored. Raises ``ValueError`` on a
-        checkpoint of another architecture (missing or mis-shaped backbone keys)."""
+        to this model's grid. Head / norm weights of the classifier are ignored. An open_clip checkpoint (``visual.*``
+        keys) loads its image tower instead (`_load_clip_visual`). Raises ``ValueError`` on a checkpoint of another
+        architecture (missing or mis-shaped backbone keys)."""
         from ..checkpoint import load_state_dict
 
         state = load_state_dict(path)
@@ -284,6 +287,8 @@ class WeakTr(SegmentationModel):
         pos = state.get("visual.positional_embedding")
         if pos is not None and pos.shape[-1] != self.embed_dim:
             wrong.append(f"visual.positional_embedding: {tuple(pos.shape)}")
+        if "visual.ln_pre.weight" in state and "norm_pre.weight" not in own:
+            wrong.append("the file normalises before the blocks (ln_pre); build the model with pre_norm=True")
         if missing or unmapped or wrong or extra_blocks or pos is None:
             raise ValueError(
                 f"{path} is not an open_clip image tower of this architecture (embed {self.embed_dim}, patch "
