@@ -111,20 +111,22 @@ S4MIM_1_16 = _s4mim(0.0625, "1_16")
 # same segmenter on ground truth.
 SEMPLES_SETTINGS: dict = {
     "clip": {"config": "shapes-tiny-clip", "steps": 400, "batch_size": 64, "lr": 5e-4, "seed": 0},
-    "cam": {"model": "weaktr_shapes_clip", "steps": 600, "batch_size": 16, "lr": 2e-4, "plain_lr": 1e-3},
-    "semples": {"steps": 200, "batch_size": 16, "lr": 2e-4, "prompt_lr": None},
+    "cam": {"model": "weaktr_shapes_clip", "steps": 400, "batch_size": 16, "lr": 2e-4, "plain_lr": 1e-3},
+    "semples": {"steps": 150, "batch_size": 16, "lr": 2e-4, "prompt_lr": None},
     "train_length": 4096,
     "eval_length": 256,
-    "pseudo_length": 2048,
+    "pseudo_length": 1024,
     "threshold": 0.43,
 }
 SEMPLES_SEGMENTER_BUDGET = Budget(
-    steps=300, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=50, grad_clip=1.0, val_length=256
+    steps=150, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=50, grad_clip=1.0, val_length=256
 )
 
 
 def _wsss(name: str, method: str, label: str) -> Variant:
-    return Variant(name, "fpn_resnet18", recipe="wsss", recipe_kwargs={**SEMPLES_SETTINGS, "method": method}, label=label)
+    return Variant(
+        name, "fpn_resnet18", recipe="wsss", recipe_kwargs={**SEMPLES_SETTINGS, "method": method}, label=label
+    )
 
 
 SEMPLES_SHAPES = Experiment(

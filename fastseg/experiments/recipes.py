@@ -120,9 +120,19 @@ def semi_supervised(experiment: Experiment, variant: Variant, seed: int, job_dir
 WSSS_METHODS = ("plain_cam", "plain_cam_vit", "weaktr", "semples_a", "semples_c", "supervised")
 
 
-def _once(out_dir: Path, make: Callable[[], Any]) -> Path:
+def _once(out_dir: Path, settings: dict[str, Any], make: Callable[[], Any]) -> Path:
     """``out_dir/model.safetensors``, trained by ``make`` unless a finished run left it there (``make`` itself
-    resumes an interrupted run from its last checkpoint)."""
+    resumes an interrupted run from its last checkpoint). ``settings`` (what the run is trained with) is written
+    beside it first; a folder holding a run of other settings is an error, never silently reused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / "experiment_settings.json"
+    text = json.dumps(settings, sort_keys=True, default=str)
+    if record.exists() and record.read_text() != text:
+        raise ValueError(
+            f"{out_dir} holds a run of other settings ({record.read_text()}; asked for {text}); move the folder "
+            "away to train it again"
+        )
+    record.write_text(text)
     weights = out_dir / "model.safetensors"
     if not weights.exists():
         make()
@@ -138,6 +148,7 @@ def shapes_clip(settings: dict[str, Any], root: Path) -> tuple[Path, dict[str, A
     out = root / "clip"
     weights = _once(
         out,
+        clip,
         lambda: train_clip(
             out,
             config_name=clip["config"],
@@ -168,6 +179,7 @@ def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path)
     if method == "plain_cam":
         weights = _once(
             job_dir / "cam",
+            {"method": method, "seed": seed, **cam, "train_length": settings["train_length"]},
             lambda: R.train_plain_cam(
                 job_dir / "cam", steps=cam["steps"], batch_size=cam["batch_size"], lr=cam["plain_lr"], **common
             ),
@@ -179,6 +191,13 @@ def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path)
     def weaktr(out: Path, coarse_only: bool = False) -> Path:
         return _once(
             out,
+            {
+                "coarse_only": coarse_only,
+                "seed": seed,
+                **cam,
+                "train_length": settings["train_length"],
+                "clip": clip_record,
+            },
             lambda: R.train_weaktr(
                 out,
                 model_name=cam["model"],
@@ -201,9 +220,12 @@ def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path)
     clip = build_clip(settings["clip"]["config"], clip_weights, require_checkpoint=True)
     stage = dict(batch_size=semples["batch_size"], model_name=cam["model"], **common)
 
+    stage_settings = {"seed": seed, "cam": cam, **semples, "train_length": settings["train_length"]}
+
     def run_a(out: Path) -> Path:
         return _once(
             out,
+            {"run": "a", **stage_settings},
             lambda: R.run_segment_label_matching(
                 weaktr_weights, clip, out, steps=semples["steps"], lr=semples["lr"], **stage
             ),
@@ -216,12 +238,14 @@ def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path)
         a_weights = run_a(root / f"semples_a-seed{seed}" / "a")
         b_weights = _once(
             job_dir / "b",
+            {"run": "b", **stage_settings},
             lambda: R.run_prompt_learning(
                 a_weights, clip, job_dir / "b", steps=semples["steps"], lr=semples["prompt_lr"], **stage
             ),
         )
         weights = _once(
             job_dir / "c",
+            {"run": "c", **stage_settings},
             lambda: R.run_prompt_refinement(
                 weaktr_weights, b_weights, clip, job_dir / "c", steps=semples["steps"], lr=semples["lr"], **stage
             ),
@@ -240,8 +264,8 @@ def _cam_entry(model: Any, cam: str, settings: dict[str, Any], names: tuple[str,
 
     threshold = settings["threshold"]
     data = WeakShapes("train", length=settings["eval_length"], with_masks=True)
-    fixed = R.evaluate_cams(model, data, [threshold], cam=cam)[threshold]
     swept = R.sweep_threshold(model, data, cam=cam)
+    fixed = swept["all"].get(threshold) or R.evaluate_cams(model, data, [threshold], cam=cam)[threshold]
     leakage = R.cooccurrence_leakage(model, data, threshold, cam=cam)
     known = [v for v in leakage if v is not None]
     key = "coarse_logits" if cam == "coarse" else "cls_logits"

@@ -204,7 +204,11 @@ def render_wsss(name: str, root: Path) -> str:
     record = _load(path) if path.exists() else None
     cfg = record["config"] if record else new_record(experiment)["config"]
     runs = record["runs"] if record else []
-    claims = record["claims"] if record else [judge_claim(c, [], experiment.metric, experiment.seeds) for c in experiment.claims]
+    claims = (
+        record["claims"]
+        if record
+        else [judge_claim(c, [], experiment.metric, experiment.seeds) for c in experiment.claims]
+    )
     settings = cfg["variants"][0]["recipe_kwargs"]
     cam, semples, clip, budget = settings["cam"], settings["semples"], settings["clip"], cfg["budget"]
     cam_methods = [v for v in cfg["variants"] if v["recipe_kwargs"]["method"] != "supervised"]

@@ -4,7 +4,6 @@ the multi-scale CAMs, the CLIP image tower as WeakTr's backbone)."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,14 @@ from fastseg.models.clip import build_clip
 from fastseg.models.plain_cam import PlainCAM
 
 TINY_SETTINGS = {
-    "clip": {"config": "shapes-tiny-clip", "steps": 1, "batch_size": 2, "lr": 5e-4, "train_length": 4, "eval_length": 4},
+    "clip": {
+        "config": "shapes-tiny-clip",
+        "steps": 1,
+        "batch_size": 2,
+        "lr": 5e-4,
+        "train_length": 4,
+        "eval_length": 4,
+    },
     "cam": {"model": "weaktr_shapes_clip", "steps": 1, "batch_size": 2, "lr": 2e-4, "plain_lr": 1e-3},
     "semples": {"steps": 1, "batch_size": 2, "lr": 2e-4, "prompt_lr": None},
     "train_length": 8,
@@ -229,3 +235,15 @@ def test_plain_cam_model():
     assert torch.isfinite(loss) and model.head.weight.grad is not None
     with pytest.raises(ValueError, match="image_labels"):
         model.loss({"image": torch.randn(2, 3, 64, 64), "image_labels": torch.ones(2, 9)})
+
+
+def test_cached_prerequisite_of_other_settings_is_refused(tmp_path):
+    from fastseg.experiments.recipes import _once
+
+    made = []
+    _once(tmp_path / "clip", {"steps": 2}, lambda: made.append(1))
+    _once(tmp_path / "clip", {"steps": 2}, lambda: made.append(2))  # same settings: resumes / reuses
+    assert made == [1, 2]  # no model.safetensors was written, so `make` runs again (it resumes by itself)
+    with pytest.raises(ValueError, match="other settings"):
+        _once(tmp_path / "clip", {"steps": 3}, lambda: made.append(3))
+    assert made == [1, 2]

@@ -670,7 +670,8 @@ def sweep_threshold(
     **kw: Any,
 ) -> dict[str, Any]:
     """The official protocol (peeks at train ground truth): raise t from ``start`` by ``step`` and stop at the
-    first drop in mIoU; returns the best t, its metrics and the curve."""
+    first drop in mIoU; returns the best t, its metrics, the curve and the metrics at every grid threshold (``all``,
+    keyed by the threshold rounded to 4 digits)."""
     grid = [round(start + i * step, 4) for i in range(int(round((max_threshold - start) / step)) + 1)]
     results = evaluate_cams(model, dataset, grid, **kw)
     curve, best_t = [], grid[0]
@@ -679,7 +680,7 @@ def sweep_threshold(
         if results[t]["mIoU"] < results[best_t]["mIoU"]:
             break
         best_t = t
-    return {"threshold": best_t, "metrics": results[best_t], "curve": curve}
+    return {"threshold": best_t, "metrics": results[best_t], "curve": curve, "all": results}
 
 
 def write_pseudo_masks(
