@@ -8,7 +8,7 @@ See `core` (running, resuming, claims), `declarations` (what is compared, at whi
 trains) and `render` (README blocks).
 """
 
-from .core import Budget, Claim, Experiment, Variant, judge_claim, run_experiment, summarise
+from .core import Budget, Claim, Experiment, Report, Variant, judge_claim, run_experiment, summarise
 from .declarations import EXPERIMENTS
 from .render import render_readme
 
@@ -17,6 +17,7 @@ __all__ = [
     "Budget",
     "Claim",
     "Experiment",
+    "Report",
     "Variant",
     "judge_claim",
     "render_readme",

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .core import RESULTS_DIR, load_record, pending_jobs, run_experiment
+from .core import RESULTS_DIR, derive, load_record, new_record, run_experiment
 from .declarations import EXPERIMENTS
 from .recipes import run_job
 from .render import render_readme
@@ -29,13 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "list":
         for name, experiment in EXPERIMENTS.items():
-            record = load_record(experiment.result_path())
+            # Runs reused from another experiment's record count as done (derived in memory, nothing written).
+            record = derive(experiment, load_record(experiment.result_path()) or new_record(experiment))
             total = len(experiment.variants) * len(experiment.seeds)
-            left = len(pending_jobs(experiment, record)) if record else total
+            done = len({(r["variant"], r["seed"]) for r in record["runs"] + record.get("reused_runs", [])})
             b = experiment.budget
-            print(
-                f"{name:20s} {total - left:3d}/{total} jobs done  {b.steps} steps x {b.batch_size}  {experiment.title}"
-            )
+            print(f"{name:20s} {done:3d}/{total} jobs done  {b.steps} steps x {b.batch_size}  {experiment.title}")
         return 0
     if args.command == "run":
         # Spinning OpenMP threads make a shared 2-core machine crawl; must be set before the first parallel region.

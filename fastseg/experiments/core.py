@@ -8,7 +8,9 @@ added to it, the configuration, versions, the machine and every per-seed number,
 from them (recomputed from the runs, never edited by hand).
 
 Same seed = same training images and data order for every variant, so differences between variants at one seed are
-paired.
+paired. A variant declared with ``from_experiment`` is not trained again: its runs are read from that experiment's
+JSON (the same variant, budget and seeds, checked) each time the summary is derived, and every such run says where
+it came from.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Variant:
     recipe: str = "supervised"  # a key of fastseg.experiments.recipes.RECIPES
     recipe_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     label: str = ""  # how tables name it; defaults to ``name``
+    # Reuse the runs of the identically declared variant of this other experiment (same budget and seeds) instead of
+    # training it again; read when the summary is derived, never run by this experiment.
+    from_experiment: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +80,18 @@ class Claim:
     better: str
     worse: str
     margin: float = 0.0
-    metric: str | None = None
-    lower_is_better: bool = False
+    metric: str | None = None  # default: the experiment's metric
+    lower_is_better: bool = False  # the paired difference is then ``worse - better`` (e.g. a leakage share)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """A figure stated rather than compared (e.g. a tokenizer's round-trip mIoU): ``metric`` of ``variant``'s runs,
+    mean ± std over seeds."""
+
+    text: str
+    variant: str
+    metric: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +104,8 @@ class Experiment:
     metric: str = "mIoU"
     claims: tuple[Claim, ...] = ()
     notes: str = ""
+    extra_metrics: tuple[str, ...] = ()  # further per-run numbers summarised per variant (``summary_extra``)
+    reports: tuple[Report, ...] = ()
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -143,6 +160,26 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def summarise_metric(runs: Sequence[dict[str, Any]], variant: str, metric: str) -> dict[str, Any] | None:
+    """``{n, mean, std, per_seed}`` of ``metric`` over ``variant``'s runs; missing or non-finite values (an AP of a
+    class no image holds) are left out of the mean and kept as ``None`` per seed; ``None`` without any run."""
+    by_seed = {r["seed"]: r.get(metric) for r in runs if r["variant"] == variant}
+    if not by_seed:
+        return None
+    finite = [v for v in by_seed.values() if _finite(v)]
+    mean, std = _mean_std(finite) if finite else (None, None)
+    return {
+        "n": len(finite),
+        "mean": mean,
+        "std": std,
+        "per_seed": {str(s): (by_seed[s] if _finite(by_seed[s]) else None) for s in sorted(by_seed)},
+    }
+
+
 def summarise(experiment: Experiment, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean, std and per-seed values of the experiment's metric for every variant with at least one run."""
     out: dict[str, Any] = {}
@@ -167,7 +204,7 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
     """
     metric = claim.metric or metric
     sign = -1.0 if claim.lower_is_better else 1.0
-    value = {(r["variant"], r["seed"]): r[metric] for r in runs if r.get(metric) is not None}
+    value = {(r["variant"], r["seed"]): r[metric] for r in runs if _finite(r.get(metric))}
     diffs = {
         s: sign * (value[(claim.better, s)] - value[(claim.worse, s)])
         for s in seeds
@@ -178,10 +215,9 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
         "better": claim.better,
         "worse": claim.worse,
         "margin": claim.margin,
+        **({"metric": claim.metric} if claim.metric else {}),
         "paired_differences": {str(s): d for s, d in sorted(diffs.items())},
     }
-    if claim.metric is not None:  # recorded only when set, so existing records stay as they were
-        result["metric"] = claim.metric
     if claim.lower_is_better:
         result["lower_is_better"] = True
     if len(diffs) < len(seeds):
@@ -196,9 +232,67 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
     return result
 
 
-def derive(experiment: Experiment, record: dict[str, Any]) -> dict[str, Any]:
-    runs = record.get("runs", [])
+def reused_runs(experiment: Experiment, results_dir: str | os.PathLike = RESULTS_DIR) -> list[dict[str, Any]]:
+    """The runs of every ``from_experiment`` variant, read from that experiment's JSON, each marked with its source.
+
+    The source must declare the same variant (model, its arguments, recipe and recipe arguments) at the same budget,
+    or the numbers would not be comparable: a mismatch is a ``ValueError``. A source without a JSON yet gives no runs.
+    """
+    out: list[dict[str, Any]] = []
+    for variant in experiment.variants:
+        if variant.from_experiment is None:
+            continue
+        path = Path(results_dir) / f"{variant.from_experiment}.json"
+        source = load_record(path)
+        if not source:
+            continue
+        where = f"{variant.from_experiment!r} ({path})"
+        if source["config"]["budget"] != dataclasses.asdict(experiment.budget):
+            raise ValueError(
+                f"{experiment.name}: variant {variant.name!r} reuses the runs of {where}, which trained at another "
+                f"budget ({source['config']['budget']} vs {dataclasses.asdict(experiment.budget)})"
+            )
+        declared = {v["name"]: v for v in source["config"]["variants"]}
+        if variant.name not in declared:
+            raise ValueError(f"{experiment.name}: {where} has no variant {variant.name!r} to reuse")
+        same = ("model", "model_kwargs", "recipe", "recipe_kwargs")
+        mine = variant_config(variant)
+        if any(declared[variant.name].get(k) != mine[k] for k in same):
+            raise ValueError(
+                f"{experiment.name}: variant {variant.name!r} is declared differently in {where}: "
+                f"{ {k: declared[variant.name].get(k) for k in same} } vs { {k: mine[k] for k in same} }"
+            )
+        for run in source.get("runs", []):
+            if run["variant"] == variant.name and run["seed"] in experiment.seeds:
+                out.append({**run, "from_experiment": variant.from_experiment, "from_file": path.as_posix()})
+    return out
+
+
+def derive(
+    experiment: Experiment, record: dict[str, Any], results_dir: str | os.PathLike = RESULTS_DIR
+) -> dict[str, Any]:
+    runs = list(record.get("runs", []))
+    if any(v.from_experiment for v in experiment.variants):
+        record["reused_runs"] = reused_runs(experiment, results_dir)
+        runs += record["reused_runs"]
     record["summary"] = summarise(experiment, runs)
+    if experiment.extra_metrics:
+        record["summary_extra"] = {
+            metric: {
+                v.name: s for v in experiment.variants if (s := summarise_metric(runs, v.name, metric)) is not None
+            }
+            for metric in experiment.extra_metrics
+        }
+    if experiment.reports:
+        record["reports"] = [
+            {
+                "text": r.text,
+                "variant": r.variant,
+                "metric": r.metric,
+                **(summarise_metric(runs, r.variant, r.metric) or {"n": 0}),
+            }
+            for r in experiment.reports
+        ]
     record["claims"] = [judge_claim(c, runs, experiment.metric, experiment.seeds) for c in experiment.claims]
     declared = {(v.name, s) for v in experiment.variants for s in experiment.seeds}
     record["complete"] = declared <= {(r["variant"], r["seed"]) for r in runs}
@@ -236,6 +330,14 @@ def save_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def variant_config(variant: Variant) -> dict[str, Any]:
+    """A variant as the JSON records it (``from_experiment`` only when set, so older records keep their config)."""
+    config = dataclasses.asdict(variant)
+    if config["from_experiment"] is None:
+        del config["from_experiment"]
+    return config
+
+
 def new_record(experiment: Experiment) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -246,7 +348,7 @@ def new_record(experiment: Experiment) -> dict[str, Any]:
         "config": {
             "budget": dataclasses.asdict(experiment.budget),
             "seeds": list(experiment.seeds),
-            "variants": [dataclasses.asdict(v) for v in experiment.variants],
+            "variants": [variant_config(v) for v in experiment.variants],
         },
         "commands": [],
         "runs": [],
@@ -268,6 +370,12 @@ def pending_jobs(
 ) -> list[tuple[Variant, int]]:
     done = {(r["variant"], r["seed"]) for r in record.get("runs", [])}
     chosen = [experiment.variant(v) for v in variants] if variants else list(experiment.variants)
+    reused = [v.name for v in chosen if v.from_experiment]
+    if variants and reused:
+        raise ValueError(
+            f"{experiment.name}: {reused} reuse the runs of another experiment and are not run here; run them there"
+        )
+    chosen = [v for v in chosen if not v.from_experiment]
     seed_list = list(seeds) if seeds else list(experiment.seeds)
     # Seed-major order: after each full seed every variant has the same number of runs (a fair partial table).
     return [(v, s) for s in seed_list for v in chosen if (v.name, s) not in done]
@@ -324,10 +432,10 @@ def run_experiment(
             "torch_threads": torch.get_num_threads(),
         }
         record["runs"].append(result)
-        save_record(path, derive(experiment, record))
+        save_record(path, derive(experiment, record, results_dir))
         log(
             f"[{experiment.name}] {variant.name} seed {seed}: {experiment.metric} = "
             f"{result[experiment.metric]:.4f} ({result['wall_s']:.0f} s)"
         )
-    save_record(path, derive(experiment, record))
+    save_record(path, derive(experiment, record, results_dir))
     return record

@@ -7,13 +7,17 @@ Checkpoints go to the job's folder, so an interrupted job resumes where it stopp
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_write
 from ..data.shapes import ShapesConfig, ShapesDataset
 from ..engine import TrainConfig, TrainResult, train
 from ..registry import create_model
@@ -338,9 +342,265 @@ def weakly_supervised(experiment: Experiment, variant: Variant, seed: int, job_d
     return entry
 
 
+def _per_class(names: tuple[str, ...], values: Any) -> dict[str, float | None]:
+    """Per-class figures by name; ``None`` for a class absent from the evaluation (NaN is not JSON)."""
+    return {n: (None if math.isnan(float(v)) else float(v)) for n, v in zip(names, values)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GSS: a frozen tokenizer fitted once per (kind, seed), then GSS-FF end to end, or GSS-FT-W from a GSS-FF job
+# ----------------------------------------------------------------------------------------------------------------
+
+_TOKENIZER_KINDS = ("images", "masks")
+
+
+def _cached(folder: Path, config: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``build(folder)`` once: its info dict is stored as ``folder/info.json`` (written last, so a half-built folder
+    is rebuilt) and returned on later calls; a folder built with another ``config`` is refused, not reused."""
+    info_file = folder / "info.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        if info.get("config") != config:
+            raise ValueError(
+                f"{folder} was built with {info.get('config')}, the declaration now asks for {config}; move the "
+                f"folder away (or restore the declaration) before running again"
+            )
+        return info
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"config": config, **build(folder)}
+    text = json.dumps(info, indent=1)
+    atomic_write(info_file, lambda f: f.write(text.encode()))
+    return info
+
+
+def _gss_tokenizer(
+    model: torch.nn.Module, kwargs: dict[str, Any], experiment: Experiment, seed: int, root: Path
+) -> dict[str, Any]:
+    """Fit ``model.tokenizer`` (in place) as ``kwargs["tokenizer"]`` says, or load it from the job-independent cache
+    ``root/tokenizer-<kind>-seed<k>/``; returns the cache's info (its configuration, the round-trip mIoU on the
+    validation split, per class too, codes in use, the fit's last logged losses and time, the weights file).
+
+    ``"images"``: `fit_image_tokenizer`, the faithful setting: the world's RGB training images only (the first
+    ``tokenizer_steps * tokenizer_batch`` images of the seed's training stream, no label read). ``"masks"``:
+    `train_maskige_vqvae` on maskiges of the same images' label maps with the class-aware palette term (ours).
+    """
+    from ..checkpoint import load_weights, save_weights
+    from ..engine.recipes.gss import TOKENIZER_TRAINED_ON, fit_image_tokenizer, roundtrip_miou, train_maskige_vqvae
+
+    kind = kwargs["tokenizer"]
+    if kind not in _TOKENIZER_KINDS:
+        raise ValueError(f"GSS recipe: tokenizer must be one of {_TOKENIZER_KINDS}, got {kind!r}")
+    world, b = _world(experiment), experiment.budget
+    config = {
+        "trained_on": kind,
+        "steps": kwargs["tokenizer_steps"],
+        "batch_size": kwargs["tokenizer_batch"],
+        "lr": kwargs["tokenizer_lr"],
+        "colour_augment": bool(kwargs.get("colour_augment", False)),
+        "seed": seed,
+        "model": "gss_ff_resnet18",
+        "val_length": b.val_length,
+    }
+    weights = root / f"tokenizer-{kind}-seed{seed}" / "tokenizer.safetensors"
+
+    def fit(folder: Path) -> dict[str, Any]:
+        steps, batch = config["steps"], config["batch_size"]
+        data = ShapesDataset("train", length=steps * batch, config=world, seed=seed)
+        # The image fit collates "image" alone, so it cannot see a label; the class-aware fit collates the masks.
+        field = "image" if kind == "images" else "mask"
+
+        def collate(items: list[dict[str, torch.Tensor]]) -> Any:
+            stacked = torch.stack([item[field] for item in items])
+            return {"image": stacked} if kind == "images" else stacked
+
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        if kind == "images":
+            history = fit_image_tokenizer(
+                model.tokenizer,
+                loader,
+                steps,
+                config["lr"],
+                data.mean,
+                data.std,
+                colour_augment=config["colour_augment"],
+            )
+        else:
+            history = train_maskige_vqvae(model.tokenizer, model.maskige_palette, loader, steps, config["lr"])
+        wall = time.perf_counter() - start
+        save_weights(model.tokenizer, weights, {TOKENIZER_TRAINED_ON: kind, "seed": str(seed)})
+        val = ShapesDataset("val", length=b.val_length, config=world, seed=0)
+        rt = roundtrip_miou(
+            model.tokenizer,
+            model.maskige_palette,
+            (val[i] for i in range(len(val))),
+            world.num_classes,
+            maskige_scale=model.maskige_scale,
+        )
+        return {
+            "roundtrip_mIoU": float(rt["mIoU"]),
+            "roundtrip_IoU": _per_class(world.class_names, rt["IoU"]),
+            "tokens_used": int(model.tokenizer.quantizer.cluster_size.gt(0.05).sum()),
+            "vocab_size": model.tokenizer.vocab_size,
+            "fit_wall_s": round(wall, 1),
+            "final": history[-1],
+        }
+
+    info = _cached(weights.parent, config, fit)
+    load_weights(model.tokenizer, weights)  # a no-op after a fit; the cached weights otherwise
+    model.tokenizer.requires_grad_(False)
+    model.tokenizer_trained_on = kind
+    return {**info, "file": weights.as_posix()}
+
+
+def gss(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) -> dict[str, Any]:
+    """GSS on the shapes world. ``recipe_kwargs``: ``tokenizer`` (``"images"``: the faithful image-only fit,
+    ``"masks"``: the class-aware one, ours), ``tokenizer_steps`` / ``tokenizer_batch`` / ``tokenizer_lr``,
+    ``colour_augment``; for GSS-FT-W ``init_from`` (the GSS-FF variant whose job of the same seed it starts from)
+    and ``steps`` (the inverse-only steps; the budget's batch, lr and schedule otherwise).
+
+    GSS-FF trains exactly as the supervised recipe does (same images, order, optimiser) around a frozen tokenizer,
+    so its runs pair with the FPN's. GSS-FT-W copies backbone, prior head and tokenizer from the final weights of
+    the GSS-FF job and trains only the learned inverse.
+    """
+    from ..engine.trainer import FINAL_WEIGHTS
+
+    world = _world(experiment)
+    kwargs = dict(variant.recipe_kwargs)
+    init_from = kwargs.get("init_from")
+    if init_from is not None:
+        steps = int(kwargs["steps"])
+        experiment = dataclasses.replace(experiment, budget=dataclasses.replace(experiment.budget, steps=steps))
+    b = experiment.budget
+    ff_weights = job_dir.parent / f"{init_from}-seed{seed}" / FINAL_WEIGHTS if init_from is not None else None
+    if ff_weights is not None and not ff_weights.exists():
+        raise FileNotFoundError(
+            f"{variant.name} starts from the {init_from!r} job of seed {seed}, whose final weights {ff_weights} do "
+            f"not exist: run that job first (declare it before {variant.name!r})"
+        )
+    torch.manual_seed(seed)
+    model = create_model(variant.model, num_classes=world.num_classes, **variant.model_kwargs)
+    tokenizer = _gss_tokenizer(model, kwargs, experiment, seed, job_dir.parent)
+    if ff_weights is not None:
+        from ..checkpoint import load_state_dict
+
+        prior = load_state_dict(ff_weights)
+        if not torch.equal(prior["maskige_palette"], model.maskige_palette):
+            raise ValueError(f"{ff_weights} was trained with another maskige palette")
+        model.load_prior(prior)  # backbone, prior head and the same frozen tokenizer
+    train_set = ShapesDataset("train", length=b.steps * b.batch_size, config=world, seed=seed)
+    val_set = ShapesDataset("val", length=b.val_length, config=world, seed=0)
+    result = train(model, train_set, _train_config(experiment, seed, job_dir), val_set=val_set, resume="auto")
+    entry = _entry(result, job_dir, world.class_names)
+    entry["steps"] = b.steps
+    entry["tokenizer_roundtrip_mIoU"] = tokenizer["roundtrip_mIoU"]
+    entry["tokenizer"] = tokenizer
+    if ff_weights is not None:
+        entry["init_from"] = ff_weights.as_posix()
+    entry["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PADing: a seen-only Mask2Former per seed (shared by every variant), then stage 2, zero-shot evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+PADING_METRICS = tuple(
+    f"{name}_{side}" for name in ("mIoU", "PQ", "SQ", "RQ", "AP50") for side in ("seen", "unseen", "harmonic")
+)
+
+
+def _pading_stage1(experiment: Experiment, kwargs: dict[str, Any], seed: int, root: Path) -> Path:
+    """The seen-only Mask2Former of ``seed`` (stage 1, panoptic protocol), trained once into ``root/stage1-seed<k>``
+    and shared by every variant of that seed; an interrupted stage 1 resumes from its last checkpoint."""
+    from ..data.shapes import zero_shot_config
+    from ..engine.recipes.pading import seen_only_dataset, seen_only_segmenter
+    from ..engine.trainer import FINAL_WEIGHTS
+
+    stage1 = dict(kwargs["stage1"])
+    config = {**stage1, "batch_size": experiment.budget.batch_size, "seed": seed, "model": "mask2former_resnet18"}
+    folder = root / f"stage1-seed{seed}"
+
+    def fit(folder: Path) -> dict[str, Any]:
+        world = zero_shot_config(image_size=experiment.budget.image_size)
+        torch.manual_seed(seed)
+        seg = seen_only_segmenter(config["model"], world, "panoptic")
+        data = seen_only_dataset(world, "panoptic", length=stage1["steps"] * config["batch_size"], seed=seed)
+        cfg = TrainConfig(
+            steps=stage1["steps"],
+            batch_size=config["batch_size"],
+            lr=stage1["lr"],
+            weight_decay=stage1["weight_decay"],
+            warmup_steps=stage1["warmup_steps"],
+            grad_clip=stage1["grad_clip"],
+            seed=seed,
+            out_dir=str(folder),
+            save_every=max(stage1["steps"] // 4, 1),
+            progress=False,
+            device="cpu",
+            log_every=20,
+        )
+        result = train(seg, data, cfg, resume="auto")
+        return {"final_loss": result.history[-1]["loss"] if result.history else None}
+
+    _cached(folder, config, fit)
+    return folder / FINAL_WEIGHTS
+
+
+def pading(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) -> dict[str, Any]:
+    """PADing on the shapes world's zero-shot split. ``recipe_kwargs``: ``stage1`` (steps, lr, weight_decay,
+    warmup_steps, grad_clip of the seen-only Mask2Former), ``classifier_lr`` (SGD on ``new_fc``) and ``stage2``
+    (False: evaluate the stage-1 classifier itself). Stage 2 runs ``budget.steps`` iterations of ``batch_size``
+    images, generator lr ``budget.lr`` with ``budget.warmup_steps`` of warm-up, from the seed's stage-1 checkpoint.
+
+    The entry holds mIoU (semantic), PQ / SQ / RQ (panoptic) and mask AP50 (instance, things) over the seen
+    classes, the unseen ones and their harmonic mean, on validation images with every class.
+    """
+    from ..data.shapes import zero_shot_config
+    from ..engine.recipes.pading import Stage2Config, evaluate_zero_shot, seen_only_dataset, train_stage2
+
+    kwargs = dict(variant.recipe_kwargs)
+    b = experiment.budget
+    world = zero_shot_config(image_size=b.image_size)
+    stage1 = _pading_stage1(experiment, kwargs, seed, job_dir.parent)
+    torch.manual_seed(seed)
+    model = create_model(variant.model, **variant.model_kwargs)
+    model.load_stage1(stage1)
+    entry: dict[str, Any] = {"stage1": stage1.as_posix()}
+    start = time.perf_counter()
+    if kwargs.get("stage2", True):
+        cfg = Stage2Config(
+            steps=b.steps,
+            batch_size=b.batch_size,
+            generator_lr=b.lr,
+            warmup_steps=b.warmup_steps,
+            classifier_lr=kwargs["classifier_lr"],
+            seed=seed,
+            log_every=10,
+        )
+        # Stage 2 is short and not checkpointed: an interrupted job runs it again from the stage-1 weights.
+        result = train_stage2(
+            model, seen_only_dataset(world, "panoptic", length=b.steps * b.batch_size, seed=seed), cfg
+        )
+        entry.update(last_losses=result.history[-1], skipped_generator_steps=result.skipped_generator_steps)
+    entry["stage2_s"] = round(time.perf_counter() - start, 1)
+    val = ShapesDataset("val", length=b.val_length, config=world, seed=0)
+    metrics = evaluate_zero_shot(model, val, batch_size=16)
+    flat = {
+        key: metrics[task][key]
+        for task in ("semantic", "panoptic", "instance")
+        for key in metrics[task]
+        if key in PADING_METRICS
+    }
+    return {**flat, "IoU": _per_class(world.class_names, metrics["semantic"]["IoU"]), **entry}
+
+
 RECIPES: dict[str, Callable[[Experiment, Variant, int, Path], dict[str, Any]]] = {
     "supervised": supervised,
     "semi": semi_supervised,
+    "gss": gss,
+    "pading": pading,
     "wsss": weakly_supervised,
 }
 

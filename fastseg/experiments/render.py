@@ -20,6 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .core import derive, new_record
+from .declarations import EXPERIMENTS
+
 RESULTS = Path("benchmarks/results")
 _BLOCK = re.compile(r"(<!-- render: (?P<kind>[\w-]+)(?P<arg>[^>]*?) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
 
@@ -38,25 +41,70 @@ def _code(command: str) -> str:
     return f"`{command}`"
 
 
+def _experiment_record(name: str, root: Path) -> dict[str, Any]:
+    """The committed JSON of experiment ``name``; for a declared experiment without one yet, the record its
+    declaration derives with no runs of its own (runs reused from other experiments' JSON included), so README
+    shows what is pending."""
+    path = root / RESULTS / "experiments" / f"{name}.json"
+    if path.exists() or name not in EXPERIMENTS:
+        return _load(path)
+    return derive(EXPERIMENTS[name], new_record(EXPERIMENTS[name]), root / RESULTS / "experiments")
+
+
+def _stats(s: dict[str, Any] | None, digits: int = 2) -> str:
+    if not s or s.get("mean") is None:
+        return "–"
+    std = "" if s["std"] is None else f" ± {_pct(s['std'], digits)}"
+    return f"{_pct(s['mean'], digits)}{std} (n={s['n']})"
+
+
+def _command_line(record: dict[str, Any]) -> str:
+    if record["commands"]:
+        return "Commands: " + "; ".join(_code(c) for c in record["commands"])
+    return f"Not run yet: {_code('python -m fastseg.experiments run ' + record['experiment'])}."
+
+
+def _report_lines(record: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in record.get("reports", []):
+        if r.get("mean") is None:
+            lines.append(f"- {r['text']}: **pending**")
+        else:
+            per = " / ".join(_pct(v) for v in r["per_seed"].values())
+            std = "" if r["std"] is None else f" ± {_pct(r['std'])}"
+            lines.append(f"- {r['text']}: **{_pct(r['mean'])}{std}** % (n={r['n']}; per seed: {per})")
+    return lines
+
+
 def render_experiment(name: str, root: Path) -> str:
     """Variant table (mean ± std and per seed, in %), each claim's verdict with its paired differences, commands."""
-    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    record = _experiment_record(name, root)
     cfg = record["config"]
     budget, seeds = cfg["budget"], cfg["seeds"]
     metric = record["metric"]
     labels = {v["name"]: v.get("label") or v["name"] for v in cfg["variants"]}
+    sources = {run["variant"]: run["from_experiment"] for run in record.get("reused_runs", [])}
+    for variant, source in sources.items():  # say where reused numbers come from
+        labels[variant] += f" (runs of `{source}`)"
+    extra = record.get("summary_extra", {})
     lines = [
         f"{record['title']}: {budget['steps']} steps × {budget['batch_size']} images, seeds {seeds}, "
         f"{budget['val_length']} validation images; {record.get('machine', {}).get('cpu', 'CPU')}."
         + ("" if record.get("complete") else " **Incomplete: runs are still missing.**"),
         "",
-        f"| variant | val {metric} % (mean ± std) | per seed |",
-        "|---|---|---|",
+        f"| variant | val {metric} % (mean ± std) | per seed |" + "".join(f" {m.replace('_', ' ')} % |" for m in extra),
+        "|---|---|---|" + "---|" * len(extra),
     ]
     for variant, s in record["summary"].items():
         per_seed = " / ".join(_pct(v) for v in s["per_seed"].values())
         std = "" if s["std"] is None else f" ± {_pct(s['std'])}"
-        lines.append(f"| {labels[variant]} | {_pct(s['mean'])}{std} (n={s['n']}) | {per_seed} |")
+        cells = "".join(f" {_stats(extra[m].get(variant))} |" for m in extra)
+        lines.append(f"| {labels[variant]} | {_pct(s['mean'])}{std} (n={s['n']}) | {per_seed} |{cells}")
+    if not record["summary"]:
+        lines.append("| (no runs yet) | | |" + " |" * len(extra))
+    report_lines = _report_lines(record)
+    if report_lines:
+        lines += ["", *report_lines]
     if record.get("claims"):
         lines.append("")
         for claim in record["claims"]:
@@ -66,7 +114,7 @@ def render_experiment(name: str, root: Path) -> str:
             lines.append(
                 f"- {claim['text']}: **{claim['verdict']}** (paired differences per seed, points: {diffs}{mean_text})"
             )
-    lines += ["", "Commands: " + "; ".join(_code(c) for c in record["commands"])]
+    lines += ["", _command_line(record)]
     return "\n".join(lines) + "\n"
 
 
@@ -101,7 +149,8 @@ def render_trivial(name: str, root: Path) -> str:
 
 
 def render_gss(name: str, root: Path) -> str:
-    """The GSS shapes-world record: tokenizer round trip, GSS-FF / FT-W vs FPN at one short budget, one seed."""
+    """The earlier GSS record (``legacy/gss_shapes``, written by a script since replaced by the ``gss_shapes``
+    declaration): class-aware tokenizer round trip, GSS-FF / FT-W vs FPN at one short budget, one seed."""
     record = _load(root / RESULTS / "experiments" / f"{name}.json")
     r = record["results"]
     ff, ftw, fpn = r["gss_ff_resnet18"], r["gss_ftw_resnet18"], r["fpn_resnet18"]
@@ -116,24 +165,28 @@ def render_gss(name: str, root: Path) -> str:
         f"| `gss_ftw_resnet18` (learned inverse, from the FF weights) | +{ftw['steps']} steps × {ftw['batch_size']} | "
         f"{_pct(ftw['mIoU'])} |",
         "",
-        "One seed. Commands: " + "; ".join(_code(c) for c in record["commands"]),
+        "One seed. Commands (of `benchmarks/experiments/gss_shapes.py`, since replaced; in the git history): "
+        + "; ".join(_code(c) for c in record["commands"]),
     ]
     return "\n".join(lines) + "\n"
 
 
 def render_gss_stages(name: str, root: Path) -> str:
-    """Per-stage latency of one GSS-FF forward, reference ops vs fused ops (their CPU kernels), from the GSS record."""
-    record = _load(root / RESULTS / "experiments" / f"{name}.json")
-    stages = record["results"]["stages_512"]
+    """Per-stage latency of one GSS-FF forward, reference ops vs fused ops (their CPU kernels), from the record of
+    ``benchmarks/gss_stages.py``."""
+    record = _load(root / RESULTS / f"{name}.json")
+    stages = record["stages"]
     ref, fused = stages["reference"], stages["fused"]
     lines = ["| stage | reference ms | fused ms |", "|---|---|---|"]
     for key in ("backbone", "head", "token_argmax", "decoder", "palette_inverse", "total"):
         lines.append(f"| {key.replace('_', ' ')} | {ref[key + '_ms']:.0f} | {fused[key + '_ms']:.0f} |")
     same = "identical" if stages["identical_class_maps"] else "different"
+    load = record["machine"]["load_average_at_start"][0]
     lines += [
         "",
-        f"One {stages['size']}×{stages['size']} image, batch {stages['batch']}; the two paths give {same} "
-        f"class maps. Command: the last of the GSS commands above (`--phases ... stages`).",
+        f"One {record['size']}×{record['size']} image, batch {record['batch']}, best of {record['repeats']}, "
+        f"{record['machine']['torch_threads']} thread(s) on {record['machine']['cpu']} (1-minute load {load} at the "
+        f"start: other jobs shared the cores); the two paths give {same} class maps. Command: {_code(record['command'])}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -267,7 +320,8 @@ def render_wsss(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-# PADing's claims tables (benchmarks/experiments/pading_shapes.py writes the JSON)
+# PADing's claims tables (the earlier records under legacy/, written by benchmarks/experiments/pading_shapes.py, since
+# replaced by the pading_zero_shot declaration; and the declaration's record)
 PADING_LABELS = {
     "seen_only": "seen-only Mask2Former classifier (no stage 2)",
     "pading": "PADing (primitive generator + structure losses)",
@@ -297,6 +351,46 @@ def render_pading_table(report: dict) -> str:
 
 def render_pading(name: str, root: Path) -> str:
     return render_pading_table(_load(root / RESULTS / "experiments" / f"{name}.json")) + "\n"
+
+
+def render_pading_experiment(name: str, root: Path) -> str:
+    """A PADing declaration's record (``fastseg.experiments`` format): the seen / unseen / harmonic table of
+    `render_pading_table`, the reported figures, each claim's verdict and the commands."""
+    record = _experiment_record(name, root)
+    extra, cfg = record.get("summary_extra", {}), record["config"]
+    summary: dict[str, dict[str, Any]] = {}
+    for metric, by_variant in extra.items():
+        for variant, s in by_variant.items():
+            per_seed = [math.nan if v is None else v for v in s["per_seed"].values()]
+            summary.setdefault(variant, {})[metric] = {
+                "mean": math.nan if s["mean"] is None else s["mean"],
+                "std": math.nan if s["std"] is None else s["std"],
+                "per_seed": per_seed,
+            }
+    budget, stage1 = cfg["budget"], cfg["variants"][0]["recipe_kwargs"]["stage1"]
+    lines = [
+        f"{record['title']}: per seed one seen-only `mask2former_resnet18` trained {stage1['steps']} steps × "
+        f"{budget['batch_size']} images, then {budget['steps']} stage-2 iterations × {budget['batch_size']} images for "
+        f"every variant from it; seeds {cfg['seeds']}, {budget['val_length']} validation images with every class; "
+        f"values in %, mean ± std (per seed)."
+        + ("" if record.get("complete") else " **Incomplete: runs are still missing.**"),
+        "",
+        render_pading_table({"summary": summary}) if summary else "(no runs yet)",
+    ]
+    report_lines = _report_lines(record)
+    claims = []
+    for claim in record.get("claims", []):
+        diffs = ", ".join(f"{float(d) * 100:+.1f}" for d in claim["paired_differences"].values()) or "none yet"
+        mean = claim.get("mean_difference")
+        claims.append(
+            f"- {claim['text']}: **{claim['verdict']}** (paired differences per seed, points: {diffs}"
+            + ("" if mean is None else f"; mean {mean * 100:+.1f}")
+            + ")"
+        )
+    if report_lines or claims:
+        lines += ["", *report_lines, *claims]
+    lines += ["", _command_line(record)]
+    return "\n".join(lines) + "\n"
 
 
 # The data loader's throughput (benchmarks/loader_throughput.py writes the JSON)
@@ -389,6 +483,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "gss-stages": render_gss_stages,
     "mask2former": render_mask2former,
     "pading": render_pading,
+    "pading-experiment": render_pading_experiment,
     "loader": render_loader,
     "static": render_static,
     "bench": render_bench,
