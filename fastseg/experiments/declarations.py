@@ -107,10 +107,12 @@ S4MIM_1_16 = _s4mim(0.0625, "1_16")
 # ImageNet; a from-scratch ViT does not learn the shapes within a CPU budget and its CAMs fire on the co-occurring
 # texture), and a ResNet-18 GAP classifier at stride 8 as the plain CAM. Every CAM method trains the same
 # 400 steps x 16 images; SemPLeS adds runs (a), (b), (c) of 150 steps x 16 each on top of WeakTr (stated in the table).
-# Pseudo masks of 1024 training images at t = 0.43 train the final `fpn_resnet18` for 150 steps x 8, beside the same
-# segmenter on ground truth. Sized so that one seed of all six arms takes about an hour at 1 thread on the shared
-# 2-core machine (step times measured there, busy: WeakTr / plain ViT 0.4 s, ResNet-18 plain CAM 1.3-3 s, run (a)
-# 2.2 s, (b) 0.8 s, (c) about 2 s at 16 images; the segmenter 2 s at 8), plus the CLIP once (400 x 64, about 40 min).
+# Pseudo masks of 1024 training images at t = 0.43 train the final `fpn_resnet18` for 300 steps x 8, beside the same
+# segmenter on ground truth. Sized so that one seed of all six arms takes under an hour at 1 thread on the shared
+# 2-core machine. Step times measured there at 16 images (8 for the segmenter), quiet / busy: WeakTr and the plain
+# ViT 0.19 / 0.39 s, the ResNet-18 plain CAM 1.9 / 3.2 s, run (a) 2.2 s (busy), (b) about 0.8 s, (c) about 2 s, the
+# segmenter 0.4 / 2 s; CAM evaluation + 1024 pseudo masks about 1 min per method. One seed: plain CAM about 16 min,
+# each ViT arm 4-5 min, (a) 8 min, (c) 10 min, supervised 2 min; plus the CLIP once (400 x 64, about 40 min).
 SEMPLES_SETTINGS: dict = {
     "clip": {"config": "shapes-tiny-clip", "steps": 400, "batch_size": 64, "lr": 5e-4, "seed": 0},
     "cam": {"model": "weaktr_shapes_clip", "steps": 400, "batch_size": 16, "lr": 2e-4, "plain_lr": 1e-3},
@@ -121,7 +123,7 @@ SEMPLES_SETTINGS: dict = {
     "threshold": 0.43,
 }
 SEMPLES_SEGMENTER_BUDGET = Budget(
-    steps=150, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=50, grad_clip=1.0, val_length=256
+    steps=300, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=50, grad_clip=1.0, val_length=256
 )
 
 
