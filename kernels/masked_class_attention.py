@@ -15,7 +15,9 @@ Backward (FlashAttention-2)::
 Kernels. The forward is an online softmax over N; when Q is small the N axis is split over programs
 (Flash-Decoding): each split writes unnormalised fp32 partials with its running max / sum and a combine kernel merges
 them. The backward is one kernel in two modes: per pixel tile it writes dk and dv directly (looping over all
-queries); per (query tile, pixel chunk) it writes fp32 dq partials that the launcher sums.
+queries); per (query tile, pixel chunk) it writes fp32 dq partials that the launcher sums. The mask is read as bytes
+in 16-byte aligned rows: when N % 16 != 0 or its rows are unaligned (Mask2Former's 29^2 and 58^2 levels) the
+launchers first copy it into rows padded to a multiple of 16 (one pass over the mask, which every head then reads).
 
 NaN / inf policy: none is imposed; non-finite values propagate as in the reference. A NaN or +-inf in query ``i``'s
 q row, or in the k row of a pixel that query ``i`` attends to, makes ``out[i]`` NaN; a NaN in k at a pixel that
@@ -128,7 +130,7 @@ def _masked_class_attention_fwd_kernel(
     q_ptr,  # (B, H, NQ, D) any strides
     k_ptr,  # (B, H, N, D) any strides
     v_ptr,  # (B, H, N, D) any strides
-    mask_ptr,  # (B, NQ, N) uint8 view of the bool mask, any strides (read when HAS_MASK)
+    mask_ptr,  # (B, NQ, N) uint8 view of the bool mask, any strides; rows readable up to N_MASK (HAS_MASK)
     row_any_ptr,  # (B, NQ) uint8 contiguous: does the query's mask row attend anywhere
     out_ptr,  # (B, H, NQ, D) contiguous out (FINAL)
     lse_ptr,  # (B, H, NQ) fp32 contiguous out (FINAL)
@@ -139,7 +141,7 @@ def _masked_class_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_maskb, stride_maskq, stride_maskn,
-    B, H, NQ, N, D, CHUNK_N, scale,
+    B, H, NQ, N, N_MASK, D, CHUNK_N, scale,
     HAS_MASK: tl.constexpr, FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -161,6 +163,9 @@ def _masked_class_attention_fwd_kernel(
     qk_scale = scale * LOG2E
     n_lo = split * CHUNK_N
     n_hi = tl.minimum(n_lo + CHUNK_N, N)
+    # Mask tiles are read up to the padded row length N_MASK (a multiple of 16 when N is not): a bound the
+    # compiler knows to be 16-aligned keeps the byte loads vectorised; columns >= N are dropped by n_ok.
+    mask_hi = tl.minimum(n_lo + CHUNK_N, N_MASK)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_hi
@@ -173,7 +178,7 @@ def _masked_class_attention_fwd_kernel(
         valid = n_ok[None, :]
         if HAS_MASK:
             mk = tl.load(mask_ptr + b * stride_maskb + offs_q[:, None] * stride_maskq + offs_n[None, :] * stride_maskn,
-                         mask=q_ok[:, None] & n_ok[None, :], other=0)
+                         mask=q_ok[:, None] & (offs_n < mask_hi)[None, :], other=0)
             valid = valid & ((mk != 0) | attend_all[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -237,7 +242,7 @@ def _masked_class_attention_bwd_kernel(
     q_ptr,  # (B, H, NQ, D) any strides
     k_ptr,  # (B, H, N, D) any strides
     v_ptr,  # (B, H, N, D) any strides
-    mask_ptr,  # (B, NQ, N) uint8 view of the bool mask, any strides (read when HAS_MASK)
+    mask_ptr,  # (B, NQ, N) uint8 view of the bool mask, any strides; rows readable up to N_MASK (HAS_MASK)
     row_any_ptr,  # (B, NQ) uint8 contiguous
     dout_ptr,  # (B, H, NQ, D) contiguous
     lse_ptr,  # (B, H, NQ) fp32 contiguous (natural log)
@@ -249,7 +254,7 @@ def _masked_class_attention_bwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_maskb, stride_maskq, stride_maskn,
-    B, H, NQ, N, D, CHUNK, scale,
+    B, H, NQ, N, N_MASK, D, CHUNK, scale,
     HAS_MASK: tl.constexpr, COMPUTE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -276,6 +281,9 @@ def _masked_class_attention_bwd_kernel(
         split = tl.program_id(2).to(tl.int64)
         lo = split * CHUNK
         hi = tl.minimum(lo + CHUNK, N)
+        # The dq pass bounds its mask reads by N itself: with the 16-aligned bound N_MASK of the other passes its
+        # fp16 / bf16 build on sm_80..sm_89 capped at 128 registers and spilled 8-24 B (static report).
+        mask_hi = hi
         step = BLOCK_N
     else:
         offs_n = pid0 * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,6 +295,7 @@ def _masked_class_attention_bwd_kernel(
                     mask=nd_mask, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        mask_hi = N_MASK  # the mask's 16-aligned row bound (see the forward)
         lo = 0
         hi = NQ
         step = BLOCK_Q
@@ -313,7 +322,7 @@ def _masked_class_attention_bwd_kernel(
         valid = q_ok[:, None] & n_ok[None, :]
         if HAS_MASK:
             mk = tl.load(mask_ptr + b * stride_maskb + offs_q[:, None] * stride_maskq + offs_n[None, :] * stride_maskn,
-                         mask=valid, other=0)
+                         mask=q_ok[:, None] & (offs_n < mask_hi)[None, :], other=0)
             valid = valid & ((mk != 0) | attend_all[:, None])
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_Q, BLOCK_N)
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
@@ -349,12 +358,24 @@ def _blocks(num_q: int, d: int, dtype: torch.dtype, backward: bool) -> tuple[int
     return block_q, block_n, block_d, num_warps
 
 
-def _mask_args(mask: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+def _mask_args(mask: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
+    """``(mask as uint8, row_any, mask strides, N_MASK)``: the kernels read mask rows up to ``N_MASK`` columns."""
     if mask is None:
-        return q, q, (0, 0, 0)  # dummy pointers, never read (HAS_MASK=False)
+        return q, q, (0, 0, 0), 0  # dummy pointers, never read (HAS_MASK=False)
     row_any = mask.any(dim=-1).to(torch.uint8).contiguous()
     # bool and uint8 share a layout; Triton loads int1 pointers awkwardly, bytes are simple.
-    return mask.view(torch.uint8), row_any, strides(mask)
+    mask_u8 = mask.view(torch.uint8)
+    n = mask_u8.shape[-1]
+    if n % 16 or any(s % 16 for s in mask_u8.stride()[:-1]):
+        # Rows starting on 16-byte boundaries, read up to a 16-aligned bound, let the kernels load mask tiles as
+        # vectors and pipeline them through shared memory. With N = 29^2 or 58^2 pixels (Mask2Former's 1/32 and
+        # 1/16 levels of 928-pixel crops) the byte loads stayed in registers across pipeline stages: up to 255
+        # registers and 300-500 B of spills per thread (static report); the padded copy (one pass over the mask,
+        # read by every head) compiles clean. The padding is never initialised: columns >= N are masked out.
+        padded = torch.empty((*mask_u8.shape[:-1], -(-n // 16) * 16), dtype=torch.uint8, device=mask.device)
+        padded[..., :n].copy_(mask_u8)
+        return padded[..., :n], row_any, strides(padded), padded.shape[-1]
+    return mask_u8, row_any, strides(mask_u8), n
 
 
 def _masked_class_attention_fwd_triton(
@@ -369,7 +390,7 @@ def _masked_class_attention_fwd_triton(
     block_q, block_n, block_d, num_warps = _blocks(num_q, d, q.dtype, backward=False)
     q_blocks = triton.cdiv(num_q, block_q)
     n_splits, chunk = num_splits(n, block_n, q_blocks * bsz * heads, target_programs(q.device), splits)
-    mask_u8, row_any, mask_strides = _mask_args(mask, q)
+    mask_u8, row_any, mask_strides, n_mask = _mask_args(mask, q)
     final = n_splits == 1
     if final:
         acc_part = m_part = l_part = lse  # unused
@@ -380,7 +401,7 @@ def _masked_class_attention_fwd_triton(
     _masked_class_attention_fwd_kernel[(q_blocks, bsz * heads, n_splits)](
         q, k, v, mask_u8, row_any, out, lse, acc_part, m_part, l_part,
         *strides(q), *strides(k), *strides(v), *mask_strides,
-        bsz, heads, num_q, n, d, chunk, float(scale),
+        bsz, heads, num_q, n, n_mask, d, chunk, float(scale),
         HAS_MASK=mask is not None, FINAL=final, DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
@@ -409,20 +430,20 @@ def _masked_class_attention_bwd_triton(
     delta = delta.contiguous()
     lse = lse.contiguous()
     block_q, block_n, block_d, num_warps = _blocks(num_q, d, q.dtype, backward=True)
-    mask_u8, row_any, mask_strides = _mask_args(mask, q)
+    mask_u8, row_any, mask_strides, n_mask = _mask_args(mask, q)
     args = (*strides(q), *strides(k), *strides(v), *mask_strides)
     common = dict(HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(q.dtype), BLOCK_Q=block_q,
                   BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     _masked_class_attention_bwd_kernel[(triton.cdiv(n, block_n), bsz * heads, 1)](
         q, k, v, mask_u8, row_any, grad_out, lse, delta, dk, dv, lse, *args,
-        bsz, heads, num_q, n, d, n, float(scale), COMPUTE_DQ=False, **common,
+        bsz, heads, num_q, n, n_mask, d, n, float(scale), COMPUTE_DQ=False, **common,
     )
     q_blocks = triton.cdiv(num_q, block_q)
     n_splits, chunk = num_splits(n, block_n, q_blocks * bsz * heads, target_programs(q.device), splits)
     dq_part = q.new_empty((n_splits, bsz, heads, num_q, d), dtype=torch.float32)
     _masked_class_attention_bwd_kernel[(q_blocks, bsz * heads, n_splits)](
         q, k, v, mask_u8, row_any, grad_out, lse, delta, dk, dv, dq_part, *args,
-        bsz, heads, num_q, n, d, chunk, float(scale), COMPUTE_DQ=True, **common,
+        bsz, heads, num_q, n, n_mask, d, chunk, float(scale), COMPUTE_DQ=True, **common,
     )
     dq.copy_(dq_part.sum(0))
     return dq, dk, dv

@@ -86,6 +86,20 @@ def test_occupancy_floor_per_kernel_kind(report):
     assert not bad, "\n".join(bad)
 
 
+def test_traffic_model_covers_every_shipped_case(report):
+    """Every shipped case has a traffic row at its sm_90 tiles: a kernel never moves less than the minimum, and
+    the eager reference's bytes are measured (not left out)."""
+    from fastseg.bench.static import static_cases
+    from fastseg.bench.traffic import op_traffic
+
+    cases = static_cases()
+    rows = op_traffic(report, cases)
+    assert [r["case"] for r in rows] == [c.name for c in cases]
+    for row in rows:
+        assert 0 < row["min_bytes"] <= row["kernel_bytes"], row
+        assert row["eager_bytes"] and row["eager_bytes"] > row["min_bytes"], row
+
+
 def test_occupancy_model_matches_the_calculator():
     from fastseg.bench.static import ARCHS, occupancy
 

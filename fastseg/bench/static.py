@@ -217,7 +217,10 @@ def _mca(b: int, h: int, nq: int, n: int, d: int, backward: bool) -> Callable[[A
 
         ca = _kernel_module("masked_class_attention")  # the op's module (the package exports its function)
 
-        q, k, v = _meta(b, h, nq, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype), _meta(b, h, n, d, dtype=dtype)
+        def heads(length: int) -> Any:  # (B, L, h * d) -> (B, h, L, d): the view MaskedCrossAttentionLayer passes
+            return _meta(b, length, h * d, dtype=dtype).view(b, length, h, d).transpose(1, 2)
+
+        q, k, v = heads(nq), heads(n), heads(n)
         mask = _meta(b, nq, n, dtype=torch.bool)
         if backward:
             out, lse = _meta(b, h, nq, d, dtype=dtype), _meta(b, h, nq, dtype=torch.float32)
@@ -263,6 +266,50 @@ def _recon(b: int, c: int, side: int, k: int, patch: int, backward: bool) -> Cal
     return launch
 
 
+def _fusion(b: int, m: int, n: int, k: int, backward: bool, grad_attn: bool = False) -> Callable[[Any], None]:
+    def launch(dtype: Any) -> None:
+        af = _kernel_module("attention_fusion")  # the op's module (the package exports its function)
+
+        attn, weights = _meta(b, m, n, n, dtype=dtype), _meta(b, m, dtype=dtype)
+        if backward:
+            gc, gp = _meta(b, k, n - k, dtype=dtype), _meta(b, n - k, n - k, dtype=dtype)
+            af._attention_fusion_backward_triton(gc, gp, attn, weights, k, grad_attn)
+        else:
+            af._attention_fusion_triton(attn, weights, k)
+
+    launch.params = {"b": b, "m": m, "n": n, "k": k, "backward": backward, "grad_attn": grad_attn}  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
+    return launch
+
+
+def _pairs(
+    b: int, c: int, side: int, k: int, grid: int, pairs: int, backward: bool, grad_images: bool = False
+) -> Callable[[Any], None]:
+    def launch(dtype: Any) -> None:
+        import torch
+
+        cp = _kernel_module("cam_masked_pairs")  # the op's module (the package exports its function)
+
+        images, cams = _meta(b, c, side, side, dtype=dtype), _meta(b, k, grid, grid, dtype=dtype)
+        pimg, pcls = _meta(pairs, dtype=torch.int64), _meta(pairs, dtype=torch.int64)
+        if backward:
+            gf, gb = _meta(pairs, c, side, side, dtype=dtype), _meta(pairs, c, side, side, dtype=dtype)
+            cp._cam_masked_pairs_backward(gf, gb, images, cams, pimg, pcls, 0.1, grad_images, fused=True)
+        else:
+            cp._cam_masked_pairs_triton(images, cams, pimg, pcls, 0.1)
+
+    launch.params = {  # type: ignore[attr-defined]  # read by fastseg.bench.traffic
+        "b": b,
+        "c": c,
+        "side": side,
+        "k": k,
+        "grid": grid,
+        "pairs": pairs,
+        "backward": backward,
+        "grad_images": grad_images,
+    }
+    return launch
+
+
 def static_cases(full: bool = False) -> list[StaticCase]:
     """The shipped cases (the spec shapes of each method) and, with ``full``, a sweep around them."""
     half = ("float16", "bfloat16")
@@ -283,6 +330,16 @@ def static_cases(full: bool = False) -> list[StaticCase]:
         # Mask2Former: 100 queries, 8 heads of d=32, pixels at stride 8.
         StaticCase("masked_class_attention", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, False)),
         StaticCase("masked_class_attention_bwd", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, True)),
+        # Mask2Former as PADing's segmenter (spec C.2, COCO panoptic: B = 12, 928 x 928 crops): the decoder's masked
+        # cross-attention at the 1/32, 1/16 and 1/8 levels (29^2, 58^2, 116^2 pixels).
+        *(
+            StaticCase(op, f"B12-h8-Q100-N{n}-d32", _ALL, _mca(12, 8, 100, n, 32, op.endswith("_bwd")))
+            for n in (841, 3364, 13456)
+            for op in ("masked_class_attention", "masked_class_attention_bwd")
+        ),
+        # The registered CPU-sized Mask2Former (16 queries, 4 heads of d=16) on the 64 x 64 shapes world, 1/8 level.
+        StaticCase("masked_class_attention", "B8-h4-Q16-N64-d16", _ALL, _mca(8, 4, 16, 64, 16, False)),
+        StaticCase("masked_class_attention_bwd", "B8-h4-Q16-N64-d16", _ALL, _mca(8, 4, 16, 64, 16, True)),
         # S4MIM / SemPLeS: class-wise sums of 256-channel features at 512 x 512, 150 classes.
         StaticCase(
             "classwise_reduce", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, False), kind="dot"
@@ -305,6 +362,32 @@ def static_cases(full: bool = False) -> list[StaticCase]:
             ("float32",),
             _recon(8, 3, 512, 150, 16, True),
             kind="stream",
+        ),
+        # SemPLeS / WeakTr (spec D.5b, VOC stage c, B = 64): AAF over the 12 x 6 = 72 DeiT-S maps of 20 class tokens
+        # + 196 patches; the maps reach AAF detached, so its backward computes d weights only (d attn: API option).
+        *(
+            StaticCase(op, f"B64-M72-N216-K20{tail}", _ALL, _fusion(64, 72, 216, 20, bwd, grad), kind="stream")
+            for op, tail, bwd, grad in (
+                ("attention_fusion", "", False, False),
+                ("attention_fusion_bwd", "", True, False),
+                ("attention_fusion_bwd", "-grad-attn", True, True),
+            )
+        ),
+        # SemPLeS masked pairs (spec D.5b / D.9): X (64, 3, 224, 224), fine CAMs (64, 20, 14, 14), P = 96 positive
+        # pairs; images need no gradient in SemPLeS (d images: API option).
+        *(
+            StaticCase(
+                op,
+                f"B64-C3-224x224-K20-cam14-P96{tail}",
+                _ALL,
+                _pairs(64, 3, 224, 20, 14, 96, bwd, grad),
+                kind="stream",
+            )
+            for op, tail, bwd, grad in (
+                ("cam_masked_pairs", "", False, False),
+                ("cam_masked_pairs_bwd", "", True, False),
+                ("cam_masked_pairs_bwd", "-grad-images", True, True),
+            )
         ),
         # The documented limit of the Triton recon loss (16 channels, 64 x 64 patches).
         StaticCase(
@@ -834,7 +917,14 @@ def markdown_tables(
 
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "static"
-TRAFFIC_MODELS = ("fpn_resnet18", "ecenet_resnet18", "gss_ff_resnet18", "s4mim_resnet18")
+TRAFFIC_MODELS = (
+    "fpn_resnet18",
+    "ecenet_resnet18",
+    "gss_ff_resnet18",
+    "s4mim_resnet18",
+    "weaktr_deit_small",  # SemPLeS's CAM model (attention_fusion)
+    "mask2former_paper_resnet50",  # PADing's segmenter (masked_class_attention)
+)
 
 
 def run_static(

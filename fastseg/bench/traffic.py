@@ -217,6 +217,8 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
     mask = b * nq * n  # bool
     qo = b * h * nq * d * es
     kv = b * h * n * d * es * 2
+    # rows of N % 16 bytes are first copied to 16-byte aligned rows (read the mask, write the padded copy)
+    pad_copy = 0 if n % 16 == 0 else mask + b * nq * (-(-n // 16) * 16)
     if backward:
         c = _cfg(launches, "_masked_class_attention_bwd_kernel")
         q_blocks = math.ceil(nq / c["BLOCK_Q"])
@@ -232,6 +234,7 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
             + h * mask
             + qo * 2
             + 2 * b * h * nq * d * 4
+            + pad_copy
         )
         minimum = qo * 3 + kv * 2 + mask + b * h * nq * 4
 
@@ -244,7 +247,7 @@ def _mca(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool
     c = _cfg(launches, "_masked_class_attention_fwd_kernel")
     q_blocks, splits = math.ceil(nq / c["BLOCK_Q"]), c["grid"][2]
     partials = 0 if splits == 1 else 2 * splits * b * h * nq * (d + 2) * 4
-    kernel = qo * splits + q_blocks * kv + h * mask + qo + b * h * nq * 4 + partials  # the mask is read per head
+    kernel = qo * splits + q_blocks * kv + h * mask + qo + b * h * nq * 4 + partials + pad_copy  # mask: per head
     minimum = qo * 2 + kv + mask + b * h * nq * 4
 
     def eager() -> None:
@@ -341,6 +344,97 @@ def _recon(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bo
     return minimum, kernel, eager
 
 
+def _fusion(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
+    af = _kernel_module("attention_fusion")  # the op's module (the package exports its function)
+
+    b, m, n, k = p["b"], p["m"], p["n"], p["k"]
+    cols = n - k  # the patch columns: the class-token columns of attn are never read
+    needed = b * m * n * cols * es  # the part of attn the op depends on
+    grads = b * n * cols * es  # (cross, patch) together: (B, N, P)
+    weights = b * m * es  # the static case passes weights in attn's dtype
+    if backward:
+        grad_attn = p["grad_attn"]
+        c = _cfg(launches, "_attention_fusion_bwd_kernel")
+        programs = c["grid"][0] * c["grid"][1] * c["grid"][2]
+        tiles = c["grid"][0] * c["grid"][1]
+        # one read of the gradient tile and of the needed attn; one fp32 partial per (map, tile), summed by torch
+        # (read, fp32 sum written, cast to weights' dtype); with d attn: torch.zeros over all of attn's shape,
+        # then the weight per (program, map) and the needed part written
+        partials = b * m * tiles * 4 + b * m * 4 + (b * m * 4 + weights)
+        kernel = grads + needed + b * m * tiles * 4 + partials
+        minimum = grads + needed + weights  # in: G and the needed attn; out: d weights
+        if grad_attn:
+            kernel += b * m * n * n * es + programs * m * es + needed
+            minimum += weights + b * m * n * n * es  # weights read; all of d attn written once (zeros included)
+
+        def eager() -> None:
+            af._attention_fusion_backward_ref(
+                _m(b, k, cols, dtype=dt),
+                _m(b, cols, cols, dtype=dt),
+                _m(b, m, n, n, dtype=dt),
+                _m(b, m, dtype=dt),
+                k,
+                grad_attn,
+            )
+
+        return minimum, kernel, eager
+    c = _cfg(launches, "_attention_fusion_fwd_kernel")
+    programs = c["grid"][0] * c["grid"][1] * c["grid"][2]
+    # every needed attn element once; each program loads the image's M weights (scalars, L1 / L2 hits); the
+    # (cross, patch) outputs written once
+    kernel = needed + programs * m * es + grads
+    minimum = needed + weights + grads
+    return minimum, kernel, lambda: af.attention_fusion_ref(_m(b, m, n, n, dtype=dt), _m(b, m, dtype=dt), k)
+
+
+def _pairs(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bool) -> tuple[float, float, Callable]:
+    cp = _kernel_module("cam_masked_pairs")  # the op's module (the package exports its function)
+
+    b, ch, side, k, grid, pairs = p["b"], p["c"], p["side"], p["k"], p["grid"], p["pairs"]
+    hw = side * side
+    index = pairs * 8 * 2  # pair_image, pair_class (int64)
+    pair_cams = pairs * grid * grid * es  # the positive pairs' CAMs, the only CAMs the op reads
+    per_pair = pairs * ch * hw * es  # one (P, C, H, W) tensor
+    images_read = min(b, pairs) * ch * hw * es  # at most P distinct images have a pair: only they are read
+    # the min / max pass: every pair's CAM and indices, (min, max) written; the element kernels read the pair
+    # indices, stats and the CAM again per program (a few hundred bytes each, L1 / L2 hits; counted once per pass)
+    stats = index + pair_cams + pairs * 8
+    again = index + pair_cams + pairs * 8
+    images, cams = _m(b, ch, side, side, dtype=dt), _m(b, k, grid, grid, dtype=dt)
+    pimg, pcls = _m(pairs, dtype=torch.int64), _m(pairs, dtype=torch.int64)
+    if backward:
+        grad_images = p["grad_images"]
+        # X read per pair (pairs of one image are adjacent, so mostly an L2 hit), G_f and G_b once, dM (fp32)
+        # written; then the mask Jacobian (upsample transpose + min-max) in PyTorch on the (P, H, W) map, measured
+        jacobian = eager_bytes(
+            lambda: cp._mask_jacobian(_m(pairs, side, side, dtype=torch.float32), cams, pimg, pcls, (side, side), 0.1)
+        )
+        kernel = stats + again + per_pair + 2 * per_pair + pairs * hw * 4 + jacobian
+        minimum = images_read + 2 * per_pair + index + pair_cams + b * k * grid * grid * es  # in; d cams out
+        if grad_images:
+            # per-pair d X written, then torch.zeros over the images and index_add_ (read the pairs', RMW images)
+            kernel += per_pair + b * ch * hw * es + per_pair + 2 * b * ch * hw * es
+            minimum += b * ch * hw * es
+
+        def eager() -> None:
+            cp._cam_masked_pairs_backward(
+                _m(pairs, ch, side, side, dtype=dt),
+                _m(pairs, ch, side, side, dtype=dt),
+                images,
+                cams,
+                pimg,
+                pcls,
+                0.1,
+                grad_images,
+                fused=False,
+            )
+
+        return minimum, kernel, eager
+    kernel = stats + again + per_pair + 2 * per_pair  # X read per pair; fg and bg written once
+    minimum = images_read + index + pair_cams + 2 * per_pair
+    return minimum, kernel, lambda: cp.cam_masked_pairs_ref(images, cams, pimg, pcls, 0.1)
+
+
 _MODELS: dict[str, Callable] = {
     "vq_nearest": lambda *a: _vq(*a, backward=False),
     "vq_nearest_bwd": lambda *a: _vq(*a, backward=True),
@@ -353,6 +447,10 @@ _MODELS: dict[str, Callable] = {
     "classwise_reduce_bwd": lambda *a: _reduce(*a, backward=True),
     "classwise_masked_recon_loss": lambda *a: _recon(*a, backward=False),
     "classwise_masked_recon_loss_bwd": lambda *a: _recon(*a, backward=True),
+    "attention_fusion": lambda *a: _fusion(*a, backward=False),
+    "attention_fusion_bwd": lambda *a: _fusion(*a, backward=True),
+    "cam_masked_pairs": lambda *a: _pairs(*a, backward=False),
+    "cam_masked_pairs_bwd": lambda *a: _pairs(*a, backward=True),
 }
 
 

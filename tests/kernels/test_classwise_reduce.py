@@ -85,6 +85,23 @@ def test_triton_gpu_tiling(monkeypatch, deterministic, shape, triton_device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("capability, block_g", [((8, 0), 32), ((9, 0), 64)])
+def test_triton_gpu_tiling_half_per_architecture(monkeypatch, capability, block_g, triton_device):
+    """fp16 at the GPU tiles of each architecture's config (sm_90: 64-group tiles, the M tile wgmma needs)."""
+    from fastseg.kernels._utils import GpuTarget, planning_target
+
+    monkeypatch.setattr(reduce_mod, "_GPU_TILING_IN_INTERPRETER", True)
+    features, labels, masked = _inputs(triton_device, 1, 40, 13, 37, 150, masked_frac=0.5, dtype=torch.float16)
+    with planning_target(GpuTarget(capability, 132, 227 * 1024)):  # read on CPU tensors only (CUDA: the device's)
+        if triton_device.type == "cpu":
+            assert reduce_mod._reduce_config(40, 300, torch.float16, triton_device)["BLOCK_G"] == block_g
+        sums, counts = classwise_reduce(features, labels, masked, 150, impl="triton")
+    want_sums, want_counts = classwise_reduce_ref(features, labels, masked, 150)
+    assert torch.equal(counts, want_counts)
+    assert_sums_close(sums, want_sums)  # one-hot x half is exact, both accumulate in fp32
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("case", ["all_ignored", "single_pixel", "empty_batch", "empty_image", "zero_channels"])
 def test_triton_edge_cases(case, triton_device):
     shapes = {

@@ -93,6 +93,25 @@ def test_is_mask2former_attention():
     assert_close(ops.masked_class_attention(q, k, v, ~(logits.sigmoid() < 0.5)), expected)
 
 
+def test_mask_rows_are_passed_16_byte_aligned():
+    """Masks with N % 16 != 0 or unaligned rows reach the kernels as a padded copy: 16-aligned rows and row
+    bound N_MASK, the same values in the first N columns."""
+    q = torch.empty(2, 1, 5, 8)
+    masks = (
+        torch.rand(2, 5, 97) < 0.5,
+        (torch.rand(2, 97, 5) < 0.5).transpose(1, 2),
+        (torch.rand(2, 64, 5) < 0.5).transpose(1, 2),  # N = 64 but the column stride is 5
+    )
+    for mask in masks:
+        mask_u8, _, mask_strides, n_mask = ops._mask_args(mask, q)
+        assert n_mask % 16 == 0 and n_mask >= mask.shape[-1] and mask_strides[1] >= n_mask
+        assert all(s % 16 == 0 for s in mask_strides[:-1]) and mask_strides[-1] == 1, mask_strides
+        assert torch.equal(mask_u8.bool(), mask)
+    aligned = torch.rand(2, 5, 64) < 0.5  # already aligned: passed as is, no copy
+    mask_u8, _, mask_strides, n_mask = ops._mask_args(aligned, q)
+    assert mask_u8.data_ptr() == aligned.data_ptr() and n_mask == 64 and mask_strides == aligned.stride()
+
+
 def test_non_contiguous_and_expanded_mask(triton_device):
     b, h, num_q, n, d = 2, 2, 19, 97, 16
     dev = triton_device
