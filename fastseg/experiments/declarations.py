@@ -110,7 +110,7 @@ S4MIM_1_16 = _s4mim(0.0625, "1_16")
 # Pseudo masks of 1024 training images at t = 0.43 train the final `fpn_resnet18` for 300 steps x 8, beside the same
 # segmenter on ground truth. Sized so that one seed of all six arms takes under an hour at 1 thread on the shared
 # 2-core machine. Step times measured there at 16 images (8 for the segmenter), quiet / busy: WeakTr and the plain
-# ViT 0.19 / 0.39 s, the ResNet-18 plain CAM 1.9 / 3.2 s, run (a) 2.2 s (busy), (b) about 0.8 s, (c) about 2 s, the
+# ViT 0.19 / 0.39 s, the ResNet-18 plain CAM 1.9 / 3.2 s, run (a) 0.94 / 2.2 s, (b) 0.21 / 0.8 s, (c) 0.52 / 2 s, the
 # segmenter 0.4 / 2 s; CAM evaluation + 1024 pseudo masks about 1 min per method. One seed: plain CAM about 16 min,
 # each ViT arm 4-5 min, (a) 8 min, (c) 10 min, supervised 2 min; plus the CLIP once (400 x 64, about 40 min).
 SEMPLES_SETTINGS: dict = {
