@@ -202,7 +202,11 @@ def add_semples_commands(sub: argparse._SubParsersAction) -> None:
     s_sub = semples.add_subparsers(dest="semples_command", required=True, metavar="SEMPLES_COMMAND")
     p = s_sub.add_parser("weaktr", help="WeakTr phase 1 (image-level labels)")
     _common(p, 600, 32)
-    p.add_argument("--backbone-checkpoint", help="local DeiT / timm checkpoint for the ViT")
+    p.add_argument(
+        "--backbone-checkpoint",
+        help="local DeiT / timm checkpoint for the ViT, or an open_clip checkpoint whose image tower fits the model "
+        "(weaktr_shapes_clip + the output of fastseg clip train)",
+    )
     p.set_defaults(func=cmd_weaktr)
     p = s_sub.add_parser("match", help="run (a): segment-label matching (CAM head + AAF)")
     _common(p, 300, 32)

@@ -70,13 +70,18 @@ class Variant:
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """``better`` beats ``worse`` on ``metric`` by more than ``margin`` (paired by seed); a negative margin reads
-    "is no more than -margin below" (e.g. ECENet >= FPN - 1 point is ``margin=-0.01``)."""
+    "is no more than -margin below" (e.g. ECENet >= FPN - 1 point is ``margin=-0.01``).
+
+    ``metric`` defaults to the experiment's; a claim may name another number every run of both variants records
+    (e.g. the pseudo-mask mIoU of a weakly supervised method). With ``lower_is_better`` the paired difference is
+    ``worse - better`` (e.g. a leakage share)."""
 
     text: str
     better: str
     worse: str
     margin: float = 0.0
     metric: str | None = None  # default: the experiment's metric
+    lower_is_better: bool = False  # the paired difference is then ``worse - better`` (e.g. a leakage share)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +203,10 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
     some seed not), ``"does not hold"``, ``"incomplete"`` (fewer seeds than declared have both runs).
     """
     metric = claim.metric or metric
+    sign = -1.0 if claim.lower_is_better else 1.0
     value = {(r["variant"], r["seed"]): r[metric] for r in runs if _finite(r.get(metric))}
     diffs = {
-        s: value[(claim.better, s)] - value[(claim.worse, s)]
+        s: sign * (value[(claim.better, s)] - value[(claim.worse, s)])
         for s in seeds
         if (claim.better, s) in value and (claim.worse, s) in value
     }
@@ -212,6 +218,8 @@ def judge_claim(claim: Claim, runs: Sequence[dict[str, Any]], metric: str, seeds
         **({"metric": claim.metric} if claim.metric else {}),
         "paired_differences": {str(s): d for s, d in sorted(diffs.items())},
     }
+    if claim.lower_is_better:
+        result["lower_is_better"] = True
     if len(diffs) < len(seeds):
         result["verdict"] = "incomplete"
         return result

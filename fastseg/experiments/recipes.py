@@ -118,6 +118,230 @@ def semi_supervised(experiment: Experiment, variant: Variant, seed: int, job_dir
     return entry
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Weakly supervised (SemPLeS and its baselines): a CAM method -> pseudo masks -> the final segmenter
+# ----------------------------------------------------------------------------------------------------------------
+WSSS_METHODS = ("plain_cam", "plain_cam_vit", "weaktr", "semples_a", "semples_c", "supervised")
+
+
+def _once(out_dir: Path, settings: dict[str, Any], make: Callable[[], Any]) -> Path:
+    """``out_dir/model.safetensors``, trained by ``make`` unless a finished run left it there (``make`` itself
+    resumes an interrupted run from its last checkpoint). ``settings`` (what the run is trained with) is written
+    beside it first; a folder holding a run of other settings is an error, never silently reused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / "experiment_settings.json"
+    text = json.dumps(settings, sort_keys=True, default=str)
+    if record.exists() and record.read_text() != text:
+        raise ValueError(
+            f"{out_dir} holds a run of other settings ({record.read_text()}; asked for {text}); move the folder "
+            "away to train it again"
+        )
+    record.write_text(text)
+    weights = out_dir / "model.safetensors"
+    if not weights.exists():
+        make()
+    return weights
+
+
+def shapes_clip(settings: dict[str, Any], root: Path) -> tuple[Path, dict[str, Any]]:
+    """The tiny CLIP every SemPLeS run of one experiment shares, trained once under ``root/clip`` (resumable) by
+    `fastseg.engine.recipes.clip.train_clip`; returns its weights and its retrieval accuracy."""
+    from ..engine.recipes.clip import train_clip
+
+    clip = settings["clip"]
+    out = root / "clip"
+    weights = _once(
+        out,
+        clip,
+        lambda: train_clip(
+            out,
+            config_name=clip["config"],
+            steps=clip["steps"],
+            batch_size=clip["batch_size"],
+            lr=clip["lr"],
+            seed=clip.get("seed", 0),
+            train_length=clip.get("train_length", 4096),
+            eval_length=clip.get("eval_length", 256),
+            save_every=max(clip["steps"] // 8, 1),
+            device="cpu",
+        ),
+    )
+    retrieval = json.loads((out / "retrieval.json").read_text())
+    return weights, {k: retrieval[k] for k in ("image_to_text_top1", "zero_shot_shape_top1") if k in retrieval}
+
+
+def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path) -> tuple[Any, str, dict[str, Any]]:
+    """Train (or find) the CAM model of ``method`` for ``seed``; returns it, the CAM it is read through, and what the
+    job records about its training. Prerequisites shared between variants (the CLIP, the seed's WeakTr weights, the
+    seed's run (a)) live in their own folders beside the job's, so every variant can run alone and none trains twice."""
+    from ..engine.recipes import semples as R
+    from ..models.clip import build_clip
+
+    root = job_dir.parent
+    cam = settings["cam"]
+    common = dict(seed=seed, train_length=settings["train_length"], device="cpu", save_every=50)
+    if method == "plain_cam":
+        weights = _once(
+            job_dir / "cam",
+            {"method": method, "seed": seed, **cam, "train_length": settings["train_length"]},
+            lambda: R.train_plain_cam(
+                job_dir / "cam", steps=cam["steps"], batch_size=cam["batch_size"], lr=cam["plain_lr"], **common
+            ),
+        )
+        return R.load_plain_cam(weights), "coarse", {"cam_steps": cam["steps"]}
+    clip_weights, clip_record = shapes_clip(settings, root)
+    info: dict[str, Any] = {"clip": clip_record}
+
+    def weaktr(out: Path, coarse_only: bool = False) -> Path:
+        return _once(
+            out,
+            {
+                "coarse_only": coarse_only,
+                "seed": seed,
+                **cam,
+                "train_length": settings["train_length"],
+                "clip": clip_record,
+            },
+            lambda: R.train_weaktr(
+                out,
+                model_name=cam["model"],
+                steps=cam["steps"],
+                batch_size=cam["batch_size"],
+                lr=cam["lr"],
+                backbone_checkpoint=clip_weights,
+                coarse_only=coarse_only,
+                **common,
+            ),
+        )
+
+    if method == "plain_cam_vit":
+        weights = weaktr(job_dir / "cam", coarse_only=True)
+        return R.load_cam_model(weights, cam["model"]), "coarse", {**info, "cam_steps": cam["steps"]}
+    weaktr_weights = weaktr(root / f"weaktr-seed{seed}" / "cam")
+    if method == "weaktr":
+        return R.load_cam_model(weaktr_weights, cam["model"]), "fine", {**info, "cam_steps": cam["steps"]}
+    semples = settings["semples"]
+    clip = build_clip(settings["clip"]["config"], clip_weights, require_checkpoint=True)
+    stage = dict(batch_size=semples["batch_size"], model_name=cam["model"], **common)
+
+    stage_settings = {"seed": seed, "cam": cam, **semples, "train_length": settings["train_length"]}
+
+    def run_a(out: Path) -> Path:
+        return _once(
+            out,
+            {"run": "a", **stage_settings},
+            lambda: R.run_segment_label_matching(
+                weaktr_weights, clip, out, steps=semples["steps"], lr=semples["lr"], **stage
+            ),
+        )
+
+    extra = {"a": semples["steps"]}
+    if method == "semples_a":
+        weights = run_a(job_dir / "a")
+    elif method == "semples_c":
+        a_weights = run_a(root / f"semples_a-seed{seed}" / "a")
+        b_weights = _once(
+            job_dir / "b",
+            {"run": "b", **stage_settings},
+            lambda: R.run_prompt_learning(
+                a_weights, clip, job_dir / "b", steps=semples["steps"], lr=semples["prompt_lr"], **stage
+            ),
+        )
+        weights = _once(
+            job_dir / "c",
+            {"run": "c", **stage_settings},
+            lambda: R.run_prompt_refinement(
+                weaktr_weights, b_weights, clip, job_dir / "c", steps=semples["steps"], lr=semples["lr"], **stage
+            ),
+        )
+        extra = {"a": semples["steps"], "b": semples["steps"], "c": semples["steps"]}
+    else:
+        raise ValueError(f"unknown weakly supervised method {method!r}; known: {WSSS_METHODS}")
+    return R.load_cam_model(weights, cam["model"]), "fine", {**info, "cam_steps": cam["steps"], "extra_steps": extra}
+
+
+def _cam_entry(model: Any, cam: str, settings: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Pseudo-mask quality on train images (fixed threshold; the official GT-peeking sweep, reported apart), the
+    co-occurrence leakage per shape and the image-level classification of the CAM model on val."""
+    from ..data.weak import WeakShapes
+    from ..engine.recipes import semples as R
+
+    threshold = settings["threshold"]
+    data = WeakShapes("train", length=settings["eval_length"], with_masks=True)
+    swept = R.sweep_threshold(model, data, cam=cam)
+    fixed = swept["all"].get(threshold) or R.evaluate_cams(model, data, [threshold], cam=cam)[threshold]
+    leakage = R.cooccurrence_leakage(model, data, threshold, cam=cam)
+    known = [v for v in leakage if v is not None]
+    key = "coarse_logits" if cam == "coarse" else "cls_logits"
+    return {
+        "pseudo_mIoU_fixed": float(fixed["mIoU"]),
+        "pseudo_IoU_fixed": {n: float(v) for n, v in zip(names, fixed["IoU"])},
+        "swept_threshold": swept["threshold"],
+        "pseudo_mIoU_swept": float(swept["metrics"]["mIoU"]),
+        "pseudo_IoU_swept": {n: float(v) for n, v in zip(names, swept["metrics"]["IoU"])},
+        "leakage": dict(zip(names[1:], leakage)),
+        "leakage_mean": sum(known) / len(known) if known else None,
+        "classification": {
+            "logits": key,
+            **R.classification_map(model, WeakShapes("val", length=settings["eval_length"]), key),
+        },
+    }
+
+
+class _WeakGroundTruth(torch.utils.data.Dataset):
+    """World training images with their ground truth in the weakly supervised label space (background + shapes):
+    the fully supervised reference the pseudo masks are measured against."""
+
+    def __init__(self, length: int) -> None:
+        self.world = ShapesDataset("train", length=length)
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from ..data.weak import to_weak_mask
+
+        sample = self.world[i]
+        return {"image": sample["image"], "mask": to_weak_mask(sample["mask"], self.world.config)}
+
+
+def weakly_supervised(experiment: Experiment, variant: Variant, seed: int, job_dir: Path) -> dict[str, Any]:
+    """One weakly supervised method (``recipe_kwargs["method"]``, one of `WSSS_METHODS`): its CAM model from
+    image-level labels, pseudo masks at the fixed threshold, then ``variant.model`` trained on them with the
+    experiment's budget and scored on val (``"supervised"``: the same segmenter on ground truth)."""
+    from ..data.pseudo import PseudoMaskDataset
+    from ..data.weak import WeakShapes, weak_class_names
+    from ..engine.recipes import semples as R
+
+    settings = dict(variant.recipe_kwargs)
+    method = settings["method"]
+    if method not in WSSS_METHODS:
+        raise ValueError(f"unknown weakly supervised method {method!r}; known: {WSSS_METHODS}")
+    names = weak_class_names()
+    torch.manual_seed(seed)
+    entry: dict[str, Any] = {"method": method}
+    if method == "supervised":
+        train_set: torch.utils.data.Dataset = _WeakGroundTruth(settings["pseudo_length"])
+    else:
+        model, cam, info = _cam_method(method, settings, seed, job_dir)
+        entry.update(info)
+        entry.update(_cam_entry(model, cam, settings, names))
+        pseudo = job_dir / "pseudo"
+        if not pseudo.exists():
+            R.write_pseudo_masks(
+                model, pseudo, length=settings["pseudo_length"], threshold=settings["threshold"], crf="off", cam=cam
+            )
+        train_set = PseudoMaskDataset(pseudo)
+    b = experiment.budget
+    torch.manual_seed(seed)
+    segmenter = create_model(variant.model, num_classes=len(names))
+    val_set = WeakShapes("val", length=b.val_length, with_masks=True)
+    seg_dir = job_dir / "segmenter"
+    result = train(segmenter, train_set, _train_config(experiment, seed, seg_dir), val_set=val_set, resume="auto")
+    entry.update(_entry(result, seg_dir, names))
+    return entry
+
+
 def _per_class(names: tuple[str, ...], values: Any) -> dict[str, float | None]:
     """Per-class figures by name; ``None`` for a class absent from the evaluation (NaN is not JSON)."""
     return {n: (None if math.isnan(float(v)) else float(v)) for n, v in zip(names, values)}
@@ -377,6 +601,7 @@ RECIPES: dict[str, Callable[[Experiment, Variant, int, Path], dict[str, Any]]] =
     "semi": semi_supervised,
     "gss": gss,
     "pading": pading,
+    "wsss": weakly_supervised,
 }
 
 

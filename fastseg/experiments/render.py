@@ -214,6 +214,112 @@ def render_mask2former(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Weakly supervised comparisons (the "wsss" recipe: CAM method -> pseudo masks -> segmenter)
+_WSSS_COLUMNS = (
+    ("pseudo_mIoU_fixed", "pseudo-mask mIoU %, t = {t}"),
+    ("pseudo_mIoU_swept", "pseudo-mask mIoU %, t swept on train GT"),
+    ("leakage_mean", "texture leakage % (lower is better)"),
+    ("classification.mAP", "classifier mAP % (val)"),
+    ("mIoU", "segmenter val mIoU %"),
+)
+_VERDICTS = {"incomplete": "pending", "holds on average": "holds on average (not on every seed)"}
+
+
+def _run_value(run: dict[str, Any], key: str) -> float | None:
+    value: Any = run
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return None if value is None else float(value)
+
+
+def _mean_cell(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{100 * mean:.{digits}f} (n=1)"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f} (n={len(values)})"
+
+
+def render_wsss(name: str, root: Path) -> str:
+    """A weakly supervised experiment: per method the pseudo-mask mIoU at the fixed and at the swept threshold, the
+    co-occurrence leakage, the classifier's mAP and the final segmenter's val mIoU; per shape its pseudo-mask IoU
+    beside its preferred texture; the claims (holds / does not hold / pending). Before the experiment has run (no
+    JSON), the declared table with every cell pending."""
+    from ..data.shapes import ShapesConfig
+    from ..data.weak import weak_class_names
+    from .core import judge_claim, new_record
+    from .declarations import EXPERIMENTS
+
+    experiment = EXPERIMENTS[name]
+    path = root / RESULTS / "experiments" / f"{name}.json"
+    record = _load(path) if path.exists() else None
+    cfg = record["config"] if record else new_record(experiment)["config"]
+    runs = record["runs"] if record else []
+    claims = (
+        record["claims"]
+        if record
+        else [judge_claim(c, [], experiment.metric, experiment.seeds) for c in experiment.claims]
+    )
+    settings = cfg["variants"][0]["recipe_kwargs"]
+    cam, semples, clip, budget = settings["cam"], settings["semples"], settings["clip"], cfg["budget"]
+    cam_methods = [v for v in cfg["variants"] if v["recipe_kwargs"]["method"] != "supervised"]
+    lines = [
+        f"{experiment.title}. Seeds {cfg['seeds']}. Every CAM method trains {cam['steps']} steps × "
+        f"{cam['batch_size']} images on image-level labels (WeakTr from the image tower of a `{clip['config']}` "
+        f"trained {clip['steps']} steps × {clip['batch_size']} on captions, once per experiment); SemPLeS adds runs "
+        f"(a), (b), (c) of {semples['steps']} steps × {semples['batch_size']} each. Pseudo masks of "
+        f"{settings['pseudo_length']} training images (t = {settings['threshold']}, no CRF) train `"
+        f"{cfg['variants'][0]['model']}` for {budget['steps']} steps × {budget['batch_size']}, scored on "
+        f"{budget['val_length']} val images; pseudo masks are scored on {settings['eval_length']} training images."
+        + ("" if record and record.get("complete") else " **Pending: runs are still missing.**"),
+        "",
+        "| method | " + " | ".join(h.format(t=settings["threshold"]) for _, h in _WSSS_COLUMNS) + " |",
+        "|---" * (len(_WSSS_COLUMNS) + 1) + "|",
+    ]
+    for variant in cfg["variants"]:
+        mine = sorted((r for r in runs if r["variant"] == variant["name"]), key=lambda r: r["seed"])
+        cells = []
+        for key, _ in _WSSS_COLUMNS:
+            values = [v for v in (_run_value(r, key) for r in mine) if v is not None]
+            cells.append(_mean_cell(values) if mine else "pending")
+        lines.append(f"| {variant.get('label') or variant['name']} | " + " | ".join(cells) + " |")
+    world = ShapesConfig()
+    names, preferred = weak_class_names(world), world.preferred_stuff_ids
+    stuff = len(world.stuff_classes)
+    lines += [
+        "",
+        f"Per shape, pseudo-mask IoU % at t = {settings['threshold']} (in brackets: the share % of its preferred "
+        "texture labelled as the shape, in the images that hold it, the spurious background SemPLeS targets):",
+        "",
+        "| shape (preferred texture) | " + " | ".join(v["name"] for v in cam_methods) + " |",
+        "|---" * (len(cam_methods) + 1) + "|",
+    ]
+    for k, shape in enumerate(names[1:]):
+        cells = []
+        for variant in cam_methods:
+            mine = [r for r in runs if r["variant"] == variant["name"]]
+            iou = [r["pseudo_IoU_fixed"][shape] for r in mine]
+            leak = [r["leakage"][shape] for r in mine if r["leakage"].get(shape) is not None]
+            leak_text = f"{100 * sum(leak) / len(leak):.0f}" if leak else "–"
+            cells.append(f"{100 * sum(iou) / len(iou):.1f} ({leak_text})" if iou else "pending")
+        texture = world.class_names[preferred[stuff + k]]
+        lines.append(f"| {shape} ({texture}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    for claim in claims:
+        diffs = ", ".join(f"{100 * float(d):+.2f}" for d in claim["paired_differences"].values()) or "none yet"
+        mean = claim.get("mean_difference")
+        verdict = _VERDICTS.get(claim["verdict"], claim["verdict"])
+        lines.append(
+            f"- {claim['text']} [{claim.get('metric', experiment.metric)}]: **{verdict}** (paired differences per "
+            f"seed, points: {diffs}{'' if mean is None else f'; mean {100 * mean:+.2f}'})"
+        )
+    commands = record["commands"] if record else [f"python -m fastseg.experiments run {name} --threads 1"]
+    lines += ["", ("Commands: " if record else "Command (not run yet): ") + "; ".join(_code(c) for c in commands)]
+    return "\n".join(lines) + "\n"
+
+
 # PADing's claims tables (the earlier records under legacy/, written by benchmarks/experiments/pading_shapes.py, since
 # replaced by the pading_zero_shot declaration; and the declaration's record)
 PADING_LABELS = {
@@ -382,6 +488,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "static": render_static,
     "bench": render_bench,
     "ci": render_ci,
+    "wsss": render_wsss,
 }
 
 

@@ -29,7 +29,9 @@ classifier says the class is absent (``cls_logits <= 0``); ``predict`` is their 
 multi-scale inference of `fastseg.engine.recipes.semples` instead (labels known, per-class min-max).
 
 Registered: ``weaktr_deit_small`` (DeiT-S/16, 224, the paper's), ``weaktr_deit_tiny`` (DeiT-Ti/16) and
-``weaktr_shapes_tiny`` (patch 8, width 96, depth 4, 3 heads: the CPU-trainable variant for the 64 x 64 shapes world).
+``weaktr_shapes_tiny`` (patch 8, width 96, depth 4, 3 heads: the CPU-trainable variant for the 64 x 64 shapes world)
+and ``weaktr_shapes_clip`` (the shape of ``shapes-tiny-clip``'s image tower, whose weights ``backbone_checkpoint``
+can load: `WeakTr.load_deit_checkpoint` reads DeiT / timm files and open_clip files alike).
 ``num_classes`` counts the background: K = num_classes - 1 class tokens. The default class list is the shapes world's
 WSSS one (`fastseg.data.weak.weak_class_names`: background + the 8 shapes).
 """
@@ -51,7 +53,14 @@ from ..data.weak import weak_class_names
 from ..registry import register_model
 from ._base import SegmentationModel, check_images, resolve_cfg
 
-__all__ = ["AdaptiveAttentionFusion", "WeakTr", "weaktr_deit_small", "weaktr_deit_tiny", "weaktr_shapes_tiny"]
+__all__ = [
+    "AdaptiveAttentionFusion",
+    "WeakTr",
+    "weaktr_deit_small",
+    "weaktr_deit_tiny",
+    "weaktr_shapes_clip",
+    "weaktr_shapes_tiny",
+]
 
 DEFAULT_BACKGROUND_THRESHOLD = 0.43  # SemPLeS docs/Training.md (WeakTr's README uses 0.42)
 
@@ -116,6 +125,7 @@ class WeakTr(SegmentationModel):
         pool: str = "max",
         feat_reduction: int = 8,
         detach_backbone: bool = False,
+        pre_norm: bool = False,
         background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
         backbone_checkpoint: str | os.PathLike | None = None,
         impl: str = "auto",
@@ -152,6 +162,8 @@ class WeakTr(SegmentationModel):
         self.patch_embed = vit.patch_embed
         self.patch_embed.strict_img_size = False  # any multiple of the patch size; position embeddings interpolate
         self.blocks = vit.blocks
+        # CLIP's image tower normalises the embedded tokens before the first block (``ln_pre``); DeiT does not.
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-5) if pre_norm else nn.Identity()
         k, grid = self.num_cam_classes, img_size // patch_size
         self.grid = grid
         self.cls_tokens = nn.Parameter(torch.zeros(1, k, embed_dim))
@@ -170,7 +182,13 @@ class WeakTr(SegmentationModel):
     # -- weights ------------------------------------------------------------------------------------------------
     def backbone_parameters(self) -> list[nn.Parameter]:
         """The ViT's own parameters (patch embedding, blocks, class tokens, position embeddings)."""
-        return [*self.patch_embed.parameters(), *self.blocks.parameters(), self.cls_tokens, self.pos_embed]
+        return [
+            *self.patch_embed.parameters(),
+            *self.norm_pre.parameters(),
+            *self.blocks.parameters(),
+            self.cls_tokens,
+            self.pos_embed,
+        ]
 
     def cam_parameters(self) -> list[nn.Parameter]:
         """What SemPLeS runs (a) and (c) train: the CAM head and the AAF FFNs."""
@@ -179,11 +197,15 @@ class WeakTr(SegmentationModel):
     def load_deit_checkpoint(self, path: str | os.PathLike) -> None:
         """Initialise the backbone from a local timm / DeiT checkpoint (single CLS token): the CLS token and its
         position embedding are copied to every class token; the patch position embeddings are resized bicubically
-        to this model's grid. Head / norm weights of the classifier are ignored. Raises ``ValueError`` on a
-        checkpoint of another architecture (missing or mis-shaped backbone keys)."""
+        to this model's grid. Head / norm weights of the classifier are ignored. An open_clip checkpoint (``visual.*``
+        keys) loads its image tower instead (`_load_clip_visual`). Raises ``ValueError`` on a checkpoint of another
+        architecture (missing or mis-shaped backbone keys)."""
         from ..checkpoint import load_state_dict
 
         state = load_state_dict(path)
+        if "visual.conv1.weight" in state:
+            self._load_clip_visual(state, path)
+            return
         if "model" in state and isinstance(state["model"], dict):  # DeiT release files wrap the weights
             state = state["model"]
         own = {f"patch_embed.{n}": p for n, p in self.patch_embed.state_dict().items()}
@@ -205,22 +227,82 @@ class WeakTr(SegmentationModel):
                 {n[len("patch_embed.") :]: state[n] for n in own if n.startswith("patch_embed.")}
             )
             self.blocks.load_state_dict({n[len("blocks.") :]: state[n] for n in own if n.startswith("blocks.")})
-            k = self.num_cam_classes
-            self.cls_tokens.copy_(state["cls_token"].reshape(1, 1, -1).expand(1, k, -1))
-            pos = state["pos_embed"]
-            prefix, patches = pos[:, :1], pos[:, 1:]
-            side = int(math.isqrt(patches.shape[1]))
-            patches = (
-                F.interpolate(
-                    patches.reshape(1, side, side, -1).permute(0, 3, 1, 2),
-                    size=(self.grid,) * 2,
-                    mode="bicubic",
-                    align_corners=False,
-                )
-                .permute(0, 2, 3, 1)
-                .flatten(1, 2)
+            self._copy_class_token(state["cls_token"], state["pos_embed"])
+
+    @torch.no_grad()
+    def _copy_class_token(self, cls_token: torch.Tensor, pos: torch.Tensor) -> None:
+        """One pre-trained CLS token (and its position embedding ``pos[:, :1]``) to every class token; the patch
+        position embeddings ``pos[:, 1:]`` resized bicubically to this model's grid."""
+        k = self.num_cam_classes
+        pos = pos.reshape(1, -1, self.embed_dim)
+        self.cls_tokens.copy_(cls_token.reshape(1, 1, -1).expand(1, k, -1))
+        prefix, patches = pos[:, :1], pos[:, 1:]
+        side = int(math.isqrt(patches.shape[1]))
+        patches = (
+            F.interpolate(
+                patches.reshape(1, side, side, -1).permute(0, 3, 1, 2),
+                size=(self.grid,) * 2,
+                mode="bicubic",
+                align_corners=False,
             )
-            self.pos_embed.copy_(torch.cat([prefix.expand(1, k, -1), patches], 1))
+            .permute(0, 2, 3, 1)
+            .flatten(1, 2)
+        )
+        self.pos_embed.copy_(torch.cat([prefix.expand(1, k, -1), patches], 1))
+
+    def _load_clip_visual(self, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+        """The image tower of an open_clip ViT checkpoint (``visual.*`` keys) as the backbone: conv1 -> patch
+        embedding (no bias), ``ln_pre`` -> ``norm_pre``, each residual block's fused in-projection -> ``qkv`` (same
+        q, k, v row order), ``out_proj`` -> ``proj``, ``c_fc`` / ``c_proj`` -> the MLP; the class embedding and its
+        position embedding go to every class token. ``ln_post`` and the projection are not used."""
+        mapping = {
+            "patch_embed.proj.weight": "visual.conv1.weight",
+            "norm_pre.weight": "visual.ln_pre.weight",
+            "norm_pre.bias": "visual.ln_pre.bias",
+        }
+        names = {
+            "norm1": "ln_1",
+            "attn.qkv": "attn.in_proj",
+            "attn.proj": "attn.out_proj",
+            "norm2": "ln_2",
+            "mlp.fc1": "mlp.c_fc",
+            "mlp.fc2": "mlp.c_proj",
+        }
+        for i in range(len(self.blocks)):
+            for ours, theirs in names.items():
+                for kind in ("weight", "bias"):
+                    suffix = f"_{kind}" if theirs == "attn.in_proj" else f".{kind}"
+                    mapping[f"blocks.{i}.{ours}.{kind}"] = f"visual.transformer.resblocks.{i}.{theirs}{suffix}"
+        own = {f"patch_embed.{n}": p for n, p in self.patch_embed.state_dict().items()}
+        own.update({f"norm_pre.{n}": p for n, p in self.norm_pre.state_dict().items()})
+        own.update({f"blocks.{n}": p for n, p in self.blocks.state_dict().items()})
+        extra_blocks = f"visual.transformer.resblocks.{len(self.blocks)}.ln_1.weight" in state
+        missing = [theirs for ours, theirs in mapping.items() if ours in own and theirs not in state]
+        unmapped = [n for n in own if n not in mapping and n != "patch_embed.proj.bias"]
+        wrong = [
+            f"{theirs}: {tuple(state[theirs].shape)} vs {tuple(own[ours].shape)}"
+            for ours, theirs in mapping.items()
+            if ours in own and theirs in state and state[theirs].shape != own[ours].shape
+        ]
+        pos = state.get("visual.positional_embedding")
+        if pos is not None and pos.shape[-1] != self.embed_dim:
+            wrong.append(f"visual.positional_embedding: {tuple(pos.shape)}")
+        if "visual.ln_pre.weight" in state and "norm_pre.weight" not in own:
+            wrong.append("the file normalises before the blocks (ln_pre); build the model with pre_norm=True")
+        if missing or unmapped or wrong or extra_blocks or pos is None:
+            raise ValueError(
+                f"{path} is not an open_clip image tower of this architecture (embed {self.embed_dim}, patch "
+                f"{self.patch_size}, {len(self.blocks)} blocks, pre-norm {not isinstance(self.norm_pre, nn.Identity)}):"
+                f" missing {missing[:4]}, unmapped {unmapped[:4]}, shape mismatch {wrong[:4]}, "
+                f"more blocks in the file: {extra_blocks}"
+            )
+        with torch.no_grad():
+            for ours, theirs in mapping.items():
+                if ours in own:
+                    own[ours].copy_(state[theirs])
+            if "patch_embed.proj.bias" in own:
+                own["patch_embed.proj.bias"].zero_()  # CLIP's conv1 has no bias
+            self._copy_class_token(state["visual.class_embedding"], pos)
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -263,6 +345,7 @@ class WeakTr(SegmentationModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_backbone):
             x = self.patch_embed(images)
             x = torch.cat([self.cls_tokens.expand(batch, -1, -1), x], 1) + self._pos_embed(grid_h, grid_w)
+            x = self.norm_pre(x)
             attn_maps, head_feats = [], []
             for blk in self.blocks:
                 x, attn, feats = self._block(blk, x)
@@ -374,6 +457,34 @@ def weaktr_shapes_tiny(num_classes: int | None = None, **kw: Any) -> WeakTr:
             "embed_dim": 96,
             "depth": 4,
             "num_heads": 3,
+            "drop_path_rate": 0.0,
+            "reduction": 4,
+            **kw,
+        },
+    )
+
+
+@register_model(
+    tag="shapes_clip",
+    differs_from_paper=(
+        "ViT with patch 8, embed 128, depth 4, 2 heads, pre-norm at 64x64 (the image tower of fastseg's shapes-tiny-clip, "
+        "from which its backbone is initialised), AAF reduction 4, no drop-path; the paper uses DeiT-S/16 at 224 "
+        "initialised from ImageNet"
+    ),
+)
+def weaktr_shapes_clip(num_classes: int | None = None, **kw: Any) -> WeakTr:
+    """WeakTr for the 64 x 64 shapes world shaped like the image tower of ``shapes-tiny-clip`` (patch 8, embed 128,
+    depth 4, 2 heads of 64, CLIP's pre-norm), so that ``backbone_checkpoint`` can be that CLIP's checkpoint: the
+    backbone then starts from a network pre-trained on image-level captions, as the paper's starts from ImageNet."""
+    return _weaktr(
+        num_classes,
+        **{
+            "img_size": 64,
+            "patch_size": 8,
+            "embed_dim": 128,
+            "depth": 4,
+            "num_heads": 2,
+            "pre_norm": True,
             "drop_path_rate": 0.0,
             "reduction": 4,
             **kw,

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from ... import checkpoint as ckpt
 from ...data.pseudo import META_FILE, mask_file_name
 from ...data.shapes import MEAN, STD
-from ...data.weak import WeakShapes
+from ...data.weak import WeakShapes, weak_class_names
 from ...metrics import ConfusionMatrix
 from ...models.clip import FrozenCLIP
+from ...models.plain_cam import PlainCAM
 from ...models.semples import SemPLeSRun
 from ...models.weaktr import DEFAULT_BACKGROUND_THRESHOLD, WeakTr
 from ...registry import create_model
@@ -50,14 +51,18 @@ __all__ = [
     "augment_batch",
     "build_run",
     "cams_to_labels",
+    "classification_map",
+    "cooccurrence_leakage",
     "crf_available",
     "evaluate_cams",
     "load_cam_model",
+    "load_plain_cam",
     "multiscale_cams",
     "run_prompt_learning",
     "run_prompt_refinement",
     "run_segment_label_matching",
     "sweep_threshold",
+    "train_plain_cam",
     "train_weaktr",
     "write_pseudo_masks",
 ]
@@ -161,16 +166,22 @@ def train_weaktr(
     device: str = "auto",
     impl: str = "auto",
     stop_at_step: int | None = None,
+    coarse_only: bool = False,
 ) -> TrainResult:
-    """WeakTr phase 1 on the shapes world's image-level labels; writes ``<out_dir>/model.safetensors``."""
+    """WeakTr phase 1 on the shapes world's image-level labels; writes ``<out_dir>/model.safetensors``.
+
+    ``backbone_checkpoint``: a DeiT or an open_clip checkpoint (`WeakTr.load_deit_checkpoint`). ``coarse_only``
+    trains the same network as a plain GAP classifier on its CAM head alone (the plain-CAM ablation: no class-token
+    or fine-CAM loss)."""
     model = create_model(model_name, backbone_checkpoint=backbone_checkpoint, impl=impl)
     train_set = WeakShapes("train", length=train_length, seed=0)
     lr = _scaled_lr("weaktr", batch_size, lr)
     _write_run_json(
         out_dir,
         {
-            "stage": "weaktr",
+            "stage": "weaktr_coarse_only" if coarse_only else "weaktr",
             "model": model_name,
+            "backbone_checkpoint": None if backbone_checkpoint is None else str(backbone_checkpoint),
             "steps": steps,
             "batch_size": batch_size,
             "lr": lr,
@@ -180,10 +191,58 @@ def train_weaktr(
     )
 
     def loss_fn(m: WeakTr, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return m.loss({"image": augment_batch(batch["image"], colour=True), "image_labels": batch["image_labels"]})
+        images = augment_batch(batch["image"], colour=True)
+        if coarse_only:
+            logits = m.forward_cams(images)["coarse_logits"]
+            return {"loss": F.multilabel_soft_margin_loss(logits, m.image_labels(batch))}
+        return m.loss({"image": images, "image_labels": batch["image_labels"]})
 
     cfg = _train_config(out_dir, steps, batch_size, lr, seed, save_every, device)
     return train(model, train_set, cfg, resume=resume, loss_fn=loss_fn, stop_at_step=stop_at_step)
+
+
+def train_plain_cam(
+    out_dir: str | os.PathLike,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = SEED,
+    train_length: int = 4096,
+    backbone: str = "resnet18",
+    resume: str | None = "auto",
+    save_every: int = 100,
+    device: str = "auto",
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """The plain CAM baseline (`fastseg.models.plain_cam.PlainCAM`) on image-level labels, with WeakTr's
+    augmentation; writes ``<out_dir>/model.safetensors``."""
+    model = PlainCAM(len(weak_class_names()) - 1, backbone=backbone)
+    _write_run_json(
+        out_dir,
+        {
+            "stage": "plain_cam",
+            "backbone": backbone,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "train_length": train_length,
+        },
+    )
+
+    def loss_fn(m: PlainCAM, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return m.loss({"image": augment_batch(batch["image"], colour=True), "image_labels": batch["image_labels"]})
+
+    cfg = _train_config(out_dir, steps, batch_size, lr, seed, save_every, device)
+    train_set = WeakShapes("train", length=train_length, seed=0)
+    return train(model, train_set, cfg, resume=resume, loss_fn=loss_fn, stop_at_step=stop_at_step)
+
+
+def load_plain_cam(path: str | os.PathLike, backbone: str = "resnet18") -> PlainCAM:
+    """A `PlainCAM` from the ``model.safetensors`` of `train_plain_cam`."""
+    model = PlainCAM(len(weak_class_names()) - 1, backbone=backbone)
+    ckpt.load_weights(model, path, strict=True)
+    return model
 
 
 def load_cam_model(path: str | os.PathLike, model_name: str = "weaktr_shapes_tiny", impl: str = "auto") -> WeakTr:
@@ -547,6 +606,61 @@ def evaluate_cams(
     return {t: cm.compute() for t, cm in matrices.items()}
 
 
+@torch.no_grad()
+def classification_map(model: WeakTr | PlainCAM, dataset: WeakShapes, key: str, batch_size: int = 64) -> dict:
+    """How well the CAM model classifies: mean over classes of the average precision of ``forward_cams()[key]``
+    (e.g. ``"coarse_logits"``, ``"cls_logits"``) against the image-level labels, and the per-label accuracy at
+    logit 0 beside that of always answering "absent" (the trivial level of a sparse multi-label task)."""
+    model.eval()
+    scores, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        scores.append(model.forward_cams(torch.stack([s["image"] for s in samples]))[key])
+        labels.append(torch.stack([s["image_labels"] for s in samples]) > 0)
+    score, label = torch.cat(scores), torch.cat(labels)
+    precisions = []
+    for k in range(label.shape[1]):
+        if not bool(label[:, k].any()):
+            continue
+        hits = label[score[:, k].argsort(descending=True), k].float()
+        precision_at = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        precisions.append(float((precision_at * hits).sum() / hits.sum()))
+    return {
+        "mAP": sum(precisions) / len(precisions),
+        "accuracy": float(((score > 0) == label).float().mean()),
+        "accuracy_all_absent": float((~label).float().mean()),
+    }
+
+
+@torch.no_grad()
+def cooccurrence_leakage(
+    model: WeakTr | PlainCAM,
+    dataset: WeakShapes,
+    threshold: float,
+    cam: str = "fine",
+    scales: Sequence[float] = (1.0, 1.2),
+) -> list[float | None]:
+    """Per foreground class: the share of its preferred texture's pixels (in the images that hold the class) that the
+    pseudo mask at ``threshold`` labels as the class: the spurious co-occurring background SemPLeS' prompts should
+    keep out (lower is better; ``None`` for a class that never occurs). ``dataset`` must carry its masks."""
+    if not dataset.with_masks:
+        raise ValueError("cooccurrence_leakage needs ground-truth masks: build the dataset with with_masks=True")
+    config = dataset.config
+    stuff = len(config.stuff_classes)
+    preferred = config.preferred_stuff_ids
+    hits, totals = [0] * (dataset.num_classes - 1), [0] * (dataset.num_classes - 1)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        world_mask = dataset.world[sample["index"]]["mask"]
+        labels = sample["image_labels"][None]
+        pred = cams_to_labels(multiscale_cams(model, sample["image"][None], labels, scales, cam=cam), threshold)[0]
+        for k in labels[0].nonzero().flatten().tolist():
+            texture = world_mask == preferred[stuff + k]
+            totals[k] += int(texture.sum())
+            hits[k] += int((pred[texture] == k + 1).sum())
+    return [h / t if t else None for h, t in zip(hits, totals)]
+
+
 def sweep_threshold(
     model: WeakTr,
     dataset: WeakShapes,
@@ -556,7 +670,8 @@ def sweep_threshold(
     **kw: Any,
 ) -> dict[str, Any]:
     """The official protocol (peeks at train ground truth): raise t from ``start`` by ``step`` and stop at the
-    first drop in mIoU; returns the best t, its metrics and the curve."""
+    first drop in mIoU; returns the best t, its metrics, the curve and the metrics at every grid threshold (``all``,
+    keyed by the threshold rounded to 4 digits)."""
     grid = [round(start + i * step, 4) for i in range(int(round((max_threshold - start) / step)) + 1)]
     results = evaluate_cams(model, dataset, grid, **kw)
     curve, best_t = [], grid[0]
@@ -565,7 +680,7 @@ def sweep_threshold(
         if results[t]["mIoU"] < results[best_t]["mIoU"]:
             break
         best_t = t
-    return {"threshold": best_t, "metrics": results[best_t], "curve": curve}
+    return {"threshold": best_t, "metrics": results[best_t], "curve": curve, "all": results}
 
 
 def write_pseudo_masks(
