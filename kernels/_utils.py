@@ -33,8 +33,10 @@ import contextvars
 import dataclasses
 import math
 import os
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -103,6 +105,7 @@ __all__ = [
     "LOG2E",
     "REF_CHUNK_ELEMENTS",
     "ref_chunk_rows",
+    "run_on_cpu_threads",
     "dot_precision",
     "pow2",
     "target_programs",
@@ -218,6 +221,61 @@ REF_CHUNK_ELEMENTS = 2**22
 def ref_chunk_rows(k: int) -> int:
     """Rows per chunk of a chunked reference over an N x K score matrix (at most `REF_CHUNK_ELEMENTS` alive)."""
     return max(1, REF_CHUNK_ELEMENTS // max(k, 1))
+
+
+# CPU paths that run many small torch ops per call (one GEMM and a few reductions per L2-sized block) parallelise over
+# blocks with Python threads whose own torch ops are single-threaded, instead of inside every op: one OpenMP region
+# per op and block meant hundreds of thread wake-ups per call, each a stall when OpenMP threads spin and another
+# process holds the cores (10-50x slower beside one busy process). These threads wait on a queue, never spin.
+_CPU_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool); a forked child makes its own
+_CPU_POOL_LOCK = threading.Lock()
+
+
+def _cpu_pool(threads: int) -> ThreadPoolExecutor:
+    global _CPU_POOL
+    with _CPU_POOL_LOCK:
+        if _CPU_POOL is None or _CPU_POOL[:2] != (os.getpid(), threads):
+            if _CPU_POOL is not None and _CPU_POOL[0] == os.getpid():
+                _CPU_POOL[2].shutdown(wait=False)
+            started = threading.Barrier(threads + 1)
+
+            def single_threaded() -> None:
+                # OpenMP's and MKL's thread counts are per thread: get_num_threads() first runs torch's lazy per-thread
+                # initialisation (which would otherwise reset the count later), then this thread is set to one.
+                torch.get_num_threads()
+                torch.set_num_threads(1)
+                started.wait()
+
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="fastseg-cpu", initializer=single_threaded)
+            for _ in range(threads):  # every worker starts now (each waits in its initializer, so none is idle)
+                pool.submit(int)
+            started.wait()
+            torch.set_num_threads(threads)  # set_num_threads(1) also changed torch's process-wide default: restore it
+            _CPU_POOL = (os.getpid(), threads, pool)
+        return _CPU_POOL[2]
+
+
+def run_on_cpu_threads(work: Callable[[Sequence[int]], None], items: Sequence[int]) -> None:
+    """``work(items[i::t])`` for ``t = min(torch.get_num_threads(), len(items))`` shares, each on a worker thread whose
+    torch ops run single-threaded (inline in the caller when torch has one thread); grad and inference mode follow
+    the caller's. ``work`` writes its results into disjoint slices of preallocated outputs. Run every op of a call
+    this way: an op left in the caller opens OpenMP regions of its own (one of 16 chunks of exact distances took 60 ms
+    per region beside a busy process with spinning threads)."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or not items:
+        work(items)
+        return
+    shares = min(threads, len(items))
+    inference = torch.is_inference_mode_enabled()
+    grad = torch.is_grad_enabled()
+
+    def run(share: Sequence[int]) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work(share)
+
+    pool = _cpu_pool(threads)
+    for future in [pool.submit(run, items[i::shares]) for i in range(shares)]:
+        future.result()
 
 
 # --------------------------------------------------------------------------------------------------------------------

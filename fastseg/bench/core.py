@@ -174,10 +174,15 @@ def measure(
     rounds: int = 10,
     max_seconds: float = 5.0,
 ) -> Timing:
-    """Time ``fn`` per call: warm-up calls first, then up to ``rounds`` rounds, stopping early after
-    ``max_seconds`` (at least 3 rounds). On CUDA each round is bracketed by events and synchronised."""
+    """Time ``fn`` per call: up to ``warmup`` warm-up calls (none more once they took ``max_seconds`` / 2: the first
+    call of a compiled provider compiles), then up to ``rounds`` rounds, stopping early after ``max_seconds`` (at least 3 rounds). On CUDA each round is
+    bracketed by events and synchronised."""
+    started = time.perf_counter()
     for _ in range(warmup):
         fn()
+        synchronize(device)
+        if time.perf_counter() - started > max_seconds / 2:
+            break
     synchronize(device)
     samples: list[float] = []
     started = time.perf_counter()

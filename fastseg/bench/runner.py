@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,14 +59,17 @@ class BenchRow:
     speedup: float | None = None  # over the reference provider of the same case
     images_per_s: float | None = None
     note: str = ""  # why a provider did not run, or a caveat
+    seconds: float | None = None  # wall time of the whole job: set-up (compile, export), warm-up and timed rounds
 
     @property
     def ok(self) -> bool:
         return self.median_ms is not None
 
 
-def _timed_row(base: BenchRow, fn: Callable[[], Any], device: torch.device, rounds: int) -> BenchRow:
-    timing = measure(fn, device, warmup=2, rounds=rounds)
+def _timed_row(
+    base: BenchRow, fn: Callable[[], Any], device: torch.device, rounds: int, budget_s: float = 5.0
+) -> BenchRow:
+    timing = measure(fn, device, warmup=2, rounds=rounds, max_seconds=budget_s)
     base.median_ms, base.p20_ms, base.p80_ms = timing.median * 1e3, timing.p20 * 1e3, timing.p80 * 1e3
     return base
 
@@ -75,8 +80,10 @@ def run_kernels(
     quick: bool = True,
     rounds: int = 10,
     progress: bool = True,
+    budget_s: float = 5.0,
 ) -> list[BenchRow]:
-    """Time every (case, provider) of the selected kernel families on ``device``."""
+    """Time every (case, provider) of the selected kernel families on ``device`` (warm-up and timed rounds of each
+    stop after about ``budget_s`` seconds; at least one warm-up call and three rounds)."""
     peak = peak_for(device)
     rows: list[BenchRow] = []
     cases: list[KernelCase] = kernel_cases(device, families, quick=quick)
@@ -86,16 +93,18 @@ def run_kernels(
         row = BenchRow(
             "kernel", f"{case.op}-{case.mode}", provider, case.shape_id, str(case.dtype).replace("torch.", "")
         )
+        started = time.perf_counter()
         try:
             if case.name not in inputs_cache:
                 inputs_cache.clear()  # one case's inputs alive at a time
                 inputs_cache[case.name] = case.make_inputs(device, case.dtype)
             fn = case.providers[provider](inputs_cache[case.name])
-            _timed_row(row, fn, device, rounds)
+            _timed_row(row, fn, device, rounds, budget_s)
         except ProviderUnavailable as why:
             row.note = str(why)
         except Exception as err:  # a failing provider must not hide the others' figures
             row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        row.seconds = time.perf_counter() - started
         if row.ok:
             seconds = row.median_ms / 1e3
             row.gbps = case.min_bytes / seconds / 1e9 if case.min_bytes else None
@@ -186,6 +195,13 @@ def export_onnx_session(
             tensorrt_check=False,
         )
         options = ort.SessionOptions()
+        if torch.device(device).type == "cpu":
+            # ONNX Runtime has its own thread pool: the same thread count as torch's timed region, and no spinning
+            # when OpenMP is told not to (its spinning threads crawl beside another busy process, as OpenMP's do).
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), sess_options=options, providers=ort_providers(device))
 
 
@@ -213,14 +229,16 @@ def run_models(
     num_classes: int | None = None,
     rounds: int = 10,
     progress: bool = True,
+    budget_s: float = 5.0,
 ) -> list[BenchRow]:
-    """Images/s and latency of each model x provider at ``size`` and ``batch``."""
+    """Images/s and latency of each model x provider at ``size`` and ``batch`` (timing budget as `run_kernels`)."""
     rows: list[BenchRow] = []
     images = torch.randn(batch, 3, *size, device=device)
     shape = f"B{batch}-{size[0]}x{size[1]}"
     jobs = [(m, p) for m in models for p in providers]
     for name, provider in tqdm(jobs, desc="models", disable=not progress, leave=False):
         row = BenchRow("model", name, provider, shape, str(dtype).replace("torch.", ""))
+        started = time.perf_counter()
         try:
             fn = model_provider(name, provider, device, images, num_classes)
             if dtype != torch.float32 and provider != "onnxruntime":
@@ -230,12 +248,13 @@ def run_models(
                     with torch.autocast(device.type, dtype=dtype):
                         return inner()
 
-            _timed_row(row, fn, device, rounds)
+            _timed_row(row, fn, device, rounds, budget_s)
             row.images_per_s = batch / (row.median_ms / 1e3)
         except ProviderUnavailable as why:
             row.note = str(why)
         except Exception as err:
             row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        row.seconds = time.perf_counter() - started
         rows.append(row)
     _fill_speedups(rows, {(m, shape): "eager" for m in models})
     return rows
@@ -342,8 +361,17 @@ def format_table(rows: Sequence[BenchRow], env: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def save_json(rows: Sequence[BenchRow], env: dict[str, Any], path: str | Path, args: dict[str, Any]) -> None:
+def save_json(
+    rows: Sequence[BenchRow],
+    env: dict[str, Any],
+    path: str | Path,
+    args: dict[str, Any],
+    seconds: dict[str, float] | None = None,
+) -> None:
+    """Rows, environment (threads and OpenMP wait policy included) and arguments; ``seconds``: wall time per phase."""
     data = {"environment": env, "arguments": args, "rows": [dataclasses.asdict(r) for r in rows]}
+    if seconds is not None:
+        data["seconds"] = seconds
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2, default=str))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from .common import parse_device, parse_size
 
@@ -40,6 +41,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    phases: dict[str, float] = {}  # where the run's time goes, printed at the end and kept in the JSON
+    started = time.perf_counter()
     env = environment(device)
     print(f"fastseg bench on {env['device']} ({device.type}); torch {env['torch']}, triton {env.get('triton')}")
     if device.type != "cuda":
@@ -47,21 +50,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = []
     families = None if args.kernels == "all" else [f for f in args.kernels.split(",") if f and f != "none"]
     if args.kernels != "none" and (families is None or families):
-        rows += run_kernels(device, families or kernel_families(), quick=not args.full, rounds=args.rounds)
+        phase = time.perf_counter()
+        rows += run_kernels(
+            device, families or kernel_families(), quick=not args.full, rounds=args.rounds, budget_s=args.budget
+        )
+        phases["kernels"] = time.perf_counter() - phase
     if args.models != "none":
         models = list_models(args.models.split(",")) if args.models != "default" else args.default_models
         if not models:
             raise SystemExit(f"--models {args.models!r} matches no registered model")
         providers = args.providers.split(",")
+        phase = time.perf_counter()
         rows += run_models(
-            device, models, size=args.size, batch=args.batch, dtype=dtype, providers=providers, rounds=args.rounds
+            device,
+            models,
+            size=args.size,
+            batch=args.batch,
+            dtype=dtype,
+            providers=providers,
+            rounds=args.rounds,
+            budget_s=args.budget,
         )
+        phases["models"] = time.perf_counter() - phase
         if args.stages:
+            phase = time.perf_counter()
             rows += run_stages(device, models, size=args.size, batch=args.batch, rounds=args.rounds)
+            phases["stages"] = time.perf_counter() - phase
     print(format_table(rows, env))
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    if device.type != "cuda" and args.static_after:
+        # Without a GPU, show what the kernels would do on one: the static report (cached compiles) after the timings.
+        from ..bench.static import run_static
+
+        print()
+        phase = time.perf_counter()
+        run_static(full=False, out=None, table_targets=("sm_87", "sm_90"))
+        phases["static"] = time.perf_counter() - phase
+    phases["total"] = time.perf_counter() - started
+    print()
+    print(_time_summary(rows, phases))
     if args.json:
-        save_json(rows, env, args.json, arguments)
+        save_json(rows, env, args.json, arguments, seconds=phases)
         print(f"JSON: {args.json}")
     if args.plot:
         try:
@@ -69,13 +98,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"plot: {args.plot}")
         except ValueError as err:
             print(f"no plot: {err}", file=sys.stderr)
-    if device.type != "cuda" and args.static_after:
-        # Without a GPU, show what the kernels would do on one: the static report (cached compiles) after the timings.
-        from ..bench.static import run_static
-
-        print()
-        run_static(full=False, out=None, table_targets=("sm_87", "sm_90"))
     return 0 if any(r.ok for r in rows) else 1
+
+
+def _time_summary(rows: list, phases: dict[str, float], slowest: int = 5) -> str:
+    """Where the run's time went: each phase, then the slowest jobs (set-up such as compiling or exporting included)."""
+    line = "time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+    jobs = sorted((r for r in rows if r.seconds is not None), key=lambda r: -r.seconds)[:slowest]
+    if jobs:
+        line += "\nslowest jobs: " + ", ".join(f"{r.name}[{r.provider}] {r.seconds:.1f} s" for r in jobs)
+    return line
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +124,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision (autocast)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per case (after warm-up)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="time per case: warm-up stops after half of it, timed rounds after all of it (at least 3 rounds)",
+    )
     p.add_argument("--full", action="store_true", help="all kernel shapes, not only the quick set")
     p.add_argument(
         "--stages",

@@ -22,6 +22,25 @@ def test_measure_counts_calls():
     assert len(calls) == 7 and len(timing.samples) == 5 and all(s >= 0 for s in timing.samples)
 
 
+def test_measure_stays_within_its_time_budget():
+    # 20 ms calls with a 0.1 s budget: warm-up stops once it took half the budget (3 calls of 5), timing after the
+    # budget (about 5 rounds of 50), never fewer than 3 rounds
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    timing = measure(slow, torch.device("cpu"), warmup=5, rounds=50, max_seconds=0.1)
+    warmup_calls = len(calls) - len(timing.samples)
+    assert 1 <= warmup_calls <= 3 and 3 <= len(timing.samples) <= 7
+    calls.clear()
+    timing = measure(slow, torch.device("cpu"), warmup=0, rounds=50, max_seconds=0.0)
+    assert len(calls) == len(timing.samples) == 3
+
+
 def test_roofline_fraction_picks_the_binding_limit():
     peak = DevicePeak("test", hbm_gbps=100.0, bf16_tflops=10.0, fp32_tflops=1.0, source="test")
     # 1 GB at 100 GB/s takes 10 ms; 1 GFLOP fp32 at 1 TFLOP/s takes 1 ms: memory binds.
@@ -69,6 +88,7 @@ def test_run_kernels_table_and_skips(toy_family):
     assert by_provider["torch"].ok and by_provider["fast"].ok and not by_provider["gone"].ok
     assert by_provider["torch"].speedup == pytest.approx(1.0)
     assert by_provider["gone"].note == "needs hardware that is not here"
+    assert all(r.seconds is not None and r.seconds >= 0 for r in rows)  # each job's wall time, skipped ones too
     assert by_provider["torch"].gbps == pytest.approx(8 * 4096 / (by_provider["torch"].median_ms / 1e3) / 1e9)
     env = {"device": "TestCPU", "device_type": "cpu", "torch": "x", "fastseg": "y"}
     table = format_table(rows, env)
@@ -122,8 +142,12 @@ def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "fpn_mit_b0" in printed and "model has no fused ops" in printed
+    assert "time: models" in printed and "slowest jobs: fpn_mit_b0[" in printed
     data = json.loads(out_json.read_text())
     assert data["environment"]["torch"] == torch.__version__
+    # the timed region's thread count and OpenMP wait policy are part of the record, and where the time went
+    assert data["environment"]["cpu_threads"] == torch.get_num_threads() and "omp_wait_policy" in data["environment"]
+    assert data["seconds"]["total"] >= data["seconds"]["models"] > 0
     eager = [r for r in data["rows"] if r["provider"] == "eager"][0]
     assert eager["median_ms"] > 0 and eager["images_per_s"] > 0
     assert out_png.stat().st_size > 1000

@@ -107,6 +107,133 @@ def test_reference_is_chunked_and_chunking_does_not_change_results(monkeypatch):
         torch.testing.assert_close(sqdist, full[1], rtol=1e-5, atol=1e-6)
 
 
+# -------------------------------------------------------------------------------------------------------- the CPU path
+
+
+def _integer_problem(n, k, d, seed, dtype=torch.float32):
+    """Small integers: every score is exact in fp32 whatever the summation order, so the CPU path and the reference
+    compute the same numbers and must choose the same codes, ties included (many: values in -3..3)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(-3, 4, (n, d), generator=g).to(dtype)
+    return z, torch.randint(-3, 4, (k, d), generator=g).to(dtype)
+
+
+@pytest.fixture
+def small_cpu_blocks(monkeypatch):
+    """Blocks of at most 640 scores and code tiles of 64 codes (two groups of 32): every test shape crosses row
+    blocks, code tiles and groups, and exercises the running (best, index) across tiles."""
+    monkeypatch.setattr(vq_mod, "CPU_BLOCK_ELEMENTS", 640)
+    monkeypatch.setattr(vq_mod, "CPU_CODE_TILE", 64)
+
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 3), (7, 31, 5), (129, 64, 8), (300, 65, 4), (1000, 200, 16), (33, 513, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_matches_reference_exactly_on_exact_scores(n, k, d, dtype, small_cpu_blocks):
+    z, codebook = _integer_problem(n, k, d, seed=n + k, dtype=dtype)
+    index, sqdist = K.vq_nearest(z, codebook)  # impl="auto" on CPU tensors: the blocked CPU path
+    ref_index, ref_sqdist = K.vq_nearest_ref(z, codebook)
+    assert torch.equal(index, ref_index)  # lowest index on every tie, across groups and tiles
+    assert torch.equal(sqdist, ref_sqdist)  # the same exact recomputation from the same winners
+    assert_nearest(z, codebook, index, sqdist)
+
+
+@pytest.mark.parametrize("n,k,d", [(500, 150, 3), (257, 1100, 64), (64, 100, 200)])
+def test_cpu_path_random_floats_against_reference_and_oracle(n, k, d, small_cpu_blocks):
+    z, codebook = torch.randn(n, d), torch.randn(k, d)
+    index, sqdist = vq_mod._vq_nearest_cpu(z, codebook)
+    ref_index, ref_sqdist = K.vq_nearest_ref(z, codebook)
+    # different fp32 summation orders: a near-tie may resolve either way, so judge both against the fp64 oracle
+    assert_nearest(z, codebook, index, sqdist)
+    assert float((index == ref_index).double().mean()) > 0.99
+    torch.testing.assert_close(sqdist, ref_sqdist, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_path_nan_rows_and_codes_in_later_tiles(small_cpu_blocks):
+    z, codebook = _integer_problem(90, 200, 6, seed=3)
+    codebook[130] = torch.nan  # a non-finite code in the third tile never wins
+    codebook[70, 1] = float("inf")
+    z[5] = codebook[70].nan_to_num(posinf=0.0)  # nearest by its finite part to the inf code: must not pick it
+    z[40, 2] = torch.nan  # NaN scores in every tile of this row's block: the other rows must be unaffected
+    z[41, 0] = float("-inf")
+    index, sqdist = K.vq_nearest(z, codebook)
+    ref_index, ref_sqdist = K.vq_nearest_ref(z, codebook)
+    assert torch.equal(index, ref_index)
+    assert index[40].item() == index[41].item() == 0  # non-finite rows go to code 0 (finite here)
+    assert torch.isnan(sqdist[40]) and sqdist[41].item() == float("inf")
+    assert not bool(((index == 70) | (index == 130)).any())
+    torch.testing.assert_close(sqdist, ref_sqdist, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [10, 150])  # in the first code tile (it would win the running best) and a later one
+def test_cpu_path_overflow_nan_scores_never_win(bad, small_cpu_blocks):
+    """A finite row and a finite code whose score overflows to inf - inf = NaN (norm and dot both past fp32): the
+    NaN counts as +inf (the policy) instead of propagating through the reductions."""
+    z, codebook = _integer_problem(40, 200, 6, seed=5)
+    codebook[bad] = 3e19  # centred norm^2 ~ 5e39 -> inf; the dot with the row below -> inf as well
+    z[7] = 3e19
+    index, _ = K.vq_nearest(z, codebook)
+    ref_index, _ = K.vq_nearest_ref(z, codebook)
+    assert index[7].item() != bad and ref_index[7].item() != bad
+    others = torch.arange(40) != 7
+    assert torch.equal(index[others], ref_index[others])
+
+
+def test_cpu_path_threads_match_reference_and_keep_thread_counts(small_cpu_blocks, monkeypatch):
+    """With 2 torch threads the row blocks run on 2 worker threads (single-threaded ops); the results, the caller's
+    thread count and the count a thread started afterwards gets are unchanged."""
+    import threading
+
+    z, codebook = _integer_problem(1000, 200, 6, seed=11)
+    ref_index, ref_sqdist = K.vq_nearest_ref(z, codebook)
+    workers = set()
+    real = vq_mod._first_min_over_codes
+
+    def spy(scores, lanes):
+        workers.add((threading.current_thread().name, torch.get_num_threads()))
+        return real(scores, lanes)
+
+    monkeypatch.setattr(vq_mod, "_first_min_over_codes", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():  # the workers follow the caller's mode (writing inference tensors needs it)
+            index, sqdist = K.vq_nearest(z, codebook)
+        counts = []
+        probe = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        assert torch.get_num_threads() == 2 and counts == [2]
+    finally:
+        torch.set_num_threads(before)
+    assert len(workers) == 2 and all(name.startswith("fastseg-cpu") and n == 1 for name, n in workers)
+    assert torch.equal(index, ref_index) and torch.equal(sqdist, ref_sqdist)
+
+
+def test_cpu_path_memory_is_bounded(monkeypatch):
+    """No N x K score matrix: every GEMM writes at most CPU_BLOCK_ELEMENTS scores into one reused buffer."""
+    z, codebook = torch.randn(3000, 8), torch.randn(5000, 8)
+    monkeypatch.setattr(vq_mod, "CPU_BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(vq_mod, "CPU_CODE_TILE", 1024)
+    outs = []
+    real_addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        outs.append(kwargs["out"])
+        return real_addmm(*args, **kwargs)
+
+    monkeypatch.setattr(vq_mod.torch, "addmm", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, one buffer (other tests may have left more threads: `fastseg bench` sets 2)
+    try:
+        index, sqdist = vq_mod._vq_nearest_cpu(z, codebook)
+    finally:
+        torch.set_num_threads(before)
+    assert len(outs) == 3000 // 4 * 5  # 4 rows per block, 5 tiles of at most 1024 codes (5024 padded)
+    assert max(o.numel() for o in outs) <= 4096
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 1  # one preallocated buffer
+    assert_nearest(z, codebook, index, sqdist)
+
+
 # ------------------------------------------------------------------------------------------------------------ edge cases
 
 

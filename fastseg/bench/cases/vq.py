@@ -7,11 +7,14 @@ Shapes (GSS at 512x512, performance_anchors.md 2.6):
 * ``vq_nearest`` CPU target: N = 65536, K = 1024, D = 64 (fp32), where the chunked reference is compared with FAISS.
 * ``argmax_matmul`` token head: N = 128*128, C = 2048, K = 8192 (bf16 on a GPU, fp32 on the CPU).
 
-Providers: ``triton`` (fastseg), ``torch`` (the chunked reference), ``matmul_argmin`` / ``matmul_argmax`` (the best
+Providers: ``triton`` (fastseg), ``torch`` (the chunked reference), ``blocked`` (fastseg's CPU path: what
+``impl="auto"`` runs on CPU tensors, L2-sized blocks with a running argmin; CPU only), ``matmul_argmin`` / ``matmul_argmax`` (the best
 plain PyTorch: one GEMM writing N x K scores, then argmin / argmax), ``cdist`` (``torch.cdist`` + argmin),
 ``torch_compile`` (``torch.compile`` of the reference's dense, loop-free graph: the export decomposition), and
-``faiss`` (``faiss-cpu`` ``IndexFlatL2``, k = 1; CPU tensors only). Every provider returns indices and distances
-(values for argmax), so they do the same work.
+``faiss`` (``faiss-cpu`` ``IndexFlatL2``, k = 1; CPU tensors only, run with torch's thread count: faiss has its own
+OpenMP runtime). Every provider returns indices and distances (values for argmax), so they do the same work.
+``benchmarks/vq_vs_faiss.py`` times ``blocked`` against ``faiss`` in separate processes under each OpenMP wait
+policy (the two OpenMP runtimes' spinning threads would otherwise slow each other down).
 
 ``flops`` = 2 N K D (the cross term); ``min_bytes`` = inputs read once + outputs written once (int64 index and fp32
 distance / value per row): the fused kernels are compute-bound (AI ~ N K / (N + K)), so TFLOP/s over the dense peak
@@ -75,6 +78,7 @@ def _faiss_provider(device: torch.device) -> Callable[[dict], Callable[[], Any]]
             import faiss
         except ImportError as why:
             raise ProviderUnavailable(f"faiss-cpu is not installed ({why}); pip install faiss-cpu") from why
+        faiss.omp_set_num_threads(torch.get_num_threads())  # its own OpenMP runtime: the same thread count as torch
         index = faiss.IndexFlatL2(inputs["codebook"].shape[1])
         index.add(inputs["codebook"].float().contiguous().numpy())
         queries = inputs["z"].float().contiguous().numpy()
@@ -105,6 +109,11 @@ def _vq_case(device: torch.device, smoke: bool, name: str, n: int, k: int, d: in
         require_triton(device, smoke)
         return _no_grad(lambda: vq_nearest(x["z"], x["codebook"], impl="triton"))
 
+    def blocked_provider(x: dict) -> Callable[[], Any]:
+        if device.type != "cpu":
+            raise ProviderUnavailable("the blocked path is fastseg's CPU path (on CUDA impl='auto' runs Triton)")
+        return _no_grad(lambda: vq_nearest(x["z"], x["codebook"], impl="auto"))
+
     def compile_provider(x: dict) -> Callable[[], Any]:
         require_compile(device, smoke)
         compiled = torch.compile(_vq_nearest_decomposition, dynamic=False)
@@ -116,6 +125,7 @@ def _vq_case(device: torch.device, smoke: bool, name: str, n: int, k: int, d: in
         providers={
             "triton": triton_provider,
             "torch": lambda x: _no_grad(lambda: vq_nearest_ref(x["z"], x["codebook"])),
+            "blocked": blocked_provider,
             "matmul_argmin": lambda x: _no_grad(lambda: _matmul_argmin(x["z"], x["codebook"])),
             "cdist": lambda x: _no_grad(lambda: _cdist(x["z"], x["codebook"])),
             "torch_compile": compile_provider,
@@ -180,10 +190,10 @@ def _head_case(
 def vq_cases(device: torch.device, smoke: bool) -> list[KernelCase]:
     """GSS shapes at 512x512: bf16 on a GPU (palette in fp32), fp32 on the CPU."""
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gpu = device.type == "cuda"  # the default (quick) CPU run skips the shapes that take seconds per call there
+    gpu = device.type == "cuda"  # the default (quick) CPU run keeps its own target shape (seconds per call otherwise)
     return [
         _vq_case(device, smoke, "palette", 1024 * 1024, 150, 3, torch.float32, quick=gpu),
-        _vq_case(device, smoke, "tokenizer", 8 * 64 * 64, 1024, 256, low, quick=True),
+        _vq_case(device, smoke, "tokenizer", 8 * 64 * 64, 1024, 256, low, quick=gpu),  # CPU: the cpu_target below
         _vq_case(device, smoke, "tokenizer", 8 * 64 * 64, 8192, 256, low, quick=False),
         _vq_case(device, smoke, "cpu_target", 65536, 1024, 64, torch.float32, quick=True),
         _head_case(device, smoke, 128 * 128, 2048, 8192, low, quick=gpu),
