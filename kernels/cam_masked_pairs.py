@@ -23,7 +23,7 @@ h x w map (a few KB, cached) and reduces its min / max: it reads no image data. 
 (BLOCK pixels x one pair per program) interpolates, normalises, then walks the C channels reading ``X`` once and
 writing ``fg`` and ``bg``. ``_cam_masked_pairs_bwd_kernel`` reads ``G_f``, ``G_b`` and ``X`` once to produce
 ``dM`` (and the per-pair ``d X`` when asked); the mask Jacobian above (upsample transpose + min-max) runs as
-PyTorch ops on the ``(P, H, W)`` map, 1 / (3C) of the bytes the fused kernel moves.
+PyTorch ops on the ``(P, H, W)`` fp32 map: ~8x the fused kernels' bytes at D.5b shapes (see bench.traffic).
 
 Limits: images fp32 / fp16 / bf16 / fp64 (fp64 and, under the interpreter, bf16 run in fp32; outputs keep the
 images' dtype), cams of any float dtype (interpolated in fp32), any strides; pair indices int64; int64 offsets.
