@@ -457,6 +457,11 @@ def render_bench(name: str, root: Path) -> str:
         f"{env.get('fastseg_commit')}; {untimed} provider rows not timed on this device (Triton needs a GPU, or the "
         f"provider is not installed). Command: `fastseg {args['command']}` with the arguments stored in the record.",
     ]
+    if env.get("omp_wait_policy"):
+        lines[-1] += f" OpenMP wait policy {env['omp_wait_policy']}."
+    if record.get("seconds"):
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in record["seconds"].items() if k != "total")
+        lines[-1] += f" The run took {record['seconds']['total']:.1f} s in process ({phases})."
     return "\n".join(lines) + "\n"
 
 
