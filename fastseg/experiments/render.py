@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -462,7 +463,27 @@ def render_bench(name: str, root: Path) -> str:
     if record.get("seconds"):
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in record["seconds"].items() if k != "total")
         lines[-1] += f" The run took {record['seconds']['total']:.1f} s in process ({phases})."
+    busy_path = root / RESULTS / f"{name}_beside_busy.json"
+    if busy_path.exists():
+        lines += ["", _slowdown_beside_busy(record, _load(busy_path), f"{RESULTS}/{name}_beside_busy.json")]
     return "\n".join(lines) + "\n"
+
+
+def _slowdown_beside_busy(alone: dict[str, Any], busy: dict[str, Any], path: str) -> str:
+    """How much one busy process beside the run slows each timed case (the OpenMP wait-policy check)."""
+
+    def medians(record: dict[str, Any]) -> dict[tuple, float]:
+        return {(r["name"], r["shape"], r["provider"]): r["median_ms"] for r in record["rows"] if r["median_ms"]}
+
+    a, b = medians(alone), medians(busy)
+    ratios = sorted(b[k] / a[k] for k in a if k in b)
+    mid = statistics.median(ratios)
+    return (
+        f"Robustness: the same command run {busy['condition']}, took {busy['seconds']['total']:.1f} s in process; "
+        f"over the {len(ratios)} cases timed in both, each case's median was {mid:.2f}× its time alone (median; "
+        f"range {ratios[0]:.2f}-{ratios[-1]:.2f}×); a busy third thread on two cores leaves the run's two threads "
+        f"about 2/3 of the CPU, so some slowdown is the fair share, not a collapse. Record: `{path}`."
+    )
 
 
 def render_ci(name: str, root: Path) -> str:
@@ -480,6 +501,32 @@ def render_ci(name: str, root: Path) -> str:
     )
 
 
+def render_vq_faiss(name: str, root: Path) -> str:
+    """`benchmarks/vq_vs_faiss.py`: vq_nearest's CPU paths vs faiss-cpu under each OpenMP wait policy."""
+    record = _load(root / RESULTS / f"{name}.json")
+    c, results = record["config"], record["results"]
+    providers = c["providers"].split(",")
+    lines = [
+        "| OpenMP wait policy | " + " | ".join(f"{p} median ms (p20-p80)" for p in providers) + " | blocked / faiss |",
+        "|---" * (len(providers) + 2) + "|",
+    ]
+    for policy, by_provider in results.items():
+        cells = []
+        for p in providers:
+            w = by_provider[p]["wall"]
+            ok = "" if by_provider[p]["agrees_with_reference"] else " (differs from the reference)"
+            cells.append(f"{w['median_ms']:.1f} ({w['p20_ms']:.1f}-{w['p80_ms']:.1f}){ok}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {by_provider['blocked_over_faiss']:.2f}× |")
+    load = record.get("load_average_1min", {})
+    lines += [
+        "",
+        f"N {c['n']} × K {c['k']} × D {c['d']} fp32, {c['threads']} threads, {c['rounds']} rounds × {c['repeats']} "
+        f"repeats, each provider in its own process; 1-minute load {load.get('before', float('nan')):.2f} before, "
+        f"{load.get('after', float('nan')):.2f} after. Command: `{record['command']}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "experiment": render_experiment,
     "curve": render_curve,
@@ -492,6 +539,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "loader": render_loader,
     "static": render_static,
     "bench": render_bench,
+    "vq-faiss": render_vq_faiss,
     "ci": render_ci,
     "wsss": render_wsss,
 }
