@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
