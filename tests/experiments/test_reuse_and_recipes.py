@@ -10,6 +10,7 @@ import torch
 
 from fastseg.checkpoint import load_state_dict
 from fastseg.experiments.core import (
+    RESULTS_DIR,
     Budget,
     Claim,
     Experiment,
@@ -136,10 +137,13 @@ def test_records_of_existing_declarations_keep_their_configuration():
             assert record["config"] == new_record(EXPERIMENTS[record["experiment"]])["config"], path.name
 
 
-def test_committed_records_hold_what_their_runs_derive():
+def test_committed_records_hold_what_their_runs_derive(monkeypatch):
     """Summaries and claims (and reused runs) in committed JSON equal what the runs derive today: a source
     experiment that moved on, or a changed claim, shows here until the record is refreshed."""
-    results = ROOT / "benchmarks/results/experiments"
+    # Derived as the harness does, from the repository root with its relative results folder, so that each reused
+    # run's ``from_file`` reads as recorded.
+    monkeypatch.chdir(ROOT)
+    results = RESULTS_DIR
     for path in sorted(results.glob("*.json")):
         record = json.loads(path.read_text())
         if record.get("format") != "fastseg.experiments/1" or record["experiment"] not in EXPERIMENTS:
