@@ -26,14 +26,14 @@ training recipe (`build_training`: pairs dataset + loss for ``fastseg train --la
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.semi import batch_generator, cutmix_boxes, strong_augment
+from ..data.semi import batch_generator, check_strong_augment_options, cutmix_boxes, strong_augment
 from ..layers.blocks import ConvNormAct
 from ..registry import register_model
 from ._base import SegmentationModel, crop_to, resize, resolve_cfg
@@ -88,6 +88,8 @@ class DeepLabV3PlusSemi(SegmentationModel):
         fp_dropout: Dropout2d rate of the feature-perturbation stream.
         unsup_weights: weights of ``(L_s1, L_s2, L_fp)``; the total is ``(L_sup + sum) / 2``.
         cutmix_p: probability of a CutMix box per strong view.
+        strong_aug: keyword overrides of `fastseg.data.semi.strong_augment` for the two strong views (None:
+            UniMatch's colour jitter (0.5, 0.5, 0.5, 0.25) p=0.8, grayscale p=0.2, blur sigma U[0.1, 2] p=0.5).
         backbone_checkpoint: local weights file for the backbone.
 
     ``model.loss(batch)``: with ``"image_u"`` and ``"image_u_mix"`` in the batch the UniMatch loss (components
@@ -105,6 +107,7 @@ class DeepLabV3PlusSemi(SegmentationModel):
         fp_dropout: float = 0.5,
         unsup_weights: tuple[float, float, float] = (0.25, 0.25, 0.5),
         cutmix_p: float = 0.5,
+        strong_aug: Mapping[str, Any] | None = None,
         backbone_checkpoint: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
@@ -127,6 +130,7 @@ class DeepLabV3PlusSemi(SegmentationModel):
         self.decoder_channels = aspp_channels
         self.tau, self.fp_dropout, self.cutmix_p = float(tau), float(fp_dropout), float(cutmix_p)
         self.unsup_weights = tuple(float(w) for w in unsup_weights)
+        self.strong_aug = check_strong_augment_options(strong_aug)
 
     # -- network ------------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +182,9 @@ class DeepLabV3PlusSemi(SegmentationModel):
             )
         n_l, n_u, size = images.shape[0], u.shape[0], tuple(images.shape[-2:])
         cfg = self.pretrained_cfg
-        strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, generator) for _ in range(2)]
+        strong = [
+            strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, generator, **self.strong_aug) for _ in range(2)
+        ]
         boxes = [cutmix_boxes(n_u, *size, generator, u.device, p=self.cutmix_p) for _ in range(2)]
 
         with torch.no_grad():  # the teacher on the CutMix source: same network, eval mode
