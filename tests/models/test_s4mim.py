@@ -171,6 +171,24 @@ def test_unimatch_loss_equals_a_plain_recomputation(strong_aug):
     assert not torch.allclose(fp, ce_fp.mean(), rtol=1e-3)
 
 
+def test_decoder_has_no_dropout_by_default_as_upstream():
+    """UniMatch's ASPP projection is conv-BN-ReLU: in train mode the weak view (the pseudo-labels' source) must be a
+    deterministic pass; the former ASPP Dropout(0.5) (issue 18) stays available as ``aspp_dropout``."""
+    x = torch.randn(2, 3, 32, 32, generator=_gen(7))
+    torch.manual_seed(SEED)
+    model = fastseg.create_model("unimatch_resnet18", num_classes=K, **SMALL).train()
+    with torch.no_grad():
+        torch.testing.assert_close(model.run(x)[0], model.run(x)[0])
+    torch.manual_seed(SEED)
+    noisy = fastseg.create_model("unimatch_resnet18", num_classes=K, aspp_dropout=0.5, **SMALL).train()
+    assert noisy.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        assert not torch.allclose(noisy.run(x)[0], noisy.run(x)[0])
+    noisy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(noisy.run(x)[0], noisy.run(x)[0])
+
+
 def test_loss_is_a_function_of_the_batch_seed():
     torch.manual_seed(SEED)
     model = fastseg.create_model("s4mim_resnet18", num_classes=K, tau=0.0, **SMALL).eval()
@@ -594,6 +612,7 @@ def test_engine_trains_on_pairs():
         ({"mask_ownership": "patch"}, "mask_ownership"),
         ({"mim_budget": 0.0}, "mim_budget"),
         ({"mask_signal": "noise"}, "mask_signal"),
+        ({"aspp_dropout": 1.0}, "dropout"),
         ({"strong_aug": {"hue": 0.1}}, "unknown strong augmentation"),
         ({"strong_aug": {"p_gray": 1.5}}, "p_gray"),
         ({"strong_aug": {"jitter": (0.5, 0.5, 0.5)}}, "jitter"),
