@@ -27,6 +27,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from ..trainer import TrainConfig, TrainResult, train
 
 __all__ = [
     "BASE_LR",
+    "RunOptions",
     "augment_batch",
     "build_run",
     "cams_to_labels",
@@ -287,20 +289,49 @@ def build_run(
     return SemPLeSRun(cam_model, clip, names, impl=impl, **lambdas)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What runs (a), (b) and (c) share: the training budget, where it runs, the CAM model and the loss weights.
+
+    ``lr=None`` means the spec's base lr of the run x ``batch_size`` / 512 (`BASE_LR`). ``resume``: ``"auto"`` (the
+    run folder's last checkpoint), a file, or ``None``. ``class_names``: the prompts' classes (default: the CAM
+    model's foreground classes). ``stop_at_step`` ends the run early, as a crash would (tests). ``lambda_*`` and
+    ``prompt_length`` go to `SemPLeSRun` (spec D.4 / D.5 VOC values)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float | None = None
+    seed: int = SEED
+    train_length: int = 4096
+    resume: str | None = "auto"
+    save_every: int = 50
+    device: str = "auto"
+    model_name: str = "weaktr_shapes_tiny"
+    class_names: Sequence[str] | None = None
+    impl: str = "auto"
+    stop_at_step: int | None = None
+    lambda_b: float = 2.4
+    lambda_p: float = 0.02
+    lambda_r: float = 0.05
+    prompt_length: int = 30
+
+    def build_run(self, cam_checkpoint: str | os.PathLike, clip: FrozenCLIP) -> SemPLeSRun:
+        """`build_run` with these options' CAM model, class names and loss weights."""
+        return build_run(
+            cam_checkpoint,
+            clip,
+            self.model_name,
+            self.class_names,
+            self.impl,
+            lambda_b=self.lambda_b,
+            lambda_p=self.lambda_p,
+            lambda_r=self.lambda_r,
+            prompt_length=self.prompt_length,
+        )
+
+
 def _stage(
-    stage: str,
-    run: SemPLeSRun,
-    out_dir: str | os.PathLike,
-    steps: int,
-    batch_size: int,
-    lr: float | None,
-    seed: int,
-    train_length: int,
-    resume: str | None,
-    save_every: int,
-    device: str,
-    stop_at_step: int | None,
-    extra: dict[str, Any],
+    stage: str, run: SemPLeSRun, out_dir: str | os.PathLike, options: RunOptions, extra: dict[str, Any]
 ) -> TrainResult:
     """Freeze per stage, then the fastseg trainer with the stage's loss and parameter groups."""
     for p in run.parameters():
@@ -308,7 +339,7 @@ def _stage(
     trainable = list(run.prompt_learner.parameters()) if stage == "b" else run.cam_model.cam_parameters()
     for p in trainable:
         p.requires_grad_(True)
-    lr = _scaled_lr(stage, batch_size, lr)
+    lr = _scaled_lr(stage, options.batch_size, options.lr)
     loss_method = {"a": run.loss_a, "b": run.loss_b, "c": run.loss_c}[stage]
     colour = stage != "b"  # run (b): crop + flip only (spec D.5)
 
@@ -328,11 +359,11 @@ def _stage(
         out_dir,
         {
             "stage": stage,
-            "steps": steps,
-            "batch_size": batch_size,
+            "steps": options.steps,
+            "batch_size": options.batch_size,
             "lr": lr,
-            "seed": seed,
-            "train_length": train_length,
+            "seed": options.seed,
+            "train_length": options.train_length,
             "crop_scale": list(CROP_SCALE),
             "clip": run.clip.config_name,
             "class_names": list(run.class_names),
@@ -342,10 +373,18 @@ def _stage(
             **extra,
         },
     )
-    cfg = _train_config(out_dir, steps, batch_size, lr, seed, save_every, device)
-    train_set = WeakShapes("train", length=train_length, seed=0)
+    cfg = _train_config(
+        out_dir, options.steps, options.batch_size, lr, options.seed, options.save_every, options.device
+    )
+    train_set = WeakShapes("train", length=options.train_length, seed=0)
     return train(
-        run, train_set, cfg, resume=resume, loss_fn=loss_fn, param_groups=param_groups, stop_at_step=stop_at_step
+        run,
+        train_set,
+        cfg,
+        resume=options.resume,
+        loss_fn=loss_fn,
+        param_groups=param_groups,
+        stop_at_step=options.stop_at_step,
     )
 
 
@@ -353,74 +392,22 @@ def run_segment_label_matching(
     weaktr_checkpoint: str | os.PathLike,
     clip: FrozenCLIP,
     out_dir: str | os.PathLike,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float | None = None,
-    seed: int = SEED,
-    train_length: int = 4096,
-    resume: str | None = "auto",
-    save_every: int = 50,
-    device: str = "auto",
-    model_name: str = "weaktr_shapes_tiny",
-    class_names: Sequence[str] | None = None,
-    impl: str = "auto",
-    stop_at_step: int | None = None,
-    **lambdas: float,
+    options: RunOptions = RunOptions(),
 ) -> TrainResult:
     """Run (a): CAM head + AAF trained with L_a from the WeakTr weights."""
-    run = build_run(weaktr_checkpoint, clip, model_name, class_names, impl, **lambdas)
-    return _stage(
-        "a",
-        run,
-        out_dir,
-        steps,
-        batch_size,
-        lr,
-        seed,
-        train_length,
-        resume,
-        save_every,
-        device,
-        stop_at_step,
-        {"init": str(weaktr_checkpoint)},
-    )
+    run = options.build_run(weaktr_checkpoint, clip)
+    return _stage("a", run, out_dir, options, {"init": str(weaktr_checkpoint)})
 
 
 def run_prompt_learning(
     stage_a_checkpoint: str | os.PathLike,
     clip: FrozenCLIP,
     out_dir: str | os.PathLike,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float | None = None,
-    seed: int = SEED,
-    train_length: int = 4096,
-    resume: str | None = "auto",
-    save_every: int = 50,
-    device: str = "auto",
-    model_name: str = "weaktr_shapes_tiny",
-    class_names: Sequence[str] | None = None,
-    impl: str = "auto",
-    stop_at_step: int | None = None,
-    **lambdas: float,
+    options: RunOptions = RunOptions(),
 ) -> TrainResult:
     """Run (b): the background prompts trained with L_b; the CAM model of run (a) frozen."""
-    run = build_run(stage_a_checkpoint, clip, model_name, class_names, impl, **lambdas)
-    return _stage(
-        "b",
-        run,
-        out_dir,
-        steps,
-        batch_size,
-        lr,
-        seed,
-        train_length,
-        resume,
-        save_every,
-        device,
-        stop_at_step,
-        {"init": str(stage_a_checkpoint)},
-    )
+    run = options.build_run(stage_a_checkpoint, clip)
+    return _stage("b", run, out_dir, options, {"init": str(stage_a_checkpoint)})
 
 
 def load_prompts(run: SemPLeSRun, path: str | os.PathLike) -> None:
@@ -451,38 +438,12 @@ def run_prompt_refinement(
     prompts_checkpoint: str | os.PathLike,
     clip: FrozenCLIP,
     out_dir: str | os.PathLike,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float | None = None,
-    seed: int = SEED,
-    train_length: int = 4096,
-    resume: str | None = "auto",
-    save_every: int = 50,
-    device: str = "auto",
-    model_name: str = "weaktr_shapes_tiny",
-    class_names: Sequence[str] | None = None,
-    impl: str = "auto",
-    stop_at_step: int | None = None,
-    **lambdas: float,
+    options: RunOptions = RunOptions(),
 ) -> TrainResult:
     """Run (c): restart from the WeakTr weights (not run (a)); prompts of run (b) frozen; L_c."""
-    run = build_run(weaktr_checkpoint, clip, model_name, class_names, impl, **lambdas)
+    run = options.build_run(weaktr_checkpoint, clip)
     load_prompts(run, prompts_checkpoint)
-    return _stage(
-        "c",
-        run,
-        out_dir,
-        steps,
-        batch_size,
-        lr,
-        seed,
-        train_length,
-        resume,
-        save_every,
-        device,
-        stop_at_step,
-        {"init": str(weaktr_checkpoint), "prompts": str(prompts_checkpoint)},
-    )
+    return _stage("c", run, out_dir, options, {"init": str(weaktr_checkpoint), "prompts": str(prompts_checkpoint)})
 
 
 # ----------------------------------------------------------------------------------------------------------------
