@@ -310,9 +310,23 @@ def _pairs(
     return launch
 
 
+def _fwd_bwd(
+    op: str,
+    shape: str,
+    build: Callable[[bool], Callable[[Any], None]],
+    dtypes: tuple[str, ...] = _ALL,
+    kinds: tuple[str, str] = ("dot", "dot"),
+) -> tuple[StaticCase, StaticCase]:
+    """An op's forward case and its backward (``op + "_bwd"``) at one shape; ``build(backward)`` makes the launch."""
+    return (
+        StaticCase(op, shape, dtypes, build(False), kind=kinds[0]),
+        StaticCase(f"{op}_bwd", shape, dtypes, build(True), kind=kinds[1]),
+    )
+
+
 def static_cases(full: bool = False) -> list[StaticCase]:
     """The shipped cases (the spec shapes of each method) and, with ``full``, a sweep around them."""
-    half = ("float16", "bfloat16")
+    stream = ("stream", "stream")
     cases = [
         # GSS: tokenizer quantisation (D=256, K=1024 / 8192, N = 8 x 64 x 64), palette inverse (D=3, K=150).
         StaticCase("vq_nearest", "N32768-K1024-D256", _ALL, _vq_fwd(32768, 1024, 256)),
@@ -322,87 +336,67 @@ def static_cases(full: bool = False) -> list[StaticCase]:
         # GSS token head: 1x1 conv 2048 -> 8192 logits, arg-maxed, at 128 x 128.
         StaticCase("argmax_matmul", "N16384-C2048-K8192", _ALL, _argmax(16384, 2048, 8192)),
         # ECENet: 150 classes, 4 heads of d=64, pixels at stride 8 of 512 x 512 (the head-mean mode is the model's).
-        StaticCase("pixel_class_attention", "B8-h4-N4096-K150-d64-mean", _ALL, _pca(8, 4, 4096, 150, 64, True, False)),
-        StaticCase("pixel_class_attention", "B8-h4-N4096-K150-d64", _ALL, _pca(8, 4, 4096, 150, 64, False, False)),
-        StaticCase(
-            "pixel_class_attention_bwd", "B8-h4-N4096-K150-d64-mean", _ALL, _pca(8, 4, 4096, 150, 64, True, True)
+        *_fwd_bwd(
+            "pixel_class_attention", "B8-h4-N4096-K150-d64-mean", lambda bwd: _pca(8, 4, 4096, 150, 64, True, bwd)
         ),
+        StaticCase("pixel_class_attention", "B8-h4-N4096-K150-d64", _ALL, _pca(8, 4, 4096, 150, 64, False, False)),
         # Mask2Former: 100 queries, 8 heads of d=32, pixels at stride 8.
-        StaticCase("masked_class_attention", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, False)),
-        StaticCase("masked_class_attention_bwd", "B8-h8-Q100-N4096-d32", _ALL, _mca(8, 8, 100, 4096, 32, True)),
+        *_fwd_bwd("masked_class_attention", "B8-h8-Q100-N4096-d32", lambda bwd: _mca(8, 8, 100, 4096, 32, bwd)),
         # Mask2Former as PADing's segmenter (spec C.2, COCO panoptic: B = 12, 928 x 928 crops): the decoder's masked
         # cross-attention at the 1/32, 1/16 and 1/8 levels (29^2, 58^2, 116^2 pixels).
         *(
-            StaticCase(op, f"B12-h8-Q100-N{n}-d32", _ALL, _mca(12, 8, 100, n, 32, op.endswith("_bwd")))
+            case
             for n in (841, 3364, 13456)
-            for op in ("masked_class_attention", "masked_class_attention_bwd")
+            for case in _fwd_bwd(
+                "masked_class_attention", f"B12-h8-Q100-N{n}-d32", lambda bwd, n=n: _mca(12, 8, 100, n, 32, bwd)
+            )
         ),
         # The registered CPU-sized Mask2Former (16 queries, 4 heads of d=16) on the 64 x 64 shapes world, 1/8 level.
-        StaticCase("masked_class_attention", "B8-h4-Q16-N64-d16", _ALL, _mca(8, 4, 16, 64, 16, False)),
-        StaticCase("masked_class_attention_bwd", "B8-h4-Q16-N64-d16", _ALL, _mca(8, 4, 16, 64, 16, True)),
+        *_fwd_bwd("masked_class_attention", "B8-h4-Q16-N64-d16", lambda bwd: _mca(8, 4, 16, 64, 16, bwd)),
         # S4MIM / SemPLeS: class-wise sums of 256-channel features at 512 x 512, 150 classes.
-        StaticCase(
-            "classwise_reduce", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, False), kind="dot"
+        *_fwd_bwd(
+            "classwise_reduce",
+            "B8-C256-512x512-K150",
+            lambda bwd: _reduce(8, 256, 512, 150, False, bwd),
+            kinds=("dot", "stream"),
         ),
         StaticCase("classwise_reduce", "B8-C256-512x512-K150-det", _ALL, _reduce(8, 256, 512, 150, True, False)),
-        StaticCase(
-            "classwise_reduce_bwd", "B8-C256-512x512-K150", _ALL, _reduce(8, 256, 512, 150, False, True), kind="stream"
-        ),
-        # S4MIM pixel reconstruction: RGB, 16 x 16 normalised patches.
-        StaticCase(
+        # S4MIM pixel reconstruction: RGB, 16 x 16 normalised patches; and the documented limit of the Triton recon
+        # loss (16 channels, 64 x 64 patches).
+        *_fwd_bwd(
             "classwise_masked_recon_loss",
             "B8-C3-512x512-K150-p16",
+            lambda bwd: _recon(8, 3, 512, 150, 16, bwd),
             ("float32",),
-            _recon(8, 3, 512, 150, 16, False),
-            kind="stream",
+            stream,
         ),
-        StaticCase(
-            "classwise_masked_recon_loss_bwd",
-            "B8-C3-512x512-K150-p16",
+        *_fwd_bwd(
+            "classwise_masked_recon_loss",
+            "B2-C16-512x512-K150-p64",
+            lambda bwd: _recon(2, 16, 512, 150, 64, bwd),
             ("float32",),
-            _recon(8, 3, 512, 150, 16, True),
-            kind="stream",
+            stream,
         ),
         # SemPLeS / WeakTr (spec D.5b, VOC stage c, B = 64): AAF over the 12 x 6 = 72 DeiT-S maps of 20 class tokens
         # + 196 patches; the maps reach AAF detached, so its backward computes d weights only (d attn: API option).
-        *(
-            StaticCase(op, f"B64-M72-N216-K20{tail}", _ALL, _fusion(64, 72, 216, 20, bwd, grad), kind="stream")
-            for op, tail, bwd, grad in (
-                ("attention_fusion", "", False, False),
-                ("attention_fusion_bwd", "", True, False),
-                ("attention_fusion_bwd", "-grad-attn", True, True),
-            )
+        *_fwd_bwd("attention_fusion", "B64-M72-N216-K20", lambda bwd: _fusion(64, 72, 216, 20, bwd), kinds=stream),
+        StaticCase(
+            "attention_fusion_bwd", "B64-M72-N216-K20-grad-attn", _ALL, _fusion(64, 72, 216, 20, True, True), "stream"
         ),
         # SemPLeS masked pairs (spec D.5b / D.9): X (64, 3, 224, 224), fine CAMs (64, 20, 14, 14), P = 96 positive
         # pairs; images need no gradient in SemPLeS (d images: API option).
-        *(
-            StaticCase(
-                op,
-                f"B64-C3-224x224-K20-cam14-P96{tail}",
-                _ALL,
-                _pairs(64, 3, 224, 20, 14, 96, bwd, grad),
-                kind="stream",
-            )
-            for op, tail, bwd, grad in (
-                ("cam_masked_pairs", "", False, False),
-                ("cam_masked_pairs_bwd", "", True, False),
-                ("cam_masked_pairs_bwd", "-grad-images", True, True),
-            )
-        ),
-        # The documented limit of the Triton recon loss (16 channels, 64 x 64 patches).
-        StaticCase(
-            "classwise_masked_recon_loss",
-            "B2-C16-512x512-K150-p64",
-            ("float32",),
-            _recon(2, 16, 512, 150, 64, False),
-            kind="stream",
+        *_fwd_bwd(
+            "cam_masked_pairs",
+            "B64-C3-224x224-K20-cam14-P96",
+            lambda bwd: _pairs(64, 3, 224, 20, 14, 96, bwd, False),
+            kinds=stream,
         ),
         StaticCase(
-            "classwise_masked_recon_loss_bwd",
-            "B2-C16-512x512-K150-p64",
-            ("float32",),
-            _recon(2, 16, 512, 150, 64, True),
-            kind="stream",
+            "cam_masked_pairs_bwd",
+            "B64-C3-224x224-K20-cam14-P96-grad-images",
+            _ALL,
+            _pairs(64, 3, 224, 20, 14, 96, True, True),
+            "stream",
         ),
     ]
     if full:
@@ -410,35 +404,26 @@ def static_cases(full: bool = False) -> list[StaticCase]:
             StaticCase("vq_nearest", "N32768-K1024-D64", _ALL, _vq_fwd(32768, 1024, 64)),
             StaticCase("vq_nearest", "N32768-K1024-D512", _ALL, _vq_fwd(32768, 1024, 512)),
             StaticCase("argmax_matmul", "N4096-C256-K1024", _ALL, _argmax(4096, 256, 1024)),
+            *(
+                case
+                for d in (32, 128)
+                for k in (19, 256)
+                for case in _fwd_bwd(
+                    "pixel_class_attention",
+                    f"B8-h4-N4096-K{k}-d{d}-mean",
+                    lambda bwd, k=k, d=d: _pca(8, 4, 4096, k, d, True, bwd),
+                )
+            ),
+            *(
+                case
+                for d in (64, 128)
+                for case in _fwd_bwd(
+                    "masked_class_attention", f"B8-h8-Q100-N4096-d{d}", lambda bwd, d=d: _mca(8, 8, 100, 4096, d, bwd)
+                )
+            ),
+            StaticCase("classwise_reduce", "B8-C64-128x128-K21", _ALL, _reduce(8, 64, 128, 21, False, False)),
         ]
-        for d in (32, 128):
-            for k in (19, 256):
-                extra.append(
-                    StaticCase(
-                        "pixel_class_attention",
-                        f"B8-h4-N4096-K{k}-d{d}-mean",
-                        _ALL,
-                        _pca(8, 4, 4096, k, d, True, False),
-                    )
-                )
-                extra.append(
-                    StaticCase(
-                        "pixel_class_attention_bwd",
-                        f"B8-h4-N4096-K{k}-d{d}-mean",
-                        _ALL,
-                        _pca(8, 4, 4096, k, d, True, True),
-                    )
-                )
-        for d in (64, 128):
-            extra.append(
-                StaticCase("masked_class_attention", f"B8-h8-Q100-N4096-d{d}", _ALL, _mca(8, 8, 100, 4096, d, False))
-            )
-            extra.append(
-                StaticCase("masked_class_attention_bwd", f"B8-h8-Q100-N4096-d{d}", _ALL, _mca(8, 8, 100, 4096, d, True))
-            )
-        extra.append(StaticCase("classwise_reduce", "B8-C64-128x128-K21", _ALL, _reduce(8, 64, 128, 21, False, False)))
         cases += [dataclasses.replace(c, shipped=False) for c in extra]
-    del half
     return cases
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..bench.env import cpu_model
 from ..checkpoint import atomic_write
 
 RESULTS_DIR = Path("benchmarks/results/experiments")
@@ -122,19 +123,9 @@ class Experiment:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

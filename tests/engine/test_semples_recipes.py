@@ -67,6 +67,23 @@ def test_pseudo_masks_round_trip_and_bad_folders(weaktr_file, tmp_path, capsys):
         PseudoMaskDataset(out)
 
 
+@pytest.mark.skipif(not recipes.crf_available(), reason="needs pydensecrf (pip install 'fastseg[crf]')")
+def test_dense_crf_snaps_a_noisy_label_map_to_the_image_edges():
+    """A flat square on a flat background: the CRF removes labels that cross the colour edge."""
+    rng = np.random.default_rng(0)
+    image = np.full((48, 48, 3), 30, np.uint8)
+    image[12:36, 12:36] = (220, 40, 40)
+    truth = np.zeros((48, 48), np.uint8)
+    truth[12:36, 12:36] = 1
+    noisy = truth.copy()
+    noisy[9:39, 9:39] = 1  # the mask bleeds 3 pixels past the edge
+    flips = rng.random((48, 48)) < 0.05
+    noisy[flips] = 1 - noisy[flips]
+    refined = recipes.dense_crf(image, noisy, num_classes=2)
+    assert refined.shape == truth.shape and refined.dtype == np.uint8
+    assert (refined != truth).mean() < 0.5 * (noisy != truth).mean()
+
+
 def test_crf_on_without_a_package_is_an_error(monkeypatch):
     monkeypatch.setattr(recipes, "crf_available", lambda: False)
     with pytest.raises(ValueError, match="dense CRF requested but unavailable"):

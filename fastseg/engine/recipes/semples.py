@@ -522,8 +522,8 @@ def _resolve_crf(crf: str) -> bool:
     if crf_available():
         return True
     message = (
-        "dense CRF skipped: no CRF package is importable (`pip install pydensecrf` provides "
-        "pydensecrf.densecrf); pseudo masks are the thresholded CAMs"
+        "dense CRF skipped: no CRF package is importable (`pip install 'fastseg[crf]'` builds pydensecrf2, "
+        "which provides pydensecrf.densecrf); pseudo masks are the thresholded CAMs"
     )
     if crf == "on":
         raise ValueError(message.replace("skipped", "requested but unavailable"))
