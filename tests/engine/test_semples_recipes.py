@@ -139,7 +139,6 @@ def test_clip_retrieval_metrics_are_fractions():
     assert out["num_images"] == 8
 
 
-@pytest.mark.slow
 def test_cli_flags_become_run_options():
     """Runs (a), (b), (c) take one `RunOptions`; the CLI's flags and defaults map onto it field by field."""
     from fastseg.cli.main import build_parser
@@ -168,6 +167,7 @@ def test_cli_flags_become_run_options():
     )
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     """clip train -> semples weaktr -> match -> prompts -> refine -> evaluate -> pseudo-masks -> train --pseudo-masks."""
     from fastseg.cli import main
