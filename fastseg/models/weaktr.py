@@ -362,12 +362,14 @@ class WeakTr(SegmentationModel):
         feats_all = torch.stack(head_feats, 1).flatten(1, 2).detach()
         cross, patch_attn, weights = self.aaf(attn_all, feats_all, k)
         coarse_for_fusion = coarse if self.detach_backbone else coarse.detach()
-        fused = cross.reshape(batch, k, grid_h, grid_w) * F.relu(coarse_for_fusion)
+        cross = cross.reshape(batch, k, grid_h, grid_w)
+        fused = cross * F.relu(coarse_for_fusion)
         fine = torch.matmul(fused.flatten(2), patch_attn.transpose(1, 2)).reshape(batch, k, grid_h, grid_w)
         return {
             "cls_logits": cls_logits,
             "coarse": coarse,
             "coarse_logits": coarse.mean((2, 3)),
+            "cross": cross,
             "fused": fused,
             "fine": fine,
             "fine_logits": fine.mean((2, 3)),

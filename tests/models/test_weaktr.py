@@ -50,6 +50,7 @@ def test_aaf_and_fine_cam_recomputed():
     coarse = model.head(x[:, k:].transpose(1, 2).reshape(2, 48, 4, 5))
     fused = cross.reshape(2, k, 4, 5) * F.relu(coarse)
     fine = torch.einsum("bpq,bkq->bkp", patch, fused.flatten(2)).reshape(2, k, 4, 5)
+    torch.testing.assert_close(out["cross"], cross.reshape(2, k, 4, 5), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["patch_attn"], patch, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["fine"], fine, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["cls_logits"], x[:, :k].mean(-1), atol=1e-6, rtol=1e-5)

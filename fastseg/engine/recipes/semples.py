@@ -49,6 +49,7 @@ from ..trainer import TrainConfig, TrainResult, train
 
 __all__ = [
     "BASE_LR",
+    "CAM_SOURCES",
     "RunOptions",
     "augment_batch",
     "build_run",
@@ -74,6 +75,7 @@ __all__ = [
 BASE_LR = {"weaktr": 6e-4, "a": 5.12e-4, "b": 0.1, "c": 5.12e-4}
 SEED = 504
 SWEEP_START, SWEEP_STEP = 0.40, 0.01
+CAM_SOURCES = ("fine", "coarse", "fused", "cross")  # the maps `multiscale_cams` can read from `forward_cams`
 # Area range of the random-resized crop. Our adaptation: upstream uses timm's ImageNet crop on VOC images, whose objects
 # are large; on the 64 x 64 shapes world (shapes cover 7.7 % of the pixels) an area floor of 0.5 cuts every labelled
 # shape out of the crop in 6.5 % of the (image, class) pairs, which then train on a label the image no longer shows.
@@ -460,9 +462,11 @@ def multiscale_cams(
 ) -> torch.Tensor:
     """``(B, K, H, W)`` CAMs in [0, 1]: fine CAMs at every scale (+ flip), upsampled to the image, summed, kept for
     the positive classes only, and min-max normalised per (image, class) (spec D.6; WeakTr's 1e-8 denominator).
-    ``cam="coarse"`` uses the CAM head's map instead (the plain GAP-classifier CAM baseline)."""
-    if cam not in ("fine", "coarse"):
-        raise ValueError(f"cam must be 'fine' or 'coarse', got {cam!r}")
+    ``cam="coarse"`` uses the CAM head's map instead (the plain GAP-classifier CAM baseline); ``"cross"`` (the class
+    tokens' attention to the patches) and ``"fused"`` (cross x ReLU(coarse), before the patch-affinity propagation)
+    are WeakTr's intermediate maps, for diagnosis."""
+    if cam not in CAM_SOURCES:
+        raise ValueError(f"cam must be one of {CAM_SOURCES}, got {cam!r}")
     model.eval()
     batch, _, height, width = images.shape
     p = model.patch_size
