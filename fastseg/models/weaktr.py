@@ -6,9 +6,10 @@ A timm DeiT whose single CLS token is replaced by **K class tokens** (one per fo
 * ``coarse (B, K, h, w)``: a 3x3 conv CAM head on the patch-token map (``h, w = H / patch, W / patch``);
 * Adaptive Attention Fusion (AAF) over every layer's and head's attention map (M = depth x heads): each map's
   per-head attention output is pooled over the tokens (max, or mean), a feature FFN (head_dim -> head_dim / 8 -> 1,
-  two linear layers without an activation, as upstream) gives one scalar per map, and a map FFN (M -> M / r -> M, sigmoid) gives the map weights ``w``. The weighted mean
-  ``mean_m(w ⊙ A_m)`` is cut into ``cross (B, K, h, w)`` (class -> patch) and ``patch_attn (B, P, P)`` (patch ->
-  patch) by the fused op `fastseg.kernels.attention_fusion` in one read of the stacked maps;
+  two linear layers without an activation, as upstream) gives one scalar per map, and a map FFN (M -> M / r -> M,
+  sigmoid) gives the map weights ``w``. The weighted mean ``mean_m(w ⊙ A_m)`` is cut into ``cross (B, K, h, w)``
+  (class -> patch) and ``patch_attn (B, P, P)`` (patch -> patch) by the fused op `fastseg.kernels.attention_fusion`
+  in one read of the stacked maps;
 * ``fused = cross ⊙ ReLU(coarse)`` and the fine CAM ``fine = patch_attn · fused`` (affinity propagation).
 
 Phase-1 training (`WeakTr.loss`): multilabel soft-margin loss on ``cls_logits``, GAP(coarse) and GAP(fine), summed.
