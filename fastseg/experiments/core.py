@@ -372,6 +372,57 @@ def pending_jobs(
     return [(v, s) for s in seed_list for v in chosen if (v.name, s) not in done]
 
 
+def forget_runs(
+    experiment: Experiment,
+    variants: Sequence[str],
+    reason: str,
+    seeds: Sequence[int] | None = None,
+    results_dir: str | os.PathLike = RESULTS_DIR,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Drop the finished runs of ``variants`` (optionally only ``seeds``) that a code change made stale, so that
+    ``run`` trains them again. The JSON keeps what was dropped and why under ``dropped_runs`` (variant, seed, the
+    metric, the commit date given in ``reason``), and each run's folder moves to ``RUNS/NAME/_stale/`` so that the
+    new run cannot resume from the old checkpoint. Returns the dropped runs."""
+    if not reason.strip():
+        raise ValueError("forget needs a reason (e.g. the fix that made the runs stale)")
+    for name in variants:
+        variant = experiment.variant(name)  # raises for an unknown name
+        if variant.from_experiment:
+            raise ValueError(
+                f"{experiment.name}: {name} reuses the runs of {variant.from_experiment}; forget them there"
+            )
+    path = experiment.result_path(results_dir)
+    record = load_record(path)
+    if not record:
+        raise ValueError(f"{path} does not exist: nothing to forget")
+    chosen = [r for r in record["runs"] if r["variant"] in variants and (seeds is None or r["seed"] in seeds)]
+    if not chosen:
+        raise ValueError(f"{path} has no finished run of {list(variants)} (seeds {seeds or 'all'})")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for run in chosen:
+        job_dir = Path(runs_dir) / experiment.name / f"{run['variant']}-seed{run['seed']}"
+        if job_dir.exists():
+            stale = Path(runs_dir) / experiment.name / "_stale" / stamp
+            stale.mkdir(parents=True, exist_ok=True)
+            job_dir.rename(stale / job_dir.name)
+    record["runs"] = [r for r in record["runs"] if r not in chosen]
+    record.setdefault("dropped_runs", []).append(
+        {
+            "reason": reason,
+            "when": stamp,
+            "runs": [
+                {"variant": r["variant"], "seed": r["seed"], experiment.metric: r.get(experiment.metric)}
+                for r in chosen
+            ],
+        }
+    )
+    save_record(path, derive(experiment, record, results_dir))
+    log(f"[{experiment.name}] dropped {len(chosen)} run(s) ({reason}); `run` trains them again")
+    return chosen
+
+
 def run_experiment(
     experiment: Experiment,
     job: Job,
