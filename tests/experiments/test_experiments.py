@@ -101,7 +101,7 @@ def test_forget_drops_stale_runs_which_then_run_again(tmp_path):
     run_experiment(TINY, fake_job, **kw)
     with pytest.raises(ValueError, match="reason"):
         forget_runs(TINY, ["b"], " ", **kw)
-    with pytest.raises(ValueError, match="no finished run"):
+    with pytest.raises(ValueError, match="no run of"):
         forget_runs(TINY, ["b"], "fix", seeds=[7], **kw)
     dropped = forget_runs(TINY, ["b"], "head fix in abc123", seeds=[1], **kw)
     assert [(r["variant"], r["seed"]) for r in dropped] == [("b", 1)]
@@ -114,6 +114,11 @@ def test_forget_drops_stale_runs_which_then_run_again(tmp_path):
     run_experiment(TINY, fake_job, **kw)
     assert calls[-1] == ("b", 1) and len(calls) == 5
     assert load_record(tmp_path / "tiny.json")["complete"]
+    # An interrupted job (a folder, no finished run) of stale code is moved away too.
+    (tmp_path / "runs" / "tiny" / "a-seed2").mkdir()
+    assert forget_runs(TINY, ["a"], "fix", seeds=[2], **kw) == []
+    assert not (tmp_path / "runs" / "tiny" / "a-seed2").exists()
+    assert len(load_record(tmp_path / "tiny.json")["dropped_runs"]) == 1  # nothing finished was dropped
 
 
 def test_supervised_recipe_trains_and_records_a_curve(tmp_path):
