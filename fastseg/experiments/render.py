@@ -65,7 +65,8 @@ def _command_line(record: dict[str, Any]) -> str:
     else:
         line = f"Not run yet: {_code('python -m fastseg.experiments run ' + record['experiment'])}."
     for drop in record.get("dropped_runs", []):  # `forget`: runs a code fix made stale, trained again
-        runs = ", ".join(f"{r['variant']} seed {r['seed']}" for r in drop["runs"])
+        metric = record["metric"]
+        runs = ", ".join(f"{r['variant']} seed {r['seed']} ({_pct(r.get(metric))})" for r in drop["runs"])
         line += f" Dropped as stale and run again ({drop['reason']}): {runs}."
     return line
 
