@@ -49,9 +49,11 @@ setup(
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "coco": ["pycocotools>=2.0"],  # mask AP and the COCO panoptic / instance writers
-        # SemPLeS: CLIP architectures and the bundled BPE tokenizer (weights only from local files); the dense CRF of
-        # the pseudo masks is optional (pydensecrf, used when importable).
+        # SemPLeS: CLIP architectures and the bundled BPE tokenizer (weights only from local files).
         "semples": ["open_clip_torch>=2.20"],
+        # The optional dense CRF of the pseudo masks (imported as pydensecrf). It builds from source (Cython and a C++
+        # compiler), so the test extra leaves it out.
+        "crf": ["pydensecrf2>=1.1"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "faiss-cpu"],
         # Real datasets on disk: SBD's .mat annotations (scipy) and COCO polygons / RLE (pycocotools).
         "data": ["scipy", "pycocotools"],

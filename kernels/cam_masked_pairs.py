@@ -21,9 +21,16 @@ Only positive pairs are computed (upstream upsampled every class and discarded t
 Kernels. ``_cam_minmax_kernel`` (one program per pair) interpolates the CAM over the whole output grid from the
 h x w map (a few KB, cached) and reduces its min / max: it reads no image data. ``_cam_masked_pairs_fwd_kernel``
 (BLOCK pixels x one pair per program) interpolates, normalises, then walks the C channels reading ``X`` once and
-writing ``fg`` and ``bg``. ``_cam_masked_pairs_bwd_kernel`` reads ``G_f``, ``G_b`` and ``X`` once to produce
-``dM`` (and the per-pair ``d X`` when asked); the mask Jacobian above (upsample transpose + min-max) runs as
-PyTorch ops on the ``(P, H, W)`` fp32 map: ~8x the fused kernels' bytes at D.5b shapes (see bench.traffic).
+writing ``fg`` and ``bg``. ``_cam_masked_pairs_bwd_kernel`` reads ``G_f``, ``G_b`` and ``X`` once to produce ``dM``
+(fp32, P x H x W), the per-pair ``d X`` when asked, and per-tile partial sums of ``dM (M - 1)``, ``dM M`` and of the
+extreme pixels' counts. ``_cam_mask_jacobian_kernel`` turns ``dM`` into ``dU`` in place (re-interpolating the CAM to
+find the extreme pixels), and the upsample transpose is separable, ``R_y^T dU R_x``: two small matrix products that
+read ``dU`` once. At the D.5b shapes the traffic model (``bench.traffic``) puts the backward at about 2x its minimum
+bytes; with the mask Jacobian as PyTorch ops it was about 12x.
+
+Ties: the extreme pixels are those whose interpolated value equals the min / max exactly, as computed by each
+implementation. Where interpolation rounds (a near-constant CAM), Triton and PyTorch can find different tie sets;
+both are valid subgradients, and the tests use exactly representable maps there.
 
 Limits: images fp32 / fp16 / bf16 / fp64 (fp64 and, under the interpreter, bf16 run in fp32; outputs keep the
 images' dtype), cams of any float dtype (interpolated in fp32), any strides; pair indices int64; int64 offsets.
@@ -166,7 +173,8 @@ def _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, sca
     u = _upsampled_cam(cams_ptr + n * s_cb + k * s_ck, pix, ok, W, h, w, scale_y, scale_x, s_ch, s_cw)
     low = tl.load(stats_ptr + 2 * p)
     high = tl.load(stats_ptr + 2 * p + 1)
-    return n, (u - low) / (high - low + delta)
+    # u is recomputed by the same inlined code as in the min / max pass, so the extremes compare equal exactly
+    return n, (u - low) / (high - low + delta), u == low, u == high
 
 
 @triton.jit
@@ -176,10 +184,10 @@ def _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, s
     p = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = pix < HW
-    n, m = _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y, scale_x, delta,
-                      s_cb, s_ck, s_ch, s_cw)
+    n, m, is_low, is_high = _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y,
+                                       scale_x, delta, s_cb, s_ck, s_ch, s_cw)
     x_ptrs = x_ptr + n * s_xb + (pix // W).to(tl.int64) * s_xh + (pix % W).to(tl.int64) * s_xw
-    return p, pix, ok, m, x_ptrs, p * C * HW + pix.to(tl.int64)
+    return p, pix, ok, m, is_low & ok, is_high & ok, x_ptrs, p * C * HW + pix.to(tl.int64)
 
 
 @triton.jit
@@ -189,9 +197,10 @@ def _cam_masked_pairs_fwd_kernel(
     s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
     BLOCK: tl.constexpr,
 ):
-    _p, _pix, ok, m, x_ptrs, out_off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w,
-                                                  scale_y, scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
-                                                  BLOCK)  # outputs are contiguous (P, C, H, W)
+    _p, _pix, ok, m, _low, _high, x_ptrs, out_off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C,
+                                                               HW, W, h, w, scale_y, scale_x, delta, s_xb, s_xh,
+                                                               s_xw, s_cb, s_ck, s_ch, s_cw,
+                                                               BLOCK)  # outputs are contiguous (P, C, H, W)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
         fg = m * x
@@ -203,14 +212,17 @@ def _cam_masked_pairs_fwd_kernel(
 
 @triton.jit
 def _cam_masked_pairs_bwd_kernel(
-    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, gf_ptr, gb_ptr, gmask_ptr, gx_ptr,
+    x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, gf_ptr, gb_ptr, gmask_ptr, partial_ptr, gx_ptr,
     C, HW, W, h, w, scale_y, scale_x, delta,
     s_xb, s_xc, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
     NEED_GRAD_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    p, pix, ok, m, x_ptrs, off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW, W, h, w, scale_y,
-                                            scale_x, delta, s_xb, s_xh, s_xw, s_cb, s_ck, s_ch, s_cw,
-                                            BLOCK)  # the gradients were made contiguous (P, C, H, W)
+    """dM of one tile of one pair, and the tile's partial sums for the min / max terms of the mask Jacobian:
+    ``sum dM (M - 1)``, ``sum dM M``, and the number of pixels at the minimum and at the maximum."""
+    p, pix, ok, m, is_low, is_high, x_ptrs, off = _pair_tile(x_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, C, HW,
+                                                             W, h, w, scale_y, scale_x, delta, s_xb, s_xh, s_xw,
+                                                             s_cb, s_ck, s_ch, s_cw,
+                                                             BLOCK)  # the gradients were made contiguous
     gmask = tl.zeros((BLOCK,), dtype=tl.float32)
     for _c in range(0, C):
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
@@ -222,6 +234,32 @@ def _cam_masked_pairs_bwd_kernel(
         x_ptrs += s_xc
         off += HW
     tl.store(gmask_ptr + p * HW + pix.to(tl.int64), gmask, mask=ok)
+    part = partial_ptr + (p * tl.num_programs(0) + tl.program_id(0)) * 4  # (P, tiles, 4), summed by the launcher
+    tl.store(part, tl.sum(gmask * (m - 1.0), axis=0))  # masked pixels hold gmask = 0
+    tl.store(part + 1, tl.sum(gmask * m, axis=0))
+    tl.store(part + 2, tl.sum(is_low.to(tl.float32), axis=0))
+    tl.store(part + 3, tl.sum(is_high.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _cam_mask_jacobian_kernel(
+    gmask_ptr, coef_ptr, cams_ptr, pimg_ptr, pcls_ptr, stats_ptr,
+    HW, W, h, w, scale_y, scale_x, delta, s_cb, s_ck, s_ch, s_cw,
+    BLOCK: tl.constexpr,
+):
+    """In place, dM -> dU = dM / D + a [U == min] + b [U == max], with the pair's (1 / D, a, b) in ``coef``."""
+    p = tl.program_id(1).to(tl.int64)
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = pix < HW
+    _n, _m, is_low, is_high = _pair_mask(cams_ptr, pimg_ptr, pcls_ptr, stats_ptr, p, pix, ok, W, h, w, scale_y,
+                                         scale_x, delta, s_cb, s_ck, s_ch, s_cw)
+    inv_denom = tl.load(coef_ptr + 3 * p)
+    a = tl.load(coef_ptr + 3 * p + 1)
+    b = tl.load(coef_ptr + 3 * p + 2)
+    ptrs = gmask_ptr + p * HW + pix.to(tl.int64)
+    g = tl.load(ptrs, mask=ok, other=0.0) * inv_denom
+    g += tl.where(is_low, a, 0.0) + tl.where(is_high, b, 0.0)
+    tl.store(ptrs, g, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +317,7 @@ def _grad_mask_ref(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta
 
 
 def _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images):
+    """dM (P, H, W) fp32, per-pair d X (or None), the pairs' (min, max) and the (P, tiles, 4) partial sums."""
     num_pairs, channels, height, width = grad_fg.shape
     x = kernel_dtype(images)
     gf, gb = grad_fg.contiguous(), grad_bg.contiguous()
@@ -289,23 +328,77 @@ def _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, de
     h, w = cams.shape[-2:]
     stats = _pair_stats(cams, pair_image, pair_class, (height, width))
     grid = (triton.cdiv(height * width, _BLOCK), num_pairs)
+    partials = torch.empty((num_pairs, grid[0], 4), dtype=torch.float32, device=images.device)
     _cam_masked_pairs_bwd_kernel[grid](
-        x, cams, pair_image, pair_class, stats, gf, gb, grad_mask, grad_pairs, channels, height * width, width, h, w,
-        _align_corners_scale(h, height), _align_corners_scale(w, width), float(delta),
+        x, cams, pair_image, pair_class, stats, gf, gb, grad_mask, partials, grad_pairs, channels, height * width,
+        width, h, w, _align_corners_scale(h, height), _align_corners_scale(w, width), float(delta),
         *x.stride(), *cams.stride(), NEED_GRAD_X=need_grad_images, BLOCK=_BLOCK, num_warps=4,
     )
-    return grad_mask, (grad_pairs if need_grad_images else None)
+    return grad_mask, (grad_pairs if need_grad_images else None), stats, partials
+
+
+def _interpolation_matrix(src: int, dst: int, device: torch.device) -> torch.Tensor:
+    """``(dst, src)`` fp32 weights of 1-D linear interpolation with align_corners=True (PyTorch's weight order):
+    ``upsample(c) = R_y @ c @ R_x.T``, so its transpose is ``R_y.T @ g @ R_x``."""
+    pos = torch.arange(dst, device=device, dtype=torch.float32) * _align_corners_scale(src, dst)
+    lo = pos.to(torch.int64).clamp_max(src - 1)
+    hi = (lo + 1).clamp_max(src - 1)
+    frac = pos - lo
+    rows = torch.arange(dst, device=device)
+    weights = torch.zeros((dst, src), dtype=torch.float32, device=device)
+    weights.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    weights.index_put_((rows, hi), frac, accumulate=True)
+    return weights
+
+
+def _mask_jacobian_triton(grad_mask, stats, partials, cams, pair_image, pair_class, delta):
+    """``d cams`` from the fused backward's dM and partial sums: the min / max terms applied in place by one kernel,
+    then the (separable) upsample transpose as two small matrix products. Same semantics as `_mask_jacobian`."""
+    num_pairs, height, width = grad_mask.shape
+    h, w = cams.shape[-2:]
+    sums = partials.sum(1)  # (P, 4): sum dM (M - 1), sum dM M, |argmin|, |argmax|
+    inv_denom = 1.0 / (stats[:, 1] - stats[:, 0] + delta)
+    # The extreme pixels are counted by the same inlined interpolation that found them, so each count is >= 1; the
+    # clamp only keeps a would-be 0 / 0 finite.
+    coef = torch.stack(
+        (
+            inv_denom,
+            sums[:, 0] * inv_denom / sums[:, 2].clamp_min(1.0),
+            -sums[:, 1] * inv_denom / sums[:, 3].clamp_min(1.0),
+        ),
+        dim=1,
+    ).contiguous()
+    grid = (triton.cdiv(height * width, _BLOCK), num_pairs)
+    _cam_mask_jacobian_kernel[grid](
+        grad_mask, coef, cams, pair_image, pair_class, stats, height * width, width, h, w,
+        _align_corners_scale(h, height), _align_corners_scale(w, width), float(delta), *cams.stride(),
+        BLOCK=_BLOCK, num_warps=4,
+    )
+    return _upsample_transpose_to_cams(grad_mask, cams, pair_image, pair_class)
+
+
+def _upsample_transpose_to_cams(grad_up, cams, pair_image, pair_class):
+    """``d cams`` from ``dU (P, H, W)`` fp32: the separable upsample transpose, summed into the pairs' CAMs."""
+    _, height, width = grad_up.shape
+    h, w = cams.shape[-2:]
+    rows, cols = _interpolation_matrix(h, height, cams.device), _interpolation_matrix(w, width, cams.device)
+    grad_cam = rows.t() @ (grad_up @ cols)  # (P, h, w): one read of dU, a (P, H, w) intermediate
+    grad_cams = torch.zeros(cams.shape, dtype=torch.float32, device=cams.device)
+    grad_cams.index_put_((pair_image, pair_class), grad_cam, accumulate=True)
+    return grad_cams.to(cams.dtype)
 
 
 def _cam_masked_pairs_backward(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta, need_grad_images,
                                fused: bool):
+    size = tuple(images.shape[-2:])
     if fused and pair_image.numel() and grad_fg.numel():
-        grad_mask, grad_pairs = _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta,
-                                                  need_grad_images)
+        grad_mask, grad_pairs, stats, partials = _grad_mask_triton(grad_fg, grad_bg, images, cams, pair_image,
+                                                                   pair_class, delta, need_grad_images)
+        grad_cams = _mask_jacobian_triton(grad_mask, stats, partials, cams, pair_image, pair_class, delta)
     else:
         grad_mask, grad_pairs = _grad_mask_ref(grad_fg, grad_bg, images, cams, pair_image, pair_class, delta,
                                                need_grad_images)
-    grad_cams = _mask_jacobian(grad_mask, cams, pair_image, pair_class, tuple(images.shape[-2:]), delta)
+        grad_cams = _mask_jacobian(grad_mask, cams, pair_image, pair_class, size, delta)
     if not need_grad_images:
         return grad_cams, images.new_empty((0,))
     grad_images = torch.zeros(images.shape, dtype=grad_pairs.dtype, device=images.device)

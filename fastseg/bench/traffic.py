@@ -404,12 +404,17 @@ def _pairs(p: dict, es: int, dt: torch.dtype, launches: list[dict], backward: bo
     pimg, pcls = _m(pairs, dtype=torch.int64), _m(pairs, dtype=torch.int64)
     if backward:
         grad_images = p["grad_images"]
-        # X read per pair (pairs of one image are adjacent, so mostly an L2 hit), G_f and G_b once, dM (fp32)
-        # written; then the mask Jacobian (upsample transpose + min-max) in PyTorch on the (P, H, W) map, measured
-        jacobian = eager_bytes(
-            lambda: cp._mask_jacobian(_m(pairs, side, side, dtype=torch.float32), cams, pimg, pcls, (side, side), 0.1)
+        # Pass 1: X read per pair (pairs of one image are adjacent, so mostly an L2 hit), G_f and G_b once, dM (fp32)
+        # and the per-tile partial sums written. Partials summed by torch (read, tiny writes). Pass 2: dM read, dU
+        # written in place. Then the separable upsample transpose and the scatter into d cams, measured.
+        tiles = _cfg(launches, "_cam_masked_pairs_bwd_kernel")["grid"][0]
+        partials = pairs * tiles * 16
+        pass1 = again + per_pair + 2 * per_pair + pairs * hw * 4 + partials
+        pass2 = again + pairs * 12 + 2 * pairs * hw * 4
+        transpose = eager_bytes(
+            lambda: cp._upsample_transpose_to_cams(_m(pairs, side, side, dtype=torch.float32), cams, pimg, pcls)
         )
-        kernel = stats + again + per_pair + 2 * per_pair + pairs * hw * 4 + jacobian
+        kernel = stats + pass1 + partials + pass2 + transpose
         minimum = images_read + 2 * per_pair + index + pair_cams + b * k * grid * grid * es  # in; d cams out
         if grad_images:
             # per-pair d X written, then torch.zeros over the images and index_add_ (read the pairs', RMW images)

@@ -17,6 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..engine.recipes.semples import RunOptions
 
 __all__ = ["add_semples_commands"]
 
@@ -66,8 +70,11 @@ def _train_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _lambdas(args: argparse.Namespace) -> dict:
-    return {"lambda_b": args.lambda_b, "lambda_p": args.lambda_p, "lambda_r": args.lambda_r}
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    """The options of SemPLeS runs (a), (b), (c): the training flags and the lambda flags."""
+    from ..engine.recipes.semples import RunOptions
+
+    return RunOptions(**_train_kwargs(args), lambda_b=args.lambda_b, lambda_p=args.lambda_p, lambda_r=args.lambda_r)
 
 
 def _done(out: str) -> int:
@@ -112,21 +119,21 @@ def cmd_weaktr(args: argparse.Namespace) -> int:
 def cmd_match(args: argparse.Namespace) -> int:
     from ..engine.recipes.semples import run_segment_label_matching
 
-    run_segment_label_matching(args.weaktr, _clip(args), args.out, **_train_kwargs(args), **_lambdas(args))
+    run_segment_label_matching(args.weaktr, _clip(args), args.out, _run_options(args))
     return _done(args.out)
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
     from ..engine.recipes.semples import run_prompt_learning
 
-    run_prompt_learning(args.stage_a, _clip(args), args.out, **_train_kwargs(args), **_lambdas(args))
+    run_prompt_learning(args.stage_a, _clip(args), args.out, _run_options(args))
     return _done(args.out)
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
     from ..engine.recipes.semples import run_prompt_refinement
 
-    run_prompt_refinement(args.weaktr, args.prompts, _clip(args), args.out, **_train_kwargs(args), **_lambdas(args))
+    run_prompt_refinement(args.weaktr, args.prompts, _clip(args), args.out, _run_options(args))
     return _done(args.out)
 
 

@@ -11,7 +11,7 @@ number of the augmentations comes from a ``torch.Generator`` seeded by the batch
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["SemiSupervisedPairs", "batch_generator", "cutmix_boxes", "strong_augment"]
+__all__ = [
+    "STRONG_AUGMENT_OPTIONS",
+    "SemiSupervisedPairs",
+    "batch_generator",
+    "check_strong_augment_options",
+    "cutmix_boxes",
+    "strong_augment",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,6 +187,45 @@ def strong_augment(
     x = torch.where(per_image(do_gray).bool(), grey, x)
     x = torch.where(per_image(do_blur).bool(), _gaussian_blur(x, sigma.to(images.dtype), blur_radius).clamp(0, 1), x)
     return (x - m) / s
+
+
+STRONG_AUGMENT_OPTIONS = ("p_jitter", "jitter", "p_gray", "p_blur", "blur_sigma", "blur_radius")
+
+
+def check_strong_augment_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validated keyword overrides of `strong_augment` (None or empty: UniMatch's own strong view), with sequences as
+    tuples. Raises ValueError naming an unknown option or a bad value."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"strong augmentation options must be a mapping or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(STRONG_AUGMENT_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown strong augmentation option(s) {unknown}; known: {STRONG_AUGMENT_OPTIONS}")
+    out = dict(options)
+    for key in ("p_jitter", "p_gray", "p_blur"):
+        if key in out and not 0.0 <= float(out[key]) <= 1.0:
+            raise ValueError(f"strong augmentation: {key} must lie in [0, 1], got {out[key]!r}")
+    if "jitter" in out:
+        jitter = tuple(float(v) for v in out["jitter"])
+        if len(jitter) != 4 or min(jitter) < 0 or max(jitter[:3]) > 1 or jitter[3] > 0.5:
+            raise ValueError(
+                "strong augmentation: jitter must be (brightness, contrast, saturation, hue) with the first three in "
+                f"[0, 1] and hue in [0, 0.5], got {out['jitter']!r}"
+            )
+        out["jitter"] = jitter
+    if "blur_sigma" in out:
+        sigma = tuple(float(v) for v in out["blur_sigma"])
+        if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+            raise ValueError(
+                f"strong augmentation: blur_sigma must be (lo, hi) with 0 < lo <= hi, got {out['blur_sigma']!r}"
+            )
+        out["blur_sigma"] = sigma
+    if "blur_radius" in out and (
+        isinstance(out["blur_radius"], bool) or not isinstance(out["blur_radius"], int) or out["blur_radius"] < 1
+    ):
+        raise ValueError(f"strong augmentation: blur_radius must be a positive int, got {out['blur_radius']!r}")
+    return out
 
 
 def cutmix_boxes(

@@ -1,4 +1,4 @@
-"""``python -m fastseg.experiments list | run NAME | render [--check]``."""
+"""``python -m fastseg.experiments list | run NAME | forget NAME --variants ... --reason ... | render [--check]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .core import RESULTS_DIR, derive, load_record, new_record, run_experiment
+from .core import RESULTS_DIR, derive, forget_runs, load_record, new_record, run_experiment
 from .declarations import EXPERIMENTS
 from .recipes import run_job
 from .render import render_readme
@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-minutes", type=float, help="start no new job after this much wall-clock time")
     run.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     run.add_argument("--results-dir", default=str(RESULTS_DIR))
+    forget = sub.add_parser("forget", help="drop finished runs that a code change made stale (they run again)")
+    forget.add_argument("name", choices=sorted(EXPERIMENTS))
+    forget.add_argument("--variants", nargs="+", required=True)
+    forget.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: every finished seed)")
+    forget.add_argument("--reason", required=True, help="what made them stale (kept in the JSON)")
+    forget.add_argument("--results-dir", default=str(RESULTS_DIR))
     render = sub.add_parser("render", help="re-render README.md's result blocks from the committed JSON")
     render.add_argument("--check", action="store_true", help="fail (exit 1) if README differs; write nothing")
     args = parser.parse_args(argv)
@@ -48,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             max_minutes=args.max_minutes,
             threads=args.threads,
         )
+        return 0
+    if args.command == "forget":
+        forget_runs(EXPERIMENTS[args.name], args.variants, args.reason, args.seeds, results_dir=args.results_dir)
         return 0
     up_to_date = render_readme(".", check=args.check)
     if args.check and not up_to_date:

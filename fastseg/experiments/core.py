@@ -372,6 +372,64 @@ def pending_jobs(
     return [(v, s) for s in seed_list for v in chosen if (v.name, s) not in done]
 
 
+def forget_runs(
+    experiment: Experiment,
+    variants: Sequence[str],
+    reason: str,
+    seeds: Sequence[int] | None = None,
+    results_dir: str | os.PathLike = RESULTS_DIR,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Drop the runs of ``variants`` (optionally only ``seeds``) that a code change made stale, so that ``run``
+    trains them again. The JSON keeps the finished ones that were dropped and why under ``dropped_runs`` (variant,
+    seed, the metric), and every job folder of those variants and seeds, finished or interrupted, moves to
+    ``RUNS/NAME/_stale/`` so that no new run resumes from an old checkpoint. Returns the dropped finished runs."""
+    if not reason.strip():
+        raise ValueError("forget needs a reason (e.g. the fix that made the runs stale)")
+    for name in variants:
+        variant = experiment.variant(name)  # raises for an unknown name
+        if variant.from_experiment:
+            raise ValueError(
+                f"{experiment.name}: {name} reuses the runs of {variant.from_experiment}; forget them there"
+            )
+    path = experiment.result_path(results_dir)
+    record = load_record(path)
+    chosen_seeds = list(seeds) if seeds else list(experiment.seeds)
+    finished = [r for r in record.get("runs", []) if r["variant"] in variants and r["seed"] in chosen_seeds]
+    folders = [
+        job_dir
+        for name in variants
+        for seed in chosen_seeds
+        if (job_dir := Path(runs_dir) / experiment.name / f"{name}-seed{seed}").exists()
+    ]
+    if not finished and not folders:
+        raise ValueError(f"{experiment.name} has no run of {list(variants)} (seeds {chosen_seeds}), finished or not")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for job_dir in folders:
+        stale = Path(runs_dir) / experiment.name / "_stale" / stamp
+        stale.mkdir(parents=True, exist_ok=True)
+        job_dir.rename(stale / job_dir.name)
+    if finished:
+        record["runs"] = [r for r in record["runs"] if r not in finished]
+        record.setdefault("dropped_runs", []).append(
+            {
+                "reason": reason,
+                "when": stamp,
+                "runs": [
+                    {"variant": r["variant"], "seed": r["seed"], experiment.metric: r.get(experiment.metric)}
+                    for r in finished
+                ],
+            }
+        )
+        save_record(path, derive(experiment, record, results_dir))
+    log(
+        f"[{experiment.name}] dropped {len(finished)} finished run(s), moved {len(folders)} job folder(s) to "
+        f"_stale ({reason}); `run` trains them again"
+    )
+    return finished
+
+
 def run_experiment(
     experiment: Experiment,
     job: Job,

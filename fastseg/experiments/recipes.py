@@ -222,7 +222,9 @@ def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path)
         return R.load_cam_model(weaktr_weights, cam["model"]), "fine", {**info, "cam_steps": cam["steps"]}
     semples = settings["semples"]
     clip = build_clip(settings["clip"]["config"], clip_weights, require_checkpoint=True)
-    stage = dict(batch_size=semples["batch_size"], model_name=cam["model"], **common)
+    options = R.RunOptions(
+        steps=semples["steps"], batch_size=semples["batch_size"], lr=semples["lr"], model_name=cam["model"], **common
+    )
 
     stage_settings = {"seed": seed, "cam": cam, **semples, "train_length": settings["train_length"]}
 
@@ -230,9 +232,7 @@ def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path)
         return _once(
             out,
             {"run": "a", **stage_settings},
-            lambda: R.run_segment_label_matching(
-                weaktr_weights, clip, out, steps=semples["steps"], lr=semples["lr"], **stage
-            ),
+            lambda: R.run_segment_label_matching(weaktr_weights, clip, out, options),
         )
 
     extra = {"a": semples["steps"]}
@@ -244,15 +244,13 @@ def _cam_method(method: str, settings: dict[str, Any], seed: int, job_dir: Path)
             job_dir / "b",
             {"run": "b", **stage_settings},
             lambda: R.run_prompt_learning(
-                a_weights, clip, job_dir / "b", steps=semples["steps"], lr=semples["prompt_lr"], **stage
+                a_weights, clip, job_dir / "b", dataclasses.replace(options, lr=semples["prompt_lr"])
             ),
         )
         weights = _once(
             job_dir / "c",
             {"run": "c", **stage_settings},
-            lambda: R.run_prompt_refinement(
-                weaktr_weights, b_weights, clip, job_dir / "c", steps=semples["steps"], lr=semples["lr"], **stage
-            ),
+            lambda: R.run_prompt_refinement(weaktr_weights, b_weights, clip, job_dir / "c", options),
         )
         extra = {"a": semples["steps"], "b": semples["steps"], "c": semples["steps"]}
     else:

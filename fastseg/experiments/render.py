@@ -61,8 +61,14 @@ def _stats(s: dict[str, Any] | None, digits: int = 2) -> str:
 
 def _command_line(record: dict[str, Any]) -> str:
     if record["commands"]:
-        return "Commands: " + "; ".join(_code(c) for c in record["commands"])
-    return f"Not run yet: {_code('python -m fastseg.experiments run ' + record['experiment'])}."
+        line = "Commands: " + "; ".join(_code(c) for c in record["commands"])
+    else:
+        line = f"Not run yet: {_code('python -m fastseg.experiments run ' + record['experiment'])}."
+    for drop in record.get("dropped_runs", []):  # `forget`: runs a code fix made stale, trained again
+        metric = record["metric"]
+        runs = ", ".join(f"{r['variant']} seed {r['seed']} ({_pct(r.get(metric))})" for r in drop["runs"])
+        line += f" Dropped as stale and run again ({drop['reason']}): {runs}."
+    return line
 
 
 def _report_lines(record: dict[str, Any]) -> list[str]:

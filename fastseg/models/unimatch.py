@@ -18,6 +18,10 @@ Differences from upstream, all deliberate: augmentations run batched on tensors 
 feature-perturbation stream decodes only the unlabelled half (upstream decodes the labelled half too and discards
 it); the head uses GroupNorm (small CPU batches) where upstream uses BatchNorm.
 
+The strong views are UniMatch's unless ``strong_aug`` overrides them: on the 64 x 64 shapes world its hue jitter,
+grayscale and sigma-2 blur erase what tells the classes apart (colour, thin shapes), so a colour-preserving view is an
+option there (issue 18).
+
 The data side (`SemiSupervisedPairs`, the strong augmentations, CutMix boxes) is in `fastseg.data.semi`; the
 training recipe (`build_training`: pairs dataset + loss for ``fastseg train --labelled-fraction``) in
 `fastseg.engine.recipes.semi`.
@@ -26,14 +30,14 @@ training recipe (`build_training`: pairs dataset + loss for ``fastseg train --la
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.semi import batch_generator, cutmix_boxes, strong_augment
+from ..data.semi import batch_generator, check_strong_augment_options, cutmix_boxes, strong_augment
 from ..layers.blocks import ConvNormAct
 from ..registry import register_model
 from ._base import SegmentationModel, crop_to, resize, resolve_cfg
@@ -57,16 +61,21 @@ def masked_pixel_ce(
 # ----------------------------------------------------------------------------------------------------------------
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLabV3): a 1x1 branch, one 3x3 branch per dilation ``rate``, an image-pooling
-    branch, concatenated and projected (with dropout 0.5, as in UniMatch's head)."""
+    branch, concatenated and projected. UniMatch's projection is conv-norm-ReLU with no dropout (torchvision's
+    DeepLabV3 ASPP adds Dropout(0.5)); ``dropout`` > 0 adds one after it."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, rates: Sequence[int] = (6, 12, 18), dropout: float = 0.5
+        self, in_channels: int, out_channels: int, rates: Sequence[int] = (6, 12, 18), dropout: float = 0.0
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"ASPP: dropout must lie in [0, 1), got {dropout!r}")
         self.branches = nn.ModuleList([ConvNormAct(in_channels, out_channels, 1)])
         self.branches.extend(ConvNormAct(in_channels, out_channels, 3, dilation=rate) for rate in rates)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvNormAct(in_channels, out_channels, 1))
-        self.project = nn.Sequential(ConvNormAct(out_channels * (len(rates) + 2), out_channels, 1), nn.Dropout(dropout))
+        # Index 1 stays a module either way, so checkpoints keep their keys (neither holds parameters).
+        after = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.project = nn.Sequential(ConvNormAct(out_channels * (len(rates) + 2), out_channels, 1), after)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [branch(x) for branch in self.branches]
@@ -86,8 +95,11 @@ class DeepLabV3PlusSemi(SegmentationModel):
         low_level_channels: width of the projected c1 features (48 in DeepLabV3+).
         tau: confidence threshold of the pseudo-labels (0.95 on Pascal, 0 on Cityscapes in UniMatch).
         fp_dropout: Dropout2d rate of the feature-perturbation stream.
+        aspp_dropout: dropout after the ASPP projection (0: UniMatch's head; 0.5 until issue 18, by mistake).
         unsup_weights: weights of ``(L_s1, L_s2, L_fp)``; the total is ``(L_sup + sum) / 2``.
         cutmix_p: probability of a CutMix box per strong view.
+        strong_aug: keyword overrides of `fastseg.data.semi.strong_augment` for the two strong views (None:
+            UniMatch's colour jitter (0.5, 0.5, 0.5, 0.25) p=0.8, grayscale p=0.2, blur sigma U[0.1, 2] p=0.5).
         backbone_checkpoint: local weights file for the backbone.
 
     ``model.loss(batch)``: with ``"image_u"`` and ``"image_u_mix"`` in the batch the UniMatch loss (components
@@ -103,8 +115,10 @@ class DeepLabV3PlusSemi(SegmentationModel):
         low_level_channels: int = 48,
         tau: float = 0.95,
         fp_dropout: float = 0.5,
+        aspp_dropout: float = 0.0,
         unsup_weights: tuple[float, float, float] = (0.25, 0.25, 0.5),
         cutmix_p: float = 0.5,
+        strong_aug: Mapping[str, Any] | None = None,
         backbone_checkpoint: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
@@ -117,7 +131,7 @@ class DeepLabV3PlusSemi(SegmentationModel):
             num_classes, output_stride=self.backbone.reductions[0], divisible_by=self.backbone.divisible_by
         )
         c1, c4 = self.backbone.channels[0], self.backbone.channels[-1]
-        self.aspp = ASPP(c4, aspp_channels, aspp_rates)
+        self.aspp = ASPP(c4, aspp_channels, aspp_rates, dropout=aspp_dropout)
         self.reduce_low = ConvNormAct(c1, low_level_channels, 1)
         self.fuse = nn.Sequential(
             ConvNormAct(aspp_channels + low_level_channels, aspp_channels, 3),
@@ -127,6 +141,7 @@ class DeepLabV3PlusSemi(SegmentationModel):
         self.decoder_channels = aspp_channels
         self.tau, self.fp_dropout, self.cutmix_p = float(tau), float(fp_dropout), float(cutmix_p)
         self.unsup_weights = tuple(float(w) for w in unsup_weights)
+        self.strong_aug = check_strong_augment_options(strong_aug)
 
     # -- network ------------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +193,9 @@ class DeepLabV3PlusSemi(SegmentationModel):
             )
         n_l, n_u, size = images.shape[0], u.shape[0], tuple(images.shape[-2:])
         cfg = self.pretrained_cfg
-        strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, generator) for _ in range(2)]
+        strong = [
+            strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, generator, **self.strong_aug) for _ in range(2)
+        ]
         boxes = [cutmix_boxes(n_u, *size, generator, u.device, p=self.cutmix_p) for _ in range(2)]
 
         with torch.no_grad():  # the teacher on the CutMix source: same network, eval mode

@@ -5,10 +5,11 @@ A timm DeiT whose single CLS token is replaced by **K class tokens** (one per fo
 * ``cls_logits (B, K)``: the mean over channels of each class token's output;
 * ``coarse (B, K, h, w)``: a 3x3 conv CAM head on the patch-token map (``h, w = H / patch, W / patch``);
 * Adaptive Attention Fusion (AAF) over every layer's and head's attention map (M = depth x heads): each map's
-  per-head attention output is pooled over the tokens (max, or mean), a feature FFN (head_dim -> head_dim / 8 -> 1)
-  gives one scalar per map, and a map FFN (M -> M / r -> M, sigmoid) gives the map weights ``w``. The weighted mean
-  ``mean_m(w ⊙ A_m)`` is cut into ``cross (B, K, h, w)`` (class -> patch) and ``patch_attn (B, P, P)`` (patch ->
-  patch) by the fused op `fastseg.kernels.attention_fusion` in one read of the stacked maps;
+  per-head attention output is pooled over the tokens (max, or mean), a feature FFN (head_dim -> head_dim / 8 -> 1,
+  two linear layers without an activation, as upstream) gives one scalar per map, and a map FFN (M -> M / r -> M,
+  sigmoid) gives the map weights ``w``. The weighted mean ``mean_m(w ⊙ A_m)`` is cut into ``cross (B, K, h, w)``
+  (class -> patch) and ``patch_attn (B, P, P)`` (patch -> patch) by the fused op `fastseg.kernels.attention_fusion`
+  in one read of the stacked maps;
 * ``fused = cross ⊙ ReLU(coarse)`` and the fine CAM ``fine = patch_attn · fused`` (affinity propagation).
 
 Phase-1 training (`WeakTr.loss`): multilabel soft-margin loss on ``cls_logits``, GAP(coarse) and GAP(fine), summed.
@@ -18,10 +19,11 @@ CAM head; the fused CAM uses a detached coarse CAM (WeakTr ``models.py``). SemPL
 tokens are detached before the CAM head and the fused CAM keeps the head's gradient (``models123.py``), so only the
 CAM head and the AAF FFNs receive gradients. The attention maps and head features always reach AAF detached.
 
-Interpretation notes: the per-head features AAF pools are the attention outputs before the projection, split per
-head the interleaved way upstream does (channel ``c`` belongs to head ``c % heads``); the map index is layer-major
-(``m = layer * heads + head``; upstream is head-major, a permutation of the map-FFN weights). Neither changes what
-the module can express.
+AAF's inputs, as upstream (``vision_transformer.Block`` returns the attention maps and ``o = proj(attn @ v)``): the
+softmax maps before attention dropout, and per-head features taken from the attention output *after* the projection,
+split per head the interleaved way (channel ``c`` belongs to head ``c % heads``). The map index is layer-major
+(``m = layer * heads + head``; upstream is head-major, a permutation of the map-FFN weights that changes nothing the
+module can express).
 
 `model(images)` (eval) returns ``(B, 1 + K, h, w)`` scores for the model contract: channel 0 is the constant
 background threshold, channels 1..K the fine CAM of each class divided by its per-image maximum and zeroed where the
@@ -83,9 +85,8 @@ class AdaptiveAttentionFusion(nn.Module):
         self.pool, self.impl = pool, impl
         hidden_feat = max(1, head_dim // feat_reduction)
         hidden_map = max(1, num_maps // reduction)
-        self.feat_ffn = nn.Sequential(
-            nn.Linear(head_dim, hidden_feat), nn.ReLU(inplace=True), nn.Linear(hidden_feat, 1)
-        )
+        # two linear layers with no activation between them, as upstream's ``attn_feat_ffn``
+        self.feat_ffn = nn.Sequential(nn.Linear(head_dim, hidden_feat), nn.Linear(hidden_feat, 1))
         self.map_ffn = nn.Sequential(
             nn.Linear(num_maps, hidden_map, bias=False),
             nn.ReLU(inplace=True),
@@ -323,9 +324,10 @@ class WeakTr(SegmentationModel):
         q, k, v = qkv.unbind(0)
         attn = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(-1)
         out = (attn_mod.attn_drop(attn) @ v).transpose(1, 2).reshape(batch, tokens, dim)
-        # per-head features the interleaved way (channel c -> head c % heads), as upstream splits them
-        feats = out.reshape(batch, tokens, dim // heads, heads).permute(0, 3, 1, 2)
         y = attn_mod.proj_drop(attn_mod.proj(attn_mod.norm(out)))
+        # AAF's per-map features: the attention output after the projection (upstream's Block returns it), split
+        # into heads the interleaved way upstream does (channel c -> head c % heads)
+        feats = y.reshape(batch, tokens, dim // heads, heads).permute(0, 3, 1, 2)
         x = x + blk.drop_path1(blk.ls1(y))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, attn, feats
@@ -361,12 +363,14 @@ class WeakTr(SegmentationModel):
         feats_all = torch.stack(head_feats, 1).flatten(1, 2).detach()
         cross, patch_attn, weights = self.aaf(attn_all, feats_all, k)
         coarse_for_fusion = coarse if self.detach_backbone else coarse.detach()
-        fused = cross.reshape(batch, k, grid_h, grid_w) * F.relu(coarse_for_fusion)
+        cross = cross.reshape(batch, k, grid_h, grid_w)
+        fused = cross * F.relu(coarse_for_fusion)
         fine = torch.matmul(fused.flatten(2), patch_attn.transpose(1, 2)).reshape(batch, k, grid_h, grid_w)
         return {
             "cls_logits": cls_logits,
             "coarse": coarse,
             "coarse_logits": coarse.mean((2, 3)),
+            "cross": cross,
             "fused": fused,
             "fine": fine,
             "fine_logits": fine.mean((2, 3)),

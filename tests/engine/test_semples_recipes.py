@@ -4,6 +4,7 @@ CRF message, the weak label space and captions of the shapes world, CLIP retriev
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,11 +32,12 @@ def weaktr_file(tmp_path_factory):
 
 def test_crashed_run_resumes_from_its_last_checkpoint(weaktr_file, tmp_path):
     clip = build_clip()
-    kw = dict(steps=2, batch_size=2, train_length=8, save_every=1, lr=1e-3, device="cpu")
-    straight = recipes.run_segment_label_matching(weaktr_file, clip, tmp_path / "straight", **kw)
-    crashed = recipes.run_segment_label_matching(weaktr_file, clip, tmp_path / "crash", stop_at_step=1, **kw)
+    options = recipes.RunOptions(steps=2, batch_size=2, train_length=8, save_every=1, lr=1e-3, device="cpu")
+    straight = recipes.run_segment_label_matching(weaktr_file, clip, tmp_path / "straight", options)
+    crash = replace(options, stop_at_step=1)
+    crashed = recipes.run_segment_label_matching(weaktr_file, clip, tmp_path / "crash", crash)
     assert crashed.end_step == 1 and (tmp_path / "crash" / "last_state.pt").is_file()
-    resumed = recipes.run_segment_label_matching(weaktr_file, clip, tmp_path / "crash", resume="auto", **kw)
+    resumed = recipes.run_segment_label_matching(weaktr_file, clip, tmp_path / "crash", replace(options, resume="auto"))
     assert resumed.start_step == 1 and resumed.end_step == 2
     assert crashed.losses + resumed.losses == pytest.approx(straight.losses, rel=1e-6)
     run_json = json.loads((tmp_path / "crash" / "run.json").read_text())
@@ -65,6 +67,23 @@ def test_pseudo_masks_round_trip_and_bad_folders(weaktr_file, tmp_path, capsys):
         PseudoMaskDataset(out)
 
 
+@pytest.mark.skipif(not recipes.crf_available(), reason="needs pydensecrf (pip install 'fastseg[crf]')")
+def test_dense_crf_snaps_a_noisy_label_map_to_the_image_edges():
+    """A flat square on a flat background: the CRF removes labels that cross the colour edge."""
+    rng = np.random.default_rng(0)
+    image = np.full((48, 48, 3), 30, np.uint8)
+    image[12:36, 12:36] = (220, 40, 40)
+    truth = np.zeros((48, 48), np.uint8)
+    truth[12:36, 12:36] = 1
+    noisy = truth.copy()
+    noisy[9:39, 9:39] = 1  # the mask bleeds 3 pixels past the edge
+    flips = rng.random((48, 48)) < 0.05
+    noisy[flips] = 1 - noisy[flips]
+    refined = recipes.dense_crf(image, noisy, num_classes=2)
+    assert refined.shape == truth.shape and refined.dtype == np.uint8
+    assert (refined != truth).mean() < 0.5 * (noisy != truth).mean()
+
+
 def test_crf_on_without_a_package_is_an_error(monkeypatch):
     monkeypatch.setattr(recipes, "crf_available", lambda: False)
     with pytest.raises(ValueError, match="dense CRF requested but unavailable"):
@@ -81,6 +100,22 @@ def test_weak_label_space_never_shows_pixel_labels_to_training():
     sample, raw = evaluation[0], world[evaluation[0]["index"]]
     assert torch.equal(sample["mask"], to_weak_mask(raw["mask"]))
     assert sample["image_labels"].tolist() == [float((sample["mask"] == k).any()) for k in range(1, 9)]
+
+
+def test_recipe_crop_rarely_cuts_a_labelled_shape_out():
+    """The random-resized crop must keep the image-level labels true: run on indicator images of each labelled
+    shape (one image per (image, class) pair), the recipe's crop leaves no pixel of the shape in under 3 % of the
+    pairs on the shapes world (the ImageNet-style area floor 0.5 cut out 6.5 % of them)."""
+    data = WeakShapes("train", length=256, with_masks=True)
+    indicators = []
+    for i in range(len(data)):
+        sample = data[i]
+        for k in sample["image_labels"].nonzero().flatten().tolist():
+            indicators.append((sample["mask"] == k + 1).float().expand(3, -1, -1))
+    torch.manual_seed(0)
+    kept = recipes.augment_batch(torch.stack(indicators), colour=False)[:, 0].flatten(1).amax(1) > 0
+    assert len(indicators) > 400
+    assert float((~kept).float().mean()) < 0.03
 
 
 def test_captions_name_things_colours_and_textures():
@@ -102,6 +137,34 @@ def test_clip_retrieval_metrics_are_fractions():
     for key in ("image_to_text_top1", "text_to_image_top1", "zero_shot_shape_top1"):
         assert 0.0 <= out[key] <= 1.0
     assert out["num_images"] == 8
+
+
+def test_cli_flags_become_run_options():
+    """Runs (a), (b), (c) take one `RunOptions`; the CLI's flags and defaults map onto it field by field."""
+    from fastseg.cli.main import build_parser
+    from fastseg.cli.semples import _run_options
+
+    parse = build_parser().parse_args
+    assert _run_options(parse(["semples", "match", "--out", "o", "--weaktr", "w"])) == recipes.RunOptions()
+    args = parse(
+        ["semples", "refine", "--out", "o", "--weaktr", "w", "--prompts", "p", "--steps", "7", "--batch-size", "3"]
+        + ["--lr", "1e-4", "--seed", "1", "--train-length", "9", "--save-every", "2", "--resume", "none"]
+        + ["--device", "cpu", "--model", "weaktr_shapes_clip", "--lambda-b", "1", "--lambda-p", "2", "--lambda-r", "3"]
+    )
+    assert _run_options(args) == recipes.RunOptions(
+        steps=7,
+        batch_size=3,
+        lr=1e-4,
+        seed=1,
+        train_length=9,
+        save_every=2,
+        resume=None,
+        device="cpu",
+        model_name="weaktr_shapes_clip",
+        lambda_b=1.0,
+        lambda_p=2.0,
+        lambda_r=3.0,
+    )
 
 
 @pytest.mark.slow

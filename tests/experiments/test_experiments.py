@@ -10,6 +10,7 @@ from fastseg.experiments.core import (
     Claim,
     Experiment,
     Variant,
+    forget_runs,
     judge_claim,
     load_record,
     run_experiment,
@@ -85,6 +86,39 @@ def test_run_resume_and_refused_budget_change(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         run_experiment(changed, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
     assert load_record(tmp_path / "tiny.json") == saved  # the refused run wrote nothing
+
+
+def test_forget_drops_stale_runs_which_then_run_again(tmp_path):
+    calls = []
+
+    def fake_job(experiment, variant, seed, job_dir):
+        calls.append((variant.name, seed))
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "last.safetensors").write_text(f"{variant.name}{seed}")
+        return {"mIoU": 0.5 + 0.1 * (variant.name == "b") + 0.01 * seed}
+
+    kw = dict(results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
+    run_experiment(TINY, fake_job, **kw)
+    with pytest.raises(ValueError, match="reason"):
+        forget_runs(TINY, ["b"], " ", **kw)
+    with pytest.raises(ValueError, match="no run of"):
+        forget_runs(TINY, ["b"], "fix", seeds=[7], **kw)
+    dropped = forget_runs(TINY, ["b"], "head fix in abc123", seeds=[1], **kw)
+    assert [(r["variant"], r["seed"]) for r in dropped] == [("b", 1)]
+    saved = load_record(tmp_path / "tiny.json")
+    assert not saved["complete"] and saved["claims"][0]["verdict"] == "incomplete"
+    assert saved["dropped_runs"][0]["reason"] == "head fix in abc123"
+    assert saved["dropped_runs"][0]["runs"] == [{"variant": "b", "seed": 1, "mIoU": pytest.approx(0.61)}]
+    assert not (tmp_path / "runs" / "tiny" / "b-seed1").exists()  # moved away: the rerun cannot resume from it
+    assert list((tmp_path / "runs" / "tiny" / "_stale").glob("*/b-seed1/last.safetensors"))
+    run_experiment(TINY, fake_job, **kw)
+    assert calls[-1] == ("b", 1) and len(calls) == 5
+    assert load_record(tmp_path / "tiny.json")["complete"]
+    # An interrupted job (a folder, no finished run) of stale code is moved away too.
+    (tmp_path / "runs" / "tiny" / "a-seed2").mkdir()
+    assert forget_runs(TINY, ["a"], "fix", seeds=[2], **kw) == []
+    assert not (tmp_path / "runs" / "tiny" / "a-seed2").exists()
+    assert len(load_record(tmp_path / "tiny.json")["dropped_runs"]) == 1  # nothing finished was dropped
 
 
 def test_supervised_recipe_trains_and_records_a_curve(tmp_path):

@@ -57,9 +57,10 @@ def test_backward_matches_reference(batch, num_maps, k, p, need_attn_grad):
     for impl in ("torch", "triton", "auto"):
         a = attn.clone().requires_grad_(need_attn_grad)
         w = weights.clone().requires_grad_()
-        cross, patch = attention_fusion(a, w, k, impl=impl)
-        loss = (cross * grads[0]).sum() + (patch * grads[1]).sum()
-        results.append(torch.autograd.grad(loss, [w, a] if need_attn_grad else [w]))
+        with run_triton_on_cpu(impl == "triton"):  # the backward runs on this thread: it sees the switch
+            cross, patch = attention_fusion(a, w, k, impl=impl)
+            loss = (cross * grads[0]).sum() + (patch * grads[1]).sum()
+            results.append(torch.autograd.grad(loss, [w, a] if need_attn_grad else [w]))
     for got in results[1:]:
         for g, r in zip(got, results[0]):
             torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from fastseg.kernels import cam_masked_pairs, cam_masked_pairs_ref
 from fastseg.kernels._utils import interpreter_enabled, run_triton_on_cpu
 
+from .conftest import assert_nonzero
+
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
 
 
@@ -94,14 +96,41 @@ def test_backward_matches_reference(case, need_image_grad):
     for impl in ("torch", "triton", "auto"):
         x = images.clone().requires_grad_(need_image_grad)
         c = cams.clone().requires_grad_()
-        fg, bg = cam_masked_pairs(x, c, pi, pc, 0.1, impl=impl)
-        if grads is None:
-            grads = torch.randn_like(fg), torch.randn_like(bg)
-        loss = (fg * grads[0]).sum() + (bg * grads[1]).sum()
-        results.append(torch.autograd.grad(loss, [c, x] if need_image_grad else [c]))
+        with run_triton_on_cpu(impl == "triton"):  # the backward runs on this thread: it sees the switch
+            fg, bg = cam_masked_pairs(x, c, pi, pc, 0.1, impl=impl)
+            if grads is None:
+                grads = torch.randn_like(fg), torch.randn_like(bg)
+            loss = (fg * grads[0]).sum() + (bg * grads[1]).sum()
+            results.append(torch.autograd.grad(loss, [c, x] if need_image_grad else [c]))
+    assert_nonzero(results[1][0], "d cams")
     for got in results[1:]:
         for g, r in zip(got, results[0]):
             torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("delta", [0.1, 1e-4])
+def test_fused_backward_splits_ties_like_the_reference(delta):
+    """The fused mask Jacobian at ties: a zero plateau at the minimum (ReLU CAMs), a plateau at the maximum, a
+    constant CAM (minimum = maximum); each gives the reference's d cams. Which pixels tie is decided by the rounding
+    of each implementation's own interpolation, so the sizes make every interpolation weight a multiple of 1/4 and
+    the plateau values dyadic: the upsampled maps are then exact in both, and so are their ties."""
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 17, 21)  # (17 - 1) / (5 - 1) and (21 - 1) / (6 - 1) output pixels per CAM cell
+    cams = torch.rand(2, 4, 5, 6)
+    cams[0, 0, :3, :3] = 0.0  # many output pixels at the minimum
+    cams[0, 1, 1:3, 2:5] = 2.0  # a plateau at the maximum
+    cams[1, 2] = 0.5  # constant
+    pi, pc = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3])
+    grads = torch.randn(4, 3, 17, 21), torch.randn(4, 3, 17, 21)
+    results = []
+    for triton_on in (False, True):
+        c = cams.clone().requires_grad_()
+        with run_triton_on_cpu(triton_on):
+            fg, bg = cam_masked_pairs(images, c, pi, pc, delta, impl="triton" if triton_on else "torch")
+            results.append(torch.autograd.grad((fg * grads[0]).sum() + (bg * grads[1]).sum(), c)[0])
+    assert_nonzero(results[1][0, 0], "d cams of the pair with a minimum plateau")
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("delta", [0.1, 1e-4])

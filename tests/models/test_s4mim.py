@@ -122,8 +122,15 @@ def _threshold_in_a_gap(conf: torch.Tensor, min_gap: float = 1e-5) -> float:
     return float((values[i] + values[i + 1]) / 2)
 
 
-def test_unimatch_loss_equals_a_plain_recomputation():
-    model = fastseg.create_model("unimatch_resnet18", num_classes=K, **SMALL).eval()  # eval: no dropout
+# UniMatch's strong views, and the colour-preserving one that `strong_aug` can select instead (issue 18).
+GENTLE_AUG = {"jitter": [0.5, 0.5, 0.0, 0.0], "p_gray": 0.0, "blur_sigma": [0.1, 0.4]}
+
+
+@pytest.mark.parametrize("strong_aug", [None, GENTLE_AUG])
+def test_unimatch_loss_equals_a_plain_recomputation(strong_aug):
+    model = fastseg.create_model(
+        "unimatch_resnet18", num_classes=K, strong_aug=strong_aug, **SMALL
+    ).eval()  # eval: no dropout
     batch = _semi_batch(b_l=2, b_u=2)
     u, u_mix, size = batch["image_u"], batch["image_u_mix"], (32, 32)
 
@@ -139,7 +146,8 @@ def test_unimatch_loss_equals_a_plain_recomputation():
 
     g = batch_generator(batch, torch.device("cpu"))
     cfg = model.pretrained_cfg
-    strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, g) for _ in range(2)]
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in (strong_aug or {}).items()}
+    strong = [strong_augment(torch.cat([u, u_mix]), cfg.mean, cfg.std, g, **options) for _ in range(2)]
     boxes = [cutmix_boxes(2, 32, 32, g, torch.device("cpu"), p=0.5) for _ in range(2)]
     with torch.no_grad():
         sup = F.cross_entropy(full(batch["image"]), batch["mask"], ignore_index=255)
@@ -161,6 +169,24 @@ def test_unimatch_loss_equals_a_plain_recomputation():
     torch.testing.assert_close(out["fp"], fp, rtol=1e-4, atol=1e-5)
     # The threshold matters: keeping every pixel gives a different fp term.
     assert not torch.allclose(fp, ce_fp.mean(), rtol=1e-3)
+
+
+def test_decoder_has_no_dropout_by_default_as_upstream():
+    """UniMatch's ASPP projection is conv-BN-ReLU: in train mode the weak view (the pseudo-labels' source) must be a
+    deterministic pass; the former ASPP Dropout(0.5) (issue 18) stays available as ``aspp_dropout``."""
+    x = torch.randn(2, 3, 32, 32, generator=_gen(7))
+    torch.manual_seed(SEED)
+    model = fastseg.create_model("unimatch_resnet18", num_classes=K, **SMALL).train()
+    with torch.no_grad():
+        torch.testing.assert_close(model.run(x)[0], model.run(x)[0])
+    torch.manual_seed(SEED)
+    noisy = fastseg.create_model("unimatch_resnet18", num_classes=K, aspp_dropout=0.5, **SMALL).train()
+    assert noisy.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        assert not torch.allclose(noisy.run(x)[0], noisy.run(x)[0])
+    noisy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(noisy.run(x)[0], noisy.run(x)[0])
 
 
 def test_loss_is_a_function_of_the_batch_seed():
@@ -586,6 +612,12 @@ def test_engine_trains_on_pairs():
         ({"mask_ownership": "patch"}, "mask_ownership"),
         ({"mim_budget": 0.0}, "mim_budget"),
         ({"mask_signal": "noise"}, "mask_signal"),
+        ({"aspp_dropout": 1.0}, "dropout"),
+        ({"strong_aug": {"hue": 0.1}}, "unknown strong augmentation"),
+        ({"strong_aug": {"p_gray": 1.5}}, "p_gray"),
+        ({"strong_aug": {"jitter": (0.5, 0.5, 0.5)}}, "jitter"),
+        ({"strong_aug": {"blur_sigma": (2.0, 0.1)}}, "blur_sigma"),
+        ({"strong_aug": {"blur_radius": 0}}, "blur_radius"),
     ],
 )
 def test_bad_options_are_clear_errors(kwargs, match):

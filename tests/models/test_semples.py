@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastseg
 from fastseg.checkpoint import save_weights
@@ -242,6 +243,16 @@ def test_multiscale_cams_positive_classes_only():
     pred = recipes.cams_to_labels(cams, 0.43)
     present = [set([0] + (labels[i].nonzero().flatten() + 1).tolist()) for i in range(3)]
     assert all(set(pred[i].unique().tolist()) <= present[i] for i in range(3))
+    # the diagnostic CAM sources: WeakTr's intermediate maps through the same inference
+    for source in ("cross", "fused"):
+        other = recipes.multiscale_cams(model, images, labels, scales=(1.0,), flip=False, cam=source)
+        expected = F.interpolate(model.forward_cams(images)[source], size=(32, 32), mode="bilinear")
+        expected = expected * labels[..., None, None]
+        low, high = expected.flatten(2).amin(-1), expected.flatten(2).amax(-1)
+        expected = (expected - low[..., None, None]) / (high - low + 1e-8)[..., None, None] * labels[..., None, None]
+        torch.testing.assert_close(other, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cam must be one of"):
+        recipes.multiscale_cams(model, images, labels, cam="patch_attn")
 
 
 def test_threshold_sweep_stops_at_first_drop(monkeypatch):

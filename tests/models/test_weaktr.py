@@ -3,6 +3,8 @@ phase-1 loss formula, the two gradient paths, DeiT checkpoint loading and its ar
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -48,10 +50,39 @@ def test_aaf_and_fine_cam_recomputed():
     coarse = model.head(x[:, k:].transpose(1, 2).reshape(2, 48, 4, 5))
     fused = cross.reshape(2, k, 4, 5) * F.relu(coarse)
     fine = torch.einsum("bpq,bkq->bkp", patch, fused.flatten(2)).reshape(2, k, 4, 5)
+    torch.testing.assert_close(out["cross"], cross.reshape(2, k, 4, 5), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["patch_attn"], patch, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["fine"], fine, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["cls_logits"], x[:, :k].mean(-1), atol=1e-6, rtol=1e-5)
     assert p == 20
+
+
+def test_aaf_weights_follow_the_authors_formula():
+    """WeakTr / SemPLeS (`vision_transformer.Block` returns ``o = proj(attn @ v)``; `AAF.forward_weight`): the per-map
+    features are each block's attention output *after* the projection, split into heads the interleaved way
+    (channel c -> head c % H), max-pooled over the tokens, then ``Linear -> Linear`` (no activation between) to one
+    scalar per map, then the map FFN with its sigmoid."""
+    model = small().eval()
+    with torch.no_grad():  # a non-zero first bias makes a hidden ReLU visible
+        model.aaf.feat_ffn[0].bias.copy_(torch.linspace(-0.5, 0.5, model.aaf.feat_ffn[0].bias.numel()))
+    images = torch.randn(2, 3, 32, 32)
+    k, heads, dim = 8, 2, 48
+    x = torch.cat([model.cls_tokens.expand(2, -1, -1), model.patch_embed(images)], 1) + model._pos_embed(4, 4)
+    scalars = []
+    for blk in model.blocks:
+        attn_mod = blk.attn
+        qkv = attn_mod.qkv(blk.norm1(x)).reshape(2, k + 16, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        q, kk, v = qkv.unbind(0)
+        a = ((q * attn_mod.scale) @ kk.transpose(-2, -1)).softmax(-1)
+        o = attn_mod.proj((a @ v).transpose(1, 2).reshape(2, k + 16, dim))  # upstream Block's third output
+        for h in range(heads):
+            pooled = o[:, :, h::heads].amax(1)  # (B, head_dim): channels of head h, max over the tokens
+            lin1, lin2 = (m for m in model.aaf.feat_ffn if isinstance(m, torch.nn.Linear))
+            scalars.append(lin2(lin1(pooled)).squeeze(-1))
+        x = x + o
+        x = x + blk.mlp(blk.norm2(x))
+    expected = model.aaf.map_ffn(torch.stack(scalars, 1))  # layer-major map order, as the model's
+    torch.testing.assert_close(model.forward_cams(images)["aaf_weights"], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_phase1_loss_is_the_sum_of_three_soft_margin_losses():
@@ -80,6 +111,22 @@ def test_gradient_paths():
     model.forward_cams(images)["fine"].sum().backward()
     assert all(p.grad is None for p in model.backbone_parameters())
     assert float(model.head.weight.grad.abs().sum()) > 0  # SemPLeS: the fused CAM keeps the head's gradient
+
+
+def test_fine_cam_loss_trains_aaf_only_and_is_bounded_by_its_negatives():
+    """Why the phase-1 fine-CAM loss sits near ln 2 (as upstream's does): its logits are GAPs of non-negative maps
+    (attention x ReLU(coarse)), so every absent class costs at least ln 2, and its only trainable path is the AAF
+    weights (maps and head features detached, coarse CAM detached in phase 1): it is not a dead branch."""
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0] + [0] * 7, [0, 1.0, 1.0] + [0] * 5])
+    model = small()
+    out = model.forward_cams(images)
+    assert float(out["fine"].detach().min()) >= 0
+    fine_loss = F.multilabel_soft_margin_loss(out["fine_logits"], labels)
+    negatives = float((1 - labels).sum(1).mean() / labels.shape[1])
+    assert float(fine_loss.detach()) >= negatives * math.log(2) - 1e-6
+    fine_loss.backward()
+    assert all(float(p.grad.abs().sum()) > 0 for p in model.aaf.parameters())
+    assert model.head.weight.grad is None and all(p.grad is None for p in model.backbone_parameters())
 
 
 def test_deit_checkpoint_loading_and_architecture_check(tmp_path):

@@ -16,9 +16,9 @@ Hyper-parameters follow spec D.5 where they transfer: AdamW (eps 1e-8, weight de
 the linear lr scaling ``lr = base_lr * batch / 512`` with base 5.12e-4 for (a) / (c) and 0.1 for (b), lambda_b 2.4,
 lambda_p 0.02, lambda_r 0.05, prompt length 30, seed 504. Differences (stated in every run's ``run.json``): the
 fastseg trainer's poly schedule instead of timm's cosine, step budgets instead of 60 epochs, no AMP on the CPU, a
-batch-level augmentation (random resized crop, flip, colour jitter, erasing for (a) / (c); crop + flip for (b))
-instead of timm's RandAugment pipeline, and no per-epoch checkpoint selection on ground truth (the last weights are
-kept; the GT-selected *threshold* is reported beside the fixed one).
+batch-level augmentation (random resized crop of area `CROP_SCALE`, flip, colour jitter, erasing for (a) / (c); crop +
+flip for (b)) instead of timm's RandAugment pipeline, and no per-epoch checkpoint selection on ground truth (the last
+weights are kept; the GT-selected *threshold* is reported beside the fixed one).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ from ..trainer import TrainConfig, TrainResult, train
 
 __all__ = [
     "BASE_LR",
+    "CAM_SOURCES",
+    "RunOptions",
     "augment_batch",
     "build_run",
     "cams_to_labels",
@@ -67,19 +70,28 @@ __all__ = [
     "write_pseudo_masks",
 ]
 
-BASE_LR = {"weaktr": 5.12e-4, "a": 5.12e-4, "b": 0.1, "c": 5.12e-4}  # spec D.5, scaled by batch / 512
+# Base learning rates, scaled by batch / 512 (timm's linear rule, as upstream): runs (a), (b), (c) from spec D.5 (VOC);
+# WeakTr phase 1 from WeakTr's docs/Training.md (VOC, ``--lr 6e-4``).
+BASE_LR = {"weaktr": 6e-4, "a": 5.12e-4, "b": 0.1, "c": 5.12e-4}
 SEED = 504
 SWEEP_START, SWEEP_STEP = 0.40, 0.01
+CAM_SOURCES = ("fine", "coarse", "fused", "cross")  # the maps `multiscale_cams` can read from `forward_cams`
+# Area range of the random-resized crop. Our adaptation: upstream uses timm's ImageNet crop on VOC images, whose objects
+# are large; on the 64 x 64 shapes world (shapes cover 7.7 % of the pixels) an area floor of 0.5 cuts every labelled
+# shape out of the crop in 6.5 % of the (image, class) pairs, which then train on a label the image no longer shows.
+# The floor 0.8 leaves 1.3 % (``tests/engine/test_semples_recipes.py`` holds it under 3 %).
+CROP_SCALE = (0.8, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Augmentation (the global torch RNG, which the trainer seeds and restores on resume)
 # ----------------------------------------------------------------------------------------------------------------
 def augment_batch(
-    images: torch.Tensor, colour: bool, crop_scale: tuple[float, float] = (0.5, 1.0), erase_prob: float = 0.25
+    images: torch.Tensor, colour: bool, crop_scale: tuple[float, float] = CROP_SCALE, erase_prob: float = 0.25
 ) -> torch.Tensor:
     """Per image: random resized crop (area ``crop_scale``, aspect 3/4..4/3) back to the input size and a
-    horizontal flip; with ``colour`` also brightness / contrast / saturation jitter 0.4 and random erasing."""
+    horizontal flip; with ``colour`` also brightness / contrast / saturation jitter 0.4 and random erasing. The
+    default area range is `CROP_SCALE` (milder than upstream's, so that the image-level labels stay true)."""
     batch, _, height, width = images.shape
     out = []
     mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
@@ -187,6 +199,7 @@ def train_weaktr(
             "lr": lr,
             "seed": seed,
             "train_length": train_length,
+            "crop_scale": list(CROP_SCALE),
         },
     )
 
@@ -227,6 +240,7 @@ def train_plain_cam(
             "lr": lr,
             "seed": seed,
             "train_length": train_length,
+            "crop_scale": list(CROP_SCALE),
         },
     )
 
@@ -277,20 +291,49 @@ def build_run(
     return SemPLeSRun(cam_model, clip, names, impl=impl, **lambdas)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What runs (a), (b) and (c) share: the training budget, where it runs, the CAM model and the loss weights.
+
+    ``lr=None`` means the spec's base lr of the run x ``batch_size`` / 512 (`BASE_LR`). ``resume``: ``"auto"`` (the
+    run folder's last checkpoint), a file, or ``None``. ``class_names``: the prompts' classes (default: the CAM
+    model's foreground classes). ``stop_at_step`` ends the run early, as a crash would (tests). ``lambda_*`` and
+    ``prompt_length`` go to `SemPLeSRun` (spec D.4 / D.5 VOC values)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float | None = None
+    seed: int = SEED
+    train_length: int = 4096
+    resume: str | None = "auto"
+    save_every: int = 50
+    device: str = "auto"
+    model_name: str = "weaktr_shapes_tiny"
+    class_names: Sequence[str] | None = None
+    impl: str = "auto"
+    stop_at_step: int | None = None
+    lambda_b: float = 2.4
+    lambda_p: float = 0.02
+    lambda_r: float = 0.05
+    prompt_length: int = 30
+
+    def build_run(self, cam_checkpoint: str | os.PathLike, clip: FrozenCLIP) -> SemPLeSRun:
+        """`build_run` with these options' CAM model, class names and loss weights."""
+        return build_run(
+            cam_checkpoint,
+            clip,
+            self.model_name,
+            self.class_names,
+            self.impl,
+            lambda_b=self.lambda_b,
+            lambda_p=self.lambda_p,
+            lambda_r=self.lambda_r,
+            prompt_length=self.prompt_length,
+        )
+
+
 def _stage(
-    stage: str,
-    run: SemPLeSRun,
-    out_dir: str | os.PathLike,
-    steps: int,
-    batch_size: int,
-    lr: float | None,
-    seed: int,
-    train_length: int,
-    resume: str | None,
-    save_every: int,
-    device: str,
-    stop_at_step: int | None,
-    extra: dict[str, Any],
+    stage: str, run: SemPLeSRun, out_dir: str | os.PathLike, options: RunOptions, extra: dict[str, Any]
 ) -> TrainResult:
     """Freeze per stage, then the fastseg trainer with the stage's loss and parameter groups."""
     for p in run.parameters():
@@ -298,7 +341,7 @@ def _stage(
     trainable = list(run.prompt_learner.parameters()) if stage == "b" else run.cam_model.cam_parameters()
     for p in trainable:
         p.requires_grad_(True)
-    lr = _scaled_lr(stage, batch_size, lr)
+    lr = _scaled_lr(stage, options.batch_size, options.lr)
     loss_method = {"a": run.loss_a, "b": run.loss_b, "c": run.loss_c}[stage]
     colour = stage != "b"  # run (b): crop + flip only (spec D.5)
 
@@ -318,11 +361,12 @@ def _stage(
         out_dir,
         {
             "stage": stage,
-            "steps": steps,
-            "batch_size": batch_size,
+            "steps": options.steps,
+            "batch_size": options.batch_size,
             "lr": lr,
-            "seed": seed,
-            "train_length": train_length,
+            "seed": options.seed,
+            "train_length": options.train_length,
+            "crop_scale": list(CROP_SCALE),
             "clip": run.clip.config_name,
             "class_names": list(run.class_names),
             "lambda_b": run.lambda_b,
@@ -331,10 +375,18 @@ def _stage(
             **extra,
         },
     )
-    cfg = _train_config(out_dir, steps, batch_size, lr, seed, save_every, device)
-    train_set = WeakShapes("train", length=train_length, seed=0)
+    cfg = _train_config(
+        out_dir, options.steps, options.batch_size, lr, options.seed, options.save_every, options.device
+    )
+    train_set = WeakShapes("train", length=options.train_length, seed=0)
     return train(
-        run, train_set, cfg, resume=resume, loss_fn=loss_fn, param_groups=param_groups, stop_at_step=stop_at_step
+        run,
+        train_set,
+        cfg,
+        resume=options.resume,
+        loss_fn=loss_fn,
+        param_groups=param_groups,
+        stop_at_step=options.stop_at_step,
     )
 
 
@@ -342,74 +394,22 @@ def run_segment_label_matching(
     weaktr_checkpoint: str | os.PathLike,
     clip: FrozenCLIP,
     out_dir: str | os.PathLike,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float | None = None,
-    seed: int = SEED,
-    train_length: int = 4096,
-    resume: str | None = "auto",
-    save_every: int = 50,
-    device: str = "auto",
-    model_name: str = "weaktr_shapes_tiny",
-    class_names: Sequence[str] | None = None,
-    impl: str = "auto",
-    stop_at_step: int | None = None,
-    **lambdas: float,
+    options: RunOptions = RunOptions(),
 ) -> TrainResult:
     """Run (a): CAM head + AAF trained with L_a from the WeakTr weights."""
-    run = build_run(weaktr_checkpoint, clip, model_name, class_names, impl, **lambdas)
-    return _stage(
-        "a",
-        run,
-        out_dir,
-        steps,
-        batch_size,
-        lr,
-        seed,
-        train_length,
-        resume,
-        save_every,
-        device,
-        stop_at_step,
-        {"init": str(weaktr_checkpoint)},
-    )
+    run = options.build_run(weaktr_checkpoint, clip)
+    return _stage("a", run, out_dir, options, {"init": str(weaktr_checkpoint)})
 
 
 def run_prompt_learning(
     stage_a_checkpoint: str | os.PathLike,
     clip: FrozenCLIP,
     out_dir: str | os.PathLike,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float | None = None,
-    seed: int = SEED,
-    train_length: int = 4096,
-    resume: str | None = "auto",
-    save_every: int = 50,
-    device: str = "auto",
-    model_name: str = "weaktr_shapes_tiny",
-    class_names: Sequence[str] | None = None,
-    impl: str = "auto",
-    stop_at_step: int | None = None,
-    **lambdas: float,
+    options: RunOptions = RunOptions(),
 ) -> TrainResult:
     """Run (b): the background prompts trained with L_b; the CAM model of run (a) frozen."""
-    run = build_run(stage_a_checkpoint, clip, model_name, class_names, impl, **lambdas)
-    return _stage(
-        "b",
-        run,
-        out_dir,
-        steps,
-        batch_size,
-        lr,
-        seed,
-        train_length,
-        resume,
-        save_every,
-        device,
-        stop_at_step,
-        {"init": str(stage_a_checkpoint)},
-    )
+    run = options.build_run(stage_a_checkpoint, clip)
+    return _stage("b", run, out_dir, options, {"init": str(stage_a_checkpoint)})
 
 
 def load_prompts(run: SemPLeSRun, path: str | os.PathLike) -> None:
@@ -440,38 +440,12 @@ def run_prompt_refinement(
     prompts_checkpoint: str | os.PathLike,
     clip: FrozenCLIP,
     out_dir: str | os.PathLike,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float | None = None,
-    seed: int = SEED,
-    train_length: int = 4096,
-    resume: str | None = "auto",
-    save_every: int = 50,
-    device: str = "auto",
-    model_name: str = "weaktr_shapes_tiny",
-    class_names: Sequence[str] | None = None,
-    impl: str = "auto",
-    stop_at_step: int | None = None,
-    **lambdas: float,
+    options: RunOptions = RunOptions(),
 ) -> TrainResult:
     """Run (c): restart from the WeakTr weights (not run (a)); prompts of run (b) frozen; L_c."""
-    run = build_run(weaktr_checkpoint, clip, model_name, class_names, impl, **lambdas)
+    run = options.build_run(weaktr_checkpoint, clip)
     load_prompts(run, prompts_checkpoint)
-    return _stage(
-        "c",
-        run,
-        out_dir,
-        steps,
-        batch_size,
-        lr,
-        seed,
-        train_length,
-        resume,
-        save_every,
-        device,
-        stop_at_step,
-        {"init": str(weaktr_checkpoint), "prompts": str(prompts_checkpoint)},
-    )
+    return _stage("c", run, out_dir, options, {"init": str(weaktr_checkpoint), "prompts": str(prompts_checkpoint)})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,9 +462,11 @@ def multiscale_cams(
 ) -> torch.Tensor:
     """``(B, K, H, W)`` CAMs in [0, 1]: fine CAMs at every scale (+ flip), upsampled to the image, summed, kept for
     the positive classes only, and min-max normalised per (image, class) (spec D.6; WeakTr's 1e-8 denominator).
-    ``cam="coarse"`` uses the CAM head's map instead (the plain GAP-classifier CAM baseline)."""
-    if cam not in ("fine", "coarse"):
-        raise ValueError(f"cam must be 'fine' or 'coarse', got {cam!r}")
+    ``cam="coarse"`` uses the CAM head's map instead (the plain GAP-classifier CAM baseline); ``"cross"`` (the class
+    tokens' attention to the patches) and ``"fused"`` (cross x ReLU(coarse), before the patch-affinity propagation)
+    are WeakTr's intermediate maps, for diagnosis."""
+    if cam not in CAM_SOURCES:
+        raise ValueError(f"cam must be one of {CAM_SOURCES}, got {cam!r}")
     model.eval()
     batch, _, height, width = images.shape
     p = model.patch_size
@@ -550,8 +526,8 @@ def _resolve_crf(crf: str) -> bool:
     if crf_available():
         return True
     message = (
-        "dense CRF skipped: no CRF package is importable (`pip install pydensecrf` provides "
-        "pydensecrf.densecrf); pseudo masks are the thresholded CAMs"
+        "dense CRF skipped: no CRF package is importable (`pip install 'fastseg[crf]'` builds pydensecrf2, "
+        "which provides pydensecrf.densecrf); pseudo masks are the thresholded CAMs"
     )
     if crf == "on":
         raise ValueError(message.replace("skipped", "requested but unavailable"))
