@@ -142,6 +142,42 @@ def render_curve(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_curve_mean(arg: str, root: Path) -> str:
+    """``NAME [BETTER WORSE]``: the validation curve of every variant of experiment NAME, mean over its seeds at each
+    evaluation (runs reused from other experiments included); with two variant names, also BETTER's lead over WORSE
+    at each step, which shows whether a gap at the end of the budget was there early or was still closing."""
+    name, *pair = arg.split()
+    if len(pair) not in (0, 2):
+        raise ValueError(f"curve-mean takes NAME [BETTER WORSE], got {arg!r}")
+    record = _experiment_record(name, root)
+    runs = list(record.get("reused_runs", [])) + list(record["runs"])
+    variants = [v for v in record["config"]["variants"] if any(r["variant"] == v["name"] for r in runs)]
+    unknown = [p for p in pair if p not in {v["name"] for v in record["config"]["variants"]}]
+    if unknown:
+        raise ValueError(f"curve-mean {arg!r}: {name} has no variant {unknown}")
+    curves: dict[str, dict[int, list[float]]] = {}
+    for r in runs:
+        for step, value in r.get("curve_mIoU", []):
+            curves.setdefault(r["variant"], {}).setdefault(int(step), []).append(value)
+    seeds = {v["name"]: sorted({r["seed"] for r in runs if r["variant"] == v["name"]}) for v in variants}
+    heads = [f"{v.get('label') or v['name']} (seeds {seeds[v['name']]})" for v in variants]
+    heads += [f"`{pair[0]}` − `{pair[1]}`"] if pair else []
+    lines = ["| step | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+
+    def mean(variant: str, step: int) -> float | None:
+        values = curves.get(variant, {}).get(step)
+        return statistics.fmean(values) if values else None
+
+    for step in sorted({step for c in curves.values() for step in c}):
+        cells = [_pct(mean(v["name"], step), 1) for v in variants]
+        if pair:
+            a, b = mean(pair[0], step), mean(pair[1], step)
+            cells.append("–" if a is None or b is None else f"{100 * (a - b):+.1f}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", "Validation mIoU % at each evaluation, mean over the seeds named in each column."]
+    return "\n".join(lines) + "\n"
+
+
 def render_trivial(name: str, root: Path) -> str:
     """Trivial predictors' mIoU on the validation split (what a trained model must beat)."""
     record = _load(root / RESULTS / "experiments" / f"{name}.json")
@@ -536,6 +572,7 @@ def render_vq_faiss(name: str, root: Path) -> str:
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "experiment": render_experiment,
     "curve": render_curve,
+    "curve-mean": render_curve_mean,
     "trivial": render_trivial,
     "gss": render_gss,
     "gss-stages": render_gss_stages,

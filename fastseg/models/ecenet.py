@@ -477,6 +477,8 @@ class ECENet(SegmentationModel):
             raise ValueError(f"mask_dice_classes must be 'all' or 'present', got {mask_dice_classes!r}")
         if impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.backbone = create_backbone(backbone, checkpoint=backbone_checkpoint)
         if len(self.backbone.channels) != 4:
             raise ValueError(f"ECENet needs a 4-level backbone, {backbone!r} has {len(self.backbone.channels)}")
@@ -500,7 +502,8 @@ class ECENet(SegmentationModel):
         self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1, bias=False) for c in in_channels)
         if class_embeddings:
             self.learner = nn.Sequential(
-                nn.Conv2d(channels, channels, 1, groups=4, bias=False), nn.Conv2d(channels, k, 1, bias=False)
+                nn.Conv2d(channels, channels, 1, groups=num_heads, bias=False),  # the port: groups=num_heads
+                nn.Conv2d(channels, k, 1, bias=False),
             )
             # index s < 3 re-embeds the mask of stage s (0 = 1/4); index 3 is the ECE embedding of M4
             self.token_emb = nn.ModuleList(PooledMaskEmbedding(k, channels, ratio, embedding_mode) for _ in range(4))

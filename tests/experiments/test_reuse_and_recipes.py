@@ -10,6 +10,7 @@ import torch
 
 from fastseg.checkpoint import load_state_dict
 from fastseg.experiments.core import (
+    RESULTS_DIR,
     Budget,
     Claim,
     Experiment,
@@ -93,6 +94,26 @@ def _root_with(results_dir: Path) -> Path:
     return root
 
 
+def test_mean_curve_block_averages_seeds_includes_reused_runs_and_the_lead(tmp_path):
+    def job(experiment, variant, seed, job_dir):
+        final = {"base": 0.5, "other": 0.4, "new": 0.55}[variant.name] + 0.01 * seed
+        return {"mIoU": final, "curve_mIoU": [[1, final - 0.1], [2, final]]}
+
+    _run(SOURCE, job, tmp_path)
+    _run(REUSER, job, tmp_path)
+    root = _root_with(tmp_path)
+    text = render_text("<!-- render: curve-mean reuser new base -->\n<!-- /render -->\n", root)
+    lines = text.splitlines()
+    assert lines[1] == "| step | base (seeds [0, 1]) | new (seeds [0, 1]) | `new` − `base` |"
+    assert lines[3] == "| 1 | 40.5 | 45.5 | +5.0 |"  # base (runs of source): mean of 0.40 and 0.41
+    assert lines[4] == "| 2 | 50.5 | 55.5 | +5.0 |"
+    plain = render_text("<!-- render: curve-mean reuser -->\n<!-- /render -->\n", root)
+    assert plain.splitlines()[1] == "| step | base (seeds [0, 1]) | new (seeds [0, 1]) |"
+    for bad in ("reuser new", "reuser new nope"):
+        with pytest.raises(ValueError, match="curve-mean"):
+            render_text(f"<!-- render: curve-mean {bad} -->\n<!-- /render -->\n", root)
+
+
 def test_reuse_refuses_a_source_of_another_budget_or_declaration(tmp_path):
     _run(SOURCE, _fake_job([]), tmp_path)
     longer = dataclasses.replace(REUSER, budget=dataclasses.replace(BUDGET, steps=3))
@@ -116,10 +137,13 @@ def test_records_of_existing_declarations_keep_their_configuration():
             assert record["config"] == new_record(EXPERIMENTS[record["experiment"]])["config"], path.name
 
 
-def test_committed_records_hold_what_their_runs_derive():
+def test_committed_records_hold_what_their_runs_derive(monkeypatch):
     """Summaries and claims (and reused runs) in committed JSON equal what the runs derive today: a source
     experiment that moved on, or a changed claim, shows here until the record is refreshed."""
-    results = ROOT / "benchmarks/results/experiments"
+    # Derived as the harness does, from the repository root with its relative results folder, so that each reused
+    # run's ``from_file`` reads as recorded.
+    monkeypatch.chdir(ROOT)
+    results = RESULTS_DIR
     for path in sorted(results.glob("*.json")):
         record = json.loads(path.read_text())
         if record.get("format") != "fastseg.experiments/1" or record["experiment"] not in EXPERIMENTS:

@@ -328,6 +328,17 @@ def _final_embeddings(model: ECENet, x: torch.Tensor) -> torch.Tensor:
     return seen["emb"]
 
 
+def test_ece_learner_groups_follow_num_heads():
+    # The port builds the 1/32 learner's first conv with groups=num_heads (4 in the official config): with another
+    # head count its weight shape, and so the checkpoint, differs from a fixed 4 groups.
+    for heads in (2, 8):
+        model = _tiny(num_heads=heads)
+        assert model.learner[0].groups == heads
+        assert model.learner[0].weight.shape == (32, 32 // heads, 1, 1)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        _tiny(num_heads=3)
+
+
 def test_bilinear_instead_of_ghost_upsampling():
     model = _tiny(ghost_up=False).eval()
     assert not hasattr(model, "ghost_up_layers")
