@@ -67,7 +67,7 @@ def _command_line(record: dict[str, Any]) -> str:
     for drop in record.get("dropped_runs", []):  # `forget`: runs a code fix made stale, trained again
         metric = record["metric"]
         runs = ", ".join(f"{r['variant']} seed {r['seed']} ({_pct(r.get(metric))})" for r in drop["runs"])
-        line += f" Dropped as stale and run again ({drop['reason']}): {runs}."
+        line += f"{'' if line.endswith('.') else '.'} Dropped as stale and run again ({drop['reason']}): {runs}."
     return line
 
 
