@@ -34,8 +34,9 @@ both are valid subgradients, and the tests use exactly representable maps there.
 
 Limits: images fp32 / fp16 / bf16 / fp64 (fp64 and, under the interpreter, bf16 run in fp32; outputs keep the
 images' dtype), cams of any float dtype (interpolated in fp32), any strides; pair indices int64; int64 offsets.
-Interpolation weights are computed in fp32 like PyTorch's CPU kernel, so the masks agree to about 1e-6. This is a
-training op: no ONNX translation (``DECOMPOSITIONS`` is empty).
+Interpolation weights are computed in fp32 like PyTorch's CPU kernel, so the masks agree to about 1e-6. The
+backward's two matrix products follow ``torch.set_float32_matmul_precision`` (TF32 under "high": d cams to ~1e-3).
+This is a training op: no ONNX translation (``DECOMPOSITIONS`` is empty).
 """
 
 from __future__ import annotations
