@@ -1,6 +1,6 @@
 """``fastseg gss ...``: the GSS stage commands (wired into `fastseg.cli.main` by ``add_gss_commands(subparsers)``).
 
-* ``fastseg gss roundtrip MODEL [--checkpoint F | --tokenizer-checkpoint F]``: the tokenizer's upper bound,
+* ``fastseg gss roundtrip MODEL [--checkpoint F | --tokenizer-checkpoint F]``: the tokenizer's round trip,
   GT -> maskige -> tokens -> maskige -> classes, as mIoU on the shapes world (`roundtrip_miou`).
 * ``fastseg gss fit-tokenizer MODEL --on images|masks --out F``: stage 1 for the small VQ-VAE, then roundtrip.
   ``--on images`` (default; `fit_image_tokenizer`) is GSS's premise: a tokenizer fitted on RGB images only, never on
@@ -57,7 +57,7 @@ def _roundtrip(model, args: argparse.Namespace, world) -> dict:
         "tokenizer_trained_on": model.tokenizer_trained_on,
     }
     print(
-        f"round-trip upper bound ({args.split}, {res['images']} images, tokenizer fitted on "
+        f"round trip ({args.split}, {res['images']} images, tokenizer fitted on "
         f"{model.tokenizer_trained_on or 'nothing (random weights)'}): mIoU {out['mIoU']:.4f}  "
         f"(palette min pairwise distance {out['palette_min_distance']:.1f})"
     )
@@ -157,7 +157,7 @@ def add_gss_commands(subparsers) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", help="also write the result here")
 
-    p = sub.add_parser("roundtrip", help="tokenizer upper bound: GT -> maskige -> tokens -> maskige -> classes (mIoU)")
+    p = sub.add_parser("roundtrip", help="tokenizer round trip: GT -> maskige -> tokens -> maskige -> classes (mIoU)")
     common(p)
     p.add_argument("--checkpoint", help="full model weights (safetensors)")
     p.add_argument("--tokenizer-checkpoint", help="tokenizer weights only (safetensors)")

@@ -295,7 +295,7 @@ GSS_SHAPES = Experiment(
     extra_metrics=("tokenizer_roundtrip_mIoU",),
     reports=(
         Report(
-            "round trip of the image-only tokenizer (GT → maskige → tokens → maskige → classes; GSS-FF's upper bound)",
+            "round trip of the image-only tokenizer (GT → maskige → tokens → maskige → classes)",
             "gss_ff_images",
             "tokenizer_roundtrip_mIoU",
         ),

@@ -15,7 +15,7 @@ Stages (each a documented call; DESIGN.md's multi-stage contract):
    (`fastseg.engine.recipes.gss.fit_image_tokenizer`: GSS's premise, a tokenizer never trained on masks) or on
    maskiges with a class-aware palette term (`fastseg.engine.recipes.gss.train_maskige_vqvae`: ours, not the
    paper's); ``tokenizer_trained_on`` says which, when the weights file records it.
-   `fastseg.engine.recipes.gss.roundtrip_miou` measures the tokenizer's upper bound (GT -> maskige -> tokens ->
+   `fastseg.engine.recipes.gss.roundtrip_miou` measures the tokenizer's round trip (GT -> maskige -> tokens ->
    maskige -> classes).
 2. Latent prior (GSS-FF): ``model.loss(batch)`` with ``model.stage == "prior"``: 0.8 x token CE + 0.2 x auxiliary
    pixel CE, ignore pixels filled by the auxiliary prediction, tokens ignored only when their whole patch is ignore

@@ -1,4 +1,4 @@
-"""GSS stage 1 (Chen et al., CVPR 2023): fitting the small tokenizer, and the tokenizer's round-trip upper bound.
+"""GSS stage 1 (Chen et al., CVPR 2023): fitting the small tokenizer, and the tokenizer's round trip.
 
 GSS's premise is that an off-the-shelf **image** tokenizer, never trained on masks, can carry maskiges (the paper uses
 the frozen DALL-E dVAE). The DALL-E weights cannot be downloaded here, so fastseg fits the small `MaskigeVQVAE`
@@ -8,10 +8,10 @@ itself, in one of two clearly different ways:
   world's RGB images (reconstruction + VQ loss); it never sees a label, a maskige or the palette. It is then frozen
   and used for maskiges, as GSS uses DALL-E.
 * `train_maskige_vqvae` (``fastseg gss fit-tokenizer --on masks``): **ours, not the paper's.** Trained on maskiges of
-  the training masks with a class-aware palette term; an upper bound on what a mask-specialised tokenizer gives.
+  the training masks with a class-aware palette term: what a mask-specialised tokenizer gives.
 
-`roundtrip_miou` (``fastseg gss roundtrip``) measures either tokenizer's upper bound: GT -> maskige -> tokens ->
-maskige -> classes. These are training procedures over a `fastseg.models.gss` model's parts, so they live here
+`roundtrip_miou` (``fastseg gss roundtrip``) measures either tokenizer's round trip: GT -> maskige -> tokens ->
+maskige -> classes (what GSS-FF reaches if it predicts the encoder's tokens exactly). These are training procedures over a `fastseg.models.gss` model's parts, so they live here
 rather than in the model file. `TOKENIZER_TRAINED_ON` is the safetensors metadata key the CLI writes to say which
 fit produced a tokenizer file (read back by `GSSSegmenter.tokenizer_trained_on`).
 """
@@ -240,7 +240,7 @@ def roundtrip_miou(
     batch_size: int = 16,
     impl: str = "auto",
 ) -> dict[str, Any]:
-    """The tokenizer's upper bound (``fastseg gss roundtrip``): GT -> X -> tokens -> decoder -> X^-1 -> classes.
+    """The tokenizer's round trip (``fastseg gss roundtrip``): GT -> X -> tokens -> decoder -> X^-1 -> classes.
 
     GT is upsampled to the maskige resolution (`upsample_labels`), ignore pixels rendered in the ignore colour,
     the class map voted back to the input resolution, and mIoU taken against GT (ignore excluded).
