@@ -372,6 +372,11 @@ def pending_jobs(
     return [(v, s) for s in seed_list for v in chosen if (v.name, s) not in done]
 
 
+def job_folder(runs_dir: str | os.PathLike, experiment: Experiment, variant: str, seed: int) -> Path:
+    """Where one job of ``experiment`` keeps its checkpoints (``run`` resumes from it, ``forget`` moves it)."""
+    return Path(runs_dir) / experiment.name / f"{variant}-seed{seed}"
+
+
 def forget_runs(
     experiment: Experiment,
     variants: Sequence[str],
@@ -401,7 +406,7 @@ def forget_runs(
         job_dir
         for name in variants
         for seed in chosen_seeds
-        if (job_dir := Path(runs_dir) / experiment.name / f"{name}-seed{seed}").exists()
+        if (job_dir := job_folder(runs_dir, experiment, name, seed)).exists()
     ]
     if not finished and not folders:
         raise ValueError(f"{experiment.name} has no run of {list(variants)} (seeds {chosen_seeds}), finished or not")
@@ -470,7 +475,7 @@ def run_experiment(
         if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
             log(f"[{experiment.name}] stopping: --max-minutes {max_minutes} reached; rerun to continue")
             break
-        job_dir = Path(runs_dir) / experiment.name / f"{variant.name}-seed{seed}"
+        job_dir = job_folder(runs_dir, experiment, variant.name, seed)
         t0 = time.perf_counter()
         result = job(experiment, variant, seed, job_dir)
         result = {
