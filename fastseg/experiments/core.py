@@ -267,6 +267,8 @@ def derive(
         record["reused_runs"] = reused_runs(experiment, results_dir)
         runs += record["reused_runs"]
     record["summary"] = summarise(experiment, runs)
+    record.pop("summary_extra", None)  # a declaration that dropped its extra metrics or reports drops their figures
+    record.pop("reports", None)
     if experiment.extra_metrics:
         record["summary_extra"] = {
             metric: {
@@ -327,6 +329,41 @@ def variant_config(variant: Variant) -> dict[str, Any]:
     if config["from_experiment"] is None:
         del config["from_experiment"]
     return config
+
+
+def changed_config(record: dict[str, Any], fresh: dict[str, Any]) -> str | None:
+    """Why the runs in ``record`` cannot share a table with the declaration behind ``fresh``, or None: the budget,
+    the metric or the seeds differ, or a variant that has runs was removed or declared differently. New variants
+    are fine (they only add rows)."""
+    old, new = record["config"], fresh["config"]
+    if old["budget"] != new["budget"]:
+        return f"budget {old['budget']} -> {new['budget']}"
+    if old["seeds"] != new["seeds"]:
+        return f"seeds {old['seeds']} -> {new['seeds']}"
+    if record["metric"] != fresh["metric"]:
+        return f"metric {record['metric']} -> {fresh['metric']}"
+    declared = {v["name"]: v for v in new["variants"]}
+    recorded = {v["name"]: v for v in old["variants"]}
+    for name in sorted({run["variant"] for run in record.get("runs", [])}):
+        if name not in declared:
+            return f"variant {name!r} has runs but is no longer declared"
+        if recorded.get(name) != declared[name]:
+            return f"variant {name!r} is declared as {declared[name]}, its runs were made as {recorded.get(name)}"
+    return None
+
+
+def adopt_declaration(record: dict[str, Any], experiment: Experiment, path: str | os.PathLike) -> dict[str, Any]:
+    """``record`` (the JSON at ``path``) under the current declaration of ``experiment``: a new variant or a
+    reworded title leaves its runs comparable and is taken over; any change in `changed_config` is refused."""
+    fresh = new_record(experiment)
+    changed = changed_config(record, fresh)
+    if changed:
+        raise ValueError(
+            f"{path} holds runs of another configuration of {experiment.name!r} ({changed}); move it away, "
+            f"`forget` the variants whose runs no longer fit, or restore the declaration they were made with"
+        )
+    record.update({key: fresh[key] for key in ("title", "metric", "notes", "config")})
+    return record
 
 
 def new_record(experiment: Experiment) -> dict[str, Any]:
@@ -454,13 +491,7 @@ def run_experiment(
     """
     path = experiment.result_path(results_dir)
     record = load_record(path)
-    fresh = new_record(experiment)
-    if record and record["config"] != fresh["config"]:
-        raise ValueError(
-            f"{path} holds runs of another configuration of {experiment.name!r}; move it away or restore the "
-            f"declaration it was made with (recorded: {record['config']}, declared now: {fresh['config']})"
-        )
-    record = record or fresh
+    record = adopt_declaration(record, experiment, path) if record else new_record(experiment)
     if threads:
         torch.set_num_threads(threads)
     record["commands"].append(

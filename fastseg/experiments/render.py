@@ -214,6 +214,37 @@ def render_gss(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_gss_tokens(name: str, root: Path) -> str:
+    """`benchmarks/experiments/gss_token_diagnosis.py`: one GSS-FF model's round trips (ignore band in the ignore
+    colour, or filled) beside its prediction, and how its tokens differ from the encoder's."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    rows = [
+        ("round trip, ignore band in the ignore colour (as measured before)", "roundtrip_ignore_colour"),
+        ("round trip, ignore band filled from its neighbours (as GSS encodes; now)", "roundtrip"),
+        ("GSS-FF's prediction (its own tokens)", "prediction"),
+    ]
+    lines = [
+        "| decoding | val mIoU % | tokens equal to GSS-FF's % | pixel accuracy where they differ, encoder / GSS-FF % |",
+        "|---|---|---|---|",
+    ]
+    for label, key in rows:
+        entry = record[key]
+        if "token_agreement_with_head" in entry:
+            acc = entry["pixel_accuracy_where_tokens_differ"]
+            extra = (
+                f"{_pct(entry['token_agreement_with_head'], 1)} | {_pct(acc['encoder'], 1)} / {_pct(acc['head'], 1)}"
+            )
+        else:
+            extra = "– | –"
+        lines.append(f"| {label} | {_pct(entry['mIoU'])} | {extra} |")
+    lines += [
+        "",
+        f"`{record['variant']}` seed {record['seed']} of `{record['experiment']}`, {record['images']} validation images. "
+        f"Command: {_code(record['command'])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def render_gss_stages(name: str, root: Path) -> str:
     """Per-stage latency of one GSS-FF forward, reference ops vs fused ops (their CPU kernels), from the record of
     ``benchmarks/gss_stages.py``."""
@@ -576,6 +607,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "trivial": render_trivial,
     "gss": render_gss,
     "gss-stages": render_gss_stages,
+    "gss-tokens": render_gss_tokens,
     "mask2former": render_mask2former,
     "pading": render_pading,
     "pading-experiment": render_pading_experiment,

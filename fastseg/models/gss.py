@@ -78,6 +78,7 @@ __all__ = [
     "MaskigeVQVAE",
     "convert_dalle_pickle",
     "fill_ignore",
+    "fill_ignore_from_neighbours",
     "make_maskige_palette",
     "masks_to_maskige",
     "palette_inverse_ref",
@@ -187,6 +188,28 @@ def fill_ignore(labels: torch.Tensor, fill: torch.Tensor, ignore_index: int = 25
     if fill.shape != labels.shape:
         raise ValueError(f"fill_ignore: fill shape {tuple(fill.shape)} != labels shape {tuple(labels.shape)}")
     return torch.where(labels == ignore_index, fill.to(labels.dtype), labels)
+
+
+def fill_ignore_from_neighbours(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """Ignore pixels take the most common class among their labelled 3 x 3 neighbours, repeated until every ignore
+    pixel that touches a labelled region is filled (ties -> lowest class id; an all-ignore image stays ignore).
+
+    GSS never renders the ignore colour: training fills ignore pixels with the auxiliary head's prediction
+    (`fill_ignore`). Where no predictor exists (the tokenizer's round trip, the class-aware tokenizer fit) the
+    label map's own neighbours stand in for it, so the tokenizer is measured on the maskiges GSS actually encodes.
+    """
+    filled = labels.clone()
+    while True:
+        missing = filled == ignore_index
+        if not bool(missing.any()):
+            return filled
+        known = torch.where(missing, torch.full_like(filled, num_classes), filled).long()
+        votes = F.one_hot(known, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2).float()
+        votes = F.avg_pool2d(votes, 3, 1, 1)
+        reachable = missing & (votes.amax(1) > 0)
+        if not bool(reachable.any()):
+            return filled
+        filled = torch.where(reachable, votes.argmax(1).to(filled.dtype), filled)
 
 
 def token_ignore_mask(labels: torch.Tensor, patch: int, ignore_index: int = 255) -> torch.Tensor:

@@ -86,6 +86,16 @@ def test_run_resume_and_refused_budget_change(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         run_experiment(changed, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
     assert load_record(tmp_path / "tiny.json") == saved  # the refused run wrote nothing
+    reworded = dataclasses.replace(
+        TINY, variants=(Variant("a", "fpn_resnet18", model_kwargs={"x": 1}), TINY.variants[1])
+    )
+    with pytest.raises(ValueError, match="variant 'a' is declared as"):
+        run_experiment(reworded, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
+    # A new variant only adds rows: the recorded runs stay and only its jobs run.
+    grown = dataclasses.replace(TINY, variants=(*TINY.variants, Variant("c", "fpn_resnet18")))
+    record = run_experiment(grown, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
+    assert calls[4:] == [("c", 0), ("c", 1)] and record["complete"]
+    assert [v["name"] for v in record["config"]["variants"]] == ["a", "b", "c"]
 
 
 def test_forget_drops_stale_runs_which_then_run_again(tmp_path):

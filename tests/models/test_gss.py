@@ -15,6 +15,7 @@ from fastseg.models.gss import (
     TOKENIZER_TRAINED_ON,
     GSSSegmenter,
     fill_ignore,
+    fill_ignore_from_neighbours,
     make_maskige_palette,
     masks_to_maskige,
     palette_inverse_ref,
@@ -91,6 +92,14 @@ def test_upsample_labels_and_ignore_rules_hand_checked():
     assert torch.equal(fill_ignore(masks, fill), torch.tensor([[[0, 1], [7, 2]]]))
     with pytest.raises(ValueError, match="fill shape"):
         fill_ignore(masks, fill[:, :1])
+    # Without a predictor, ignore pixels take their labelled neighbours' majority, spreading inwards step by step.
+    assert torch.equal(fill_ignore_from_neighbours(torch.tensor([[[0, 255, 1]]]), 3), torch.tensor([[[0, 0, 1]]]))
+    line = torch.tensor([[[2, 255, 255, 255]]])
+    assert torch.equal(fill_ignore_from_neighbours(line, 3), torch.full_like(line, 2))
+    block = torch.tensor([[[1, 1, 0], [1, 255, 0], [1, 1, 0]]])  # five 1s, three 0s around the centre
+    assert int(fill_ignore_from_neighbours(block, 3)[0, 1, 1]) == 1
+    blank = torch.full((1, 2, 2), 255)
+    assert torch.equal(fill_ignore_from_neighbours(blank, 3), blank)  # nothing to spread from: stays ignore
     # A token is ignored only when every pixel of its patch is ignore.
     labels = torch.full((1, 4, 8), 255)
     labels[0, 3, 7] = 1  # one valid pixel in the second patch
@@ -247,6 +256,27 @@ def test_roundtrip_miou_of_a_lossless_tokenizer_is_one(scale):
     assert res["images"] == 3 and res["mIoU"] == pytest.approx(1.0)
 
 
+class _RecordingTokenizer(_IdentityTokenizer):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def encode(self, maskige):
+        self.seen.append(maskige)
+        return maskige
+
+
+def test_roundtrip_never_encodes_the_ignore_colour():
+    # GSS fills ignore pixels before tokenising; its round trip must measure the maskiges GSS encodes.
+    masks = torch.randint(0, K, (2, 16, 16))
+    masks[:, 5:7] = 255
+    pal = make_maskige_palette(K)
+    tok = _RecordingTokenizer()
+    roundtrip_miou(tok, pal, [{"mask": m} for m in masks], K)
+    ignore_colour = (pal[K].float() / 255.0)[None, :, None, None]
+    assert not (tok.seen[0] == ignore_colour).all(1).any()
+
+
 def test_roundtrip_miou_of_the_model_tokenizer_is_recomputed(ff):
     masks = torch.randint(0, K, (3, 32, 32))
     masks[:, :3] = 255
@@ -256,7 +286,8 @@ def test_roundtrip_miou_of_the_model_tokenizer_is_recomputed(ff):
     # then per-class IoU with boolean masks, ignore pixels excluded.
     pal = ff.maskige_palette.double()
     with torch.no_grad():
-        rec = ff.tokenizer.decode(ff.tokenizer.encode(masks_to_maskige(masks, ff.maskige_palette))).double() * 255
+        filled = fill_ignore_from_neighbours(masks, K)
+        rec = ff.tokenizer.decode(ff.tokenizer.encode(masks_to_maskige(filled, ff.maskige_palette))).double() * 255
     dist = ((rec.permute(0, 2, 3, 1)[..., None, :] - pal[:K]) ** 2).sum(-1)  # (B, H, W, K)
     nearest = dist.argmin(-1)
     top2 = dist.sort(-1).values[..., :2]

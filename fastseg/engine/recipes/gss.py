@@ -11,8 +11,8 @@ itself, in one of two clearly different ways:
   the training masks with a class-aware palette term: what a mask-specialised tokenizer gives.
 
 `roundtrip_miou` (``fastseg gss roundtrip``) measures either tokenizer's round trip: GT -> maskige -> tokens ->
-maskige -> classes (what GSS-FF reaches if it predicts the encoder's tokens exactly). These are training procedures over a `fastseg.models.gss` model's parts, so they live here
-rather than in the model file. `TOKENIZER_TRAINED_ON` is the safetensors metadata key the CLI writes to say which
+maskige -> classes (what GSS-FF reaches if it predicts the encoder's tokens exactly). These are training procedures
+over a `fastseg.models.gss` model's parts, so they live here rather than in the model file. `TOKENIZER_TRAINED_ON` is the safetensors metadata key the CLI writes to say which
 fit produced a tokenizer file (read back by `GSSSegmenter.tokenizer_trained_on`).
 """
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ...data.shapes import MEAN, STD, unnormalize
 from ...layers.vq import PaletteInverse
 from ...metrics import ConfusionMatrix
-from ...models.gss import TOKENIZER_TRAINED_ON, masks_to_maskige, upsample_labels
+from ...models.gss import TOKENIZER_TRAINED_ON, fill_ignore_from_neighbours, masks_to_maskige, upsample_labels
 from ...models.gss_tokenizers import MaskigeTokenizer, MaskigeVQVAE
 
 __all__ = ["TOKENIZER_TRAINED_ON", "fit_image_tokenizer", "roundtrip_miou", "train_maskige_vqvae"]
@@ -202,7 +202,8 @@ def train_maskige_vqvae(
     ``softmax(-||rgb - palette_k||^2 / temperature)`` against the class (a class-aware term that aims the tokenizer
     at the round trip rather than at RGB fidelity). A tokenizer trained on label maps departs from GSS's premise
     (an off-the-shelf image tokenizer); `fit_image_tokenizer` is the faithful setting. Ignore pixels are dropped from
-    the palette term and rendered in the ignore colour.
+    the palette term and filled from their labelled neighbours in the maskige (`fill_ignore_from_neighbours`): GSS
+    never encodes the ignore colour.
 
     ``init_codebook`` puts the codes on encoder outputs of the first batch (pass False to continue a fit).
     Returns the logged history. The tokenizer is left frozen (``requires_grad=False``) and in eval mode.
@@ -220,7 +221,7 @@ def train_maskige_vqvae(
         masks,
         steps,
         lr,
-        lambda m: masks_to_maskige(m, palette, ignore_index),
+        lambda m: masks_to_maskige(fill_ignore_from_neighbours(m, k, ignore_index), palette, ignore_index),
         palette_ce,
         log_every,
         log,
@@ -242,8 +243,10 @@ def roundtrip_miou(
 ) -> dict[str, Any]:
     """The tokenizer's round trip (``fastseg gss roundtrip``): GT -> X -> tokens -> decoder -> X^-1 -> classes.
 
-    GT is upsampled to the maskige resolution (`upsample_labels`), ignore pixels rendered in the ignore colour,
-    the class map voted back to the input resolution, and mIoU taken against GT (ignore excluded).
+    GT is upsampled to the maskige resolution (`upsample_labels`), its ignore pixels filled from their labelled
+    neighbours (`fill_ignore_from_neighbours`: GSS fills them with its auxiliary head's prediction and never encodes
+    the ignore colour, so neither does its round trip), the class map voted back to the input resolution, and mIoU
+    taken against GT (ignore excluded).
 
     Args:
         tokenizer: a `MaskigeTokenizer` (frozen).
@@ -265,7 +268,9 @@ def roundtrip_miou(
         masks = torch.stack(buf) if buf[0].dim() == 2 else torch.cat(buf)
         buf.clear()
         labels = upsample_labels(masks.long(), maskige_scale, num_classes, ignore_index)
-        maskige = masks_to_maskige(labels, palette, ignore_index)
+        maskige = masks_to_maskige(
+            fill_ignore_from_neighbours(labels, num_classes, ignore_index), palette, ignore_index
+        )
         rec = tokenizer.decode(tokenizer.encode(maskige))
         cls = inverse(rec * 255.0)
         onehot = F.one_hot(cls, num_classes).permute(0, 3, 1, 2).float()
