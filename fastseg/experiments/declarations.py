@@ -10,6 +10,8 @@ encoder passes, so they run 1000 steps of 8 + 8 images.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .core import Budget, Claim, Experiment, Report, Variant
 
 SHAPES_BUDGET = Budget(
@@ -264,50 +266,40 @@ SEMPLES_SHAPES = Experiment(
 _GSS_TOKENIZER = {"tokenizer_steps": 900, "tokenizer_batch": 16, "tokenizer_lr": 3e-3}
 GSS_FTW_STEPS = SHAPES_BUDGET.steps // 4
 
+
+def _gss(
+    name: str, tokenizer: str, label: str, recipe: str = "gss", model: str = "gss_ff_resnet18", **extra: Any
+) -> Variant:
+    return Variant(
+        name, model, recipe=recipe, recipe_kwargs={"tokenizer": tokenizer, **_GSS_TOKENIZER, **extra}, label=label
+    )
+
+
 GSS_SHAPES = Experiment(
     name="gss_shapes",
     title="GSS vs the semantic FPN, ResNet-18 from scratch, frozen small VQ-VAE tokenizer",
     variants=(
         Variant("fpn_resnet18", "fpn_resnet18", label="`fpn_resnet18`, the baseline", from_experiment="ecenet_vs_fpn"),
-        Variant(
+        _gss(
             "roundtrip_images",
-            "gss_ff_resnet18",
+            "images",
+            "round trip of the image-only tokenizer (GT → maskige → tokens → maskige → classes; no training)",
             recipe="gss_roundtrip",
-            recipe_kwargs={"tokenizer": "images", **_GSS_TOKENIZER},
-            label="round trip of the image-only tokenizer (GT → maskige → tokens → maskige → classes; no training)",
         ),
-        Variant(
-            "gss_ff_images",
-            "gss_ff_resnet18",
-            recipe="gss",
-            recipe_kwargs={"tokenizer": "images", **_GSS_TOKENIZER},
-            label="`gss_ff_resnet18`, tokenizer fitted on images only (the paper's setting)",
-        ),
-        Variant(
+        _gss("gss_ff_images", "images", "`gss_ff_resnet18`, tokenizer fitted on images only (the paper's setting)"),
+        _gss(
             "gss_ftw_images",
-            "gss_ftw_resnet18",
-            recipe="gss",
-            recipe_kwargs={
-                "tokenizer": "images",
-                **_GSS_TOKENIZER,
-                "init_from": "gss_ff_images",
-                "steps": GSS_FTW_STEPS,
-            },
-            label=f"`gss_ftw_resnet18` from that GSS-FF, + {GSS_FTW_STEPS} inverse-only steps",
+            "images",
+            f"`gss_ftw_resnet18` from that GSS-FF, + {GSS_FTW_STEPS} inverse-only steps",
+            model="gss_ftw_resnet18",
+            init_from="gss_ff_images",
+            steps=GSS_FTW_STEPS,
         ),
-        Variant(
-            "roundtrip_masks",
-            "gss_ff_resnet18",
-            recipe="gss_roundtrip",
-            recipe_kwargs={"tokenizer": "masks", **_GSS_TOKENIZER},
-            label="round trip of the class-aware tokenizer (ours)",
-        ),
-        Variant(
+        _gss("roundtrip_masks", "masks", "round trip of the class-aware tokenizer (ours)", recipe="gss_roundtrip"),
+        _gss(
             "gss_ff_masks",
-            "gss_ff_resnet18",
-            recipe="gss",
-            recipe_kwargs={"tokenizer": "masks", **_GSS_TOKENIZER},
-            label="`gss_ff_resnet18`, class-aware tokenizer fitted on label maps (ours, not the paper's)",
+            "masks",
+            "`gss_ff_resnet18`, class-aware tokenizer fitted on label maps (ours, not the paper's)",
         ),
     ),
     budget=SHAPES_BUDGET,
