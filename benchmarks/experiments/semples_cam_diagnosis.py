@@ -16,7 +16,11 @@ Usage::
 
     fastseg semples weaktr --model weaktr_shapes_clip --backbone-checkpoint CLIP --steps 400 --batch-size 16 \\
         --lr 2e-4 --seed 0 --out runs/weaktr
-    python benchmarks/experiments/semples_cam_diagnosis.py --cam runs/weaktr/model.safetensors [--json OUT]
+    python benchmarks/experiments/semples_cam_diagnosis.py --cam runs/weaktr/model.safetensors [MORE ...] [--json OUT]
+
+With several ``--cam`` the JSON holds one entry per model, each with its training run's settings (``run.json``) and
+last logged losses: ``benchmarks/results/experiments/weaktr_budget_check.json`` compares WeakTr phase-1 budgets and
+learning rates this way.
 
 It is a diagnosis tool: the numbers are one model's, not an experiment's (no seeds, no claims).
 """
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -62,26 +68,35 @@ def affinity_purity(model: WeakTr, data: WeakShapes) -> dict[str, float]:
     return purity
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cam", required=True, help="WeakTr phase-1 weights, or a SemPLeS run's")
-    parser.add_argument("--model", default="weaktr_shapes_clip", help="the WeakTr variant of the weights")
-    parser.add_argument("--length", type=int, default=256, help="training images scored (data seed 0)")
-    parser.add_argument("--threshold", type=float, default=0.43, help="the fixed background threshold")
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model = R.load_cam_model(args.cam, args.model)
-    data = WeakShapes("train", length=args.length, with_masks=True)
-    report: dict = {"cam": args.cam, "model": args.model, "length": args.length, "threshold": args.threshold}
+def label_prior_loss(data: WeakShapes) -> float:
+    """The multilabel soft-margin loss of the best constant prediction (each class's logit at its label frequency):
+    a classification loss at this level has learnt nothing about the images."""
+    labels = torch.stack([data[i]["image_labels"] for i in range(len(data))]).float()
+    rate = labels.mean(0).clamp(1e-6, 1 - 1e-6)
+    return float(-(rate * rate.log() + (1 - rate) * (1 - rate).log()).mean())
+
+
+def diagnose(cam: str, model_name: str, length: int, threshold: float) -> dict:
+    """Every figure above for one CAM model, beside the settings and the last logged losses of its training run
+    (``run.json`` and ``metrics.jsonl`` beside the weights, when there)."""
+    model = R.load_cam_model(cam, model_name)
+    data = WeakShapes("train", length=length, with_masks=True)
+    folder = Path(cam).parent
+    report: dict = {"cam": cam}
+    if (folder / "run.json").exists():
+        report["run"] = json.loads((folder / "run.json").read_text())
+    if (folder / "metrics.jsonl").exists():
+        logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        losses = [row for row in logged if "loss" in row]
+        if losses:
+            tail = losses[-5:]
+            report["last_losses"] = {k: sum(row[k] for row in tail) / len(tail) for k in tail[-1] if k.endswith("loss")}
+    print(cam)
     print(f"{'source':8} {'mIoU@t':>7} {'swept t':>8} {'mIoU swept':>10} {'texture leakage':>16}")
     for source in ("cross", "coarse", "fused", "fine"):
         swept = R.sweep_threshold(model, data, cam=source)
-        fixed = (
-            swept["all"].get(args.threshold)
-            or R.evaluate_cams(model, data, [args.threshold], cam=source)[args.threshold]
-        )
-        leakage = [v for v in R.cooccurrence_leakage(model, data, args.threshold, cam=source) if v is not None]
+        fixed = swept["all"].get(threshold) or R.evaluate_cams(model, data, [threshold], cam=source)[threshold]
+        leakage = [v for v in R.cooccurrence_leakage(model, data, threshold, cam=source) if v is not None]
         row = {
             "mIoU_fixed": float(fixed["mIoU"]),
             "swept_threshold": swept["threshold"],
@@ -100,8 +115,29 @@ def main() -> None:
     k = tokens.shape[0]
     report["class_token_cosine"] = float(((tokens @ tokens.T).sum() - k) / (k * (k - 1)))
     print(f"class tokens: mean pairwise cosine {report['class_token_cosine']:.3f}")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cam", required=True, nargs="+", help="WeakTr phase-1 weights, or a SemPLeS run's (several)")
+    parser.add_argument("--model", default="weaktr_shapes_clip", help="the WeakTr variant of the weights")
+    parser.add_argument("--length", type=int, default=256, help="training images scored (data seed 0)")
+    parser.add_argument("--threshold", type=float, default=0.43, help="the fixed background threshold")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    models = [diagnose(cam, args.model, args.length, args.threshold) for cam in args.cam]
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        record = {
+            "command": shlex.join(["python", *sys.argv]),
+            "model": args.model,
+            "length": args.length,
+            "threshold": args.threshold,
+            "label_prior_loss": label_prior_loss(WeakShapes("train", length=4096)),
+            "models": models,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -245,6 +245,36 @@ def render_gss_tokens(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_weaktr_check(name: str, root: Path) -> str:
+    """`benchmarks/experiments/semples_cam_diagnosis.py` over several WeakTr phase-1 runs: each run's budget, its
+    class-token loss beside the label-prior level, and the pseudo-mask mIoU of each of its CAM sources."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    sources = ("cross", "coarse", "fused", "fine")
+    lines = [
+        "| phase 1 (steps × batch, lr) | class-token loss (last 5 logs) | pseudo mIoU % at t = "
+        f"{record['threshold']}: "
+        + " / ".join(sources)
+        + " | fine CAM on the preferred texture % | class-token cosine |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in record["models"]:
+        run = entry["run"]
+        pseudo = " / ".join(f"{100 * entry[s]['mIoU_fixed']:.1f}" for s in sources)
+        lines.append(
+            f"| {run['steps']} × {run['batch_size']}, {run['lr']:g} | {entry['last_losses']['cls_loss']:.3f} | {pseudo} "
+            f"| {100 * entry['fine']['leakage_mean']:.1f} | {entry['class_token_cosine']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Seed 0, `{record['model']}` from the experiment's tiny CLIP, {record['length']} training images scored; a "
+        f"constant prediction of each class's label frequency has a class-token loss of "
+        f"{record['label_prior_loss']:.3f}. Each run: `fastseg semples weaktr --model {record['model']} "
+        "--backbone-checkpoint CLIP --steps S --batch-size 16 --lr LR --seed 0`; scored by "
+        f"{_code(record['command'])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def render_gss_stages(name: str, root: Path) -> str:
     """Per-stage latency of one GSS-FF forward, reference ops vs fused ops (their CPU kernels), from the record of
     ``benchmarks/gss_stages.py``."""
@@ -608,6 +638,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "gss": render_gss,
     "gss-stages": render_gss_stages,
     "gss-tokens": render_gss_tokens,
+    "weaktr-check": render_weaktr_check,
     "mask2former": render_mask2former,
     "pading": render_pading,
     "pading-experiment": render_pading_experiment,
