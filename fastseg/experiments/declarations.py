@@ -255,9 +255,9 @@ SEMPLES_SHAPES = Experiment(
 # it from the labelled neighbours; `benchmarks/experiments/gss_token_diagnosis.py` shows the difference).
 # The round-trip variants measure each tokenizer on the validation split (a few seconds once the tokenizer is fitted;
 # they fit it into the shared cache when they run first). GSS-FT-W trains only its learned inverse, starting from the
-# final weights of the GSS-FF job of the same
-# seed, for a quarter of the GSS-FF steps at the same batch and lr: the paper's ADE20K and MSeg schedules give the
-# X^-1 stage 40k iterations after a 160k GSS-FF run (Cityscapes: 40k after 80k).
+# final weights of the GSS-FF job of the same seed, for a quarter of the GSS-FF steps at the same batch and lr: the
+# paper's ADE20K and MSeg schedules give the X^-1 stage 40k iterations after a 160k GSS-FF run (Cityscapes: 40k after
+# 80k).
 # Cost, from CPU time per step at 1 thread, batch 16 (measured 2026-12-01 on the 2-core Xeon; FPN 0.35 s for scale):
 # GSS-FF step 1.12 s, GSS-FT-W step 1.85 s, tokenizer fit step 0.35 s. A GSS-FF job is ~29 min of training and
 # evaluation plus ~5 min for its tokenizer fit, a GSS-FT-W job ~12 min: ~81 min per seed, ~4 h of one free core for

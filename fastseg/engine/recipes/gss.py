@@ -12,8 +12,9 @@ itself, in one of two clearly different ways:
 
 `roundtrip_miou` (``fastseg gss roundtrip``) measures either tokenizer's round trip: GT -> maskige -> tokens ->
 maskige -> classes (what GSS-FF reaches if it predicts the encoder's tokens exactly). These are training procedures
-over a `fastseg.models.gss` model's parts, so they live here rather than in the model file. `TOKENIZER_TRAINED_ON` is the safetensors metadata key the CLI writes to say which
-fit produced a tokenizer file (read back by `GSSSegmenter.tokenizer_trained_on`).
+over a `fastseg.models.gss` model's parts, so they live here rather than in the model file. `TOKENIZER_TRAINED_ON` is
+the safetensors metadata key the CLI writes to say which fit produced a tokenizer file (read back by
+`GSSSegmenter.tokenizer_trained_on`).
 """
 
 from __future__ import annotations
