@@ -42,6 +42,20 @@ def _code(command: str) -> str:
     return f"`{command}`"
 
 
+_VERDICTS = {"incomplete": "pending", "holds on average": "holds on average (not on every seed)"}
+
+
+def _claim_line(claim: dict[str, Any], digits: int = 2, tag: str = "") -> str:
+    """One claim's verdict with its paired differences (the claimed side's advantage, in points, per seed)."""
+    diffs = ", ".join(f"{float(d) * 100:+.{digits}f}" for d in claim["paired_differences"].values()) or "none yet"
+    mean = claim.get("mean_difference")
+    mean_text = "" if mean is None else f"; mean {mean * 100:+.{digits}f}"
+    # For a lower-is-better metric the difference is worse - better, so a positive one still favours the claim.
+    sign = ", positive when the claimed side is lower" if claim.get("lower_is_better") else ""
+    verdict = _VERDICTS.get(claim["verdict"], claim["verdict"])
+    return f"- {claim['text']}{tag}: **{verdict}** (paired differences per seed, points{sign}: {diffs}{mean_text})"
+
+
 def _experiment_record(name: str, root: Path) -> dict[str, Any]:
     """The committed JSON of experiment ``name``; for a declared experiment without one yet, the record its
     declaration derives with no runs of its own (runs reused from other experiments' JSON included), so README
@@ -114,13 +128,7 @@ def render_experiment(name: str, root: Path) -> str:
         lines += ["", *report_lines]
     if record.get("claims"):
         lines.append("")
-        for claim in record["claims"]:
-            diffs = ", ".join(f"{float(d) * 100:+.2f}" for d in claim["paired_differences"].values()) or "none yet"
-            mean = claim.get("mean_difference")
-            mean_text = "" if mean is None else f"; mean {mean * 100:+.2f}"
-            lines.append(
-                f"- {claim['text']}: **{claim['verdict']}** (paired differences per seed, points: {diffs}{mean_text})"
-            )
+        lines += [_claim_line(claim) for claim in record["claims"]]
     lines += ["", _command_line(record)]
     return "\n".join(lines) + "\n"
 
@@ -326,7 +334,6 @@ _WSSS_COLUMNS = (
     ("classification.mAP", "classifier mAP % (val)"),
     ("mIoU", "segmenter val mIoU %"),
 )
-_VERDICTS = {"incomplete": "pending", "holds on average": "holds on average (not on every seed)"}
 
 
 def _run_value(run: dict[str, Any], key: str) -> float | None:
@@ -411,14 +418,7 @@ def render_wsss(name: str, root: Path) -> str:
         texture = world.class_names[preferred[stuff + k]]
         lines.append(f"| {shape} ({texture}) | " + " | ".join(cells) + " |")
     lines.append("")
-    for claim in claims:
-        diffs = ", ".join(f"{100 * float(d):+.2f}" for d in claim["paired_differences"].values()) or "none yet"
-        mean = claim.get("mean_difference")
-        verdict = _VERDICTS.get(claim["verdict"], claim["verdict"])
-        lines.append(
-            f"- {claim['text']} [{claim.get('metric', experiment.metric)}]: **{verdict}** (paired differences per "
-            f"seed, points: {diffs}{'' if mean is None else f'; mean {100 * mean:+.2f}'})"
-        )
+    lines += [_claim_line(claim, tag=f" [{claim.get('metric', experiment.metric)}]") for claim in claims]
     commands = record["commands"] if record else [f"python -m fastseg.experiments run {name} --threads 1"]
     lines += ["", ("Commands: " if record else "Command (not run yet): ") + "; ".join(_code(c) for c in commands)]
     return "\n".join(lines) + "\n"
@@ -482,15 +482,7 @@ def render_pading_experiment(name: str, root: Path) -> str:
         render_pading_table({"summary": summary}) if summary else "(no runs yet)",
     ]
     report_lines = _report_lines(record)
-    claims = []
-    for claim in record.get("claims", []):
-        diffs = ", ".join(f"{float(d) * 100:+.1f}" for d in claim["paired_differences"].values()) or "none yet"
-        mean = claim.get("mean_difference")
-        claims.append(
-            f"- {claim['text']}: **{claim['verdict']}** (paired differences per seed, points: {diffs}"
-            + ("" if mean is None else f"; mean {mean * 100:+.1f}")
-            + ")"
-        )
+    claims = [_claim_line(claim, digits=1) for claim in record.get("claims", [])]
     if report_lines or claims:
         lines += ["", *report_lines, *claims]
     lines += ["", _command_line(record)]

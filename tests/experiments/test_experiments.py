@@ -18,7 +18,7 @@ from fastseg.experiments.core import (
 )
 from fastseg.experiments.declarations import EXPERIMENTS
 from fastseg.experiments.recipes import run_job
-from fastseg.experiments.render import render_readme, render_text
+from fastseg.experiments.render import _claim_line, render_readme, render_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,4 +172,15 @@ def test_readme_matches_the_committed_results():
     """README's rendered blocks equal what `python -m fastseg.experiments render` makes from the committed JSON."""
     assert render_readme(ROOT, check=True), (
         "README drifted from benchmarks/results: run `python -m fastseg.experiments render`"
+    )
+
+
+def test_claim_line_says_which_way_a_lower_is_better_difference_points():
+    claim = {"text": "t", "verdict": "holds on average", "paired_differences": {"0": 0.012, "1": -0.003}}
+    claim["mean_difference"] = 0.0046
+    assert _claim_line(claim) == (
+        "- t: **holds on average (not on every seed)** (paired differences per seed, points: +1.20, -0.30; mean +0.46)"
+    )
+    assert ", positive when the claimed side is lower: +1.2, -0.3; mean +0.5)" in _claim_line(
+        {**claim, "lower_is_better": True}, digits=1
     )
