@@ -1,0 +1,76 @@
+"""The diagnosis scripts under benchmarks/experiments/ whose figures README renders: their arithmetic, on small inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastseg
+from fastseg.data.shapes import ShapesConfig, ShapesDataset
+from fastseg.engine.recipes.gss import roundtrip_miou
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gss_token_diagnosis_round_trip_is_the_recipes():
+    diagnosis = _script("gss_token_diagnosis")
+    world = ShapesConfig(image_size=32)
+    torch.manual_seed(0)
+    model = fastseg.create_model("gss_ff_resnet18", num_classes=world.num_classes).eval()
+    data = ShapesDataset("val", length=4, config=world, seed=0)
+    encoded = []
+    real_encode = model.encode_masks
+    model.encode_masks = lambda labels: encoded.append(labels) or real_encode(labels)
+    report = diagnosis.diagnose(model, data, batch_size=3)
+    del model.encode_masks
+    # Per batch the ignore-colour round trip encodes the labels as they are, the other one with the band filled.
+    ignore = world.ignore_index
+    assert [bool((labels == ignore).any()) for labels in encoded] == [True, False, True, False]
+    # The "roundtrip" row is exactly what the experiments' round-trip recipe measures on the same images.
+    expected = roundtrip_miou(
+        model.tokenizer, model.maskige_palette, [data[i] for i in range(len(data))], world.num_classes
+    )
+    assert report["roundtrip"]["mIoU"] == pytest.approx(float(expected["mIoU"]), abs=1e-12)
+    assert report["images"] == 4
+    for name in ("roundtrip_ignore_colour", "roundtrip"):
+        entry = report[name]
+        assert 0.0 <= entry["token_agreement_with_head"] <= 1.0
+        assert entry["pixels_where_tokens_differ"] >= 0
+        assert set(entry["IoU"]) == set(world.class_names)
+    ftw = fastseg.create_model("gss_ftw_resnet18", num_classes=world.num_classes)
+    with pytest.raises(ValueError, match="GSS-FF"):
+        diagnosis.diagnose(ftw, data)
+
+
+class _Labels:
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image_labels": self.labels[i]}
+
+
+def test_label_prior_loss_is_the_mean_binary_entropy_of_the_label_rates():
+    diagnosis = _script("semples_cam_diagnosis")
+    labels = torch.tensor([[1, 0], [1, 1], [0, 0], [1, 0]])  # rates 3/4 and 1/4
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert diagnosis.label_prior_loss(_Labels(labels)) == pytest.approx(entropy, rel=1e-6)
+    # ... which is the multilabel soft-margin loss of the constant logits log(rate / (1 - rate)).
+    rate = labels.float().mean(0)
+    logits = (rate / (1 - rate)).log().expand(len(labels), -1)
+    loss = torch.nn.functional.multilabel_soft_margin_loss(logits, labels.float())
+    assert diagnosis.label_prior_loss(_Labels(labels)) == pytest.approx(float(loss), rel=1e-6)
