@@ -176,36 +176,25 @@ def _with_exact_sqdist(
 #   * transposed scores (codes x rows): the argmin then reduces over the outer dimension, which vectorises along the
 #     rows. ``torch.min(dim)`` with indices is ~18x slower than ``torch.amin`` on a CPU, so the index comes in two
 #     levels: ``amin`` over groups of CPU_GROUP codes (one vectorised pass), the first group holding the row's
-#     minimum, then the first code inside that group equal to it (a contiguous gather of the group, no per-row
-#     indexing): the lowest index on ties, as ``argmin``. Groups of 8 keep the second level cheap, which matters at
-#     GSS's palette shape (K 150, D 3) where the GEMM is small and the reduction takes most of the time
-#     (`benchmarks/vq_vs_faiss.py`); at K 1024-8192, D 256 the GEMM dominates;
+#     minimum, then the first code inside that group: the lowest index on ties, as ``argmin``;
 #   * threads: the row blocks are shared among `torch.get_num_threads()` threads whose ops run single-threaded
 #     (`run_on_cpu_threads`): a block's scores stay in its core's L2, and a call opens no OpenMP region per op, so
 #     it does not crawl when OpenMP threads spin beside another busy process.
 CPU_BLOCK_ELEMENTS = 2**19
 CPU_CODE_TILE = 4096
-CPU_GROUP = 8
-# The codes are padded to a multiple of 32 for the GEMM (a multiple of CPU_GROUP). The GEMM's rounding depends on its
-# shape, and with these widths it rounds as the reference does, so even near-ties of the expanded form resolve alike
-# (the tests hold the CPU path to the reference's indices exactly).
-CPU_CODE_PAD = 32
+CPU_GROUP = 32
 
 
-def _first_min_over_codes(scores: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_min_over_codes(scores: torch.Tensor, lanes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, first argmin) over dim 0 of ``scores`` (codes x rows, codes a multiple of CPU_GROUP); NaN counts as
-    +inf. ``rank``: (CPU_GROUP, 1) int32 ``CPU_GROUP - arange(CPU_GROUP)``, so the first position ranks highest."""
-    rows = scores.shape[1]
-    groups = scores.view(scores.shape[0] // CPU_GROUP, CPU_GROUP, rows)
+    +inf."""
+    groups = scores.view(scores.shape[0] // CPU_GROUP, CPU_GROUP, scores.shape[1])
     best, group = torch.min(torch.amin(groups, dim=1), dim=0)  # amin propagates NaN, so any NaN score shows here
     if bool(torch.isnan(best).any()):  # only from non-finite rows or overflow: NaN never wins
         scores.masked_fill_(torch.isnan(scores), float("inf"))
         best, group = torch.min(torch.amin(groups, dim=1), dim=0)
-    # The winning group's CPU_GROUP scores of each row (a contiguous gather), then the first one equal to the minimum
-    # (max of the rank where equal): exact, since ``best`` is one of those very values.
-    within = torch.gather(groups, 0, group.view(1, 1, rows).expand(1, CPU_GROUP, rows))[0]
-    first = CPU_GROUP - torch.amax((within == best).to(torch.int32) * rank, dim=0)
-    return best, group * CPU_GROUP + first
+    within = groups.permute(2, 0, 1)[lanes, group]  # (rows, CPU_GROUP): each row's winning group
+    return best, group * CPU_GROUP + torch.argmin(within, dim=1)
 
 
 def _vq_nearest_cpu(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +202,7 @@ def _vq_nearest_cpu(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tens
     _check_inputs(z, codebook)
     (n, d), k = z.shape, codebook.shape[0]
     needs_grad = torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
-    padded = -(-k // CPU_CODE_PAD) * CPU_CODE_PAD  # extra codes: zero rows of norm +inf (never win, as bad codes)
+    padded = -(-k // CPU_GROUP) * CPU_GROUP  # extra codes: zero rows of norm +inf (never win, as bad codes)
     tile = min(CPU_CODE_TILE, padded)
     rows = max(1, min(n, CPU_BLOCK_ELEMENTS // tile))
     index = torch.empty(n, dtype=torch.int64)
@@ -226,7 +215,7 @@ def _vq_nearest_cpu(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tens
         code_sq = torch.cat([code_sq, code_sq.new_full((padded - k,), float("inf"))])[:, None]
         buffer = torch.empty(rows * tile, dtype=torch.float32)
         centred = torch.empty(rows, d, dtype=torch.float32)
-        rank = (CPU_GROUP - torch.arange(CPU_GROUP, dtype=torch.int32))[:, None]
+        lanes = torch.arange(rows)
         for start in starts:
             m = min(rows, n - start)
             block = z[start : start + m].detach()
@@ -235,7 +224,7 @@ def _vq_nearest_cpu(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tens
                 width = min(tile, padded - k0)
                 scores = torch.addmm(code_sq[k0 : k0 + width], codes_c[k0 : k0 + width], zc, alpha=-2.0,
                                      out=buffer[: width * m].view(width, m))  # fmt: skip
-                tile_best, tile_index = _first_min_over_codes(scores, rank)
+                tile_best, tile_index = _first_min_over_codes(scores, lanes[:m])
                 if k0 == 0:
                     best, block_index = tile_best, tile_index
                 else:

@@ -120,7 +120,7 @@ def _integer_problem(n, k, d, seed, dtype=torch.float32):
 
 @pytest.fixture
 def small_cpu_blocks(monkeypatch):
-    """Blocks of at most 640 scores and code tiles of 64 codes (eight groups of 8): every test shape crosses row
+    """Blocks of at most 640 scores and code tiles of 64 codes (two groups of 32): every test shape crosses row
     blocks, code tiles and groups, and exercises the running (best, index) across tiles."""
     monkeypatch.setattr(vq_mod, "CPU_BLOCK_ELEMENTS", 640)
     monkeypatch.setattr(vq_mod, "CPU_CODE_TILE", 64)
@@ -188,9 +188,9 @@ def test_cpu_path_threads_match_reference_and_keep_thread_counts(small_cpu_block
     workers = set()
     real = vq_mod._first_min_over_codes
 
-    def spy(scores, rank):
+    def spy(scores, lanes):
         workers.add((threading.current_thread().name, torch.get_num_threads()))
-        return real(scores, rank)
+        return real(scores, lanes)
 
     monkeypatch.setattr(vq_mod, "_first_min_over_codes", spy)
     before = torch.get_num_threads()
