@@ -10,11 +10,11 @@
 # a step that fails does not stop the next. Exit status: 0 only when every step passed.
 set -uo pipefail
 OUT="${1:?usage: bash scripts/gpu_session.sh OUT_DIR}"
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"  # absolute before the cd below
 GPU_TESTS_S="${GPU_TESTS_S:-240}"
 BENCH_S="${BENCH_S:-240}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 
@@ -22,7 +22,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record its exit
   local name=$1 seconds=$2
   shift 2
   local start=$SECONDS
-  timeout "$seconds" "$@"
+  timeout -k 15 "$seconds" "$@"  # KILL 15 s after TERM: a process stuck in a CUDA call may ignore TERM
   local rc=$?
   echo "$name: exit $rc in $((SECONDS - start)) s (limit $seconds s)" | tee -a "$OUT/env.txt"
   [ "$rc" -eq 0 ] || status=1
@@ -34,7 +34,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # the wheels of scripts/gpu_wheels
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # fastseg without an install: the source tree on the path, and kernels/ where setup.py's package_dir maps it.
-[ -e fastseg/kernels ] || ln -s ../kernels fastseg/kernels
+[ -e fastseg/kernels ] || [ -L fastseg/kernels ] || ln -s ../kernels fastseg/kernels
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 {

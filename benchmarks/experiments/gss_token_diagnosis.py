@@ -63,7 +63,10 @@ def diagnose(model: GSSSegmenter, data: ShapesDataset, batch_size: int = 16) -> 
         masks = torch.stack([item["mask"] for item in items]).long()
         stages = model.stages(images)
         matrices["prediction"].update(stages["output"].argmax(1), masks)
-        for name, labels in (("roundtrip_ignore_colour", masks), ("roundtrip", fill_ignore_from_neighbours(masks, k))):
+        for name, labels in (
+            ("roundtrip_ignore_colour", masks),
+            ("roundtrip", fill_ignore_from_neighbours(masks, k, ignore)),
+        ):
             ids = model.tokenizer.encode(model.encode_masks(labels))
             class_map = model.maskige_to_classes(model.decode_maskige(ids))
             matrices[name].update(model.vote(class_map).argmax(1), masks)

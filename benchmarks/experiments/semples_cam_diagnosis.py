@@ -90,7 +90,8 @@ def diagnose(cam: str, model_name: str, length: int, threshold: float) -> dict:
         losses = [row for row in logged if "loss" in row]
         if losses:
             tail = losses[-5:]
-            report["last_losses"] = {k: sum(row[k] for row in tail) / len(tail) for k in tail[-1] if k.endswith("loss")}
+            keys = [k for k in tail[-1] if k.endswith("loss") and all(k in row for row in tail)]
+            report["last_losses"] = {k: sum(row[k] for row in tail) / len(tail) for k in keys}
     print(cam)
     print(f"{'source':8} {'mIoU@t':>7} {'swept t':>8} {'mIoU swept':>10} {'texture leakage':>16}")
     for source in ("cross", "coarse", "fused", "fine"):

@@ -333,8 +333,8 @@ def variant_config(variant: Variant) -> dict[str, Any]:
 
 def changed_config(record: dict[str, Any], fresh: dict[str, Any]) -> str | None:
     """Why the runs in ``record`` cannot share a table with the declaration behind ``fresh``, or None: the budget,
-    the metric or the seeds differ, or a variant that has runs was removed or declared differently. New variants
-    are fine (they only add rows)."""
+    the metric or the seeds differ, or a variant that has runs was removed or declared differently (its label
+    aside). New variants and relabelled rows are fine."""
     old, new = record["config"], fresh["config"]
     if old["budget"] != new["budget"]:
         return f"budget {old['budget']} -> {new['budget']}"
@@ -342,19 +342,23 @@ def changed_config(record: dict[str, Any], fresh: dict[str, Any]) -> str | None:
         return f"seeds {old['seeds']} -> {new['seeds']}"
     if record["metric"] != fresh["metric"]:
         return f"metric {record['metric']} -> {fresh['metric']}"
+
+    def what_runs(variant: dict[str, Any] | None) -> dict[str, Any] | None:  # a label is only how a row reads
+        return None if variant is None else {k: v for k, v in variant.items() if k != "label"}
+
     declared = {v["name"]: v for v in new["variants"]}
     recorded = {v["name"]: v for v in old["variants"]}
     for name in sorted({run["variant"] for run in record.get("runs", [])}):
         if name not in declared:
             return f"variant {name!r} has runs but is no longer declared"
-        if recorded.get(name) != declared[name]:
+        if what_runs(recorded.get(name)) != what_runs(declared[name]):
             return f"variant {name!r} is declared as {declared[name]}, its runs were made as {recorded.get(name)}"
     return None
 
 
 def adopt_declaration(record: dict[str, Any], experiment: Experiment, path: str | os.PathLike) -> dict[str, Any]:
-    """``record`` (the JSON at ``path``) under the current declaration of ``experiment``: a new variant or a
-    reworded title leaves its runs comparable and is taken over; any change in `changed_config` is refused."""
+    """``record`` (the JSON at ``path``) under the current declaration of ``experiment``: a new variant, a label or
+    a reworded title leaves its runs comparable and is taken over; any change in `changed_config` is refused."""
     fresh = new_record(experiment)
     changed = changed_config(record, fresh)
     if changed:

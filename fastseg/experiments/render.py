@@ -259,26 +259,27 @@ def render_weaktr_check(name: str, root: Path) -> str:
     record = _load(root / RESULTS / "experiments" / f"{name}.json")
     sources = ("cross", "coarse", "fused", "fine")
     lines = [
-        "| phase 1 (steps × batch, lr) | class-token loss (last 5 logs) | pseudo mIoU % at t = "
+        "| phase 1 (steps × batch, lr, seed) | class-token loss (last 5 logs) | pseudo mIoU % at t = "
         f"{record['threshold']}: "
         + " / ".join(sources)
         + " | fine CAM on the preferred texture % | class-token cosine |",
         "|---|---|---|---|---|",
     ]
     for entry in record["models"]:
-        run = entry["run"]
+        run = entry.get("run")  # absent for weights whose folder holds no run.json
+        budget = f"{run['steps']} × {run['batch_size']}, {run['lr']:g}, seed {run['seed']}" if run else entry["cam"]
+        cls_loss = entry.get("last_losses", {}).get("cls_loss")
         pseudo = " / ".join(f"{100 * entry[s]['mIoU_fixed']:.1f}" for s in sources)
         lines.append(
-            f"| {run['steps']} × {run['batch_size']}, {run['lr']:g} | {entry['last_losses']['cls_loss']:.3f} | {pseudo} "
+            f"| {budget} | {'–' if cls_loss is None else f'{cls_loss:.3f}'} | {pseudo} "
             f"| {100 * entry['fine']['leakage_mean']:.1f} | {entry['class_token_cosine']:.3f} |"
         )
     lines += [
         "",
-        f"Seed 0, `{record['model']}` from the experiment's tiny CLIP, {record['length']} training images scored; a "
-        f"constant prediction of each class's label frequency has a class-token loss of "
-        f"{record['label_prior_loss']:.3f}. Each run: `fastseg semples weaktr --model {record['model']} "
-        "--backbone-checkpoint CLIP --steps S --batch-size 16 --lr LR --seed 0`; scored by "
-        f"{_code(record['command'])}",
+        f"`{record['model']}` from the experiment's tiny CLIP, {record['length']} training images scored; a constant "
+        f"prediction of each class's label frequency has a class-token loss of {record['label_prior_loss']:.3f}. Each "
+        f"run: `fastseg semples weaktr --model {record['model']} --backbone-checkpoint CLIP --steps S --batch-size B "
+        f"--lr LR --seed SEED`; scored by {_code(record['command'])}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -192,20 +192,26 @@ def fill_ignore(labels: torch.Tensor, fill: torch.Tensor, ignore_index: int = 25
 
 def fill_ignore_from_neighbours(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """Ignore pixels take the most common class among their labelled 3 x 3 neighbours, repeated until every ignore
-    pixel that touches a labelled region is filled (ties -> lowest class id; an all-ignore image stays ignore).
+    pixel that touches a labelled region is filled (ties -> lowest class id).
 
     GSS never renders the ignore colour: training fills ignore pixels with the auxiliary head's prediction
     (`fill_ignore`). Where no predictor exists (the tokenizer's round trip, the class-aware tokenizer fit) the
     label map's own neighbours stand in for it, so the tokenizer is measured on the maskiges GSS actually encodes.
+    An image with no labelled pixel stays ignore (its pixels count nowhere); ids outside 0..K-1 other than
+    ``ignore_index`` neither vote nor get filled (`masks_to_maskige` renders them in the ignore colour).
     """
+    if labels.dim() != 3:
+        raise ValueError(f"fill_ignore_from_neighbours: labels must be (B, H, W), got {tuple(labels.shape)}")
     filled = labels.clone()
     while True:
         missing = filled == ignore_index
         if not bool(missing.any()):
             return filled
-        known = torch.where(missing, torch.full_like(filled, num_classes), filled).long()
-        votes = F.one_hot(known, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2).float()
-        votes = F.avg_pool2d(votes, 3, 1, 1)
+        voter = (filled >= 0) & (filled < num_classes)
+        # One-hot over K + 1 channels (the last for non-voters), as float: votes are box sums of it.
+        votes = torch.zeros((filled.shape[0], num_classes + 1, *filled.shape[1:]), device=filled.device)
+        votes.scatter_(1, torch.where(voter, filled, num_classes).long()[:, None], 1.0)
+        votes = F.avg_pool2d(votes[:, :num_classes], 3, 1, 1)
         reachable = missing & (votes.amax(1) > 0)
         if not bool(reachable.any()):
             return filled

@@ -86,16 +86,20 @@ def test_run_resume_and_refused_budget_change(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         run_experiment(changed, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
     assert load_record(tmp_path / "tiny.json") == saved  # the refused run wrote nothing
-    reworded = dataclasses.replace(
-        TINY, variants=(Variant("a", "fpn_resnet18", model_kwargs={"x": 1}), TINY.variants[1])
-    )
+    changed_a = dataclasses.replace(TINY, variants=(Variant("a", "fpn_resnet18", {"x": 1}), TINY.variants[1]))
     with pytest.raises(ValueError, match="variant 'a' is declared as"):
-        run_experiment(reworded, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
-    # A new variant only adds rows: the recorded runs stay and only its jobs run.
-    grown = dataclasses.replace(TINY, variants=(*TINY.variants, Variant("c", "fpn_resnet18")))
+        run_experiment(changed_a, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
+    without_b = dataclasses.replace(TINY, variants=TINY.variants[:1])
+    with pytest.raises(ValueError, match="variant 'b' has runs but is no longer declared"):
+        run_experiment(without_b, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
+    assert load_record(tmp_path / "tiny.json") == saved
+    # A new variant only adds rows and a new label only rewords one: the recorded runs stay, only the new jobs run.
+    relabelled = dataclasses.replace(TINY.variants[0], label="the first")
+    grown = dataclasses.replace(TINY, variants=(relabelled, TINY.variants[1], Variant("c", "fpn_resnet18")))
     record = run_experiment(grown, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", log=lambda _: None)
     assert calls[4:] == [("c", 0), ("c", 1)] and record["complete"]
     assert [v["name"] for v in record["config"]["variants"]] == ["a", "b", "c"]
+    assert record["config"]["variants"][0]["label"] == "the first"
 
 
 def test_forget_drops_stale_runs_which_then_run_again(tmp_path):

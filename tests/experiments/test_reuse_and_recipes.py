@@ -168,7 +168,15 @@ def _tiny_gss() -> Experiment:
     return dataclasses.replace(GSS_SHAPES, variants=tuple(variants), budget=BUDGET, seeds=(0,))
 
 
-def test_gss_recipe_tokenizers_cached_ftw_from_ff(tmp_path):
+def test_gss_recipe_tokenizers_cached_ftw_from_ff(tmp_path, monkeypatch):
+    import fastseg.engine.recipes.gss as gss_recipes
+
+    fits = []
+    for name in ("fit_image_tokenizer", "train_maskige_vqvae"):
+        real = getattr(gss_recipes, name)
+        monkeypatch.setattr(
+            gss_recipes, name, lambda *a, _real=real, _name=name, **k: fits.append(_name) or _real(*a, **k)
+        )
     experiment = _tiny_gss()
     runs_dir = tmp_path / "runs"
     ftw = experiment.variant("gss_ftw_images")
@@ -180,7 +188,8 @@ def test_gss_recipe_tokenizers_cached_ftw_from_ff(tmp_path):
     folder = runs_dir / "gss_shapes"
     images_info = json.loads((folder / "tokenizer-images-seed0" / "info.json").read_text())
     assert images_info["config"]["trained_on"] == "images"
-    # The round-trip job fitted the tokenizer; GSS-FF and FT-W reused that fit (the same cached info, no second fit).
+    # The round-trip jobs fitted each tokenizer once; the GSS jobs reused those fits (the same cached info).
+    assert fits == ["fit_image_tokenizer", "train_maskige_vqvae"]
     assert by["roundtrip_images"]["tokenizer"] == by["gss_ff_images"]["tokenizer"] == by["gss_ftw_images"]["tokenizer"]
     assert 0.0 <= by["roundtrip_images"]["mIoU"] <= 1.0 and set(by["roundtrip_images"]["IoU"]) == set(CLASS_NAMES)
     assert by["gss_ff_masks"]["tokenizer"] == by["roundtrip_masks"]["tokenizer"]
@@ -198,6 +207,17 @@ def test_gss_recipe_tokenizers_cached_ftw_from_ff(tmp_path):
     changed = dataclasses.replace(ff, recipe_kwargs={**ff.recipe_kwargs, "tokenizer_steps": 3})
     with pytest.raises(ValueError, match="was built with"):
         run_job(experiment, changed, 0, folder / "gss_ff_images-seed0")
+
+
+def test_a_declared_gss_block_renders_before_any_run_with_the_reused_baseline(tmp_path):
+    # Only the baseline's record exists: the block comes from the declaration, with the reused FPN rows filled in.
+    (tmp_path / "ecenet_vs_fpn.json").write_text(
+        (ROOT / "benchmarks/results/experiments/ecenet_vs_fpn.json").read_text()
+    )
+    text = render_text("<!-- render: experiment gss_shapes -->\n<!-- /render -->\n", _root_with(tmp_path))
+    assert "`fpn_resnet18`, the baseline (runs of `ecenet_vs_fpn`)" in text
+    assert "**pending**" in text
+    assert "Not run yet: `python -m fastseg.experiments run gss_shapes`." in text
 
 
 # ------------------------------------------------------------------------------------------------- PADing recipe

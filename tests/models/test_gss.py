@@ -100,6 +100,10 @@ def test_upsample_labels_and_ignore_rules_hand_checked():
     assert int(fill_ignore_from_neighbours(block, 3)[0, 1, 1]) == 1
     blank = torch.full((1, 2, 2), 255)
     assert torch.equal(fill_ignore_from_neighbours(blank, 3), blank)  # nothing to spread from: stays ignore
+    stray = torch.tensor([[[9, 255, 9]]])  # an id past K neither votes nor is filled
+    assert torch.equal(fill_ignore_from_neighbours(stray, 3), stray)
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        fill_ignore_from_neighbours(line[0], 3)
     # A token is ignored only when every pixel of its patch is ignore.
     labels = torch.full((1, 4, 8), 255)
     labels[0, 3, 7] = 1  # one valid pixel in the second patch
