@@ -452,9 +452,10 @@ def forget_runs(
     if not finished and not folders:
         raise ValueError(f"{experiment.name} has no run of {list(variants)} (seeds {chosen_seeds}), finished or not")
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    for job_dir in folders:
-        stale = Path(runs_dir) / experiment.name / "_stale" / stamp
+    stale = Path(runs_dir) / experiment.name / "_stale" / stamp
+    if folders:
         stale.mkdir(parents=True, exist_ok=True)
+    for job_dir in folders:
         job_dir.rename(stale / job_dir.name)
     if finished:
         record["runs"] = [r for r in record["runs"] if r not in finished]
