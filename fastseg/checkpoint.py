@@ -71,7 +71,7 @@ class LoadResult(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> Path:
     """Write a file atomically: ``write(fh)`` fills a temporary file beside ``path``, which then replaces it.
 
     The temporary file lives in the same folder so that ``os.replace`` is a rename on one file system (atomic on

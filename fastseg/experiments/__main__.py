@@ -1,4 +1,5 @@
-"""``python -m fastseg.experiments list | run NAME | forget NAME --variants ... --reason ... | render [--check]``."""
+"""``python -m fastseg.experiments list | run NAME | forget NAME --variants ... --reason ... | merge NAME FILE |
+render [--check]``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .core import RESULTS_DIR, derive, forget_runs, load_record, new_record, run_experiment
+from .core import RESULTS_DIR, derive, forget_runs, load_record, merge_records, new_record, run_experiment
 from .declarations import EXPERIMENTS
 from .recipes import run_job
 from .render import render_readme
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     forget.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: every finished seed)")
     forget.add_argument("--reason", required=True, help="what made them stale (kept in the JSON)")
     forget.add_argument("--results-dir", default=str(RESULTS_DIR))
+    merge = sub.add_parser("merge", help="take in the runs another copy of an experiment's JSON has and this lacks")
+    merge.add_argument("name", choices=sorted(EXPERIMENTS))
+    merge.add_argument("file", help="the other JSON (e.g. written by `run --seeds K --results-dir DIR` elsewhere)")
+    merge.add_argument("--results-dir", default=str(RESULTS_DIR))
     render = sub.add_parser("render", help="re-render README.md's result blocks from the committed JSON")
     render.add_argument("--check", action="store_true", help="fail (exit 1) if README differs; write nothing")
     args = parser.parse_args(argv)
@@ -57,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "forget":
         forget_runs(EXPERIMENTS[args.name], args.variants, args.reason, args.seeds, results_dir=args.results_dir)
+        return 0
+    if args.command == "merge":
+        merge_records(EXPERIMENTS[args.name], args.file, results_dir=args.results_dir)
         return 0
     up_to_date = render_readme(".", check=args.check)
     if args.check and not up_to_date:

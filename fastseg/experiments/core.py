@@ -158,7 +158,7 @@ def _finite(value: Any) -> bool:
 def summarise_metric(runs: Sequence[dict[str, Any]], variant: str, metric: str) -> dict[str, Any] | None:
     """``{n, mean, std, per_seed}`` of ``metric`` over ``variant``'s runs; missing or non-finite values (an AP of a
     class no image holds) are left out of the mean and kept as ``None`` per seed; ``None`` without any run."""
-    by_seed = {r["seed"]: r.get(metric) for r in runs if r["variant"] == variant}
+    by_seed: dict[int, Any] = {r["seed"]: r.get(metric) for r in runs if r["variant"] == variant}
     if not by_seed:
         return None
     finite = [v for v in by_seed.values() if _finite(v)]
@@ -475,6 +475,57 @@ def forget_runs(
         f"_stale ({reason}); `run` trains them again"
     )
     return finished
+
+
+def merge_records(
+    experiment: Experiment,
+    other_path: str | os.PathLike,
+    results_dir: str | os.PathLike = RESULTS_DIR,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Take into ``experiment``'s JSON the runs of another JSON of the same experiment that it lacks, e.g. seeds run
+    at the same time by a second process or machine with ``run --seeds K --results-dir DIR``.
+
+    Both records must fit the current declaration (`adopt_declaration`). A job present in both is kept once when its
+    metric agrees (the shared history of two copies) and refused when it differs: two different runs of one job
+    would make the table depend on which file was merged. The JSON keeps where the added runs came from, with that
+    file's commands, versions and machine, under ``merged_from``. Returns the added runs."""
+    path, other_path = experiment.result_path(results_dir), Path(other_path)
+    if path.resolve() == other_path.resolve():
+        raise ValueError(f"{other_path} is the record itself; merge another copy into it")
+    other = load_record(other_path)
+    if not other:
+        raise FileNotFoundError(f"{other_path} does not exist")
+    if other.get("experiment") != experiment.name:
+        raise ValueError(f"{other_path} is a record of {other.get('experiment')!r}, not of {experiment.name!r}")
+    other = adopt_declaration(other, experiment, other_path)
+    record = load_record(path)
+    record = adopt_declaration(record, experiment, path) if record else new_record(experiment)
+    have = {(r["variant"], r["seed"]): r for r in record["runs"]}
+    added = []
+    for run in other.get("runs", []):
+        mine = have.get((run["variant"], run["seed"]))
+        if mine is None:
+            added.append(run)
+        elif mine.get(experiment.metric) != run.get(experiment.metric):
+            raise ValueError(
+                f"{run['variant']} seed {run['seed']} has {experiment.metric} {mine.get(experiment.metric)} in {path} "
+                f"and {run.get(experiment.metric)} in {other_path}: two different runs of one job; `forget` one first"
+            )
+    if added:
+        record["runs"] += added
+        record.setdefault("merged_from", []).append(
+            {
+                "file": other_path.as_posix(),
+                "commands": [c for c in other.get("commands", []) if c not in record["commands"]],
+                "versions": other.get("versions"),
+                "machine": other.get("machine"),
+                "runs": [[r["variant"], r["seed"]] for r in added],
+            }
+        )
+        save_record(path, derive(experiment, record, results_dir))
+    log(f"[{experiment.name}] merged {len(added)} run(s) from {other_path} into {path}")
+    return added
 
 
 def run_experiment(

@@ -68,7 +68,7 @@ def _entry(result: TrainResult, job_dir: Path, class_names: tuple[str, ...]) -> 
         raise RuntimeError(f"training in {job_dir} returned without a final evaluation")
     metrics = result.final_metrics
     tail = result.history[-20:]
-    entry = {k: float(metrics[k]) for k in _KEPT_METRICS if k in metrics}
+    entry: dict[str, Any] = {k: float(metrics[k]) for k in _KEPT_METRICS if k in metrics}
     entry["IoU"] = {name: float(v) for name, v in zip(class_names, metrics["IoU"])}
     entry["final_loss"] = sum(r["loss"] for r in tail) / len(tail) if tail else None
     entry["curve_mIoU"] = _curve(job_dir, "mIoU")

@@ -1,6 +1,7 @@
 """The experiments harness: resumable runs, refused budget changes, claim verdicts, and README rendering."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from fastseg.experiments.core import (
     forget_runs,
     judge_claim,
     load_record,
+    merge_records,
     run_experiment,
     summarise,
 )
@@ -133,6 +135,39 @@ def test_forget_drops_stale_runs_which_then_run_again(tmp_path):
     assert forget_runs(TINY, ["a"], "fix", seeds=[2], **kw) == []
     assert not (tmp_path / "runs" / "tiny" / "a-seed2").exists()
     assert len(load_record(tmp_path / "tiny.json")["dropped_runs"]) == 1  # nothing finished was dropped
+
+
+def test_merge_takes_in_the_seeds_another_process_ran(tmp_path):
+    def fake_job(experiment, variant, seed, job_dir):
+        return {"mIoU": 0.5 + 0.1 * (variant.name == "b") + 0.01 * seed}
+
+    main, other = tmp_path / "main", tmp_path / "other"
+    quiet = dict(runs_dir=tmp_path / "runs", log=lambda _: None)
+    run_experiment(TINY, fake_job, results_dir=main, seeds=[0], command="seed 0", **quiet)
+    (other / "tiny.json").parent.mkdir()
+    (other / "tiny.json").write_bytes((main / "tiny.json").read_bytes())  # a copy of the shared history
+    run_experiment(TINY, fake_job, results_dir=other, seeds=[1], command="seed 1 elsewhere", **quiet)
+    added = merge_records(TINY, other / "tiny.json", results_dir=main, log=lambda _: None)
+    assert sorted((r["variant"], r["seed"]) for r in added) == [("a", 1), ("b", 1)]  # seed 0 is not taken twice
+    merged = load_record(main / "tiny.json")
+    assert merged["complete"] and len(merged["runs"]) == 4 and merged["claims"][0]["verdict"] == "holds"
+    assert merged["merged_from"][0]["commands"] == ["seed 1 elsewhere"]
+    assert merged["merged_from"][0]["runs"] == [["a", 1], ["b", 1]]
+    assert merge_records(TINY, other / "tiny.json", results_dir=main, log=lambda _: None) == []  # idempotent
+    with pytest.raises(ValueError, match="the record itself"):
+        merge_records(TINY, main / "tiny.json", results_dir=main, log=lambda _: None)
+    # Two different runs of one job: refused, nothing written.
+    record = load_record(other / "tiny.json")
+    record["runs"][0]["mIoU"] = 0.1
+    (other / "tiny.json").write_text(json.dumps(record))
+    before = (main / "tiny.json").read_bytes()
+    with pytest.raises(ValueError, match="two different runs of one job"):
+        merge_records(TINY, other / "tiny.json", results_dir=main, log=lambda _: None)
+    assert (main / "tiny.json").read_bytes() == before
+    # A copy made under another budget is refused as `run` refuses it.
+    longer = dataclasses.replace(TINY, budget=dataclasses.replace(TINY.budget, steps=3))
+    with pytest.raises(ValueError, match="another configuration"):
+        merge_records(longer, other / "tiny.json", results_dir=main, log=lambda _: None)
 
 
 def test_supervised_recipe_trains_and_records_a_curve(tmp_path):
