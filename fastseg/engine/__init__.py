@@ -12,7 +12,7 @@ from .distributed import (
     is_main_process,
     step_indices,
 )
-from .evaluate import evaluate, evaluate_confusion
+from .evaluate import evaluate, evaluate_confusion, recompute_bn_statistics
 from .trainer import TrainConfig, TrainResult, default_param_groups, poly_lr_factor, train
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "poly_lr_factor",
+    "recompute_bn_statistics",
     "step_indices",
     "train",
 ]

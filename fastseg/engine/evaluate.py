@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "evaluate",
     "evaluate_confusion",
     "model_cfg_value",
+    "recompute_bn_statistics",
     "resolve_protocol",
     "seen_unseen_miou",
     "split_batch",
@@ -238,3 +239,44 @@ def evaluate(
         names = None
     metrics["table"] = matrix.table(list(names) if names is not None else None)
     return metrics
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` of images ("precise BN").
+
+    Training updates the running statistics with an exponential average over whatever passed through the network in
+    train mode, which is not always the test distribution: UniMatch's strong views and S4MIM's masked inputs move them
+    too. Here every BatchNorm restarts its statistics and takes the plain average over the batches of the batch mean
+    and (unbiased) variance, the rest of the network in eval mode (no dropout, the model's inference path). Weights
+    are untouched; the model is left in eval mode. If ``batches`` raises or is empty, the old statistics are put
+    back. Returns the number of images seen.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer with running statistics to re-estimate")
+    saved = [
+        (m.momentum, {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num"))})
+        for m in norms
+    ]
+    model.eval()
+    seen = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch counts the same
+            m.train()
+        for images in batches:
+            model(images)
+            seen += images.shape[0]
+        if seen == 0:
+            raise ValueError("recompute_bn_statistics got no images")
+    except BaseException:
+        for m, (_, buffers) in zip(norms, saved):
+            m.load_state_dict(buffers, strict=False)
+        raise
+    finally:
+        for m, (momentum, _) in zip(norms, saved):
+            m.momentum = momentum
+            m.eval()
+    return seen

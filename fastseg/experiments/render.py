@@ -253,6 +253,36 @@ def render_gss_tokens(name: str, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_precise_bn(name: str, root: Path) -> str:
+    """`benchmarks/experiments/precise_bn_diagnosis.py`: each finished job of a semi-supervised experiment as
+    trained and after its BatchNorm statistics are re-estimated on clean labelled images; the claims on the latter."""
+    record = _load(root / RESULTS / "experiments" / f"{name}.json")
+    experiment = EXPERIMENTS[record["experiment"]]
+    lines = [
+        "| variant | val mIoU % as trained | BN statistics re-estimated | per seed, as trained → re-estimated |",
+        "|---|---|---|---|",
+    ]
+    for v in experiment.variants:
+        runs = sorted((r for r in record["runs"] if r["variant"] == v.name), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        per_seed = " / ".join(f"{_pct(r['recorded'])} → {_pct(r['mIoU'])}" for r in runs)
+        lines.append(
+            f"| {v.label or v.name} | {_stats(record['summary_recorded'].get(v.name))} | "
+            f"{_stats(record['summary'].get(v.name))} | {per_seed} |"
+        )
+    lines.append("")
+    lines += [_claim_line(c, tag=", BN statistics re-estimated") for c in record["claims"]]
+    images = sorted({r["bn_images"] for r in record["runs"]})
+    lines += [
+        "",
+        f"`{record['experiment']}`: {len(record['runs'])} finished jobs, the weights unchanged; statistics "
+        f"re-estimated on {' / '.join(map(str, images))} images ({record['bn_images']}). "
+        f"Command: {_code(record['command'])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def render_weaktr_check(name: str, root: Path) -> str:
     """`benchmarks/experiments/semples_cam_diagnosis.py` over several WeakTr phase-1 runs: each run's budget, its
     class-token loss beside the label-prior level, and the pseudo-mask mIoU of each of its CAM sources."""
@@ -631,6 +661,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "gss": render_gss,
     "gss-stages": render_gss_stages,
     "gss-tokens": render_gss_tokens,
+    "precise-bn": render_precise_bn,
     "weaktr-check": render_weaktr_check,
     "mask2former": render_mask2former,
     "pading": render_pading,

@@ -74,3 +74,44 @@ def test_label_prior_loss_is_the_mean_binary_entropy_of_the_label_rates():
     logits = (rate / (1 - rate)).log().expand(len(labels), -1)
     loss = torch.nn.functional.multilabel_soft_margin_loss(logits, labels.float())
     assert diagnosis.label_prior_loss(_Labels(labels)) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_precise_bn_diagnosis_reproduces_the_record_then_reestimates_on_the_labelled_images(tmp_path):
+    from fastseg.checkpoint import save_weights
+    from fastseg.engine import evaluate
+    from fastseg.experiments.core import Budget, Claim, Experiment, Variant, job_folder
+
+    diagnosis = _script("precise_bn_diagnosis")
+    assert {"s4mim_1_8", "s4mim_1_16"} <= set(diagnosis.semi_experiments())
+    split = {"labelled_fraction": 0.25, "train_length": 16}
+    experiment = Experiment(
+        name="tiny_semi",
+        title="tiny",
+        variants=(
+            Variant("a", "unimatch_resnet18", recipe="semi", recipe_kwargs=split),
+            Variant("b", "unimatch_resnet18", recipe="semi", recipe_kwargs=split),
+        ),
+        budget=Budget(steps=1, batch_size=2, val_length=4, image_size=32),
+        seeds=(0,),
+        claims=(Claim("b beats a", "b", "a"),),
+    )
+    world = ShapesConfig(image_size=32)
+    val = ShapesDataset("val", length=4, config=world, seed=0)
+    torch.manual_seed(0)
+    model = fastseg.create_model("unimatch_resnet18", num_classes=world.num_classes)
+    model.train()
+    with torch.no_grad():  # statistics far from the clean images', as a strong view would leave them
+        model(torch.randn(4, 3, 32, 32) * 3 + 2)
+    weights = job_folder(tmp_path, experiment, "a", 0) / "model.safetensors"
+    save_weights(model, weights)
+    as_is = evaluate(model, val, batch_size=diagnosis.EVAL_BATCH, device="cpu", progress=False)["mIoU"]
+    record = {"runs": [{"variant": "a", "seed": 0, "mIoU": as_is}, {"variant": "b", "seed": 0, "mIoU": 0.5}]}
+    runs = diagnosis.diagnose(experiment, tmp_path, record, batch_size=3)
+    # Only "a" has weights; its as-is figure reproduces the record; the statistics come from the 4 labelled images.
+    assert [(r["variant"], r["seed"]) for r in runs] == [("a", 0)]
+    assert runs[0]["as_is"] == pytest.approx(as_is, abs=1e-12) and runs[0]["bn_images"] == 4
+    assert len(diagnosis.labelled_images(experiment, world)) == 4
+    assert 0.0 <= runs[0]["mIoU"] <= 1.0
+    record["runs"][0]["mIoU"] = as_is + 0.01  # weights that are not the recorded run's
+    with pytest.raises(SystemExit, match="not the recorded run's"):
+        diagnosis.diagnose(experiment, tmp_path, record)
