@@ -175,6 +175,50 @@ def _s4mim(fraction: float, tag: str) -> Experiment:
 S4MIM_1_8 = _s4mim(0.125, "1_8")
 S4MIM_1_16 = _s4mim(0.0625, "1_16")
 
+# Why S4MIM trails UniMatch in s4mim_1_8: re-estimating the BatchNorm statistics of the finished models on clean
+# labelled images (benchmarks/experiments/precise_bn_diagnosis.py) recovers about half of the gap on seed 0, so the
+# MIM inputs' statistics cost accuracy. This trains the one variant that keeps them out of the running averages
+# (`mim_updates_bn=False`, our option) at the same budget and data order; the other arms are the seed-0 runs of
+# s4mim_1_8. One seed: it asks whether the remaining gap is the statistics, not whether a claim holds.
+_S4MIM_1_8 = {"labelled_fraction": 0.125}
+S4MIM_BN_DIAGNOSIS = Experiment(
+    name="s4mim_bn_diagnosis",
+    title="S4MIM with its MIM inputs kept out of the BatchNorm running averages (one seed, labelled fraction 1/8)",
+    variants=(
+        Variant(
+            "unimatch",
+            "unimatch_resnet18",
+            recipe="semi",
+            recipe_kwargs=_S4MIM_1_8,
+            label="UniMatch base",
+            from_experiment="s4mim_1_8",
+        ),
+        Variant(
+            "s4mim",
+            "s4mim_resnet18",
+            recipe="semi",
+            recipe_kwargs=_S4MIM_1_8,
+            label="S4MIM (class-wise MIM)",
+            from_experiment="s4mim_1_8",
+        ),
+        Variant(
+            "s4mim_bn_held",
+            "s4mim_resnet18",
+            {"mim_updates_bn": False},
+            recipe="semi",
+            recipe_kwargs=_S4MIM_1_8,
+            label="S4MIM, MIM inputs kept out of the BatchNorm running averages (our option)",
+        ),
+    ),
+    budget=SEMI_BUDGET,
+    seeds=(0,),
+    claims=(
+        Claim("one seed: keeping the MIM inputs out of the running averages helps S4MIM", "s4mim_bn_held", "s4mim"),
+        Claim("one seed: S4MIM with the MIM inputs kept out beats its UniMatch base", "s4mim_bn_held", "unimatch"),
+    ),
+    notes="Seed 0 only. unimatch and s4mim are the seed-0 runs of s4mim_1_8 (see reused_runs).",
+)
+
 # SemPLeS (issue 17, item 6). The test bed, from the diagnosis recorded in README ("Weakly supervised: SemPLeS"):
 # the default 64 x 64 world (shapes cover 7.7 % of the pixels; an 8 x 8 CAM grid is not the limit: ground truth
 # pooled to 8 x 8, upsampled and thresholded at 0.43 scores 82 % mIoU), WeakTr's backbone initialised from the image
@@ -412,6 +456,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ECENET_DIAGNOSIS,
         S4MIM_1_8,
         S4MIM_1_16,
+        S4MIM_BN_DIAGNOSIS,
         GSS_SHAPES,
         PADING_ZERO_SHOT,
         SEMPLES_SHAPES,

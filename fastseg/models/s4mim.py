@@ -245,6 +245,10 @@ class S4MIM(DeepLabV3PlusSemi):
         semantic_mim: ``"consistency"``, ``"reconstruct"`` or ``"none"``.
         weights: ``(w_rec, w_agg, w_sem)``; placeholders, none are published.
         mim_on: ``"both"``, ``"labelled"`` or ``"unlabelled"`` images take part in the MIM branch.
+        mim_updates_bn: True (default, as every other train-mode forward): the MIM inputs' statistics enter the
+            BatchNorm running averages that evaluation uses. False (our option, not the paper's): the MIM forwards
+            normalise with their batch statistics but leave the running averages as the other forwards set them, so
+            blank-filled inputs do not shift the statistics clean test images are normalised with.
         impl: ``"auto" | "triton" | "torch"`` for the fused class-wise ops.
         deterministic: atomic-free class-wise reductions (None: follow torch's global flag).
     """
@@ -269,6 +273,7 @@ class S4MIM(DeepLabV3PlusSemi):
         semantic_mim: str = "consistency",
         weights: tuple[float, float, float] = (0.5, 0.1, 0.25),
         mim_on: str = "both",
+        mim_updates_bn: bool = True,
         impl: str = "auto",
         deterministic: bool | None = None,
         **kwargs: Any,
@@ -302,6 +307,7 @@ class S4MIM(DeepLabV3PlusSemi):
         self.max_classes_per_image = max_classes_per_image
         self.mim_budget = None if mim_budget is None else float(mim_budget)
         self.weights = tuple(float(w) for w in weights)
+        self.mim_updates_bn = bool(mim_updates_bn)
         self.impl = impl
         stride = self.pretrained_cfg.output_stride
         k, ignore = self.num_classes, self.ignore_index
@@ -355,7 +361,21 @@ class S4MIM(DeepLabV3PlusSemi):
         return output + self.mask_indicator(self._pending_indicator.to(output.dtype))
 
     def run_mim(self, inputs: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`run` on MIM inputs, telling the network which pixels are ``masked`` when ``mask_signal="indicator"``."""
+        """`run` on MIM inputs, telling the network which pixels are ``masked`` when ``mask_signal="indicator"``, and
+        with the BatchNorm running averages held when ``mim_updates_bn`` is False."""
+        if self.mim_updates_bn:
+            return self._run_mim(inputs, masked)
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        try:
+            for m in norms:
+                m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: batch statistics used, averages kept
+            return self._run_mim(inputs, masked)
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+
+    def _run_mim(self, inputs: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mask_signal != "indicator":
             return self.run(inputs)
         padded, (h, w) = self.pad_input(inputs)

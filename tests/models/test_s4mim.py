@@ -471,6 +471,34 @@ def test_masked_pixels_differ_from_other_class_fill(signal):
         assert hasattr(model, "mask_indicator") == (signal == "indicator")
 
 
+@pytest.mark.parametrize("mim", ["classwise", "plain"])
+def test_mim_inputs_can_be_kept_out_of_the_batchnorm_running_averages(mim):
+    import copy
+
+    def running(model):
+        return [b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+    batch = _semi_batch(b_l=2, b_u=2)
+    torch.manual_seed(SEED)
+    held = fastseg.create_model("s4mim_resnet18", num_classes=K, tau=0.0, mim=mim, mim_updates_bn=False, **SMALL)
+    updated, base = copy.deepcopy(held), copy.deepcopy(held)
+    updated.mim_updates_bn = True
+    for model in (held, updated, base):
+        model.train()
+    torch.manual_seed(SEED)
+    out = held.loss(batch)
+    assert float(out["mim_inputs"]) > 0 and torch.isfinite(out["loss"])
+    torch.manual_seed(SEED)
+    updated.loss(batch)
+    torch.manual_seed(SEED)
+    base.unimatch_terms(batch, batch_generator(batch, torch.device("cpu")))  # UniMatch's forwards alone
+    # Held: the running averages are exactly what UniMatch's forwards left; the default moves them further.
+    for mine, theirs in zip(running(held), running(base)):
+        torch.testing.assert_close(mine, theirs)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(running(updated), running(base)))
+    assert all(m.momentum == 0.1 for m in held.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_plain_mim_runs_as_many_encoder_inputs_as_classwise():
     outs = {}
     for mim in ("classwise", "plain"):
