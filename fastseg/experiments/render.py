@@ -82,6 +82,10 @@ def _command_line(record: dict[str, Any]) -> str:
         metric = record["metric"]
         runs = ", ".join(f"{r['variant']} seed {r['seed']} ({_pct(r.get(metric))})" for r in drop["runs"])
         line += f"{'' if line.endswith('.') else '.'} Dropped as stale and run again ({drop['reason']}): {runs}."
+    for merged in record.get("merged_from", []):  # `merge`: runs made by another process into another copy
+        runs = ", ".join(f"{variant} seed {seed}" for variant, seed in merged["runs"])
+        commands = "; ".join(_code(c) for c in merged["commands"]) or "the commands above"
+        line += f"{'' if line.endswith('.') else '.'} Run in another copy and merged ({commands}): {runs}."
     return line
 
 

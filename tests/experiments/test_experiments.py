@@ -141,7 +141,7 @@ def test_merge_takes_in_the_seeds_another_process_ran(tmp_path):
     def fake_job(experiment, variant, seed, job_dir):
         return {"mIoU": 0.5 + 0.1 * (variant.name == "b") + 0.01 * seed}
 
-    main, other = tmp_path / "main", tmp_path / "other"
+    main, other = tmp_path / "benchmarks" / "results" / "experiments", tmp_path / "other"
     quiet = dict(runs_dir=tmp_path / "runs", log=lambda _: None)
     run_experiment(TINY, fake_job, results_dir=main, seeds=[0], command="seed 0", **quiet)
     (other / "tiny.json").parent.mkdir()
@@ -153,6 +153,8 @@ def test_merge_takes_in_the_seeds_another_process_ran(tmp_path):
     assert merged["complete"] and len(merged["runs"]) == 4 and merged["claims"][0]["verdict"] == "holds"
     assert merged["merged_from"][0]["commands"] == ["seed 1 elsewhere"]
     assert merged["merged_from"][0]["runs"] == [["a", 1], ["b", 1]]
+    rendered = render_text("<!-- render: experiment tiny -->\n<!-- /render -->\n", tmp_path)
+    assert "Commands: `seed 0`. Run in another copy and merged (`seed 1 elsewhere`): a seed 1, b seed 1." in rendered
     assert merge_records(TINY, other / "tiny.json", results_dir=main, log=lambda _: None) == []  # idempotent
     with pytest.raises(ValueError, match="the record itself"):
         merge_records(TINY, main / "tiny.json", results_dir=main, log=lambda _: None)
