@@ -3,6 +3,7 @@ training step, and the guarantee that unlabelled masks never reach the loss."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -473,8 +474,6 @@ def test_masked_pixels_differ_from_other_class_fill(signal):
 
 @pytest.mark.parametrize("mim", ["classwise", "plain"])
 def test_mim_inputs_can_be_kept_out_of_the_batchnorm_running_averages(mim):
-    import copy
-
     def running(model):
         return [b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
 
@@ -492,7 +491,7 @@ def test_mim_inputs_can_be_kept_out_of_the_batchnorm_running_averages(mim):
     updated.loss(batch)
     torch.manual_seed(SEED)
     base.unimatch_terms(batch, batch_generator(batch, torch.device("cpu")))  # UniMatch's forwards alone
-    # Held: the running averages are exactly what UniMatch's forwards left; the default moves them further.
+    # Held: the running averages are what UniMatch's forwards left; the default moves them further.
     for mine, theirs in zip(running(held), running(base)):
         torch.testing.assert_close(mine, theirs)
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(running(updated), running(base)))
