@@ -76,11 +76,14 @@ def diagnose(experiment: Experiment, runs_dir: Path, record: dict, batch_size: i
     world = ShapesConfig(image_size=experiment.budget.image_size)
     val = ShapesDataset("val", length=experiment.budget.val_length, config=world, seed=0)
     pool = labelled_images(experiment, world)
-    recorded = {(r["variant"], r["seed"]): r[experiment.metric] for r in record.get("runs", [])}
+    # Runs reused from another experiment (``from_experiment``) are diagnosed from that experiment's job folders.
+    runs = list(record.get("runs", [])) + list(record.get("reused_runs", []))
+    recorded = {(r["variant"], r["seed"]): r[experiment.metric] for r in runs}
     out = []
     for variant in experiment.variants:
+        owner = EXPERIMENTS[variant.from_experiment] if variant.from_experiment else experiment
         for seed in experiment.seeds:
-            weights = job_folder(runs_dir, experiment, variant.name, seed) / "model.safetensors"
+            weights = job_folder(runs_dir, owner, variant.name, seed) / "model.safetensors"
             if (variant.name, seed) not in recorded or not weights.exists():
                 continue
             model = create_model(variant.model, num_classes=world.num_classes, **variant.model_kwargs)

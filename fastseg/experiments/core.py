@@ -514,6 +514,9 @@ def merge_records(
             )
     if added:
         record["runs"] += added
+        for key in ("versions", "machine"):  # a record made by merging alone describes the copy that ran its jobs
+            if record.get(key) is None:
+                record[key] = other.get(key)
         record.setdefault("merged_from", []).append(
             {
                 "file": other_path.as_posix(),

@@ -76,6 +76,8 @@ def _stats(s: dict[str, Any] | None, digits: int = 2) -> str:
 def _command_line(record: dict[str, Any]) -> str:
     if record["commands"]:
         line = "Commands: " + "; ".join(_code(c) for c in record["commands"])
+    elif record.get("merged_from"):
+        line = ""
     else:
         line = f"Not run yet: {_code('python -m fastseg.experiments run ' + record['experiment'])}."
     for drop in record.get("dropped_runs", []):  # `forget`: runs a code fix made stale, trained again
@@ -85,8 +87,8 @@ def _command_line(record: dict[str, Any]) -> str:
     for merged in record.get("merged_from", []):  # `merge`: runs made by another process into another copy
         runs = ", ".join(f"{variant} seed {seed}" for variant, seed in merged["runs"])
         commands = "; ".join(_code(c) for c in merged["commands"]) or "the commands above"
-        line += f"{'' if line.endswith('.') else '.'} Run in another copy and merged ({commands}): {runs}."
-    return line
+        line += f"{'' if not line or line.endswith('.') else '.'} Run in another copy and merged ({commands}): {runs}."
+    return line.lstrip()
 
 
 def _report_lines(record: dict[str, Any]) -> list[str]:

@@ -20,7 +20,7 @@ from fastseg.experiments.core import (
 )
 from fastseg.experiments.declarations import EXPERIMENTS
 from fastseg.experiments.recipes import run_job
-from fastseg.experiments.render import _claim_line, render_readme, render_text
+from fastseg.experiments.render import RESULTS, _claim_line, render_readme, render_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,6 +156,14 @@ def test_merge_takes_in_the_seeds_another_process_ran(tmp_path):
     rendered = render_text("<!-- render: experiment tiny -->\n<!-- /render -->\n", tmp_path)
     assert "Commands: `seed 0`. Run in another copy and merged (`seed 1 elsewhere`): a seed 1, b seed 1." in rendered
     assert merge_records(TINY, other / "tiny.json", results_dir=main, log=lambda _: None) == []  # idempotent
+    # Into a folder with no record yet: the record describes the copy that ran the jobs.
+    fresh = tmp_path / "fresh"
+    (fresh / RESULTS / "experiments").mkdir(parents=True)
+    merge_records(TINY, other / "tiny.json", results_dir=fresh / RESULTS / "experiments", log=lambda _: None)
+    made = load_record(fresh / RESULTS / "experiments" / "tiny.json")
+    assert made["machine"] == load_record(other / "tiny.json")["machine"] and len(made["runs"]) == 4
+    rendered = render_text("<!-- render: experiment tiny -->\n<!-- /render -->\n", fresh)
+    assert "Not run yet" not in rendered and "Run in another copy and merged (`seed 0`; `seed 1 elsewhere`)" in rendered
     with pytest.raises(ValueError, match="the record itself"):
         merge_records(TINY, main / "tiny.json", results_dir=main, log=lambda _: None)
     # Two different runs of one job: refused, nothing written.
