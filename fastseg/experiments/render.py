@@ -74,21 +74,27 @@ def _stats(s: dict[str, Any] | None, digits: int = 2) -> str:
 
 
 def _command_line(record: dict[str, Any]) -> str:
+    """The record's commands, then one sentence each for the runs `forget` dropped and the runs `merge` took in."""
+    metric = record["metric"]
+    notes = [  # `forget`: runs a code fix made stale, trained again
+        f"Dropped as stale and run again ({drop['reason']}): "
+        + ", ".join(f"{r['variant']} seed {r['seed']} ({_pct(r.get(metric))})" for r in drop["runs"])
+        + "."
+        for drop in record.get("dropped_runs", [])
+    ]
+    notes += [  # `merge`: runs made by another process into another copy of the record
+        f"Run in another copy and merged ({'; '.join(_code(c) for c in merged['commands']) or 'the commands above'}): "
+        + ", ".join(f"{variant} seed {seed}" for variant, seed in merged["runs"])
+        + "."
+        for merged in record.get("merged_from", [])
+    ]
     if record["commands"]:
-        line = "Commands: " + "; ".join(_code(c) for c in record["commands"])
+        head = "Commands: " + "; ".join(_code(c) for c in record["commands"]) + ("." if notes else "")
     elif record.get("merged_from"):
-        line = ""
+        return " ".join(notes)
     else:
-        line = f"Not run yet: {_code('python -m fastseg.experiments run ' + record['experiment'])}."
-    for drop in record.get("dropped_runs", []):  # `forget`: runs a code fix made stale, trained again
-        metric = record["metric"]
-        runs = ", ".join(f"{r['variant']} seed {r['seed']} ({_pct(r.get(metric))})" for r in drop["runs"])
-        line += f"{'' if line.endswith('.') else '.'} Dropped as stale and run again ({drop['reason']}): {runs}."
-    for merged in record.get("merged_from", []):  # `merge`: runs made by another process into another copy
-        runs = ", ".join(f"{variant} seed {seed}" for variant, seed in merged["runs"])
-        commands = "; ".join(_code(c) for c in merged["commands"]) or "the commands above"
-        line += f"{'' if not line or line.endswith('.') else '.'} Run in another copy and merged ({commands}): {runs}."
-    return line.lstrip()
+        head = f"Not run yet: {_code('python -m fastseg.experiments run ' + record['experiment'])}."
+    return " ".join([head, *notes])
 
 
 def _report_lines(record: dict[str, Any]) -> list[str]:
