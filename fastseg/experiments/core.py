@@ -553,9 +553,9 @@ def run_experiment(
     record = adopt_declaration(record, experiment, path) if record else new_record(experiment)
     if threads:
         torch.set_num_threads(threads)
-    record["commands"].append(
-        command or shlex.join([Path(sys.executable).name, "-m", "fastseg.experiments", *sys.argv[1:]])
-    )
+    command = command or shlex.join([Path(sys.executable).name, "-m", "fastseg.experiments", *sys.argv[1:]])
+    if command not in record["commands"]:  # a resumed run repeats its command: list it once
+        record["commands"].append(command)
     record["versions"] = versions()
     record["machine"] = machine_info(torch.get_num_threads())
     todo = pending_jobs(experiment, record, variants, seeds)
