@@ -81,7 +81,9 @@ def test_run_resume_and_refused_budget_change(tmp_path):
         TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="second", log=lambda _: None
     )
     assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]  # seed 0 was not run again
-    run_experiment(TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="first", log=lambda _: None)
+    run_experiment(
+        TINY, fake_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="first", log=lambda _: None
+    )
     saved = load_record(tmp_path / "tiny.json")
     assert saved["complete"] and saved["commands"] == ["first", "second"]  # the repeated "first" is listed once
     assert saved["claims"][0]["verdict"] == "holds"
