@@ -16,6 +16,9 @@ experiment, it
 and judges the experiment's claims on the re-estimated figures too. Weights are never changed: this measures the
 statistics, not another training.
 
+A rerun adds the jobs finished since and keeps the earlier report's entries for jobs whose weights are no longer on
+disk, as long as the experiment's record still holds those runs unchanged.
+
 Usage (after ``python -m fastseg.experiments run s4mim_1_8`` has finished some jobs)::
 
     python benchmarks/experiments/precise_bn_diagnosis.py --experiment s4mim_1_8 \\
@@ -113,6 +116,22 @@ def diagnose(experiment: Experiment, runs_dir: Path, record: dict, batch_size: i
     return out
 
 
+def carry_over(earlier: list[dict], fresh: list[dict], experiment: Experiment, record: dict) -> list[dict]:
+    """``fresh`` plus the entries of an earlier report for jobs not diagnosed now (their weights are gone: another
+    machine, a lost checkout) whose run the experiment's record still holds with the same figure; in declaration
+    order. An entry whose run was dropped or trained again is not carried over."""
+    runs = list(record.get("runs", [])) + list(record.get("reused_runs", []))
+    recorded = {(r["variant"], r["seed"]): r[experiment.metric] for r in runs}
+    done = {(e["variant"], e["seed"]) for e in fresh}
+    kept = [
+        e
+        for e in earlier
+        if (e["variant"], e["seed"]) not in done and recorded.get((e["variant"], e["seed"])) == e["recorded"]
+    ]
+    order = {v.name: i for i, v in enumerate(experiment.variants)}
+    return sorted(fresh + kept, key=lambda e: (order[e["variant"]], e["seed"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="s4mim_1_8", choices=semi_experiments())
@@ -123,11 +142,15 @@ def main() -> None:
 
     experiment = EXPERIMENTS[args.experiment]
     record = load_record(experiment.result_path())
-    runs = diagnose(experiment, Path(args.runs), record)
-    if not runs:
+    fresh = diagnose(experiment, Path(args.runs), record)
+    if not fresh:
         raise SystemExit(f"no finished job of {args.experiment} with its weights under {args.runs}")
+    out = Path(args.out or f"benchmarks/results/experiments/{args.experiment}_precise_bn.json")
+    earlier = json.loads(out.read_text()) if out.exists() else {"runs": [], "commands": []}
+    runs = carry_over(earlier["runs"], fresh, experiment, record)
+    command = shlex.join(["python", *sys.argv])
     report = {
-        "command": shlex.join(["python", *sys.argv]),
+        "commands": earlier["commands"] + [command] * (command not in earlier["commands"]),
         "experiment": args.experiment,
         "metric": experiment.metric,
         "bn_images": "the labelled training images of the split, the same for every arm",
@@ -138,10 +161,11 @@ def main() -> None:
         "versions": versions(),
         "machine": machine_info(1),
     }
-    out = Path(args.out or f"benchmarks/results/experiments/{args.experiment}_precise_bn.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"-> {out}")
+    print(
+        f"-> {out} ({len(fresh)} job(s) diagnosed now, {len(runs) - len(fresh)} carried over from the earlier report)"
+    )
 
 
 if __name__ == "__main__":

@@ -290,7 +290,8 @@ def render_precise_bn(name: str, root: Path) -> str:
         "",
         f"`{record['experiment']}`: {len(record['runs'])} finished jobs, the weights unchanged; statistics "
         f"re-estimated on {' / '.join(map(str, images))} images ({record['bn_images']}). "
-        f"Command: {_code(record['command'])}",
+        + ("Commands: " if len(record["commands"]) > 1 else "Command: ")
+        + "; ".join(_code(c) for c in record["commands"]),
     ]
     return "\n".join(lines) + "\n"
 

@@ -115,3 +115,28 @@ def test_precise_bn_diagnosis_reproduces_the_record_then_reestimates_on_the_labe
     record["runs"][0]["mIoU"] = as_is + 0.01  # weights that are not the recorded run's
     with pytest.raises(SystemExit, match="not the recorded run's"):
         diagnosis.diagnose(experiment, tmp_path, record)
+
+
+def test_precise_bn_rerun_keeps_entries_whose_weights_are_gone_while_the_record_still_holds_their_run():
+    from fastseg.experiments.core import Budget, Experiment, Variant
+
+    diagnosis = _script("precise_bn_diagnosis")
+    experiment = Experiment(
+        name="tiny_semi",
+        title="tiny",
+        variants=(Variant("a", "unimatch_resnet18", recipe="semi"), Variant("b", "unimatch_resnet18", recipe="semi")),
+        budget=Budget(steps=1, batch_size=2, val_length=4, image_size=32),
+        seeds=(0, 1),
+    )
+
+    def entry(variant: str, seed: int, recorded: float) -> dict:
+        return {"variant": variant, "seed": seed, "recorded": recorded, "as_is": recorded, "mIoU": recorded + 0.1}
+
+    record = {"runs": [{"variant": v, "seed": s, "mIoU": 0.5 + s / 10} for v in "ab" for s in (0, 1)]}
+    record["runs"][-1]["mIoU"] = 0.7  # b seed 1 was trained again since the earlier report
+    earlier = [entry("a", 0, 0.5), entry("a", 1, 0.6), entry("b", 1, 0.6), entry("b", 0, 0.5)]
+    fresh = [entry("a", 1, 0.6) | {"mIoU": 0.9}]  # a seed 1 diagnosed again now: the fresh figure wins
+    runs = diagnosis.carry_over(earlier, fresh, experiment, record)
+    assert [(r["variant"], r["seed"]) for r in runs] == [("a", 0), ("a", 1), ("b", 0)]
+    assert runs[1]["mIoU"] == 0.9
+    assert diagnosis.carry_over(earlier, fresh, experiment, {"runs": []}) == fresh  # runs since forgotten: dropped
