@@ -109,6 +109,12 @@ def _report_lines(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cpus(record: dict[str, Any]) -> str:
+    """The processors the record's runs ran on: its own and those of the copies merged into it."""
+    machines = [record.get("machine"), *(m.get("machine") for m in record.get("merged_from", []))]
+    return " and ".join(dict.fromkeys(m["cpu"] for m in machines if m)) or "CPU"
+
+
 def render_experiment(name: str, root: Path) -> str:
     """Variant table (mean ± std and per seed, in %), each claim's verdict with its paired differences, commands."""
     record = _experiment_record(name, root)
@@ -122,7 +128,7 @@ def render_experiment(name: str, root: Path) -> str:
     extra = record.get("summary_extra", {})
     lines = [
         f"{record['title']}: {budget['steps']} steps × {budget['batch_size']} images, seeds {seeds}, "
-        f"{budget['val_length']} validation images; {record.get('machine', {}).get('cpu', 'CPU')}."
+        f"{budget['val_length']} validation images; {_cpus(record)}."
         + ("" if record.get("complete") else " **Incomplete: runs are still missing.**"),
         "",
         f"| variant | val {metric} % (mean ± std) | per seed |" + "".join(f" {m.replace('_', ' ')} % |" for m in extra),

@@ -159,6 +159,11 @@ def test_merge_takes_in_the_seeds_another_process_ran(tmp_path):
     rendered = render_text("<!-- render: experiment tiny -->\n<!-- /render -->\n", tmp_path)
     assert "Commands: `seed 0`. Run in another copy and merged (`seed 1 elsewhere`): a seed 1, b seed 1." in rendered
     assert merge_records(TINY, other / "tiny.json", results_dir=main, log=lambda _: None) == []  # idempotent
+    # The header names every processor the runs ran on: the record's own and the merged copy's.
+    merged["merged_from"][0]["machine"]["cpu"] = "Another CPU"
+    (main / "tiny.json").write_text(json.dumps(merged))
+    rendered = render_text("<!-- render: experiment tiny -->\n<!-- /render -->\n", tmp_path)
+    assert f"validation images; {merged['machine']['cpu']} and Another CPU." in rendered
     # Into a folder with no record yet: the record describes the copy that ran the jobs.
     fresh = tmp_path / "fresh"
     (fresh / RESULTS / "experiments").mkdir(parents=True)
