@@ -574,6 +574,7 @@ def run_experiment(
             **result,
             "wall_s": round(time.perf_counter() - t0, 1),
             "torch_threads": torch.get_num_threads(),
+            "cpu": record["machine"]["cpu"],  # the record's machine is the last run command's; runs keep their own
         }
         record["runs"].append(result)
         save_record(path, derive(experiment, record, results_dir))

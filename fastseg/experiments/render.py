@@ -110,9 +110,13 @@ def _report_lines(record: dict[str, Any]) -> list[str]:
 
 
 def _cpus(record: dict[str, Any]) -> str:
-    """The processors the record's runs ran on: its own and those of the copies merged into it."""
-    machines = [record.get("machine"), *(m.get("machine") for m in record.get("merged_from", []))]
-    return " and ".join(dict.fromkeys(m["cpu"] for m in machines if m)) or "CPU"
+    """The processors the record's runs ran on. Runs made since 2026-12 name theirs; for older runs, the record's
+    machine (its last run command's) and those of the copies merged into it stand in."""
+    cpus = [r["cpu"] for r in record["runs"] if "cpu" in r]
+    if len(cpus) < len(record["runs"]):
+        machines = [record.get("machine"), *(m.get("machine") for m in record.get("merged_from", []))]
+        cpus += [m["cpu"] for m in machines if m]
+    return " and ".join(dict.fromkeys(cpus)) or "CPU"
 
 
 def render_experiment(name: str, root: Path) -> str:

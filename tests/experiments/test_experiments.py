@@ -86,6 +86,7 @@ def test_run_resume_and_refused_budget_change(tmp_path):
     )
     saved = load_record(tmp_path / "tiny.json")
     assert saved["complete"] and saved["commands"] == ["first", "second"]  # the repeated "first" is listed once
+    assert {run["cpu"] for run in saved["runs"]} == {saved["machine"]["cpu"]}
     assert saved["claims"][0]["verdict"] == "holds"
     changed = dataclasses.replace(TINY, budget=dataclasses.replace(TINY.budget, steps=3))
     with pytest.raises(ValueError, match="another configuration"):
@@ -159,11 +160,20 @@ def test_merge_takes_in_the_seeds_another_process_ran(tmp_path):
     rendered = render_text("<!-- render: experiment tiny -->\n<!-- /render -->\n", tmp_path)
     assert "Commands: `seed 0`. Run in another copy and merged (`seed 1 elsewhere`): a seed 1, b seed 1." in rendered
     assert merge_records(TINY, other / "tiny.json", results_dir=main, log=lambda _: None) == []  # idempotent
-    # The header names every processor the runs ran on: the record's own and the merged copy's.
+    # The header names every processor the runs ran on; for runs made before they named it, the record's own and
+    # the merged copy's.
+    for run in merged["runs"]:
+        del run["cpu"]
     merged["merged_from"][0]["machine"]["cpu"] = "Another CPU"
     (main / "tiny.json").write_text(json.dumps(merged))
     rendered = render_text("<!-- render: experiment tiny -->\n<!-- /render -->\n", tmp_path)
     assert f"validation images; {merged['machine']['cpu']} and Another CPU." in rendered
+    for run in merged["runs"]:  # runs that name their processor are described by it alone
+        run["cpu"] = "Run CPU"
+    (main / "tiny.json").write_text(json.dumps(merged))
+    assert "validation images; Run CPU." in render_text(
+        "<!-- render: experiment tiny -->\n<!-- /render -->\n", tmp_path
+    )
     # Into a folder with no record yet: the record describes the copy that ran the jobs.
     fresh = tmp_path / "fresh"
     (fresh / RESULTS / "experiments").mkdir(parents=True)
