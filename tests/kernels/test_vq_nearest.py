@@ -111,11 +111,23 @@ def test_reference_is_chunked_and_chunking_does_not_change_results(monkeypatch):
 
 
 def _integer_problem(n, k, d, seed, dtype=torch.float32):
-    """Small integers: every score is exact in fp32 whatever the summation order, so the CPU path and the reference
-    compute the same numbers and must choose the same codes, ties included (many: values in -3..3)."""
+    """Small integers (values in -3..3, so many ties) whose codes sum to zero (`_centred_at_zero`): every score is
+    an exact integer whatever the summation order, so the CPU path and the reference compute the same numbers and
+    must choose the same codes, ties included."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randint(-3, 4, (n, d), generator=g).to(dtype)
-    return z, torch.randint(-3, 4, (k, d), generator=g).to(dtype)
+    return z, _centred_at_zero(torch.randint(-3, 4, (k, d), generator=g)).to(dtype)
+
+
+def _centred_at_zero(codebook):
+    """Move the last finite code so that the finite codes sum to zero, in place. Both paths centre the codes on
+    their mean (`_prepare_codes`); a mean of zero keeps the centred codes integers, so no score is rounded. (Any
+    other mean, e.g. 1/31, is rounded, and a GEMM of another blocking then rounds differently: ties break apart.)"""
+    finite = torch.isfinite(codebook).all(1)
+    last = int(finite.nonzero()[-1])
+    codebook[last] -= codebook[finite].sum(0)
+    assert codebook[finite].abs().max() <= 256  # integers stay exact in bfloat16 too
+    return codebook
 
 
 @pytest.fixture
@@ -152,6 +164,7 @@ def test_cpu_path_nan_rows_and_codes_in_later_tiles(small_cpu_blocks):
     z, codebook = _integer_problem(90, 200, 6, seed=3)
     codebook[130] = torch.nan  # a non-finite code in the third tile never wins
     codebook[70, 1] = float("inf")
+    _centred_at_zero(codebook)  # the mean is over the finite codes
     z[5] = codebook[70].nan_to_num(posinf=0.0)  # nearest by its finite part to the inf code: must not pick it
     z[40, 2] = torch.nan  # NaN scores in every tile of this row's block: the other rows must be unaffected
     z[41, 0] = float("-inf")
@@ -171,11 +184,15 @@ def test_cpu_path_overflow_nan_scores_never_win(bad, small_cpu_blocks):
     z, codebook = _integer_problem(40, 200, 6, seed=5)
     codebook[bad] = 3e19  # centred norm^2 ~ 5e39 -> inf; the dot with the row below -> inf as well
     z[7] = 3e19
-    index, _ = K.vq_nearest(z, codebook)
-    ref_index, _ = K.vq_nearest_ref(z, codebook)
-    assert index[7].item() != bad and ref_index[7].item() != bad
+    clean = z.clone()
+    clean[7] = 0.0
     others = torch.arange(40) != 7
-    assert torch.equal(index[others], ref_index[others])
+    # The huge code moves the centre far from the others, so their scores are rounded: the two paths are each compared
+    # with themselves on the same problem without the overflowing row, not with each other.
+    for search in (K.vq_nearest, K.vq_nearest_ref):
+        index, _ = search(z, codebook)
+        assert index[7].item() != bad
+        assert torch.equal(index[others], search(clean, codebook)[0][others])  # row 7's NaN scores changed no other
 
 
 def test_cpu_path_threads_match_reference_and_keep_thread_counts(small_cpu_blocks, monkeypatch):
