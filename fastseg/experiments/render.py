@@ -641,8 +641,9 @@ def render_ci(name: str, root: Path) -> str:
     unit, smoke = r["unit"], r["smoke"]
     minutes, seconds = divmod(int(r["wall_s_total"]), 60)
     return (
-        f"On a fresh clone at commit `{r['commit']}` on this 2-core machine, `{r['command']}` took at most {minutes} min "
-        f"{seconds:02d} s in all, exit status {r['exit_code']}:\n"
+        f"On a fresh clone at commit `{r['commit']}` on this 2-core machine ({r['machine']['cpu']}; "
+        f"{r['machine']['note']}), `{r['command']}` took at most {minutes} min {seconds:02d} s in all, exit status "
+        f"{r['exit_code']}:\n"
         + "".join(f"- {step};\n" for step in r["steps"][:3])
         + f"- the unit suite: **{unit['passed']} passed, {unit['skipped']} skipped** (GPU and TensorRT tests), "
         f"{unit['deselected']} deselected (`slow`), in {unit['seconds'] / 60:.1f} min;\n"
