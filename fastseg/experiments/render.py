@@ -175,7 +175,8 @@ def render_curve(name: str, root: Path) -> str:
 def render_curve_mean(arg: str, root: Path) -> str:
     """``NAME [BETTER WORSE]``: the validation curve of every variant of experiment NAME, mean over its seeds at each
     evaluation (runs reused from other experiments included); with two variant names, also BETTER's lead over WORSE
-    at each step, which shows whether a gap at the end of the budget was there early or was still closing."""
+    at each step, paired by seed, which shows whether a gap at the end of the budget was there early or was still
+    closing."""
     name, *pair = arg.split()
     if len(pair) not in (0, 2):
         raise ValueError(f"curve-mean takes NAME [BETTER WORSE], got {arg!r}")
@@ -185,24 +186,31 @@ def render_curve_mean(arg: str, root: Path) -> str:
     unknown = [p for p in pair if p not in {v["name"] for v in record["config"]["variants"]}]
     if unknown:
         raise ValueError(f"curve-mean {arg!r}: {name} has no variant {unknown}")
-    curves: dict[str, dict[int, list[float]]] = {}
+    curves: dict[str, dict[int, dict[int, float]]] = {}  # variant -> step -> seed -> value
     for r in runs:
         for step, value in r.get("curve_mIoU", []):
-            curves.setdefault(r["variant"], {}).setdefault(int(step), []).append(value)
+            curves.setdefault(r["variant"], {}).setdefault(int(step), {})[r["seed"]] = value
     seeds = {v["name"]: sorted({r["seed"] for r in runs if r["variant"] == v["name"]}) for v in variants}
     heads = [f"{v.get('label') or v['name']} (seeds {seeds[v['name']]})" for v in variants]
-    heads += [f"`{pair[0]}` − `{pair[1]}`"] if pair else []
+    if pair:  # paired by seed: the lead over the seeds both variants have, not a difference of unequal means
+        shared = sorted(set(seeds.get(pair[0], [])) & set(seeds.get(pair[1], [])))
+        heads.append(f"`{pair[0]}` − `{pair[1]}` (paired, seeds {shared})")
     lines = ["| step | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
 
     def mean(variant: str, step: int) -> float | None:
         values = curves.get(variant, {}).get(step)
-        return statistics.fmean(values) if values else None
+        return statistics.fmean(values.values()) if values else None
+
+    def lead(step: int) -> float | None:
+        a, b = curves.get(pair[0], {}).get(step, {}), curves.get(pair[1], {}).get(step, {})
+        both = sorted(set(a) & set(b))
+        return statistics.fmean(a[seed] - b[seed] for seed in both) if both else None
 
     for step in sorted({step for c in curves.values() for step in c}):
         cells = [_pct(mean(v["name"], step), 1) for v in variants]
         if pair:
-            a, b = mean(pair[0], step), mean(pair[1], step)
-            cells.append("–" if a is None or b is None else f"{100 * (a - b):+.1f}")
+            difference = lead(step)
+            cells.append("–" if difference is None else f"{100 * difference:+.1f}")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += ["", "Validation mIoU % at each evaluation, mean over the seeds named in each column."]
     return "\n".join(lines) + "\n"

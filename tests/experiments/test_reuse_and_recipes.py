@@ -101,11 +101,17 @@ def test_mean_curve_block_averages_seeds_includes_reused_runs_and_the_lead(tmp_p
         return {"mIoU": final, "curve_mIoU": [[1, final - 0.1], [2, final]]}
 
     _run(SOURCE, job, tmp_path)
-    _run(REUSER, job, tmp_path)
+    _run(REUSER, job, tmp_path, seeds=[0])
     root = _root_with(tmp_path)
     text = render_text("<!-- render: curve-mean reuser new base -->\n<!-- /render -->\n", root)
     lines = text.splitlines()
-    assert lines[1] == "| step | base (seeds [0, 1]) | new (seeds [0, 1]) | `new` − `base` |"
+    # new has seed 0 only: the lead is paired on seed 0 (+5.0), not the difference of the means (55.0 - 50.5)
+    assert lines[1] == "| step | base (seeds [0, 1]) | new (seeds [0]) | `new` − `base` (paired, seeds [0]) |"
+    assert lines[4] == "| 2 | 50.5 | 55.0 | +5.0 |"
+    _run(REUSER, job, tmp_path)
+    text = render_text("<!-- render: curve-mean reuser new base -->\n<!-- /render -->\n", root)
+    lines = text.splitlines()
+    assert lines[1] == "| step | base (seeds [0, 1]) | new (seeds [0, 1]) | `new` − `base` (paired, seeds [0, 1]) |"
     assert lines[3] == "| 1 | 40.5 | 45.5 | +5.0 |"  # base (runs of source): mean of 0.40 and 0.41
     assert lines[4] == "| 2 | 50.5 | 55.5 | +5.0 |"
     plain = render_text("<!-- render: curve-mean reuser -->\n<!-- /render -->\n", root)
