@@ -74,14 +74,19 @@ def labelled_images(experiment: Experiment, world: ShapesConfig) -> ShapesDatase
     )
 
 
+def recorded_figures(experiment: Experiment, record: dict) -> dict[tuple[str, int], float]:
+    """``(variant, seed) -> metric`` of every run the record holds, its own and those reused from other experiments."""
+    runs = list(record.get("runs", [])) + list(record.get("reused_runs", []))
+    return {(r["variant"], r["seed"]): r[experiment.metric] for r in runs}
+
+
 def diagnose(experiment: Experiment, runs_dir: Path, record: dict, batch_size: int = 16) -> list[dict]:
     """The as-is and re-estimated mIoU of every job that has both a recorded run and its final weights."""
     world = ShapesConfig(image_size=experiment.budget.image_size)
     val = ShapesDataset("val", length=experiment.budget.val_length, config=world, seed=0)
     pool = labelled_images(experiment, world)
     # Runs reused from another experiment (``from_experiment``) are diagnosed from that experiment's job folders.
-    runs = list(record.get("runs", [])) + list(record.get("reused_runs", []))
-    recorded = {(r["variant"], r["seed"]): r[experiment.metric] for r in runs}
+    recorded = recorded_figures(experiment, record)
     out = []
     for variant in experiment.variants:
         owner = EXPERIMENTS[variant.from_experiment] if variant.from_experiment else experiment
@@ -120,8 +125,7 @@ def carry_over(earlier: list[dict], fresh: list[dict], experiment: Experiment, r
     """``fresh`` plus the entries of an earlier report for jobs not diagnosed now (their weights are gone: another
     machine, a lost checkout) whose run the experiment's record still holds with the same figure; in declaration
     order. An entry whose run was dropped or trained again is not carried over."""
-    runs = list(record.get("runs", [])) + list(record.get("reused_runs", []))
-    recorded = {(r["variant"], r["seed"]): r[experiment.metric] for r in runs}
+    recorded = recorded_figures(experiment, record)
     done = {(e["variant"], e["seed"]) for e in fresh}
     kept = [
         e
