@@ -3,9 +3,10 @@
 An :class:`Experiment` names its variants, its budget (steps, batch, optimiser; the same for every variant), its
 seeds and the claims it checks. :func:`run_experiment` runs every missing ``(variant, seed)`` job in order and
 rewrites the JSON after each, so an interrupted sweep keeps what finished; a job interrupted halfway resumes from
-its last training checkpoint (``runs/experiments/<name>/<variant>-seed<k>/``). The JSON records every command that
-added to it, the configuration, versions, the machine and every per-seed number, and the summary and claims derived
-from them (recomputed from the runs, never edited by hand).
+its last training checkpoint (``runs/experiments/<name>/<variant>-seed<k>/``); such a run's ``wall_s`` times only
+the call that finished it, from its ``resumed_from_step``. The JSON records every command that added to it, the
+configuration, versions, the machine and every per-seed number, and the summary and claims derived from them
+(recomputed from the runs, never edited by hand).
 
 Same seed = same training images and data order for every variant, so differences between variants at one seed are
 paired. A variant declared with ``from_experiment`` is not trained again: its runs are read from that experiment's

@@ -72,6 +72,8 @@ def _entry(result: TrainResult, job_dir: Path, class_names: tuple[str, ...]) -> 
     entry["IoU"] = {name: float(v) for name, v in zip(class_names, metrics["IoU"])}
     entry["final_loss"] = sum(r["loss"] for r in tail) / len(tail) if tail else None
     entry["curve_mIoU"] = _curve(job_dir, "mIoU")
+    if result.start_step:  # the run's wall_s then times only the steps after this one
+        entry["resumed_from_step"] = result.start_step
     return entry
 
 

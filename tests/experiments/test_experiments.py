@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fastseg.engine.trainer import train
+from fastseg.experiments import recipes
 from fastseg.experiments.core import (
     Budget,
     Claim,
@@ -198,15 +200,28 @@ def test_merge_takes_in_the_seeds_another_process_ran(tmp_path):
         merge_records(longer, other / "tiny.json", results_dir=main, log=lambda _: None)
 
 
-def test_supervised_recipe_trains_and_records_a_curve(tmp_path):
+class _Interrupted(Exception):
+    pass
+
+
+def test_supervised_recipe_trains_resumes_and_records_a_curve(tmp_path, monkeypatch):
     experiment = dataclasses.replace(TINY, variants=TINY.variants[:1], seeds=(0,), claims=())
-    record = run_experiment(
-        experiment, run_job, results_dir=tmp_path, runs_dir=tmp_path / "runs", command="t", log=lambda _: None
-    )
-    (run,) = record["runs"]
+    kw = dict(results_dir=tmp_path, runs_dir=tmp_path / "runs", command="t", log=lambda _: None)
+
+    def interrupted_after_one_step(*args, **kwargs):
+        train(*args, stop_at_step=1, **kwargs)
+        raise _Interrupted
+
+    monkeypatch.setattr(recipes, "train", interrupted_after_one_step)
+    with pytest.raises(_Interrupted):
+        run_experiment(experiment, run_job, **kw)
+    assert not (tmp_path / "tiny.json").exists()  # no finished job, nothing recorded
+    monkeypatch.setattr(recipes, "train", train)
+    (run,) = run_experiment(experiment, run_job, **kw)["runs"]
     assert 0.0 <= run["mIoU"] <= 1.0 and len(run["IoU"]) == 12
-    assert [step for step, _ in run["curve_mIoU"]] == [1, 2]  # eval_every=1 over 2 steps
+    assert [step for step, _ in run["curve_mIoU"]] == [1, 2]  # eval_every=1 over 2 steps, the first before the stop
     assert run["curve_mIoU"][-1][1] == pytest.approx(run["mIoU"])  # the final point is the reported figure
+    assert run["resumed_from_step"] == 1  # its wall_s times step 2 only, and the record says so
 
 
 def test_declarations_are_consistent():
